@@ -1,0 +1,97 @@
+"""Every environment variable lorafleet reads, in one place, under the ``LORAFLEET_`` prefix.
+
+Each variable is declared once below with its type, default and meaning. Services never call
+``os.environ`` themselves: they call :func:`env_default` (for a CLI flag's default) or
+:func:`read` (for a setting with no flag). ``lorafleet <cmd> --help`` shows the variable behind
+each flag, and ``ENV_VARS`` is the table docs and the manifest tests read.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+PREFIX = "LORAFLEET_"
+
+
+@dataclass(frozen=True)
+class EnvVar:
+    name: str  # without the prefix
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+
+    @property
+    def full_name(self) -> str:
+        return PREFIX + self.name
+
+
+def _bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected a boolean (1/0, true/false), got {text!r}")
+
+
+_DECLARED: list[EnvVar] = [
+    # --- shared by every service -------------------------------------------------------
+    EnvVar("KAFKA_BOOTSTRAP", str, "127.0.0.1:9092", "Kafka bootstrap servers, host:port[,host:port]"),
+    EnvVar("REDIS_URL", str, "redis://127.0.0.1:6379/0", "Redis URL that receives the reply streams"),
+    EnvVar("REQUESTS_TOPIC", str, "lorafleet.requests", "topic users produce requests to"),
+    EnvVar("DLQ_TOPIC", str, "lorafleet.requests.dlq", "dead-letter topic for unreadable requests"),
+    EnvVar("WORK_TOPIC", str, "lorafleet.work", "internal topic from ingest to the engines"),
+    EnvVar("WORK_PARTITIONS", int, 8, "partitions of the work topic when lorafleet creates it"),
+    EnvVar("MODEL", str, "", "Hugging Face model folder; empty: the built-in demo model"),
+    EnvVar("ADAPTERS", str, "", "adapter root URL (file://, plain path, s3://); empty: demo adapters"),
+    EnvVar("CACHE_DIR", str, "~/.cache/lorafleet", "where the demo model and adapters are built and kept"),
+    EnvVar("LOG_LEVEL", str, "info", "log level: debug, info, warning, error"),
+    EnvVar("DRAIN_TIMEOUT_S", float, 30.0, "seconds a service may take to drain on SIGTERM"),
+    EnvVar("STREAM_MAXLEN", int, 10000, "approximate cap on entries per reply stream (XADD MAXLEN ~)"),
+    EnvVar("STREAM_TTL_S", int, 86400, "reply streams expire this many seconds after their terminal entry"),
+    # --- adapter store ------------------------------------------------------------------
+    EnvVar("STORE_ADDRESS", str, "127.0.0.1:7070", "host:port the node's adapter store listens on"),
+    EnvVar("STORE_SHM_DIR", str, "/dev/shm/lorafleet-adapters", "host-memory folder shared with engines"),
+    EnvVar("STORE_MEMORY_BYTES", int, 8 << 30, "byte budget of validated adapters kept in host memory"),
+    EnvVar("STORE_MAX_ADAPTER_BYTES", int, 2 << 30, "largest adapter file accepted"),
+    EnvVar("STORE_NEGATIVE_TTL_S", float, 10.0, "how long not-found/invalid results are cached"),
+    EnvVar("S3_ENDPOINT", str, "", "S3 endpoint override for S3-compatible stores (else AWS_ENDPOINT_URL)"),
+    EnvVar("S3_ALLOW_HTTP", _bool, False, "allow plain-http S3 endpoints (test servers, in-cluster MinIO)"),
+    # --- engine -------------------------------------------------------------------------
+    EnvVar("DEVICE", str, "auto", "cpu, cuda or auto"),
+    EnvVar("DTYPE", str, "auto", "auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16 or float32"),
+    EnvVar("GPU_MEMORY_FRACTION", float, 0.90, "share of GPU memory the unified pool may take"),
+    EnvVar("POOL_PAGES", int, 0, "pages in the unified pool; 0: size from memory"),
+    EnvVar("BLOCK_SIZE", int, 16, "tokens per KV page"),
+    EnvVar("MAX_NUM_SEQS", int, 256, "most requests in one batch"),
+    EnvVar("MAX_BATCHED_TOKENS", int, 2048, "token budget of one engine step (chunked prefill)"),
+    EnvVar("MAX_ADAPTER_RANK", int, 256, "largest LoRA rank the engine accepts"),
+    EnvVar("ENGINE_ID", str, "", "name of this engine in logs and the consumer group; empty: hostname-pid"),
+    EnvVar("OPS", str, "auto", "op implementations: auto (triton on CUDA), torch, triton"),
+]
+
+ENV_VARS: dict[str, EnvVar] = {v.name: v for v in _DECLARED}
+
+
+def read(name: str, environ: dict[str, str] | None = None) -> Any:
+    """The parsed value of ``LORAFLEET_<name>``, or its declared default."""
+    var = ENV_VARS[name]  # KeyError: an undeclared variable is a programming error
+    env = os.environ if environ is None else environ
+    raw = env.get(var.full_name)
+    if raw is None:
+        return var.default
+    try:
+        return var.parse(raw)
+    except ValueError as exc:
+        raise ValueError(f"{var.full_name}={raw!r}: {exc}") from None
+
+
+def env_default(name: str) -> Any:
+    """Default for a CLI flag: the environment variable when set, else the declared default."""
+    return read(name)
+
+
+def help_suffix(name: str) -> str:
+    return f" [env {ENV_VARS[name].full_name}, default {ENV_VARS[name].default!r}]"
