@@ -1,0 +1,124 @@
+"""Engine configuration and the assembly of its parts (model, pool, caches, ops)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .memory.adapter_cache import AdapterCache
+from .memory.allocator import PageAllocator
+from .memory.kv_cache import KVCacheManager
+from .memory.layout import PoolGeometry
+from .model import LlamaModel
+from .model_spec import ModelSpec
+from .scheduler import SchedulerConfig
+from .weights_loader import load_weights
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_dir: str
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on the CPU
+    num_pages: int = 0  # 0: size the pool from memory (gpu_memory_fraction / cpu_pool_bytes)
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_batched_tokens: int = 2048
+    max_adapter_rank: int = 256
+    max_adapter_slots: int = 0  # 0: 2 * max_num_seqs, at least 64
+    gpu_memory_fraction: float = 0.90
+    cpu_pool_bytes: int = 1 << 30
+    ops: str = "auto"  # auto (triton on CUDA when available) | torch | triton
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.max_batched_tokens < 1 or self.max_num_seqs < 1:
+            raise ValueError("max_batched_tokens and max_num_seqs must be >= 1")
+        if self.ops not in ("auto", "torch", "triton"):
+            raise ValueError(f"ops must be auto, torch or triton, got {self.ops!r}")
+
+
+@dataclass
+class Runtime:
+    spec: ModelSpec
+    tokenizer: Any
+    device: torch.device
+    pool: torch.Tensor
+    model: LlamaModel
+    kv: KVCacheManager
+    adapters: AdapterCache
+    scheduler_config: SchedulerConfig
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for, but no CUDA GPU is available")
+    return dev
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be auto, {', '.join(_DTYPES)}; got {name!r}")
+    return _DTYPES[name]
+
+
+def select_ops(kind: str, device: torch.device):
+    from .ops.torch_ref import TorchAttentionOps, TorchLoraOps
+
+    if kind == "torch" or (kind == "auto" and device.type != "cuda"):
+        return TorchLoraOps(), TorchAttentionOps()
+    try:
+        from kernels import TritonAttentionOps, TritonLoraOps
+    except ImportError as exc:
+        if kind == "triton":
+            raise
+        import structlog
+
+        structlog.get_logger().warning("triton_ops_unavailable", error=str(exc))
+        return TorchLoraOps(), TorchAttentionOps()
+    return TritonLoraOps(), TritonAttentionOps()
+
+
+def _num_pages(cfg: EngineConfig, geom_one: PoolGeometry, dtype: torch.dtype, device: torch.device) -> int:
+    if cfg.num_pages:
+        return cfg.num_pages
+    page_bytes = geom_one.page_bytes(torch.tensor([], dtype=dtype).element_size())
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        budget = int(free * cfg.gpu_memory_fraction) - (1 << 30)  # headroom for activations
+    else:
+        budget = cfg.cpu_pool_bytes
+    return max(1, budget // page_bytes)
+
+
+def build_runtime(cfg: EngineConfig) -> Runtime:
+    from transformers import AutoTokenizer
+
+    model_dir = Path(cfg.model_dir)
+    spec = ModelSpec.from_pretrained(model_dir)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    weights = load_weights(model_dir, spec, dtype, device)
+    num_pages = _num_pages(cfg, PoolGeometry.for_model(spec, 1, cfg.block_size), dtype, device)
+    geom = PoolGeometry.for_model(spec, num_pages, cfg.block_size)
+    pool = torch.zeros(spec.num_layers, num_pages, geom.page_elems, dtype=dtype, device=device)
+    allocator = PageAllocator(num_pages)
+    slots = cfg.max_adapter_slots or max(64, 2 * cfg.max_num_seqs)
+    adapters = AdapterCache(pool, allocator, spec, slots, cfg.max_adapter_rank)
+    kv = KVCacheManager(allocator, adapters, cfg.block_size)
+    lora_ops, attn_ops = select_ops(cfg.ops, device)
+    model = LlamaModel(spec, weights, lora_ops, attn_ops)
+    sched = SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_batched_tokens=cfg.max_batched_tokens)
+    return Runtime(spec, tokenizer, device, pool, model, kv, adapters, sched)

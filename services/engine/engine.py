@@ -1,0 +1,142 @@
+"""The engine alone, as a Python API: add requests, abort them, step, read outputs.
+
+    engine = LLMEngine(EngineConfig(model_dir="..."))
+    engine.add_request("r1", prompt="Hello", params=SamplingParams(temperature=0), adapter_id="a",
+                       adapter=load_peft_adapter_dir(path, engine.spec))
+    while engine.has_unfinished():
+        for out in engine.step(): ...
+
+One step = schedule -> build batch -> forward -> sample -> update -> detokenize (see step()).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .adapters.weights import LoraWeights
+from .batch import build_batch
+from .config import EngineConfig, build_runtime
+from .detokenizer import IncrementalDetokenizer
+from .ops.base import LoraContext
+from .request import Request, SamplingParams
+from .sampling import sample
+from .scheduler import Scheduler
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    index: int  # output tokens of this request before new_token_ids
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort"
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        rt = build_runtime(config)
+        self.config, self.spec, self.tokenizer = config, rt.spec, rt.tokenizer
+        self.device, self.pool, self.model = rt.device, rt.pool, rt.model
+        self.kv, self.adapters = rt.kv, rt.adapters
+        self.scheduler = Scheduler(rt.scheduler_config, rt.kv, rt.adapters)
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self.eos_ids = rt.spec.eos_token_ids or ((self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ())
+
+    # --- requests ------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | None = None,
+        prompt_token_ids: list[int] | None = None,
+        params: SamplingParams | None = None,
+        adapter_id: str | None = None,
+        adapter: LoraWeights | None = None,
+        arrival: float = 0.0,
+    ) -> None:
+        if (prompt is None) == (prompt_token_ids is None):
+            raise ValueError("give exactly one of prompt and prompt_token_ids")
+        if (adapter_id is None) != (adapter is None):
+            raise ValueError("adapter_id and adapter weights go together")
+        ids = list(prompt_token_ids) if prompt_token_ids is not None else self.tokenizer.encode(prompt)
+        if not ids:
+            raise ValueError("the prompt has no tokens")
+        bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]
+        if bad:
+            raise ValueError(f"prompt_token_ids {bad[:3]} are outside [0, {self.spec.vocab_size})")
+        params = params or SamplingParams()
+        if len(ids) + params.max_tokens > self.spec.max_position:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
+                f"context of {self.spec.max_position} tokens"
+            )
+        req = Request(request_id, ids, params, adapter_id, adapter, arrival)
+        self.scheduler.add_request(req)
+        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, ids, params.stop)
+
+    def abort_request(self, request_id: str) -> bool:
+        self._detok.pop(request_id, None)
+        return self.scheduler.finish_request(request_id, "abort") is not None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # --- the step ------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.empty:
+            return []
+        batch = build_batch(sched, self.kv, self.adapters, self.device)
+        lora = None if batch.lora.empty else LoraContext(self.pool, self.adapters.tables, batch.lora)
+        hidden = self.model.forward(batch.input_ids, batch.positions, self.pool, batch.attn, lora)
+        sampled_ids: list[int] = []
+        if batch.sampled:
+            logits = self.model.logits(hidden[batch.logits_index])  # [N, V] float32
+            sampled_ids = sample(logits, batch.sampling).tolist()
+        sampled = {e.request.request_id: t for e, t in zip(batch.sampled, sampled_ids)}
+        touched = self.scheduler.update_from_output(sched, sampled, self.eos_ids)
+        return [self._output(req) for req in touched]
+
+    def _output(self, req: Request) -> RequestOutput:
+        detok = self._detok[req.request_id]
+        token = req.output_token_ids[-1]
+        detok.add(token)
+        if detok.stopped and not req.finished:
+            self.scheduler.finish_request(req.request_id, "stop")
+        final = req.finished
+        if final:
+            del self._detok[req.request_id]
+        return RequestOutput(
+            request_id=req.request_id,
+            new_token_ids=[token],
+            new_text=detok.take_delta(final),
+            index=len(req.output_token_ids) - 1,
+            finished=final,
+            finish_reason=req.finish_reason,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_output_tokens=len(req.output_token_ids),
+        )
+
+    # --- convenience ---------------------------------------------------------------------
+    def run_to_completion(self) -> dict[str, list[RequestOutput]]:
+        """Step until every request is finished; outputs grouped by request id."""
+        results: dict[str, list[RequestOutput]] = {}
+        while self.has_unfinished():
+            for out in self.step():
+                results.setdefault(out.request_id, []).append(out)
+        return results
+
+
+def generated_ids(outputs: list[RequestOutput]) -> list[int]:
+    return [t for o in outputs for t in o.new_token_ids]
+
+
+def generated_text(outputs: list[RequestOutput]) -> str:
+    return "".join(o.new_text for o in outputs)
+
+
+__all__ = ["LLMEngine", "EngineConfig", "RequestOutput", "SamplingParams", "generated_ids", "generated_text", "torch"]

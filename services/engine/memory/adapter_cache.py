@@ -1,0 +1,176 @@
+"""Adapters resident in the unified pool: slots, pins and an LRU of cached, unused adapters.
+
+The AdapterCache owns which adapters are on the device, their slots and the device tables the
+LoRA ops read (AdapterTables). An adapter used by a scheduled request is pinned (pins > 0) and is
+never evicted; an unpinned adapter stays cached in its pages until KV or another adapter needs
+them (least recently used first).
+
+NOTE: a slot is an index into the device tables, not an adapter id; slots are reused after
+eviction, so ops must never keep a slot across steps.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from ..adapters.weights import LoraWeights
+from ..model_spec import LORA_MODULES, MODULE_INDEX, ModelSpec
+from ..ops.base import AdapterTables
+from .allocator import PageAllocator
+from .layout import AdapterLayout
+
+
+@dataclass
+class _Resident:
+    adapter_id: str
+    slot: int
+    pages: list[int]
+    pins: int
+
+
+class AdapterCache:
+    def __init__(self, pool: torch.Tensor, allocator: PageAllocator, spec: ModelSpec, max_slots: int, max_rank: int):
+        self.pool = pool  # [L, num_pages, P]
+        self.allocator = allocator
+        self.spec = spec
+        page_elems = pool.shape[2]
+        widest = AdapterLayout.build(spec, {m: max_rank for m in LORA_MODULES})
+        self.max_pages_per_adapter = widest.num_pages(page_elems)
+        dev, L, S = pool.device, spec.num_layers, max_slots
+        self.tables = AdapterTables(
+            page_table=torch.zeros(S, self.max_pages_per_adapter, dtype=torch.int32, device=dev),
+            ranks=torch.zeros(S, L, len(LORA_MODULES), dtype=torch.int32, device=dev),
+            scales=torch.zeros(S, L, len(LORA_MODULES), dtype=torch.float32, device=dev),
+            a_off=torch.zeros(S, len(LORA_MODULES), dtype=torch.int64, device=dev),
+            b_off=torch.zeros(S, len(LORA_MODULES), dtype=torch.int64, device=dev),
+            module_shapes=tuple(spec.module_shape(m) for m in LORA_MODULES),
+        )
+        self._resident: dict[str, _Resident] = {}
+        self._lru: OrderedDict[str, None] = OrderedDict()  # unpinned residents, oldest first
+        self._evictable_pages = 0  # pages held by unpinned residents (kept in step with _lru)
+        self._free_slots = list(range(S - 1, -1, -1))
+        self._max_rank: dict[str, int] = {}
+
+    # --- queries -------------------------------------------------------------------------
+    def slot_of(self, adapter_id: str) -> int | None:
+        res = self._resident.get(adapter_id)
+        return None if res is None else res.slot
+
+    def max_rank_of(self, adapter_id: str) -> int:
+        return self._max_rank[adapter_id]
+
+    def is_resident(self, adapter_id: str) -> bool:
+        return adapter_id in self._resident
+
+    def pages_to_load(self, weights: LoraWeights) -> int:
+        return weights.layout(self.spec).num_pages(self.pool.shape[2])
+
+    def evictable_pages(self, exclude: str | None = None) -> int:
+        n = self._evictable_pages
+        if exclude is not None and exclude in self._lru:
+            n -= len(self._resident[exclude].pages)
+        return n
+
+    def resident_pages(self) -> int:
+        return sum(len(r.pages) for r in self._resident.values())
+
+    def cached_ids(self) -> list[str]:
+        """Unpinned residents, least recently used first."""
+        return list(self._lru)
+
+    def pins(self, adapter_id: str) -> int:
+        res = self._resident.get(adapter_id)
+        return 0 if res is None else res.pins
+
+    def can_acquire(self, adapter_id: str, weights: LoraWeights, extra_pages: int = 0) -> bool:
+        """Could `acquire` succeed while also leaving `extra_pages` for KV?"""
+        if adapter_id in self._resident:
+            return extra_pages <= self.allocator.num_free + self.evictable_pages(exclude=adapter_id)
+        if not self._free_slots and not self._lru:
+            return False
+        need = self.pages_to_load(weights) + extra_pages
+        return need <= self.allocator.num_free + self._evictable_pages
+
+    # --- pin / unpin ---------------------------------------------------------------------
+    def acquire(self, adapter_id: str, weights: LoraWeights) -> int:
+        """Pin the adapter (loading it into the pool if needed) and return its slot."""
+        res = self._resident.get(adapter_id)
+        if res is None:
+            res = self._load(adapter_id, weights)
+        elif res.pins == 0:
+            del self._lru[adapter_id]
+            self._evictable_pages -= len(res.pages)
+        res.pins += 1
+        return res.slot
+
+    def release(self, adapter_id: str) -> None:
+        res = self._resident[adapter_id]
+        if res.pins <= 0:
+            raise RuntimeError(f"adapter {adapter_id!r} released more often than acquired")
+        res.pins -= 1
+        if res.pins == 0:
+            self._lru[adapter_id] = None  # most recently used: last out
+            self._evictable_pages += len(res.pages)
+
+    def evict_for(self, num_pages: int) -> None:
+        """Evict least recently used unpinned adapters until `num_pages` more pages are free."""
+        target = self.allocator.num_free + num_pages
+        while self.allocator.num_free < target and self._lru:
+            self._evict(next(iter(self._lru)))
+        if self.allocator.num_free < target:
+            raise RuntimeError(f"cannot free {num_pages} pages: every cached adapter is pinned")
+
+    # --- internals -------------------------------------------------------------------------
+    def _evict(self, adapter_id: str) -> None:
+        res = self._resident.pop(adapter_id)
+        del self._lru[adapter_id]
+        self._evictable_pages -= len(res.pages)
+        self.allocator.free(res.pages, ("adapter", adapter_id))
+        self.tables.ranks[res.slot].zero_()
+        self._free_slots.append(res.slot)
+        del self._max_rank[adapter_id]
+
+    def _load(self, adapter_id: str, weights: LoraWeights) -> _Resident:
+        layout = weights.layout(self.spec)
+        n_pages = layout.num_pages(self.pool.shape[2])
+        if n_pages > self.max_pages_per_adapter:
+            raise ValueError(f"adapter {adapter_id!r} needs {n_pages} pages, more than max_rank allows")
+        if not self._free_slots:
+            self._evict(next(iter(self._lru)))
+        if n_pages > self.allocator.num_free:
+            self.evict_for(n_pages - self.allocator.num_free)
+        pages = self.allocator.allocate(n_pages, ("adapter", adapter_id))
+        slot = self._free_slots.pop()
+        self._write(slot, pages, layout, weights)
+        res = _Resident(adapter_id, slot, pages, pins=0)
+        self._resident[adapter_id] = res
+        self._max_rank[adapter_id] = max(layout.ranks)
+        return res
+
+    def _write(self, slot: int, pages: list[int], layout: AdapterLayout, weights: LoraWeights) -> None:
+        L, P = self.spec.num_layers, self.pool.shape[2]
+        # buf: [L, n_pages * P] — every layer's virtual buffer, laid out as layout.py describes.
+        buf = torch.zeros(L, len(pages) * P, dtype=self.pool.dtype)
+        ranks = torch.zeros(L, len(LORA_MODULES), dtype=torch.int32)
+        scales = torch.zeros(L, len(LORA_MODULES), dtype=torch.float32)
+        for t in weights.config.targets:
+            m = MODULE_INDEX[t.module]
+            a, b = weights.a[(t.layer, t.module)], weights.b[(t.layer, t.module)]  # [r, in], [out, r]
+            a_off, b_off = layout.a_off[m], layout.b_off[m]
+            buf[t.layer, a_off : a_off + a.numel()] = a.reshape(-1).to(self.pool.dtype)
+            buf[t.layer, b_off : b_off + b.numel()] = b.t().reshape(-1).to(self.pool.dtype)
+            ranks[t.layer, m] = t.rank
+            scales[t.layer, m] = t.scale
+        dev = self.pool.device
+        page_ids = torch.tensor(pages, dtype=torch.long, device=dev)
+        self.pool[:, page_ids] = buf.view(L, len(pages), P).to(dev, non_blocking=True)
+        t = self.tables
+        t.page_table[slot].zero_()
+        t.page_table[slot, : len(pages)] = page_ids.to(torch.int32)
+        t.ranks[slot] = ranks.to(dev)
+        t.scales[slot] = scales.to(dev)
+        t.a_off[slot] = torch.tensor(layout.a_off, dtype=torch.int64, device=dev)
+        t.b_off[slot] = torch.tensor(layout.b_off, dtype=torch.int64, device=dev)

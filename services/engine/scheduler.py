@@ -1,0 +1,181 @@
+"""Iteration-level scheduling: which requests run this step, with how many tokens.
+
+The scheduler owns the waiting and running queues. Each step it spends a token budget first on
+running requests (decodes and unfinished prefill chunks, oldest first), then admits waiting
+requests in arrival order. Memory is one pool: a request is admitted only when the pages for its
+next chunk AND for its adapter (if not resident) can be had, counting cached adapters as free.
+
+NOTE invariants:
+- A running request's adapter is pinned in the AdapterCache; it is released exactly once, when
+  the request leaves `running` (finish, abort or preemption).
+- Preemption is by recompute: the newest running request loses its KV pages and goes back to the
+  front of `waiting` with its generated tokens kept; it is recomputed as one longer prompt.
+- The waiting queue is FCFS and admission stops at the first request that does not fit, so a
+  large request is never starved by a stream of small ones.
+- add_request rejects a request that could not run even alone in an empty pool, so preemption
+  always ends with progress: no deadlock.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .memory.adapter_cache import AdapterCache
+from .memory.kv_cache import KVCacheManager
+from .request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_batched_tokens: int = 2048
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_tokens: int  # tokens computed this step, starting at request.num_computed_tokens
+    samples: bool  # True when this step completes the request's known tokens: sample one more
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, adapters: AdapterCache):
+        self.config = config
+        self.kv = kv
+        self.adapters = adapters
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+
+    # --- requests in and out ---------------------------------------------------------------
+    def pages_needed_alone(self, request: Request) -> int:
+        adapter = 0 if request.adapter_weights is None else self.adapters.pages_to_load(request.adapter_weights)
+        return self.kv.blocks_for_tokens(request.max_total_tokens) + adapter
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in the engine")
+        need, total = self.pages_needed_alone(request), self.kv.allocator.num_pages
+        if need > total:
+            raise ValueError(
+                f"request {request.request_id!r} needs {need} pages (prompt + max_tokens + adapter) "
+                f"but the pool has {total}"
+            )
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_request(self, request_id: str, reason: str) -> Request | None:
+        """Remove a request (finished by a stop string, or aborted); frees what it holds."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+            self._release(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        req.status, req.finish_reason = RequestStatus.FINISHED, reason
+        return req
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # --- the step ------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.kv.can_grow(req.request_id, req.num_computed_tokens + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                out.preempted.append(victim.request_id)
+                if victim is req:
+                    break
+            else:
+                self.kv.grow(req.request_id, req.num_computed_tokens + n)
+                out.scheduled.append(self._entry(req, n))
+                budget -= n
+                i += 1
+        if out.preempted:
+            return out  # memory is short: admit nobody new this step
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self._can_admit(req, n):
+                break  # FCFS: nobody overtakes the head of the queue
+            self.waiting.popleft()
+            if req.adapter_id is not None:
+                self.adapters.acquire(req.adapter_id, req.adapter_weights)
+            self.kv.grow(req.request_id, req.num_computed_tokens + n)
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.scheduled.append(self._entry(req, n))
+            budget -= n
+        return out
+
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int], eos_ids: tuple[int, ...]) -> list[Request]:
+        """Advance computed tokens, append sampled tokens, finish on EOS or max_tokens.
+
+        Returns the requests that got a new token this step (finished ones included).
+        """
+        touched = []
+        for entry in out.scheduled:
+            req = entry.request
+            req.num_computed_tokens += entry.num_tokens
+            if not entry.samples:
+                continue
+            token = sampled[req.request_id]
+            req.output_token_ids.append(token)
+            touched.append(req)
+            if token in eos_ids and not req.params.ignore_eos:
+                self._finish(req, "stop")
+            elif len(req.output_token_ids) >= req.params.max_tokens:
+                self._finish(req, "length")
+        return touched
+
+    # --- internals -------------------------------------------------------------------------
+    def _entry(self, req: Request, n: int) -> ScheduledRequest:
+        return ScheduledRequest(req, n, samples=req.num_computed_tokens + n == req.num_tokens)
+
+    def _can_admit(self, req: Request, n: int) -> bool:
+        kv_pages = self.kv.pages_needed(req.request_id, req.num_computed_tokens + n)
+        if req.adapter_id is None:
+            return kv_pages <= self.kv.allocator.num_free + self.adapters.evictable_pages()
+        return self.adapters.can_acquire(req.adapter_id, req.adapter_weights, extra_pages=kv_pages)
+
+    def _release(self, req: Request) -> None:
+        self.kv.release(req.request_id)
+        if req.adapter_id is not None:
+            self.adapters.release(req.adapter_id)
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self._release(req)
+        req.status = RequestStatus.WAITING
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _finish(self, req: Request, reason: str) -> None:
+        self.running.remove(req)
+        self._release(req)
+        del self.requests[req.request_id]
+        req.status, req.finish_reason = RequestStatus.FINISHED, reason
