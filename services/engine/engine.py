@@ -85,6 +85,17 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    @property
+    def scheduler_stats(self) -> dict[str, int]:
+        return {
+            "preemptions": self.scheduler.num_preemptions,
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "adapter_loads": self.adapters.num_loads,
+            "adapter_evictions": self.adapters.num_evictions,
+            "free_pages": self.kv.allocator.num_free,
+        }
+
     # --- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()

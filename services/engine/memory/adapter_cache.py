@@ -53,6 +53,8 @@ class AdapterCache:
         self._evictable_pages = 0  # pages held by unpinned residents (kept in step with _lru)
         self._free_slots = list(range(S - 1, -1, -1))
         self._max_rank: dict[str, int] = {}
+        self.num_loads = 0  # adapters copied into the pool (counters for tests and metrics)
+        self.num_evictions = 0
 
     # --- queries -------------------------------------------------------------------------
     def slot_of(self, adapter_id: str) -> int | None:
@@ -132,6 +134,7 @@ class AdapterCache:
         self.tables.ranks[res.slot].zero_()
         self._free_slots.append(res.slot)
         del self._max_rank[adapter_id]
+        self.num_evictions += 1
 
     def _load(self, adapter_id: str, weights: LoraWeights) -> _Resident:
         layout = weights.layout(self.spec)
@@ -148,6 +151,7 @@ class AdapterCache:
         res = _Resident(adapter_id, slot, pages, pins=0)
         self._resident[adapter_id] = res
         self._max_rank[adapter_id] = max(layout.ranks)
+        self.num_loads += 1
         return res
 
     def _write(self, slot: int, pages: list[int], layout: AdapterLayout, weights: LoraWeights) -> None:
