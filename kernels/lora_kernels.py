@@ -1,0 +1,204 @@
+"""Triton kernels of the multi-LoRA shrink/expand over the unified pool (S-LoRA's MBGMV/MBGMM).
+
+Launch wrappers, checks and tile choices live in lora_ops.py; this file holds only device code.
+
+Every kernel walks a *work list* built by `lora_plan_kernel`: one item per (segment, block of
+BLOCK_T tokens inside it). Work items past the real ones carry seg = -1 and exit at once, so a
+grid sized from static capacities (cdiv(T, BLOCK_T) + G items) can be captured in a CUDA graph.
+
+Adapter matrices are read through the slot's page table, element by element (layout.py)::
+
+    virtual element v  ->  pool[layer, page_table[slot, v // P], v % P]
+
+A tile chunk of at most P consecutive elements of one row spans at most two pages, so each row
+needs two page-table loads per chunk (p0 for the chunk's first page, p1 for the next) instead of
+one per element. With ALIGNED (every width and P multiples of 16, offsets 16-aligned as the
+layout guarantees) runs of 16 elements are contiguous and 16-aligned: hints let Triton vectorize.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def lora_plan_kernel(seg_len_ptr, work_seg_ptr, work_blk_ptr, G, W, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Work list of (segment, token block) pairs, computed on the device (no host sync).
+
+    Semantics (torch)::
+
+        nblk = (seg_len + BLOCK_T - 1) // BLOCK_T          # [G]
+        cum = nblk.cumsum(0)                               # inclusive
+        w = torch.arange(W)
+        seg = torch.searchsorted(cum, w, right=True)       # segment holding work item w
+        work_seg = torch.where(w < cum[-1], seg, -1)       # [W] int32
+        work_blk = w - (cum - nblk)[seg]                   # [W] int32, block index inside the segment
+
+    Writes work_seg[W], work_blk[W] (int32). Segments of length 0 get no item.
+    """
+    pid = tl.program_id(0)
+    w = pid * BLOCK_W + tl.arange(0, BLOCK_W)  # [BW]
+    count = tl.zeros([BLOCK_W], dtype=tl.int32)  # segments that end at or before w
+    base = tl.zeros([BLOCK_W], dtype=tl.int32)  # first work item of w's segment
+    carry = tl.zeros([], dtype=tl.int32)  # work items of the segments before this chunk
+    for g0 in range(0, G, BLOCK_G):
+        offs_g = g0 + tl.arange(0, BLOCK_G)
+        g_mask = offs_g < G
+        length = tl.load(seg_len_ptr + offs_g, mask=g_mask, other=0)
+        nblk = (length + BLOCK_T - 1) // BLOCK_T
+        cum = tl.cumsum(nblk, 0) + carry  # [BG] inclusive prefix
+        ended = (cum[None, :] <= w[:, None]) & g_mask[None, :]  # [BW, BG]
+        count += tl.sum(ended.to(tl.int32), 1)
+        base = tl.maximum(base, tl.max(tl.where(ended, cum[None, :], 0), 1))
+        carry += tl.sum(nblk, 0)
+    seg = tl.where(w < carry, count, -1)
+    tl.store(work_seg_ptr + w, seg, mask=w < W)
+    tl.store(work_blk_ptr + w, w - base, mask=w < W)
+
+
+@triton.jit
+def _pick(i, a0, a1, a2, a3):
+    """a_i for a fused-slice index i in 0..3 (scalars: no per-call device tensor needed)."""
+    return tl.where(i == 0, a0, tl.where(i == 1, a1, tl.where(i == 2, a2, a3)))
+
+
+@triton.jit
+def _paged_tile(pool_layer, pt_row_ptr, vpage, voff, cols, row_mask, max_pages, page_elems, ALIGNED: tl.constexpr):
+    """Pointers [R, C] to a tile whose row i starts at virtual page vpage[i], offset voff[i].
+
+    cols: [C] column offsets 0..C-1 with C <= page_elems, so a row chunk spans <= 2 pages.
+    """
+    p0 = tl.load(pt_row_ptr + vpage, mask=row_mask, other=0).to(tl.int64)
+    p1 = tl.load(pt_row_ptr + vpage + 1, mask=row_mask & (vpage + 1 < max_pages), other=0).to(tl.int64)
+    col = voff[:, None] + cols[None, :]  # [R, C] offset from the start of page p0
+    phys = tl.where(col < page_elems, p0[:, None] * page_elems + col, p1[:, None] * page_elems + (col - page_elems))
+    if ALIGNED:
+        phys = tl.max_contiguous(tl.multiple_of(phys, [1, 16]), [1, 16])
+    return pool_layer + phys
+
+
+@triton.jit
+def lora_shrink_kernel(
+    x_ptr, u_ptr, pool_layer, page_table_ptr, ranks_ptr, a_off_ptr,
+    work_seg_ptr, work_blk_ptr, seg_start_ptr, seg_len_ptr, seg_slot_ptr,
+    layer, K, max_pages, page_elems, rank_cap,
+    stride_x_t, stride_u_t, stride_u_m,
+    stride_pt_s, stride_rank_s, stride_rank_l, stride_off_s,
+    M0, M1, M2, M3,
+    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """u[t, i, :r] = x[t] @ A_{m_i}[slot]^T for the tokens of one (segment, token block).
+
+    Semantics (torch), for each segment g with slot s and each fused slice i (module m_i)::
+
+        r = ranks[s, layer, m_i]                               # 0: slice skipped
+        A = virtual(s, a_off[s, m_i], r * K).view(r, K)        # [r, K], through the page table
+        u[start:start+len, i, :r] = (x[start:start+len].float() @ A.float().T).to(u.dtype)
+
+    x: [T, K] (fp16/bf16/fp32), u: [T, n, R] same dtype, pre-zeroed by the caller.
+    Grid: (work items, n slices, cdiv(R, BLOCK_R)); writes u only where r > 0, rows of the block.
+    """
+    w = tl.program_id(0)
+    i = tl.program_id(1)
+    rb = tl.program_id(2)
+    g = tl.load(work_seg_ptr + w)
+    if g < 0:
+        return
+    slot = tl.load(seg_slot_ptr + g)
+    m = _pick(i, M0, M1, M2, M3)
+    # Clamped to u's rank capacity: a wrong batch.max_rank truncates instead of writing past u.
+    rank = tl.minimum(tl.load(ranks_ptr + slot * stride_rank_s + layer * stride_rank_l + m), rank_cap)
+    if rb * BLOCK_R >= rank:
+        return
+    t_end = tl.load(seg_start_ptr + g) + tl.load(seg_len_ptr + g)
+    offs_t = tl.load(seg_start_ptr + g) + tl.load(work_blk_ptr + w) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = offs_t < t_end
+    offs_r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    cols = tl.arange(0, BLOCK_K)
+
+    # Page cursor of each row of A: virtual start a_off + row * K, as (page index, offset).
+    v_row = tl.load(a_off_ptr + slot * stride_off_s + m) + offs_r.to(tl.int64) * K  # [BR]
+    vpage = v_row // page_elems
+    voff = v_row - vpage * page_elems
+    pt_row = page_table_ptr + slot.to(tl.int64) * stride_pt_s
+    x_rows = x_ptr + offs_t.to(tl.int64)[:, None] * stride_x_t
+
+    acc = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = (k0 + cols) < K
+        xt = tl.load(x_rows + (k0 + cols)[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0)  # [BT, BK]
+        a_ptrs = _paged_tile(pool_layer, pt_row, vpage, voff, cols, r_mask, max_pages, page_elems, ALIGNED)
+        at = tl.load(a_ptrs, mask=r_mask[:, None] & k_mask[None, :], other=0.0)  # [BR, BK]
+        acc += tl.dot(xt, tl.trans(at).to(xt.dtype), input_precision=DOT_PRECISION)
+        # Advance each row's cursor by BLOCK_K (<= P) elements: at most one page boundary.
+        voff += BLOCK_K
+        wrapped = voff >= page_elems
+        voff = tl.where(wrapped, voff - page_elems, voff)
+        vpage += wrapped.to(tl.int64)
+    u_ptrs = u_ptr + offs_t.to(tl.int64)[:, None] * stride_u_t + i * stride_u_m + offs_r[None, :]
+    tl.store(u_ptrs, acc.to(u_ptr.dtype.element_ty), mask=t_mask[:, None] & r_mask[None, :])
+
+
+@triton.jit
+def lora_expand_kernel(
+    y_ptr, u_ptr, pool_layer, page_table_ptr, ranks_ptr, scales_ptr, b_off_ptr,
+    work_seg_ptr, work_blk_ptr, seg_start_ptr, seg_len_ptr, seg_slot_ptr,
+    layer, max_pages, page_elems, rank_cap,
+    stride_y_t, stride_u_t, stride_u_m,
+    stride_pt_s, stride_rank_s, stride_rank_l, stride_off_s,
+    M0, M1, M2, M3, N0, N1, N2, N3, O0, O1, O2, O3,
+    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """y[t, o_i : o_i + N_i] += scale * u[t, i, :r] @ B_{m_i}[slot]^T, in place.
+
+    Semantics (torch), for each segment g with slot s and each fused slice i (module m_i)::
+
+        r = ranks[s, layer, m_i]                               # 0: slice skipped, y untouched
+        Bt = virtual(s, b_off[s, m_i], r * N_i).view(r, N_i)   # [r, N_i], B^T through the page table
+        d = (u[rows, i, :r].float() @ Bt.float()) * scales[s, layer, m_i]
+        y[rows, o_i:o_i+N_i] = (y[rows, o_i:o_i+N_i].float() + d).to(y.dtype)
+
+    y: [T, N] (fp16/bf16/fp32, row stride free, unit column stride), u: [T, n, R].
+    Grid: (work items, n slices, max_i cdiv(N_i, BLOCK_N)); writes only the tile of y it owns.
+    """
+    w = tl.program_id(0)
+    i = tl.program_id(1)
+    nb = tl.program_id(2)
+    g = tl.load(work_seg_ptr + w)
+    if g < 0:
+        return
+    slot = tl.load(seg_slot_ptr + g)
+    m = _pick(i, M0, M1, M2, M3)
+    n_out = _pick(i, N0, N1, N2, N3)
+    # Clamped to u's rank capacity: a wrong batch.max_rank truncates instead of writing past u.
+    rank = tl.minimum(tl.load(ranks_ptr + slot * stride_rank_s + layer * stride_rank_l + m), rank_cap)
+    if (rank == 0) | (nb * BLOCK_N >= n_out):
+        return
+    scale = tl.load(scales_ptr + slot * stride_rank_s + layer * stride_rank_l + m)
+    t_end = tl.load(seg_start_ptr + g) + tl.load(seg_len_ptr + g)
+    offs_t = tl.load(seg_start_ptr + g) + tl.load(work_blk_ptr + w) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = offs_t < t_end
+    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < n_out
+    cols = tl.arange(0, BLOCK_N)
+    b_start = tl.load(b_off_ptr + slot * stride_off_s + m) + nb * BLOCK_N
+    pt_row = page_table_ptr + slot.to(tl.int64) * stride_pt_s
+    u_rows = u_ptr + offs_t.to(tl.int64)[:, None] * stride_u_t + i * stride_u_m
+
+    acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+    for r0 in range(0, rank, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_mask = offs_r < rank
+        ut = tl.load(u_rows + offs_r[None, :], mask=t_mask[:, None] & r_mask[None, :], other=0.0)  # [BT, BR]
+        v_row = b_start + offs_r.to(tl.int64) * n_out  # [BR] virtual start of this tile's row chunk
+        vpage = v_row // page_elems
+        b_ptrs = _paged_tile(pool_layer, pt_row, vpage, v_row - vpage * page_elems, cols, r_mask, max_pages, page_elems, ALIGNED)
+        bt = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # [BR, BN]
+        acc += tl.dot(ut, bt.to(ut.dtype), input_precision=DOT_PRECISION)
+    o_i = _pick(i, O0, O1, O2, O3)
+    y_ptrs = y_ptr + offs_t.to(tl.int64)[:, None] * stride_y_t + o_i + offs_n[None, :]
+    y_mask = t_mask[:, None] & n_mask[None, :]
+    y_old = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, (y_old + acc * scale).to(y_ptr.dtype.element_ty), mask=y_mask)

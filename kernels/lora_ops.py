@@ -1,0 +1,233 @@
+"""TritonLoraOps: the LoraOps interface (services/engine/ops/base.py) on the Triton kernels.
+
+Two tile shapes over the same kernels:
+
+- decode (max_seg_len <= 16, and always under capture=True): 16-token blocks, a whole rank
+  (<= 128) per program, wide K chunks: a gathered matrix-vector product per segment that streams
+  A/B once (memory-bound: S-LoRA's MBGMV).
+- prefill: 64-token blocks, 64-rank tiles: a gathered matrix-matrix product (MBGMM).
+
+NOTE (CUDA graphs): with capture=True every grid comes from static capacities (tokens T = x's
+rows, segments G = seg_len's length, rank R = max_rank given here), u is always [T, n, R], and
+nothing reads a device value on the host. Replay with other contents by writing the static
+LoraBatch tensors in place: padding segments get seg_len 0 and cost one early exit each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from services.engine.ops.base import LoraContext
+
+from . import lora_kernels as K
+from .checks import (
+    cdiv,
+    check_int_tensor,
+    check_kernel_runnable,
+    check_pool,
+    check_same_device,
+    floor_pow2,
+    next_pow2,
+    require,
+)
+
+MAX_FUSED = 4  # slices per launch (q/k/v needs 3)
+DECODE_MAX_SEG_LEN = 16
+
+
+@dataclass(frozen=True)
+class LoraTiles:
+    name: str  # "decode" or "prefill"
+    block_t: int
+    shrink_block_r: int
+    shrink_block_k: int
+    expand_block_r: int
+    expand_block_n: int
+    num_warps: int
+
+
+def choose_tiles(rank_cap: int, decode: bool, page_elems: int) -> LoraTiles:
+    """Tile sizes for a rank capacity; K/N chunks never exceed a page (<= 2 pages per chunk)."""
+    br = min(max(next_pow2(rank_cap), 16), 128)
+    fit = floor_pow2(page_elems)
+    if decode:
+        bk = 256 if br <= 16 else (128 if br <= 64 else 64)
+        ebr = min(br, 64)
+        return LoraTiles("decode", 16, br, min(bk, fit), ebr, min(256 if ebr <= 32 else 128, fit), 4)
+    return LoraTiles("prefill", 64, min(br, 64), min(64, fit), min(br, 64), min(128, fit), 4)
+
+
+class TritonLoraOps:
+    """shrink/expand per LoraOps; see lora_kernels.py for the kernels' torch semantics.
+
+    capture: static-capacity mode for CUDA graphs (requires max_rank, the rank capacity).
+    """
+
+    def __init__(self, *, capture: bool = False, max_rank: int | None = None) -> None:
+        if capture and (max_rank is None or max_rank < 1):
+            raise ValueError("capture=True needs max_rank (the largest rank any resident adapter may have)")
+        self.capture = capture
+        self.max_rank = max_rank
+        self._plan_batch = None  # the LoraBatch whose work lists are cached in _plans
+        self._plans: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._captured: list[tuple[torch.Tensor, torch.Tensor]] = []  # kept alive for graph replays
+
+    # -- interface -------------------------------------------------------------------------
+
+    def shrink(self, x: torch.Tensor, layer: int, modules: tuple[int, ...], ctx: LoraContext) -> torch.Tensor:
+        """u[t, i, :r] = x[t] @ A_{modules[i]}^T of token t's adapter (see lora_shrink_kernel)."""
+        pool, tables, batch = ctx.pool, ctx.tables, ctx.batch
+        self._check_common(pool, layer, modules, ctx)
+        require(x.dim() == 2, f"x must be [T, K], got shape {tuple(x.shape)}")
+        require(x.dtype == pool.dtype, f"x dtype {x.dtype} differs from the pool's {pool.dtype}")
+        check_same_device(x, "x", pool.device)
+        require(x.stride(1) == 1, "x must have unit stride along K")
+        num_tokens, k = x.shape
+        for m in modules:
+            require(tables.module_shapes[m][0] == k, f"module {m} takes in_features {tables.module_shapes[m][0]}, x has K={k}")
+        rank_cap = self._rank_cap(batch.max_rank)
+        u = torch.zeros(num_tokens, len(modules), rank_cap, dtype=x.dtype, device=x.device)
+        if not self._has_work(ctx, num_tokens):
+            return u
+        tiles = self._tiles(ctx, rank_cap)
+        work_seg, work_blk = self._work_list(ctx, num_tokens, tiles.block_t)
+        widths = [k] + [tables.module_shapes[m][0] for m in modules]
+        grid = (work_seg.shape[0], len(modules), cdiv(rank_cap, tiles.shrink_block_r))
+        K.lora_shrink_kernel[grid](
+            x, u, pool[layer], tables.page_table, tables.ranks, tables.a_off,
+            work_seg, work_blk, batch.seg_start, batch.seg_len, batch.seg_slot,
+            layer, k, tables.page_table.shape[1], pool.shape[2], rank_cap,
+            x.stride(0), u.stride(0), u.stride(1),
+            tables.page_table.stride(0), tables.ranks.stride(0), tables.ranks.stride(1), tables.a_off.stride(0),
+            *_padded(modules),
+            BLOCK_T=tiles.block_t, BLOCK_R=tiles.shrink_block_r, BLOCK_K=tiles.shrink_block_k,
+            ALIGNED=_aligned(pool, widths), DOT_PRECISION=_dot_precision(x.dtype), num_warps=tiles.num_warps,
+        )  # fmt: skip
+        return u
+
+    def expand(
+        self,
+        y: torch.Tensor,
+        u: torch.Tensor,
+        layer: int,
+        modules: tuple[int, ...],
+        out_offsets: tuple[int, ...],
+        ctx: LoraContext,
+    ) -> None:
+        """y[t, off_i : off_i + out_i] += scale_i * u[t, i, :r_i] @ B_i^T in place (lora_expand_kernel)."""
+        pool, tables, batch = ctx.pool, ctx.tables, ctx.batch
+        self._check_common(pool, layer, modules, ctx)
+        require(y.dim() == 2, f"y must be [T, N], got shape {tuple(y.shape)}")
+        require(y.dtype == pool.dtype, f"y dtype {y.dtype} differs from the pool's {pool.dtype}")
+        require(y.stride(1) == 1, "y must have unit stride along N")
+        check_same_device(y, "y", pool.device)
+        check_same_device(u, "u", pool.device)
+        num_tokens = y.shape[0]
+        require(
+            u.dim() == 3 and u.shape[0] == num_tokens and u.shape[1] == len(modules),
+            f"u must be [T={num_tokens}, n={len(modules)}, R], got shape {tuple(u.shape)}",
+        )
+        require(u.is_contiguous() and u.dtype == y.dtype, f"u must be contiguous {y.dtype}, got {u.dtype}")
+        require(batch.max_rank <= u.shape[2], f"batch.max_rank {batch.max_rank} exceeds u's rank capacity {u.shape[2]}")
+        require(len(out_offsets) == len(modules), f"{len(out_offsets)} out_offsets for {len(modules)} modules")
+        widths = [tables.module_shapes[m][1] for m in modules]
+        for m, off, n_out in zip(modules, out_offsets, widths):
+            require(0 <= off and off + n_out <= y.shape[1], f"module {m} writes y[:, {off}:{off + n_out}] past N={y.shape[1]}")
+        if not self._has_work(ctx, num_tokens):
+            return
+        tiles = self._tiles(ctx, u.shape[2])
+        work_seg, work_blk = self._work_list(ctx, num_tokens, tiles.block_t)
+        grid = (work_seg.shape[0], len(modules), cdiv(max(widths), tiles.expand_block_n))
+        K.lora_expand_kernel[grid](
+            y, u, pool[layer], tables.page_table, tables.ranks, tables.scales, tables.b_off,
+            work_seg, work_blk, batch.seg_start, batch.seg_len, batch.seg_slot,
+            layer, tables.page_table.shape[1], pool.shape[2], u.shape[2],
+            y.stride(0), u.stride(0), u.stride(1),
+            tables.page_table.stride(0), tables.ranks.stride(0), tables.ranks.stride(1), tables.b_off.stride(0),
+            *_padded(modules), *_padded(widths), *_padded(out_offsets),
+            BLOCK_T=tiles.block_t, BLOCK_R=tiles.expand_block_r, BLOCK_N=tiles.expand_block_n,
+            ALIGNED=_aligned(pool, widths), DOT_PRECISION=_dot_precision(y.dtype), num_warps=tiles.num_warps,
+        )  # fmt: skip
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _rank_cap(self, batch_max_rank: int) -> int:
+        if self.capture:
+            require(batch_max_rank <= self.max_rank, f"batch.max_rank {batch_max_rank} exceeds the capture capacity {self.max_rank}")
+            return self.max_rank
+        return max(batch_max_rank, 1)
+
+    def _has_work(self, ctx: LoraContext, num_tokens: int) -> bool:
+        # NOTE: under capture the batch's python counts describe the capture-time contents only,
+        # so launch whenever the static buffers could hold work.
+        if num_tokens == 0 or ctx.batch.seg_len.shape[0] == 0:
+            return False
+        return self.capture or not ctx.batch.empty
+
+    def _tiles(self, ctx: LoraContext, rank_cap: int) -> LoraTiles:
+        decode = self.capture or ctx.batch.max_seg_len <= DECODE_MAX_SEG_LEN
+        return choose_tiles(rank_cap, decode, ctx.pool.shape[2])
+
+    def _work_list(self, ctx: LoraContext, num_tokens: int, block_t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(work_seg, work_blk) of the batch, built once per batch contents and reused by every layer.
+
+        Keyed on the LoraBatch object and the version counter of seg_len (bumped by any in-place
+        write), and on whether a graph is being captured (a capture must record its own plan launch).
+        """
+        batch = ctx.batch
+        if self._plan_batch is not batch:
+            self._plan_batch, self._plans = batch, {}
+        capturing = ctx.pool.is_cuda and torch.cuda.is_current_stream_capturing()
+        key = (batch.seg_len._version, batch.seg_len.data_ptr(), num_tokens, block_t, capturing)
+        plan = self._plans.get(key)
+        if plan is None:
+            num_segs = batch.seg_len.shape[0]
+            num_work = cdiv(num_tokens, block_t) + num_segs
+            work_seg = torch.empty(num_work, dtype=torch.int32, device=ctx.pool.device)
+            work_blk = torch.empty(num_work, dtype=torch.int32, device=ctx.pool.device)
+            K.lora_plan_kernel[(cdiv(num_work, 128),)](
+                batch.seg_len, work_seg, work_blk, num_segs, num_work, BLOCK_T=block_t, BLOCK_W=128, BLOCK_G=128
+            )
+            plan = self._plans[key] = (work_seg, work_blk)
+            if capturing:
+                self._captured.append(plan)
+        return plan
+
+    def _check_common(self, pool: torch.Tensor, layer: int, modules: tuple[int, ...], ctx: LoraContext) -> None:
+        check_pool(pool, layer)
+        check_kernel_runnable(K.lora_shrink_kernel, pool.device)
+        require(1 <= len(modules) <= MAX_FUSED, f"{len(modules)} modules fused; 1..{MAX_FUSED} supported")
+        require(all(0 <= m < 7 for m in modules), f"module indices {modules} out of range 0..6")
+        require(pool.shape[2] >= 16, f"page_elems {pool.shape[2]} < 16")
+        t, b = ctx.tables, ctx.batch
+        num_layers = pool.shape[0]
+        check_int_tensor(t.page_table, "tables.page_table", torch.int32, 2, pool.device)
+        check_int_tensor(t.ranks, "tables.ranks", torch.int32, 3, pool.device)
+        check_int_tensor(t.a_off, "tables.a_off", torch.int64, 2, pool.device)
+        check_int_tensor(t.b_off, "tables.b_off", torch.int64, 2, pool.device)
+        num_slots = t.page_table.shape[0]
+        require(t.ranks.shape == (num_slots, num_layers, 7), f"tables.ranks must be [S={num_slots}, L={num_layers}, 7], got {tuple(t.ranks.shape)}")
+        require(t.scales.shape == t.ranks.shape and t.scales.dtype == torch.float32 and t.scales.is_contiguous(),
+                "tables.scales must be a contiguous float32 tensor shaped like tables.ranks")  # fmt: skip
+        require(t.a_off.shape == (num_slots, 7) and t.b_off.shape == (num_slots, 7), "tables.a_off/b_off must be [S, 7]")
+        require(len(t.module_shapes) == 7, "tables.module_shapes must list the 7 modules")
+        for name in ("seg_start", "seg_len", "seg_slot"):
+            check_int_tensor(getattr(b, name), f"batch.{name}", torch.int32, 1, pool.device)
+        require(b.seg_start.shape == b.seg_len.shape == b.seg_slot.shape, "batch.seg_start/seg_len/seg_slot differ in length")
+
+
+def _padded(values) -> list[int]:
+    values = [int(v) for v in values]
+    return values + [0] * (MAX_FUSED - len(values))
+
+
+def _aligned(pool: torch.Tensor, widths: list[int]) -> bool:
+    """Whether 16-element runs of A/B rows are contiguous and 16-aligned (vectorization hints)."""
+    return pool.shape[2] % 16 == 0 and all(w % 16 == 0 for w in widths)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
