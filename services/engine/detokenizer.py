@@ -34,6 +34,17 @@ class IncrementalDetokenizer:
         self._prefix, self._read = self._read, len(self._ids)
         self._check_stop(start)
 
+    def _flush(self) -> None:
+        """At the end: a trailing incomplete character will never complete; show it as decoded."""
+        if self.stopped or self._read == len(self._ids):
+            return
+        before = self._decode(self._ids[self._prefix : self._read])
+        after = self._decode(self._ids[self._prefix :])
+        start = len(self.text)
+        self.text += after[len(before) :]
+        self._prefix = self._read = len(self._ids)
+        self._check_stop(start)
+
     def _check_stop(self, new_from: int) -> None:
         longest = max((len(s) for s in self.stop), default=0)
         window_start = max(0, new_from - longest + 1)
@@ -54,6 +65,8 @@ class IncrementalDetokenizer:
 
     def take_delta(self, final: bool) -> str:
         """New text safe to show; at the end (final) everything left, stop strings excluded."""
+        if final:
+            self._flush()
         end = len(self.text) if (final or self.stopped) else len(self.text) - self._held_back()
         if end <= self._emitted:
             return ""

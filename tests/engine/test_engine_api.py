@@ -1,0 +1,76 @@
+"""The engine's Python API: outputs, finish reasons, stop strings, aborts and input errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.engine.engine import EngineConfig, LLMEngine, SamplingParams, generated_ids, generated_text
+
+
+@pytest.fixture(scope="module")
+def engine(zoo):
+    return LLMEngine(EngineConfig(model_dir=str(zoo.model("mha")), num_pages=64))
+
+
+def _run_one(engine, rid, **kw):
+    engine.add_request(rid, **kw)
+    return engine.run_to_completion()[rid]
+
+
+def test_text_is_the_decoded_tokens_and_indices_count_up(engine):
+    outs = _run_one(engine, "t", prompt="The fox", params=SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
+    assert [o.index for o in outs] == list(range(16))
+    ids = generated_ids(outs)
+    assert generated_text(outs) == engine.tokenizer.decode(ids, skip_special_tokens=True)
+    assert outs[-1].finish_reason == "length" and outs[-1].num_output_tokens == 16
+    assert outs[-1].num_prompt_tokens == len(engine.tokenizer.encode("The fox"))
+
+
+def test_stop_string_ends_generation_and_is_not_emitted(engine):
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    full = generated_text(_run_one(engine, "full", prompt="Once", params=params))
+    assert len(full) > 6
+    stop = full[3:6]
+    outs = _run_one(engine, "stopped", prompt="Once", params=SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=(stop,)))
+    text = generated_text(outs)
+    assert outs[-1].finish_reason == "stop" and stop not in text
+    assert full.startswith(text) and len(text) == full.find(stop)
+
+
+def test_eos_stops_unless_ignored(engine):
+    eos = engine.eos_ids[0]
+    engine.add_request("e", prompt_token_ids=[5, 6, 7], params=SamplingParams(max_tokens=30, temperature=0))
+    # Force EOS through the scheduler's update path: the fake token stands for a model choosing EOS.
+    out = engine.scheduler.schedule()
+    touched = engine.scheduler.update_from_output(out, {"e": eos}, engine.eos_ids)
+    assert touched[0].finish_reason == "stop" and not engine.has_unfinished()
+    engine._detok.pop("e", None)
+
+
+def test_abort(engine):
+    engine.add_request("a", prompt="Hello", params=SamplingParams(max_tokens=50))
+    engine.step()
+    assert engine.abort_request("a") and not engine.abort_request("a")
+    assert not engine.has_unfinished()
+    assert engine.kv.used_pages() == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(prompt="x", prompt_token_ids=[1]), "exactly one"),
+        (dict(prompt_token_ids=[1, 99999]), "outside"),
+        (dict(prompt_token_ids=[1] * 500, params=SamplingParams(max_tokens=100)), "context"),
+        (dict(prompt="x", adapter_id="only-id"), "go together"),
+    ],
+)
+def test_bad_input_is_refused_with_the_reason(engine, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        engine.add_request("bad", **kwargs)
+
+
+def test_sampling_params_validation():
+    for kw, match in [(dict(max_tokens=0), "max_tokens"), (dict(temperature=-1), "temperature"),
+                      (dict(top_p=0), "top_p"), (dict(top_k=-2), "top_k"), (dict(stop=("",)), "stop")]:
+        with pytest.raises(ValueError, match=match):
+            SamplingParams(**kw)

@@ -1,0 +1,134 @@
+"""PEFT adapter reading: scaling as PEFT computes it; what cannot be served is rejected by name."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from services.engine.adapters.peft_config import InvalidAdapterError, parse_peft_config
+from services.engine.adapters.weights import load_canonical, load_peft_adapter_dir
+from services.engine.model_spec import ModelSpec
+
+
+@pytest.fixture(scope="module")
+def spec(zoo):
+    return ModelSpec.from_pretrained(zoo.model("mha"))
+
+
+def _copy(zoo, tmp_path, name="r8-all-rslora"):
+    dst = tmp_path / name
+    shutil.copytree(zoo.adapter("mha", name), dst)
+    return dst
+
+
+def _edit_config(path, **changes):
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+def test_scaling_matches_peft(zoo, spec):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    for name in ("r8-all-rslora", "r4-pattern", "r16-qv-layer1"):
+        w = load_peft_adapter_dir(zoo.adapter("mha", name), spec)
+        peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(zoo.model("mha")), zoo.adapter("mha", name))
+        expected = {}
+        for mod_name, mod in peft_model.named_modules():
+            if hasattr(mod, "scaling") and isinstance(mod.scaling, dict) and "default" in mod.scaling:
+                layer = int(mod_name.split("layers.")[1].split(".")[0])
+                expected[(layer, mod_name.rsplit(".", 1)[1])] = (mod.r["default"], mod.scaling["default"])
+        got = {(t.layer, t.module): (t.rank, t.scale) for t in w.config.targets}
+        assert got.keys() == expected.keys(), name
+        for key, (r, s) in expected.items():
+            assert got[key][0] == r and math.isclose(got[key][1], s, rel_tol=1e-9), (name, key)
+
+
+@pytest.mark.parametrize(
+    "change,reason",
+    [
+        (dict(use_dora=True), "use_dora"),
+        (dict(modules_to_save=["lm_head"]), "modules_to_save"),
+        (dict(bias="lora_only"), "bias"),
+        (dict(target_modules=["embed_tokens"]), "embedding"),
+        (dict(target_modules=["lm_head", "q_proj"]), "lm_head"),
+        (dict(peft_type="PREFIX_TUNING"), "peft_type"),
+        (dict(r=0), "r must be"),
+        (dict(r=999), "rank 999"),
+        (dict(layers_to_transform=[7]), "layers_to_transform"),
+        (dict(layers_pattern="h", layers_to_transform=[0]), "layers_pattern"),
+    ],
+)
+def test_config_rejections_name_the_reason(zoo, spec, tmp_path, change, reason):
+    path = _copy(zoo, tmp_path)
+    _edit_config(path, **change)
+    with pytest.raises(InvalidAdapterError, match=reason):
+        load_peft_adapter_dir(path, spec)
+
+
+def test_tensor_rejections(zoo, spec, tmp_path):
+    path = _copy(zoo, tmp_path)
+    f = path / "adapter_model.safetensors"
+    good = load_file(f)
+    a_key = next(k for k in good if "q_proj.lora_A" in k)
+
+    def write(tensors):
+        save_file(tensors, f)
+
+    write({**good, a_key: torch.zeros(3, 64)})
+    with pytest.raises(InvalidAdapterError, match=r"shape \(3, 64\), expected \(8, 64\)"):
+        load_peft_adapter_dir(path, spec)
+    bad = dict(good)
+    bad[a_key] = good[a_key].clone()
+    bad[a_key][0, 0] = float("nan")
+    write(bad)
+    with pytest.raises(InvalidAdapterError, match="NaN"):
+        load_peft_adapter_dir(path, spec)
+    write({k: v for k, v in good.items() if k != a_key})
+    with pytest.raises(InvalidAdapterError, match="missing"):
+        load_peft_adapter_dir(path, spec)
+    write({**good, "base_model.model.lm_head.lora_A.weight": torch.zeros(8, 64)})
+    with pytest.raises(InvalidAdapterError, match="lm_head|not a LoRA"):
+        load_peft_adapter_dir(path, spec)
+    write({**good, "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(64)})
+    with pytest.raises(InvalidAdapterError, match="DoRA|not a LoRA"):
+        load_peft_adapter_dir(path, spec)
+    f.write_bytes(b"\x00not safetensors")
+    with pytest.raises(InvalidAdapterError, match="safetensors"):
+        load_peft_adapter_dir(path, spec)
+
+
+def test_pickle_only_adapter_is_never_loaded(zoo, spec, tmp_path):
+    path = _copy(zoo, tmp_path)
+    (path / "adapter_model.safetensors").rename(path / "adapter_model.bin")
+    with pytest.raises(InvalidAdapterError, match="pickle files are never loaded"):
+        load_peft_adapter_dir(path, spec)
+
+
+def test_adapter_of_another_model_shape_is_rejected(zoo):
+    gqa = ModelSpec.from_pretrained(zoo.model("gqa"))
+    with pytest.raises(InvalidAdapterError, match="shape"):
+        load_peft_adapter_dir(zoo.adapter("mha", "r1-attn"), gqa)
+
+
+def test_full_name_and_regex_target_modules(spec):
+    full = parse_peft_config({"r": 2, "lora_alpha": 4, "target_modules": ["model.layers.0.self_attn.q_proj"]}, spec, 64)
+    assert [(t.layer, t.module) for t in full.targets] == [(0, "q_proj")]
+    regex = parse_peft_config({"r": 2, "lora_alpha": 4, "target_modules": r".*\.1\.mlp\.(gate|up)_proj"}, spec, 64)
+    assert [(t.layer, t.module) for t in regex.targets] == [(1, "gate_proj"), (1, "up_proj")]
+    allin = parse_peft_config({"r": 2, "target_modules": "all-linear"}, spec, 64)
+    assert len(allin.targets) == 7 * spec.num_layers
+
+
+def test_canonical_round_trip(zoo, spec, tmp_path):
+    w = load_peft_adapter_dir(zoo.adapter("mha", "r4-pattern"), spec)
+    w.save_canonical(tmp_path / "c.safetensors")
+    back = load_canonical(tmp_path / "c.safetensors", spec, 64)
+    assert back.config == w.config
+    assert all(torch.equal(back.a[k], w.a[k]) and torch.equal(back.b[k], w.b[k]) for k in w.a)
