@@ -129,7 +129,10 @@ class TritonLoraOps:
             u.dim() == 3 and u.shape[0] == num_tokens and u.shape[1] == len(modules),
             f"u must be [T={num_tokens}, n={len(modules)}, R], got shape {tuple(u.shape)}",
         )
-        require(u.is_contiguous() and u.dtype == y.dtype, f"u must be contiguous {y.dtype}, got {u.dtype}")
+        require(
+            u.is_contiguous() and u.dtype == y.dtype,
+            f"u must be contiguous with y's dtype {y.dtype}; got {u.dtype}, contiguous={u.is_contiguous()}",
+        )
         require(batch.max_rank <= u.shape[2], f"batch.max_rank {batch.max_rank} exceeds u's rank capacity {u.shape[2]}")
         require(len(out_offsets) == len(modules), f"{len(out_offsets)} out_offsets for {len(modules)} modules")
         widths = [tables.module_shapes[m][1] for m in modules]

@@ -33,8 +33,10 @@ def module_shapes(spec: ModelSpec) -> tuple[tuple[int, int], ...]:
 
 
 def make_pool(layers: int, num_pages: int, page_elems: int, dtype, device, gen: torch.Generator) -> torch.Tensor:
-    pool = torch.randn(layers, num_pages, page_elems, generator=gen) * 0.5  # [L, num_pages, P]
-    return pool.to(dtype=dtype, device=device)
+    # Drawn on the device itself: GPU cases hold pools of hundreds of MB.
+    device_gen = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    pool = torch.randn(layers, num_pages, page_elems, generator=device_gen, device=device) * 0.5  # [L, num_pages, P]
+    return pool.to(dtype)
 
 
 def make_adapter_tables(

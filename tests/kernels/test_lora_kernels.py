@@ -1,0 +1,130 @@
+"""Triton multi-LoRA shrink/expand against the torch reference (tiny cases anywhere, grid on GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import TritonLoraOps, lora_kernels
+from services.engine.ops.base import LoraBatch, LoraContext
+
+from .conftest import DEVICE, requires_gpu
+from .kernel_fixtures import GATE_UP, O_PROJ, POPULARITY, QKV, make_lora_case, make_spec
+from .lora_checks import check_lora_case
+
+TINY = make_spec(hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128)
+TINY_UNALIGNED = make_spec(hidden=40, heads=5, kv_heads=5, head_dim=8, intermediate=72)  # widths not multiples of 16
+
+
+@pytest.mark.parametrize("phase", ["decode", "prefill"])
+@pytest.mark.parametrize("popularity", POPULARITY)
+def test_tiny_matches_reference(popularity, phase):
+    ctx, num_tokens = make_lora_case(TINY, popularity, phase, (1, 3, 8, 16, 32), num_slots=6, num_requests=10,
+                                     block_size=4, dtype=torch.float32, device=DEVICE, seed=POPULARITY.index(popularity) * 2 + (phase == "prefill"), max_prefill=24)  # fmt: skip
+    check_lora_case(ctx, num_tokens, torch.float32, seed=5)
+
+
+@pytest.mark.parametrize("phase", ["decode", "prefill"])
+def test_unaligned_widths_and_pages(phase):
+    # P = 2 * 4 * 40 = 320: rows of 40 and 72 elements straddle pages at every alignment.
+    ctx, num_tokens = make_lora_case(TINY_UNALIGNED, "uniform", phase, (2, 5, 17), num_slots=4, num_requests=8,
+                                     block_size=4, dtype=torch.float32, device=DEVICE, seed=11, max_prefill=20)  # fmt: skip
+    check_lora_case(ctx, num_tokens, torch.float32, seed=6)
+
+
+def test_capture_mode_with_padded_segments():
+    """Static capacities: extra zero-length segments and a rank capacity above the batch's."""
+    ctx, num_tokens = make_lora_case(TINY, "skewed", "decode", (1, 8, 16), num_slots=5, num_requests=12,
+                                     block_size=4, dtype=torch.float32, device=DEVICE, seed=3)  # fmt: skip
+    b = ctx.batch
+    pad = 5
+    zeros = torch.zeros(pad, dtype=torch.int32, device=DEVICE)
+    padded = LoraBatch(
+        token_slot=b.token_slot, seg_start=torch.cat([b.seg_start, zeros]), seg_len=torch.cat([b.seg_len, zeros]),
+        seg_slot=torch.cat([b.seg_slot, zeros]), max_rank=32, max_seg_len=num_tokens, num_segments=b.num_segments + pad,
+    )  # fmt: skip
+    padded_ctx = LoraContext(ctx.pool, ctx.tables, padded)
+    ops = TritonLoraOps(capture=True, max_rank=32)
+    x = torch.randn(num_tokens, 64, device=DEVICE)
+    u = ops.shrink(x, 0, QKV, padded_ctx)
+    assert u.shape == (num_tokens, 3, 32)
+    check_lora_case(ctx, num_tokens, torch.float32, seed=7, ops=_SameBatchOps(ops, padded))
+
+
+class _SameBatchOps:
+    """Runs `ops` on the padded static batch whatever context the check passes."""
+
+    def __init__(self, ops: TritonLoraOps, batch: LoraBatch) -> None:
+        self.ops, self.batch, self.max_rank = ops, batch, ops.max_rank
+
+    def shrink(self, x, layer, modules, ctx):
+        return self.ops.shrink(x, layer, modules, LoraContext(ctx.pool, ctx.tables, self.batch))
+
+    def expand(self, y, u, layer, modules, offsets, ctx):
+        self.ops.expand(y, u, layer, modules, offsets, LoraContext(ctx.pool, ctx.tables, self.batch))
+
+
+def test_batch_without_adapter_launches_nothing(monkeypatch):
+    ctx, num_tokens = make_lora_case(TINY, "none", "decode", (8,), num_slots=2, num_requests=6,
+                                     block_size=4, dtype=torch.float32, device=DEVICE, seed=4)  # fmt: skip
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            raise AssertionError("a kernel was launched for a batch without adapters")
+
+    for name in ("lora_plan_kernel", "lora_shrink_kernel", "lora_expand_kernel"):
+        monkeypatch.setattr(lora_kernels, name, NoLaunch())
+    ops = TritonLoraOps()
+    monkeypatch.setattr("kernels.lora_ops.check_kernel_runnable", lambda kernel, device: None)
+    u = ops.shrink(torch.randn(num_tokens, 64, device=DEVICE), 0, QKV, ctx)
+    assert u.shape == (num_tokens, 3, 1) and not u.any()
+    y = torch.randn(num_tokens, 128, device=DEVICE)
+    ops.expand(y.clone(), u, 0, QKV, (0, 64, 96), ctx)
+
+
+def test_preconditions_raise_clear_errors():
+    ctx, num_tokens = make_lora_case(TINY, "uniform", "decode", (8,), num_slots=2, num_requests=4,
+                                     block_size=4, dtype=torch.float32, device=DEVICE, seed=8)  # fmt: skip
+    ops = TritonLoraOps()
+    x = torch.randn(num_tokens, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="dtype"):
+        ops.shrink(x.double(), 0, QKV, ctx)
+    with pytest.raises(ValueError, match="in_features"):
+        ops.shrink(torch.randn(num_tokens, 128, device=DEVICE), 0, QKV, ctx)
+    with pytest.raises(ValueError, match="layer"):
+        ops.shrink(x, 5, QKV, ctx)
+    with pytest.raises(ValueError, match="modules fused"):
+        ops.shrink(x, 0, QKV + GATE_UP, ctx)
+    u = ops.shrink(x, 0, QKV, ctx)
+    with pytest.raises(ValueError, match="past N"):
+        ops.expand(torch.randn(num_tokens, 100, device=DEVICE), u, 0, QKV, (0, 64, 96), ctx)
+    with pytest.raises(ValueError, match="u must be"):
+        ops.expand(torch.randn(num_tokens, 128, device=DEVICE), u[:, :2], 0, QKV, (0, 64, 96), ctx)
+    with pytest.raises(ValueError, match="out_offsets"):
+        ops.expand(torch.randn(num_tokens, 128, device=DEVICE), u[:, :1].contiguous(), 0, O_PROJ, (0, 64), ctx)
+    with pytest.raises(ValueError, match="max_rank"):
+        TritonLoraOps(capture=True)
+
+
+# --- the full grid (GPU) ---------------------------------------------------------------------
+
+GPU_SHAPES = {
+    "h64-gqa-kv16": make_spec(hidden=64, heads=4, kv_heads=1, head_dim=16, intermediate=128),
+    "llama7b": make_spec(hidden=4096, heads=32, kv_heads=32, head_dim=128, intermediate=11008),
+    "llama8b-gqa": make_spec(hidden=4096, heads=32, kv_heads=8, head_dim=128, intermediate=14336),
+    "h8192-gqa": make_spec(hidden=8192, heads=64, kv_heads=8, head_dim=128, intermediate=28672),
+}
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("phase", ["decode", "prefill"])
+@pytest.mark.parametrize("popularity", POPULARITY)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", list(GPU_SHAPES))
+def test_gpu_grid_matches_reference(shape, dtype, popularity, phase):
+    spec = GPU_SHAPES[shape]
+    num_requests = 48 if phase == "decode" else 12
+    ctx, num_tokens = make_lora_case(spec, popularity, phase, (1, 3, 8, 16, 64, 128), num_slots=6, num_requests=num_requests,
+                                     block_size=16, dtype=dtype, device="cuda", seed=17, max_prefill=300)  # fmt: skip
+    check_lora_case(ctx, num_tokens, dtype, seed=9)
