@@ -57,6 +57,8 @@ _DECLARED: list[EnvVar] = [
     EnvVar("STORE_MEMORY_BYTES", int, 8 << 30, "byte budget of validated adapters kept in host memory"),
     EnvVar("STORE_MAX_ADAPTER_BYTES", int, 2 << 30, "largest adapter file accepted"),
     EnvVar("STORE_NEGATIVE_TTL_S", float, 10.0, "how long not-found/invalid results are cached"),
+    EnvVar("STORE_FETCH_ATTEMPTS", int, 4, "tries per storage request on transient errors (backoff in between)"),
+    EnvVar("STORE_REQUEST_TIMEOUT_S", float, 300.0, "timeout of one storage request, body included"),
     EnvVar("S3_ENDPOINT", str, "", "S3 endpoint override for S3-compatible stores (else AWS_ENDPOINT_URL)"),
     EnvVar("S3_ALLOW_HTTP", _bool, False, "allow plain-http S3 endpoints (test servers, in-cluster MinIO)"),
     # --- engine -------------------------------------------------------------------------
