@@ -1,0 +1,42 @@
+"""One work item's life in the engine service, and the mapping of engine refusals to error codes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import TopicPartition
+
+from services.common.logging import request_logger
+from services.common.messages import WorkItem
+
+from .adapters.weights import LoraWeights
+from .request import SamplingParams
+
+
+@dataclass(eq=False)
+class Job:
+    item: WorkItem
+    deliveries: list[tuple[TopicPartition, int]]  # every Kafka message carrying this request id
+    already_published: int = 0  # tokens in the reply stream before this delivery (redelivery)
+    log: Any = None
+    adapter: LoraWeights | None = None
+    terminal_queued: bool = False  # its done/error entry is in the outbox
+
+    def __post_init__(self) -> None:
+        self.log = request_logger(self.log, self.item.id, self.item.adapter)
+
+
+def sampling_params(item: WorkItem) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=item.max_tokens, temperature=item.temperature, top_p=item.top_p, top_k=item.top_k,
+        seed=item.seed, stop=tuple(item.stop), ignore_eos=item.ignore_eos,
+    )
+
+
+def engine_error_code(exc: ValueError) -> str:
+    """The contract's code for a request the engine refused at add_request."""
+    text = str(exc)
+    if "context" in text or "pages" in text:
+        return "prompt_too_long"
+    return "invalid_request"

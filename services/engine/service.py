@@ -1,0 +1,284 @@
+"""The engine service: work topic in, engine steps, reply streams out.
+
+    consume ──► job (fetch adapter from the node's store at once) ──► ready ──► engine.add_request
+                                                                                   │
+    commit offsets ◄── offsets done ◄── terminal entries ◄── ReplyWriter.publish ◄─┘ engine.step
+
+NOTE invariants:
+- Only the step loop touches the LLMEngine (it runs each step in a worker thread and holds
+  `engine_lock` meanwhile; rebalance aborts take the same lock).
+- One ReplyWriter.publish (one pipelined Redis round trip) per step for every request's entries.
+- An offset is committed only when every message up to it has its terminal entry (OffsetTracker).
+  A request whose message is delivered again is de-duplicated by the writer (token `index`,
+  terminal once), and generation is deterministic per request id (seeded), so a redelivered
+  request re-emits the same tokens, which the writer drops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict, deque
+from contextlib import suppress
+
+import redis.asyncio as aioredis
+from aiokafka import ConsumerRebalanceListener, TopicPartition
+
+from services.adapter_store.client import AdapterStoreClient
+from services.adapter_store.errors import AdapterNotFoundError, AdapterStoreUnavailable, InvalidAdapterError
+from services.common.kafka import TopicSpec, ensure_topics, make_consumer, with_kafka_retries
+from services.common.logging import get_logger
+from services.common.messages import decode_work_item, done_entry, error_entry, token_entry
+from services.common.replies import ReplyWriter
+
+from .adapters.weights import LoraWeights
+from .engine import LLMEngine
+from .jobs import Job, engine_error_code, sampling_params
+from .offsets import OffsetTracker
+from .service_config import EngineServiceConfig
+from services.common.signals import install_signal_stop
+
+_HOST_ADAPTERS = 256  # validated adapters kept in this process (the node's store holds the rest)
+
+
+class EngineService:
+    def __init__(self, cfg: EngineServiceConfig, engine: LLMEngine, writer: ReplyWriter, store: AdapterStoreClient):
+        self.cfg, self.engine, self.writer, self.store = cfg, engine, writer, store
+        self.log = get_logger("engine", engine_id=cfg.name)
+        self.offsets = OffsetTracker()
+        self.jobs: dict[str, Job] = {}  # request id -> job, from first delivery to terminal entry
+        self.ready: deque[Job] = deque()  # adapter in hand, not yet in the engine
+        self.outbox: list[tuple[str, str, object]] = []  # entries for the next publish
+        self.engine_lock = asyncio.Lock()
+        self.wake = asyncio.Event()
+        self._fetches: dict[str, asyncio.Task] = {}
+        self._adapters: OrderedDict[str, LoraWeights] = OrderedDict()
+        self.consumer = None
+
+    # --- intake ----------------------------------------------------------------------------
+    async def on_record(self, record) -> None:
+        tp = TopicPartition(record.topic, record.partition)
+        self.offsets.seen(tp, record.offset)
+        try:
+            item = decode_work_item(record.value)
+        except Exception as exc:  # not ours to answer: no readable id; ingest never writes this
+            self.log.error("undecodable work item skipped", partition=record.partition, offset=record.offset, error=repr(exc))
+            self.offsets.done(tp, record.offset)
+            return
+        job = self.jobs.get(item.id)
+        if job is not None:  # delivered again while we still serve it: done when it is done
+            job.deliveries.append((tp, record.offset))
+            return
+        published, terminal = await self.writer.published_count(item.id)
+        if terminal:
+            self.offsets.done(tp, record.offset)
+            return
+        job = Job(item, [(tp, record.offset)], already_published=published, log=self.log)
+        self.jobs[item.id] = job
+        if item.adapter is None:
+            self._make_ready(job)
+        else:
+            self._fetch(item.adapter).add_done_callback(lambda task, job=job: self._adapter_arrived(job, task))
+
+    def _fetch(self, adapter_id: str) -> asyncio.Task:
+        """One fetch per adapter id at a time (single flight), started as soon as a request is seen."""
+        task = self._fetches.get(adapter_id)
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            task = asyncio.create_task(self._fetch_with_patience(adapter_id))
+            self._fetches[adapter_id] = task
+        return task
+
+    async def _fetch_with_patience(self, adapter_id: str) -> LoraWeights:
+        if adapter_id in self._adapters:
+            self._adapters.move_to_end(adapter_id)
+            return self._adapters[adapter_id]
+        deadline = time.monotonic() + self.cfg.adapter_unavailable_s
+        delay = 0.2
+        while True:
+            try:
+                weights = await self.store.get(adapter_id)
+                break
+            except AdapterStoreUnavailable as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                self.log.warning("adapter store unavailable, retrying", adapter_id=adapter_id, error=str(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        self._adapters[adapter_id] = weights
+        while len(self._adapters) > _HOST_ADAPTERS:
+            self._adapters.popitem(last=False)
+        return weights
+
+    def _adapter_arrived(self, job: Job, task: asyncio.Task) -> None:
+        self._fetches.pop(job.item.adapter, None) if task.done() else None
+        if self.jobs.get(job.item.id) is not job:
+            return  # revoked meanwhile
+        exc = None if task.cancelled() else task.exception()
+        if task.cancelled() or exc is not None:
+            code = {AdapterNotFoundError: "adapter_not_found", InvalidAdapterError: "invalid_adapter"}.get(
+                type(exc), "adapter_unavailable")
+            message = str(exc) if exc is not None else "adapter fetch was cancelled"
+            if code == "adapter_not_found":
+                message = f"adapter {job.item.adapter!r} was not found under the adapter root"
+            self._fail(job, code, message)
+            return
+        job.adapter = task.result()
+        self._make_ready(job)
+
+    def _make_ready(self, job: Job) -> None:
+        self.ready.append(job)
+        self.wake.set()
+
+    def _fail(self, job: Job, code: str, message: str) -> None:
+        job.log.info("request failed", code=code, error=message)
+        self.outbox.append((job.item.reply_stream, job.item.id, error_entry(code, message)))
+        job.terminal_queued = True
+        self.wake.set()
+
+    # --- the step loop ---------------------------------------------------------------------
+    def _admit_ready(self) -> None:
+        while self.ready:
+            job = self.ready.popleft()
+            item = job.item
+            try:
+                self.engine.add_request(item.id, prompt_token_ids=item.prompt_token_ids, params=sampling_params(item),
+                                        adapter_id=item.adapter, adapter=job.adapter, arrival=item.received_at)
+            except ValueError as exc:
+                self._fail(job, engine_error_code(exc), str(exc))
+
+    def _collect(self, outputs) -> None:
+        for out in outputs:
+            job = self.jobs.get(out.request_id)
+            if job is None:
+                continue
+            item = job.item
+            if out.index >= job.already_published:
+                self.outbox.append((item.reply_stream, item.id, token_entry(out.new_text, out.new_token_ids, out.index)))
+            if out.finished:
+                self.outbox.append((item.reply_stream, item.id,
+                                    done_entry(out.finish_reason, out.num_prompt_tokens, out.num_output_tokens)))
+                job.terminal_queued = True
+
+    async def step_once(self) -> None:
+        async with self.engine_lock:
+            self._admit_ready()
+            if self.engine.has_unfinished():
+                self._collect(await asyncio.to_thread(self.engine.step))
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Publish the outbox in one round trip, then mark finished jobs done and commit."""
+        if not self.outbox:
+            return
+        entries, self.outbox = self.outbox, []
+        await self.writer.publish(entries)
+        finished = [j for j in self.jobs.values() if j.terminal_queued]
+        for job in finished:
+            del self.jobs[job.item.id]
+            for tp, offset in job.deliveries:
+                self.offsets.done(tp, offset)
+        await self.commit()
+
+    async def commit(self) -> None:
+        offsets = self.offsets.committable()
+        if offsets and self.consumer is not None:
+            await with_kafka_retries(lambda: self.consumer.commit(offsets), "commit")
+            self.offsets.committed(offsets)
+
+    async def step_loop(self, stop: asyncio.Event, drained: asyncio.Event) -> None:
+        while True:
+            if stop.is_set() and not self.jobs and not self.outbox:
+                drained.set()
+                return
+            await self.step_once()
+            if not self.engine.has_unfinished() and not self.ready:
+                self.wake.clear()
+                with suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), 0.05)
+
+    async def consume_loop(self, stop: asyncio.Event) -> None:
+        consumer = self.consumer
+        while not stop.is_set():
+            if len(self.jobs) >= self.cfg.max_inflight:
+                await asyncio.sleep(0.02)  # backpressure: the engine is full; Kafka keeps the rest
+                continue
+            batches = await consumer.getmany(timeout_ms=100, max_records=self.cfg.max_inflight - len(self.jobs))
+            for records in batches.values():
+                for record in records:
+                    await self.on_record(record)
+
+    # --- rebalance ---------------------------------------------------------------------------
+    async def on_revoked(self, revoked) -> None:
+        """Commit what is done; abort requests of revoked partitions (another engine gets them)."""
+        async with self.engine_lock:
+            await self.flush()
+            await self.commit()
+            revoked = set(revoked)
+            for rid, job in list(self.jobs.items()):
+                if all(tp in revoked for tp, _ in job.deliveries):
+                    self.engine.abort_request(rid)
+                    del self.jobs[rid]
+                    with suppress(ValueError):
+                        self.ready.remove(job)
+            self.offsets.forget(revoked)
+        if revoked:
+            self.log.info("partitions revoked", partitions=sorted(tp.partition for tp in revoked))
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, service: EngineService):
+        self.service = service
+
+    async def on_partitions_revoked(self, revoked):
+        await self.service.on_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned):
+        self.service.log.info("partitions assigned", partitions=sorted(tp.partition for tp in assigned))
+
+
+async def run_engine_service(cfg: EngineServiceConfig, *, stop: asyncio.Event | None = None,
+                             ready: asyncio.Event | None = None) -> None:
+    """Serve until `stop` (default: SIGTERM/SIGINT), then drain within cfg.drain_timeout_s."""
+    stop, installed = install_signal_stop(stop)
+    engine = await asyncio.to_thread(LLMEngine, cfg.engine)
+    await ensure_topics(cfg.kafka_bootstrap, [TopicSpec(cfg.work_topic, cfg.work_partitions)])
+    redis = aioredis.from_url(cfg.redis_url)
+    store = AdapterStoreClient(cfg.store_address, engine.spec, max_rank=cfg.engine.max_adapter_rank)
+    writer = ReplyWriter(redis)
+    service = EngineService(cfg, engine, writer, store)
+    consumer = make_consumer(cfg.kafka_bootstrap, [], cfg.group_id, session_timeout_ms=cfg.session_timeout_ms,
+                             client_id=f"lorafleet-engine-{cfg.name}", max_poll_records=cfg.max_inflight)
+    consumer.subscribe([cfg.work_topic], listener=_Rebalance(service))
+    service.consumer = consumer
+    log = service.log
+    try:
+        await writer.prepare()
+        await with_kafka_retries(consumer.start, "start consumer")
+        log.info("engine ready", device=str(engine.device), pool_pages=engine.kv.allocator.num_pages, work_topic=cfg.work_topic)
+        if ready is not None:
+            ready.set()
+        drained = asyncio.Event()
+        consume = asyncio.create_task(service.consume_loop(stop))
+        steps = asyncio.create_task(service.step_loop(stop, drained))
+        stopper = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({consume, steps, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (consume, steps):
+            if task in done and task.exception() is not None:
+                raise task.exception()
+        log.info("draining", in_flight=len(service.jobs), timeout_s=cfg.drain_timeout_s)
+        consume.cancel()
+        try:
+            await asyncio.wait_for(drained.wait(), cfg.drain_timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("drain timed out; unfinished requests will be redelivered", in_flight=len(service.jobs))
+        steps.cancel()
+        with suppress(asyncio.CancelledError):
+            await steps
+        await service.commit()
+        log.info("engine stopped")
+    finally:
+        for sig in installed:
+            asyncio.get_running_loop().remove_signal_handler(sig)
+        with suppress(Exception):
+            await asyncio.wait_for(consumer.stop(), 10)
+        await redis.aclose()

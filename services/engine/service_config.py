@@ -1,0 +1,79 @@
+"""Configuration of the engine service (`lorafleet engine`): flags with LORAFLEET_* defaults."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.common import settings
+
+from .config import EngineConfig
+
+
+@dataclass(frozen=True)
+class EngineServiceConfig:
+    kafka_bootstrap: str
+    redis_url: str
+    store_address: str
+    engine: EngineConfig
+    work_topic: str = "lorafleet.work"
+    work_partitions: int = 8
+    group_id: str = "lorafleet-engines"
+    engine_id: str = ""
+    drain_timeout_s: float = 30.0
+    max_inflight: int = 1024  # messages held (queued + running) before the consumer pauses
+    adapter_unavailable_s: float = 60.0  # give up on an adapter the store cannot serve after this
+    session_timeout_ms: int = 10000
+
+    def __post_init__(self) -> None:
+        if self.max_inflight < 1 or self.drain_timeout_s <= 0:
+            raise ValueError("max_inflight must be >= 1 and drain_timeout_s > 0")
+
+    @property
+    def name(self) -> str:
+        return self.engine_id or f"{socket.gethostname()}-{os.getpid()}"
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        def flag(name: str, env: str, kind: type, text: str) -> None:
+            parser.add_argument(name, type=kind, default=settings.env_default(env), help=text + settings.help_suffix(env))
+
+        flag("--kafka-bootstrap", "KAFKA_BOOTSTRAP", str, "Kafka bootstrap servers")
+        flag("--redis-url", "REDIS_URL", str, "Redis URL of the reply streams")
+        flag("--model", "MODEL", str, "Hugging Face model folder")
+        flag("--store-address", "STORE_ADDRESS", str, "host:port of this node's adapter store")
+        flag("--work-topic", "WORK_TOPIC", str, "engines' work topic")
+        flag("--work-partitions", "WORK_PARTITIONS", int, "work topic partitions, when created")
+        flag("--group-id", "ENGINE_GROUP", str, "consumer group of the engines")
+        flag("--engine-id", "ENGINE_ID", str, "this engine's name")
+        flag("--device", "DEVICE", str, "cpu, cuda or auto")
+        flag("--dtype", "DTYPE", str, "auto, bfloat16, float16 or float32")
+        flag("--pool-pages", "POOL_PAGES", int, "pages in the unified pool (0: from memory)")
+        flag("--block-size", "BLOCK_SIZE", int, "tokens per KV page")
+        flag("--max-num-seqs", "MAX_NUM_SEQS", int, "most requests in one batch")
+        flag("--max-batched-tokens", "MAX_BATCHED_TOKENS", int, "token budget of one step")
+        flag("--max-adapter-rank", "MAX_ADAPTER_RANK", int, "largest LoRA rank accepted")
+        flag("--gpu-memory-fraction", "GPU_MEMORY_FRACTION", float, "share of GPU memory for the pool")
+        flag("--ops", "OPS", str, "op implementations: auto, torch, triton")
+        flag("--drain-timeout-s", "DRAIN_TIMEOUT_S", float, "drain limit on SIGTERM")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, model_dir: Path | str | None = None) -> "EngineServiceConfig":
+        model = model_dir if model_dir is not None else args.model
+        if not model:
+            raise ValueError("the engine needs a model folder: pass --model or set LORAFLEET_MODEL")
+        engine = EngineConfig(
+            model_dir=str(model), device=args.device, dtype=args.dtype, num_pages=args.pool_pages,
+            block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+            max_batched_tokens=args.max_batched_tokens, max_adapter_rank=args.max_adapter_rank,
+            gpu_memory_fraction=args.gpu_memory_fraction, ops=args.ops,
+        )
+        return cls(
+            kafka_bootstrap=args.kafka_bootstrap, redis_url=args.redis_url, store_address=args.store_address,
+            engine=engine, work_topic=args.work_topic, work_partitions=args.work_partitions,
+            group_id=args.group_id, engine_id=args.engine_id, drain_timeout_s=args.drain_timeout_s,
+            session_timeout_ms=settings.read("KAFKA_SESSION_TIMEOUT_MS"),
+        )

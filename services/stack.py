@@ -1,0 +1,130 @@
+"""`lorafleet up`: the whole stack on one machine, each service its own process.
+
+Order: demo assets (if needed) -> embedded broker and redis-server (if none given) -> adapter store
+-> ingest and engine(s). Each child writes a ready file; when all have, the contract's ready JSON
+is written to --ready-file and printed. SIGINT/SIGTERM: children get SIGTERM (they drain), then
+the embedded servers stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from services.common import settings
+
+READY_TIMEOUT_S = 600.0  # the first `up` builds the demo assets (minutes on a small CPU)
+
+
+def add_up_arguments(p: argparse.ArgumentParser) -> None:
+    def flag(name: str, env: str, kind: type, text: str) -> None:
+        p.add_argument(name, type=kind, default=settings.env_default(env), help=text + settings.help_suffix(env))
+
+    p.add_argument("--model", default=os.environ.get("LORAFLEET_MODEL", ""), help="Hugging Face model folder; absent: the demo model")
+    p.add_argument("--adapters", default=os.environ.get("LORAFLEET_ADAPTERS", ""), help="adapter root URL; absent: the demo adapters")
+    p.add_argument("--kafka-bootstrap", default=os.environ.get("LORAFLEET_KAFKA_BOOTSTRAP", ""), help="Kafka bootstrap; absent: an embedded broker")
+    p.add_argument("--redis-url", default=os.environ.get("LORAFLEET_REDIS_URL", ""), help="Redis URL; absent: an embedded redis-server")
+    flag("--device", "DEVICE", str, "cpu, cuda or auto")
+    p.add_argument("--engines", type=int, default=1, help="engine processes to start (default 1)")
+
+
+class _Children:
+    def __init__(self, workdir: Path, env: dict[str, str]):
+        self.workdir, self.env = workdir, env
+        self.procs: list[tuple[str, subprocess.Popen, Path]] = []
+
+    def start(self, name: str, argv: list[str]) -> Path:
+        ready = self.workdir / f"{name}.ready"
+        log = open(self.workdir / f"{name}.log", "ab")
+        cmd = [sys.executable, "-m", "services.cli", *argv, "--ready-file", str(ready)]
+        proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append((name, proc, ready))
+        return ready
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        for name, proc, ready in self.procs:
+            while not ready.exists():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.workdir / (name + '.log')}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} was not ready within {timeout_s:.0f}s; see {self.workdir / (name + '.log')}")
+                time.sleep(0.2)
+
+    def stop(self, timeout_s: float) -> None:
+        for _name, proc, _ in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for _name, proc, _ in self.procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def run_up(args: argparse.Namespace) -> int:
+    from services.cli import _demo_model_and_adapters, _write_ready
+    from services.common.embedded import start_broker, start_redis
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    model, adapters = _demo_model_and_adapters(args.model, args.adapters)
+    workdir = Path(tempfile.mkdtemp(prefix="lorafleet-up-"))
+    broker = redis = None
+    children = None
+    try:
+        bootstrap = args.kafka_bootstrap
+        if not bootstrap:
+            broker = start_broker(log_dir=workdir)
+            bootstrap = broker.bootstrap
+        redis_url = args.redis_url
+        if not redis_url:
+            redis = start_redis(log_dir=workdir)
+            redis_url = redis.url
+        from services.common.embedded import free_port
+
+        env = dict(os.environ)
+        env.update({
+            "LORAFLEET_KAFKA_BOOTSTRAP": bootstrap, "LORAFLEET_REDIS_URL": redis_url, "LORAFLEET_MODEL": model,
+            "LORAFLEET_ADAPTERS": adapters, "LORAFLEET_DEVICE": args.device,
+            "LORAFLEET_STORE_ADDRESS": env.get("LORAFLEET_STORE_ADDRESS") or f"127.0.0.1:{free_port()}",
+            "LORAFLEET_STORE_SHM_DIR": env.get("LORAFLEET_STORE_SHM_DIR") or str(workdir / "adapters"),
+        })
+        children = _Children(workdir, env)
+        children.start("adapter-store", ["adapter-store"])
+        children.start("ingest", ["ingest"])
+        for i in range(args.engines):
+            children.start(f"engine-{i}", ["engine", "--engine-id", f"engine-{i}"])
+        children.wait_ready(READY_TIMEOUT_S)
+        ready = {
+            "kafka_bootstrap": bootstrap, "redis_url": redis_url,
+            "requests_topic": settings.read("REQUESTS_TOPIC"), "dlq_topic": settings.read("DLQ_TOPIC"),
+        }
+        _write_ready(args.ready_file, ready)
+        print(json.dumps(ready), flush=True)
+        while not stop.wait(0.5):
+            dead = [n for n, p, _ in children.procs if p.poll() is not None]
+            if dead:
+                print(f"lorafleet up: {', '.join(dead)} exited; stopping (logs in {workdir})", file=sys.stderr)
+                return 1
+        return 0
+    except RuntimeError as exc:
+        print(f"lorafleet up: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if children is not None:
+            children.stop(settings.read("DRAIN_TIMEOUT_S") + 5)
+        for server in (redis, broker):
+            if server is not None:
+                server.stop()
