@@ -7,7 +7,7 @@ import pytest
 from services.engine.adapters.weights import load_peft_adapter_dir
 from services.engine.engine import EngineConfig, LLMEngine, SamplingParams, generated_ids
 
-from .conftest import ADAPTERS
+from tests.zoo import ADAPTERS
 
 PROMPT_LENGTHS = (3, 9, 17, 33, 40)
 MAX_TOKENS = 10

@@ -1,4 +1,4 @@
-"""Tiny models and PEFT adapters built locally (deterministic), and the HF + PEFT greedy reference."""
+"""Shared test fixtures: tiny models and PEFT adapters built locally (deterministic), and the HF + PEFT greedy reference."""
 
 from __future__ import annotations
 

@@ -1,0 +1,148 @@
+"""The service end to end: aiokafka in, Redis streams out, adapters from file:// and s3:// roots.
+
+Real Tansu broker, real redis-server, real S3 HTTP server (moto), all started by fixtures; the
+adapter store, ingest and the engine run in this process as asyncio tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from services.adapter_store.config import AdapterStoreConfig
+from services.adapter_store.server import run_adapter_store
+from services.client import LorafleetClient
+from services.common.embedded import free_port
+from services.common.messages import DoneReply, ErrorReply, TokenReply
+from services.engine.config import EngineConfig
+from services.engine.service import run_engine_service
+from services.engine.service_config import EngineServiceConfig
+from services.ingest.config import IngestConfig
+from services.ingest.service import run_ingest
+from tests.infra_fixtures import unique_name
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+GOOD_ADAPTERS = ("r1-attn", "r8-all-rslora", "r4-pattern")
+MAX_TOKENS = 8
+
+
+def _adapter_root(zoo, tmp_path: Path, kind: str, s3_server) -> str:
+    """A root holding the good adapters under nested ids, plus one broken adapter."""
+    local = tmp_path / "root"
+    for name in GOOD_ADAPTERS:
+        shutil.copytree(zoo.adapter("mha", name), local / "team" / name)
+    broken = local / "team" / "broken"
+    shutil.copytree(zoo.adapter("mha", "r1-attn"), broken)
+    cfg = json.loads((broken / "adapter_config.json").read_text())
+    cfg["r"] = 3  # the tensors are rank 1: shapes no longer match the config
+    (broken / "adapter_config.json").write_text(json.dumps(cfg))
+    if kind == "file":
+        return local.as_uri()
+    bucket = s3_server.create_bucket(unique_name("adapters").lower())
+    for adapter_dir in sorted((local / "team").iterdir()):
+        s3_server.upload_folder(adapter_dir, bucket, f"v1/team/{adapter_dir.name}")
+    return f"s3://{bucket}/v1"
+
+
+@asynccontextmanager
+async def running_stack(kafka_bootstrap, redis_url, model_dir: Path, root: str, shm: Path, s3_endpoint: str):
+    topics = {k: unique_name(k) for k in ("requests", "dlq", "work")}
+    store_addr = f"127.0.0.1:{free_port()}"
+    env = {"LORAFLEET_S3_ENDPOINT": s3_endpoint, "LORAFLEET_S3_ALLOW_HTTP": "1"}
+    store_cfg = AdapterStoreConfig.from_env_and_args(model_dir=model_dir, adapters_root=root, address=store_addr,
+                                                     shm_dir=shm, environ=env)
+    ingest_cfg = IngestConfig(kafka_bootstrap=kafka_bootstrap, redis_url=redis_url, model_dir=model_dir,
+                              requests_topic=topics["requests"], dlq_topic=topics["dlq"], work_topic=topics["work"],
+                              work_partitions=4, group_id=unique_name("ingest"), drain_timeout_s=10)
+    engine_cfg = EngineServiceConfig(kafka_bootstrap=kafka_bootstrap, redis_url=redis_url, store_address=store_addr,
+                                     engine=EngineConfig(model_dir=str(model_dir), num_pages=96, max_batched_tokens=64),
+                                     work_topic=topics["work"], work_partitions=4, group_id=unique_name("engines"),
+                                     engine_id="e2e", drain_timeout_s=10)
+    stop = asyncio.Event()
+    store_ready = asyncio.Event()
+    tasks = [asyncio.create_task(run_adapter_store(store_cfg, stop=stop, on_ready=lambda _a: store_ready.set()))]
+    await asyncio.wait_for(store_ready.wait(), 60)
+    ready = [asyncio.Event(), asyncio.Event()]
+    tasks.append(asyncio.create_task(run_ingest(ingest_cfg, stop=stop, ready=ready[0])))
+    tasks.append(asyncio.create_task(run_engine_service(engine_cfg, stop=stop, ready=ready[1])))
+    try:
+        await asyncio.wait_for(asyncio.gather(*(r.wait() for r in ready)), 120)
+        yield topics
+    finally:
+        stop.set()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        assert not errors, errors
+
+
+async def _entries(client: LorafleetClient, request_id: str) -> list:
+    return [e async for e in client.replies(request_id, timeout=120)]
+
+
+@pytest.mark.parametrize("root_kind", ["file", "s3"])
+async def test_requests_over_adapters_stream_hf_peft_tokens(kafka_bootstrap, redis_url, zoo, reference, tmp_path, s3_server, root_kind):
+    model_dir = zoo.model("mha")
+    root = _adapter_root(zoo, tmp_path, root_kind, s3_server)
+    async with running_stack(kafka_bootstrap, redis_url, model_dir, root, tmp_path / "shm", s3_server.endpoint) as topics:
+        async with LorafleetClient(kafka_bootstrap, redis_url, requests_topic=topics["requests"]) as client:
+            run = unique_name(root_kind)
+            good = {}
+            for i, adapter in enumerate((None, *GOOD_ADAPTERS, None, GOOD_ADAPTERS[1])):
+                prompt = [(11 * i + 7 * j) % 500 + 4 for j in range(5 + 4 * i)]
+                rid = f"{run}-good-{i}"
+                good[rid] = (adapter, prompt)
+                await client.submit({"id": rid, "adapter": None if adapter is None else f"team/{adapter}",
+                                     "prompt_token_ids": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+                                     "ignore_eos": True})
+                # Bad requests interleaved with the good ones: each gets exactly one error entry.
+                await client.submit({"id": f"{run}-bad-{i}", "adapter": "team/missing", "prompt": "hi"})
+            bad = {
+                f"{run}-invalid": ({"temperature": -1, "prompt": "x"}, "invalid_request"),
+                f"{run}-toolong": ({"prompt_token_ids": [5] * 500, "max_tokens": 100}, "prompt_too_long"),
+                f"{run}-broken": ({"adapter": "team/broken", "prompt": "x"}, "invalid_adapter"),
+                f"{run}-badid": ({"adapter": "team/../etc", "prompt": "x"}, "invalid_request"),
+            }
+            for rid, (fields, _code) in bad.items():
+                await client.submit({"id": rid, **fields})
+            await client.submit_raw(b"not json at all")
+
+            for rid, (adapter, prompt) in good.items():
+                entries = await _entries(client, rid)
+                adapter_dir = None if adapter is None else zoo.adapter("mha", adapter)
+                want = reference.greedy(model_dir, adapter_dir, prompt, MAX_TOKENS)
+                tokens = [t for e in entries if isinstance(e, TokenReply) for t in e.token_ids]
+                assert tokens == want, rid
+                assert [type(e) for e in entries].count(DoneReply) == 1 and isinstance(entries[-1], DoneReply)
+                assert entries[-1].finish_reason == "length" and int(entries[-1].completion_tokens) == MAX_TOKENS
+            for i in range(len(good)):
+                entries = await _entries(client, f"{run}-bad-{i}")
+                assert len(entries) == 1 and entries[0].code == "adapter_not_found"
+            for rid, (_fields, code) in bad.items():
+                entries = await _entries(client, rid)
+                assert len(entries) == 1 and isinstance(entries[0], ErrorReply), rid
+                assert entries[0].code == code, (rid, entries[0].message)
+
+
+async def test_message_delivered_twice_gives_one_terminal_entry(kafka_bootstrap, redis_url, zoo, reference, tmp_path, s3_server):
+    model_dir = zoo.model("mha")
+    root = _adapter_root(zoo, tmp_path, "file", s3_server)
+    async with running_stack(kafka_bootstrap, redis_url, model_dir, root, tmp_path / "shm", s3_server.endpoint) as topics:
+        async with LorafleetClient(kafka_bootstrap, redis_url, requests_topic=topics["requests"]) as client:
+            rid = unique_name("twice")
+            req = {"id": rid, "adapter": "team/r8-all-rslora", "prompt_token_ids": [4, 5, 6, 7], "max_tokens": MAX_TOKENS,
+                   "temperature": 0, "ignore_eos": True}
+            await client.submit(req)
+            await client.submit(req)  # the same message again (at-least-once delivery)
+            first = await _entries(client, rid)
+            # The second copy may be served after the first finished: give it time, then reread.
+            await asyncio.sleep(2.0)
+            entries = await _entries(client, rid)
+            assert entries == first
+            assert sum(isinstance(e, (DoneReply, ErrorReply)) for e in entries) == 1
+            tokens = [t for e in entries if isinstance(e, TokenReply) for t in e.token_ids]
+            assert tokens == reference.greedy(model_dir, zoo.adapter("mha", "r8-all-rslora"), [4, 5, 6, 7], MAX_TOKENS)
