@@ -61,6 +61,16 @@ _DECLARED: list[EnvVar] = [
     EnvVar("STORE_REQUEST_TIMEOUT_S", float, 300.0, "timeout of one storage request, body included"),
     EnvVar("S3_ENDPOINT", str, "", "S3 endpoint override for S3-compatible stores (else AWS_ENDPOINT_URL)"),
     EnvVar("S3_ALLOW_HTTP", _bool, False, "allow plain-http S3 endpoints (test servers, in-cluster MinIO)"),
+    # --- service plumbing: kafka, redis, ingest ----------------------------------------------
+    EnvVar("REQUESTS_PARTITIONS", int, 4, "partitions of the requests topic when lorafleet creates it"),
+    EnvVar("KAFKA_SESSION_TIMEOUT_MS", int, 10000, "consumer-group session timeout (Tansu: joins take ~half of it)"),
+    EnvVar("KAFKA_RETRY_S", float, 30.0, "how long transient Kafka errors are retried before giving up"),
+    EnvVar("REDIS_RETRY_S", float, 30.0, "how long transient Redis errors are retried before giving up"),
+    EnvVar("REDIS_SERVER_BIN", str, "", "redis-server binary for an embedded Redis; empty: PATH, then /usr/bin"),
+    EnvVar("INGEST_GROUP", str, "lorafleet-ingest", "consumer group of the ingest service"),
+    EnvVar("INGEST_MAX_BATCH", int, 500, "most request messages ingest handles per batch"),
+    EnvVar("HOT_ADAPTER_RPS", float, 20.0, "requests/s of one adapter one work partition takes before it spreads"),
+    EnvVar("HOT_WINDOW_S", float, 10.0, "sliding window over which ingest measures each adapter's request rate"),
     # --- engine -------------------------------------------------------------------------
     EnvVar("DEVICE", str, "auto", "cpu, cuda or auto"),
     EnvVar("DTYPE", str, "auto", "auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16 or float32"),

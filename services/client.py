@@ -1,0 +1,111 @@
+"""A small asyncio client of the public contract: produce requests, read reply streams.
+
+    async with LorafleetClient("127.0.0.1:9092", "redis://127.0.0.1:6379/0") as client:
+        stream = await client.submit({"id": "r1", "prompt": "Hello", "max_tokens": 16})
+        async for entry in client.replies(stream=stream):
+            ...                                   # TokenReply..., then DoneReply or ErrorReply
+        text, token_ids, last = await client.generate({"id": "r2", "prompt": "Hi"})
+
+Only what CONTRACT.md promises is used, so it works against any lorafleet deployment.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, AsyncIterator
+
+import msgspec
+import redis.asyncio as aioredis
+
+from services.common import settings
+from services.common.contract import default_reply_stream
+from services.common.kafka import make_producer
+from services.common.messages import ReplyEntry, TokenReply, is_terminal, parse_entry
+
+
+class Generation(msgspec.Struct, frozen=True):
+    text: str
+    token_ids: list[int]
+    terminal: ReplyEntry  # DoneReply or ErrorReply
+
+    def __iter__(self):  # allows `text, token_ids, terminal = await client.generate(...)`
+        return iter((self.text, self.token_ids, self.terminal))
+
+
+class LorafleetClient:
+    def __init__(self, kafka_bootstrap: str, redis_url: str, *,
+                 requests_topic: str | None = None) -> None:
+        self.requests_topic = requests_topic or settings.read("REQUESTS_TOPIC")
+        self.redis = aioredis.from_url(redis_url)
+        self.producer = make_producer(kafka_bootstrap, client_id="lorafleet-client")
+        self._started = False
+
+    async def start(self) -> None:
+        if not self._started:
+            await self.producer.start()
+            self._started = True
+
+    async def close(self) -> None:
+        if self._started:
+            await self.producer.stop()
+            self._started = False
+        await self.redis.aclose()
+
+    async def __aenter__(self) -> "LorafleetClient":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    async def submit(self, request: dict) -> str:
+        """Produce one request (JSON); returns the stream key its replies will arrive on.
+        Keyed by adapter id (or request id) - lorafleet does not depend on the key."""
+        request_id = request.get("id")
+        if not isinstance(request_id, str):
+            raise ValueError("request needs a string id (use submit_raw to send anything else)")
+        key = request.get("adapter") or request_id
+        await self.submit_raw(msgspec.json.encode(request), key=str(key).encode())
+        stream = request.get("reply_stream")
+        return stream if isinstance(stream, str) else default_reply_stream(request_id)
+
+    async def submit_raw(self, value: bytes | None, key: bytes | None = None) -> None:
+        """Produce arbitrary bytes to the requests topic (tests of the dead-letter path)."""
+        await self.start()
+        await self.producer.send_and_wait(self.requests_topic, value, key=key)
+
+    async def replies(self, request_id: str | None = None, *, stream: str | None = None,
+                      timeout: float = 120.0) -> AsyncIterator[ReplyEntry]:
+        """Entries of one reply stream from its start, until (and including) the terminal entry.
+        Give the request id (default stream) or the stream key. Raises TimeoutError when no
+        terminal entry arrives within `timeout` seconds."""
+        if (request_id is None) == (stream is None):
+            raise ValueError("give exactly one of request_id and stream")
+        key = stream if stream is not None else default_reply_stream(request_id)
+        deadline = time.monotonic() + timeout
+        last_id = "0-0"
+        while True:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                raise TimeoutError(f"no terminal entry on {key!r} within {timeout}s")
+            response = await self.redis.xread({key: last_id}, count=512, block=min(left_ms, 1000))
+            for _key, entries in response or []:
+                for entry_id, fields in entries:
+                    last_id = entry_id
+                    entry = parse_entry(fields)
+                    yield entry
+                    if is_terminal(entry):
+                        return
+
+    async def generate(self, request: dict, timeout: float = 120.0) -> Generation:
+        """Submit and wait: the whole text, all token ids, and the terminal entry."""
+        stream = await self.submit(request)
+        texts: list[str] = []
+        token_ids: list[int] = []
+        async for entry in self.replies(stream=stream, timeout=timeout):
+            if isinstance(entry, TokenReply):
+                texts.append(entry.text)
+                token_ids.extend(entry.token_ids)
+            else:
+                return Generation("".join(texts), token_ids, entry)
+        raise AssertionError("replies() ends only with a terminal entry")

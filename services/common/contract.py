@@ -1,0 +1,237 @@
+"""The public wire contract (CONTRACT.md), version 1, as typed messages and strict validation.
+
+Requests arrive as JSON objects on Kafka; this module turns their bytes into a validated
+:class:`Request` or a :class:`RequestError` whose message is one sentence naming the field or limit
+at fault. Unknown fields are ignored (forward compatibility). Steps, in the order ingest runs them:
+
+1. :func:`read_envelope` - is it a JSON object with a readable ``id``? If not: dead-letter topic.
+2. :func:`validate_request` - schema and ranges of every field (needs the model's vocab size).
+3. tokenize, then :func:`check_prompt_fits` - prompt + max_tokens within the model's context.
+
+Reply entries and the internal work item live in :mod:`services.common.messages`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import msgspec
+
+ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+ADAPTER_SEGMENT_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+DEFAULT_REPLY_PREFIX = "lorafleet:out:"
+# Internal per-request state of the reply writer; a user-chosen reply_stream may not land there.
+RESERVED_KEY_PREFIX = "lorafleet:state:"
+MAX_REPLY_STREAM_CHARS = 512
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # anything that fits in 64 bits
+
+
+class ErrorCode:
+    INVALID_REQUEST = "invalid_request"
+    ADAPTER_NOT_FOUND = "adapter_not_found"
+    INVALID_ADAPTER = "invalid_adapter"
+    PROMPT_TOO_LONG = "prompt_too_long"
+    # Extension (compatible: a new code): a bug or an unrecoverable failure inside lorafleet.
+    INTERNAL_ERROR = "internal_error"
+
+
+class RequestError(Exception):
+    """A request lorafleet answers with a terminal ``error`` entry instead of tokens."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class Request(msgspec.Struct, frozen=True, kw_only=True):
+    """A validated request; exactly one of ``prompt`` / ``prompt_token_ids`` is set and
+    ``reply_stream`` is always resolved (never null)."""
+
+    id: str
+    reply_stream: str
+    adapter: str | None = None
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = []
+    ignore_eos: bool = False
+
+
+class Envelope(msgspec.Struct, frozen=True):
+    """What can be read of a raw message before validation: the id and the decoded object, or
+    the reason it belongs in the dead-letter topic (``request_id`` None)."""
+
+    request_id: str | None
+    body: dict | None
+    reason: str | None
+
+
+def default_reply_stream(request_id: str) -> str:
+    return DEFAULT_REPLY_PREFIX + request_id
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:59] + "\u2026"
+
+
+def read_envelope(raw: bytes | None) -> Envelope:
+    if not raw:
+        return Envelope(None, None, "empty message: the value must be a JSON object with an id")
+    try:
+        body = msgspec.json.decode(raw)
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        return Envelope(None, None, f"not valid UTF-8 JSON: {exc}")
+    if not isinstance(body, dict):
+        return Envelope(None, None, f"not a JSON object: got a JSON {type(body).__name__}")
+    if "id" not in body:
+        return Envelope(None, body, "the object has no id field")
+    request_id = body["id"]
+    if not isinstance(request_id, str) or not ID_PATTERN.fullmatch(request_id):
+        return Envelope(None, body, f"id {_show(request_id)} is not 1-128 characters of [A-Za-z0-9._:-]")
+    return Envelope(request_id, body, None)
+
+
+def parse_request_id(raw: bytes | None) -> tuple[str | None, str | None]:
+    """``(id, None)`` when `raw` is a JSON object with a valid id, else ``(None, reason)``."""
+    envelope = read_envelope(raw)
+    return envelope.request_id, envelope.reason
+
+
+def adapter_id_problem(value: str) -> str | None:
+    """Why `value` is not a valid adapter id (CONTRACT.md section 3), or None when it is."""
+    if not value:
+        return "adapter id must not be empty"
+    for number, segment in enumerate(value.split("/"), start=1):
+        if not ADAPTER_SEGMENT_PATTERN.fullmatch(segment):
+            return (f"segment {number} of adapter id {_show(value)} must be 1-64 characters of "
+                    f"[A-Za-z0-9._-]")
+        if segment in (".", ".."):
+            return f"segment {number} of adapter id {_show(value)} must not be '.' or '..'"
+    return None
+
+
+def resolve_reply_stream(body: dict, request_id: str) -> str:
+    """The stream that answers this request, even when the request is bad: its own valid
+    ``reply_stream`` or else the default (so an invalid reply_stream still gets its error)."""
+    value = body.get("reply_stream")
+    if value is None or reply_stream_problem(value) is not None:
+        return default_reply_stream(request_id)
+    return value
+
+
+def reply_stream_problem(value: Any) -> str | None:
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_REPLY_STREAM_CHARS:
+        return f"reply_stream must be null or a string of 1-{MAX_REPLY_STREAM_CHARS} characters, got {_show(value)}"
+    if value.startswith(RESERVED_KEY_PREFIX):
+        return f"reply_stream must not start with the reserved prefix {RESERVED_KEY_PREFIX!r}"
+    return None
+
+
+def _invalid(message: str) -> RequestError:
+    return RequestError(ErrorCode.INVALID_REQUEST, message)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _int_field(body: dict, name: str, default: int, minimum: int) -> int:
+    value = body.get(name, default)
+    if not _is_int(value) or value < minimum:
+        raise _invalid(f"{name} must be an integer >= {minimum}, got {_show(value)}.")
+    return value
+
+
+def _prompt_fields(body: dict, vocab_size: int) -> tuple[str | None, list[int] | None]:
+    prompt, token_ids = body.get("prompt"), body.get("prompt_token_ids")
+    if (prompt is None) == (token_ids is None):
+        raise _invalid("exactly one of prompt and prompt_token_ids must be given.")
+    if prompt is not None:
+        if not isinstance(prompt, str):
+            raise _invalid(f"prompt must be a string, got {_show(prompt)}.")
+        return prompt, None
+    if not isinstance(token_ids, list) or not token_ids:
+        raise _invalid(f"prompt_token_ids must be a non-empty list of integers, got {_show(token_ids)}.")
+    for position, token in enumerate(token_ids):
+        if not _is_int(token) or not 0 <= token < vocab_size:
+            raise _invalid(f"prompt_token_ids[{position}] must be an integer in [0, {vocab_size}) "
+                           f"(the vocab size), got {_show(token)}.")
+    return None, token_ids
+
+
+def validate_request(body: dict, request_id: str, *, vocab_size: int) -> Request:
+    """Check every field of a request object whose id `read_envelope` already accepted.
+
+    Raises RequestError(invalid_request, one sentence naming the field). The context-length check
+    needs the token count, so it is :func:`check_prompt_fits`, run after tokenization.
+    """
+    adapter = body.get("adapter")
+    if adapter is not None:
+        if not isinstance(adapter, str):
+            raise _invalid(f"adapter must be null or an adapter id string, got {_show(adapter)}.")
+        problem = adapter_id_problem(adapter)
+        if problem:
+            raise _invalid(problem + ".")
+    prompt, token_ids = _prompt_fields(body, vocab_size)
+    max_tokens = _int_field(body, "max_tokens", 256, 1)
+    top_k = _int_field(body, "top_k", 0, 0)
+    temperature = body.get("temperature", 1.0)
+    if not _is_number(temperature) or temperature < 0:
+        raise _invalid(f"temperature must be a finite number >= 0, got {_show(temperature)}.")
+    top_p = body.get("top_p", 1.0)
+    if not _is_number(top_p) or not 0 < top_p <= 1:
+        raise _invalid(f"top_p must be a number with 0 < top_p <= 1, got {_show(top_p)}.")
+    seed = body.get("seed")
+    if seed is not None and (not _is_int(seed) or not SEED_MIN <= seed <= SEED_MAX):
+        raise _invalid(f"seed must be null or an integer that fits in 64 bits, got {_show(seed)}.")
+    stop = body.get("stop", [])
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise _invalid(f"stop must be a list of non-empty strings, got {_show(stop)}.")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise _invalid(f"ignore_eos must be true or false, got {_show(ignore_eos)}.")
+    reply_stream = body.get("reply_stream")
+    if reply_stream is not None:
+        problem = reply_stream_problem(reply_stream)
+        if problem:
+            raise _invalid(problem + ".")
+    return Request(
+        id=request_id,
+        reply_stream=reply_stream if reply_stream is not None else default_reply_stream(request_id),
+        adapter=adapter,
+        prompt=prompt,
+        prompt_token_ids=token_ids,
+        max_tokens=max_tokens,
+        temperature=float(temperature),
+        top_p=float(top_p),
+        top_k=top_k,
+        seed=seed,
+        stop=stop,
+        ignore_eos=ignore_eos,
+    )
+
+
+def check_prompt_fits(prompt_tokens: int, max_tokens: int, context_len: int) -> None:
+    """Raise prompt_too_long unless prompt + max_tokens fits the model's context; an empty prompt
+    (a tokenizer that adds no BOS, given "") is invalid_request."""
+    if prompt_tokens == 0:
+        raise _invalid("prompt must encode to at least one token; it encodes to none.")
+    if prompt_tokens + max_tokens > context_len:
+        raise RequestError(
+            ErrorCode.PROMPT_TOO_LONG,
+            f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+            f"context of {context_len} tokens.",
+        )

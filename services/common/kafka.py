@@ -1,0 +1,111 @@
+"""Kafka plumbing shared by the services: topic creation, client factories, transient retries.
+
+Tansu (the embedded broker) notes, verified against tansu 0.6.0 with aiokafka 0.14:
+- no idempotent producer: every producer here has enable_idempotence=False; acks="all".
+- producing to a missing topic auto-creates it with ONE partition: create topics first.
+- CreateTopics on an existing topic answers error 36 (TOPIC_ALREADY_EXISTS) in the response
+  body instead of raising; :func:`ensure_topics` reads the per-topic codes.
+- joining a consumer group takes about session_timeout_ms / 2 (5 s at Kafka's default 10 s);
+  tests use a short session timeout.
+- fetch waits up to fetch_max_wait_ms even when data arrives: 100 ms here keeps latency low.
+- admin list_consumer_groups answers empty and list_consumer_group_offsets fails to decode: use
+  a consumer's committed() to read group offsets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, TypeVar
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
+
+from services.common import settings
+from services.common.logging import get_logger
+from services.common.retry import retry_transient
+
+T = TypeVar("T")
+TOPIC_ALREADY_EXISTS = 36
+_log = get_logger("kafka")
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int = 1
+    replication: int = 1
+
+
+class TopicCreationError(RuntimeError):
+    pass
+
+
+def is_transient_kafka_error(exc: BaseException) -> bool:
+    """Connection trouble, timeouts, leader changes: worth retrying. Everything else is fatal."""
+    if isinstance(exc, (KafkaConnectionError, KafkaTimeoutError, ConnectionError, TimeoutError)):
+        return True
+    return isinstance(exc, KafkaError) and bool(getattr(exc, "retriable", False))
+
+
+async def with_kafka_retries(operation: Callable[[], Awaitable[T]], what: str,
+                             budget_s: float | None = None) -> T:
+    """Retry `operation` on transient Kafka errors for LORAFLEET_KAFKA_RETRY_S seconds."""
+    budget = budget_s if budget_s is not None else settings.read("KAFKA_RETRY_S")
+    return await retry_transient(operation, is_transient=is_transient_kafka_error, budget_s=budget,
+                                 log=_log, what=what)
+
+
+async def ensure_topics(bootstrap: str, topics: list[TopicSpec], budget_s: float | None = None) -> None:
+    """Create the topics that are missing; existing ones are left as they are (their partition
+    count included). Safe when several services race to create the same topic."""
+
+    async def attempt() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="lorafleet-admin")
+        await admin.start()
+        try:
+            existing = set(await admin.list_topics())
+            missing = [t for t in topics if t.name not in existing]
+            if not missing:
+                return
+            response = await admin.create_topics(
+                [NewTopic(t.name, t.partitions, t.replication) for t in missing])
+            for topic_error in response.topic_errors:
+                name, code = topic_error[0], topic_error[1]
+                if code not in (0, TOPIC_ALREADY_EXISTS):
+                    raise TopicCreationError(f"creating topic {name!r} failed with Kafka error code {code}: "
+                                             f"{topic_error[2] if len(topic_error) > 2 else ''}")
+            _log.info("topics created", topics=[t.name for t in missing])
+        finally:
+            await admin.close()
+
+    await with_kafka_retries(attempt, "create topics", budget_s)
+
+
+async def partition_count(producer: AIOKafkaProducer, topic: str) -> int:
+    partitions = await with_kafka_retries(lambda: producer.partitions_for(topic), f"metadata {topic}")
+    if not partitions:
+        raise TopicCreationError(f"topic {topic!r} has no partitions")
+    return len(partitions)
+
+
+def make_producer(bootstrap: str, **overrides: Any) -> AIOKafkaProducer:
+    """A producer whose sends are durable once awaited (acks=all), never idempotent (Tansu)."""
+    options: dict[str, Any] = dict(bootstrap_servers=bootstrap, enable_idempotence=False, acks="all",
+                                   linger_ms=2, request_timeout_ms=30000)
+    options.update(overrides)
+    options["enable_idempotence"] = False
+    return AIOKafkaProducer(**options)
+
+
+def make_consumer(bootstrap: str, topics: list[str], group_id: str, **overrides: Any) -> AIOKafkaConsumer:
+    """A consumer-group member that commits only what the caller commits (no auto commit) and
+    starts a new group at the earliest offset (no request is skipped)."""
+    session_ms = overrides.pop("session_timeout_ms", settings.read("KAFKA_SESSION_TIMEOUT_MS"))
+    options: dict[str, Any] = dict(
+        bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False,
+        auto_offset_reset="earliest", session_timeout_ms=session_ms,
+        heartbeat_interval_ms=max(100, session_ms // 5), fetch_max_wait_ms=100,
+    )
+    options.update(overrides)
+    return AIOKafkaConsumer(*topics, **options)

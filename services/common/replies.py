@@ -1,0 +1,212 @@
+"""The one writer of reply streams: a whole engine step's entries in one Redis round trip,
+exactly once per request even when the request is served twice.
+
+Per request the writer keeps a hash ``lorafleet:state:<id>`` = {tokens: published token count,
+terminal: 1 once a done/error entry is written}. A Lua script (one EVALSHA per request, all of a
+step's requests pipelined together) reads that state and appends an entry only when it is new:
+
+    token entry, index + n <= tokens   -> already written by an earlier delivery: skipped
+    token entry, index == tokens       -> appended; tokens += n
+    token entry, any other index       -> a gap or partial overlap: skipped, counted as conflict
+    terminal entry                     -> appended once; everything after it is skipped
+
+so redelivered requests, retried pipelines and two engines racing on one request all leave the
+stream exactly as one clean run would. Every write sets EXPIRE ttl on the stream and the state,
+so both disappear ttl seconds after the last entry (the terminal one, normally).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Sequence
+
+import msgspec
+import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
+
+from services.common import settings
+from services.common.contract import RESERVED_KEY_PREFIX
+from services.common.logging import get_logger
+from services.common.messages import ReplyEntry, TokenReply, entry_fields
+from services.common.retry import Backoff
+
+# KEYS: stream, state. ARGV: maxlen, ttl, entry count, then per entry:
+#   index (-1 for a terminal entry), token count, field count n, n field/value pairs.
+# Returns {tokens published, terminal written 0/1, entries appended, conflicts}.
+_PUBLISH_LUA = """
+local stream, state = KEYS[1], KEYS[2]
+local maxlen, ttl = ARGV[1], ARGV[2]
+local published = tonumber(redis.call('HGET', state, 'tokens') or '0')
+local terminal = redis.call('HEXISTS', state, 'terminal') == 1
+local appended, conflicts = 0, 0
+local pos = 4
+for _ = 1, tonumber(ARGV[3]) do
+  local index, ntokens = tonumber(ARGV[pos]), tonumber(ARGV[pos + 1])
+  local first = pos + 3
+  local last = pos + 2 + 2 * tonumber(ARGV[pos + 2])
+  pos = last + 1
+  local write = false
+  if terminal then
+    write = false
+  elseif index < 0 then
+    write, terminal = true, true
+  elseif index == published then
+    write, published = true, published + ntokens
+  elseif index + ntokens > published then
+    conflicts = conflicts + 1
+  end
+  if write then
+    redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', unpack(ARGV, first, last))
+    appended = appended + 1
+  end
+end
+if appended > 0 then
+  redis.call('HSET', state, 'tokens', published)
+  if terminal then redis.call('HSET', state, 'terminal', 1) end
+  redis.call('EXPIRE', stream, ttl)
+  redis.call('EXPIRE', state, ttl)
+end
+return {published, terminal and 1 or 0, appended, conflicts}
+"""
+_PUBLISH_SHA = hashlib.sha1(_PUBLISH_LUA.encode()).hexdigest()
+
+
+def state_key(request_id: str) -> str:
+    return RESERVED_KEY_PREFIX + request_id
+
+
+def is_transient_redis_error(exc: BaseException) -> bool:
+    # BusyLoadingError (a restarting server) is a ConnectionError subclass.
+    return isinstance(exc, (redis_errors.ConnectionError, redis_errors.TimeoutError))
+
+
+class ReplyWriteError(Exception):
+    """Redis stayed unreachable for the whole retry budget; nothing is known to be written."""
+
+
+class RequestState(msgspec.Struct, frozen=True):
+    """A request's reply stream after a publish: tokens published so far, whether its terminal
+    entry is written, how many of this publish's entries were appended / refused as conflicts,
+    and `error` when Redis refused the write (e.g. the reply_stream key holds another type)."""
+
+    tokens: int
+    terminal: bool
+    appended: int = 0
+    conflicts: int = 0
+    error: str | None = None
+
+
+def _script_args(entries: list[ReplyEntry], maxlen: int, ttl_s: int) -> list[Any]:
+    args: list[Any] = [maxlen, ttl_s, len(entries)]
+    for entry in entries:
+        if isinstance(entry, TokenReply):
+            if not entry.token_ids or entry.index < 0:
+                raise ValueError(f"a token entry needs >= 1 token id and index >= 0, got {entry!r}")
+            args += [entry.index, len(entry.token_ids)]
+        else:
+            args += [-1, 0]
+        fields = entry_fields(entry)
+        args.append(len(fields))
+        for name, value in fields.items():
+            args += [name, value]
+    return args
+
+
+class ReplyWriter:
+    """Writes reply entries; the caller owns the Redis client (``redis.asyncio.Redis``)."""
+
+    def __init__(self, redis: aioredis.Redis, *, maxlen: int | None = None, ttl_s: int | None = None,
+                 retry_budget_s: float | None = None) -> None:
+        self.redis = redis
+        self.maxlen = maxlen if maxlen is not None else settings.read("STREAM_MAXLEN")
+        self.ttl_s = ttl_s if ttl_s is not None else settings.read("STREAM_TTL_S")
+        self.retry_budget_s = (retry_budget_s if retry_budget_s is not None
+                               else settings.read("REDIS_RETRY_S"))
+        self.round_trips = 0  # every request to Redis this writer made (pipelines, script loads)
+        self._script_loaded = False
+        self._log = get_logger("replies")
+
+    async def prepare(self) -> None:
+        """Load the Lua script (also done lazily by the first publish)."""
+        await self._with_retries(self._load_script, "SCRIPT LOAD")
+
+    async def _load_script(self) -> None:
+        self.round_trips += 1
+        sha = await self.redis.script_load(_PUBLISH_LUA)
+        sha = sha.decode() if isinstance(sha, bytes) else sha
+        if sha != _PUBLISH_SHA:  # would mean Redis hashes scripts differently: never retry-loop
+            raise RuntimeError(f"Redis returned script sha {sha}, expected {_PUBLISH_SHA}")
+        self._script_loaded = True
+
+    async def _with_retries(self, operation: Any, what: str) -> Any:
+        backoff = Backoff(self.retry_budget_s)
+        while True:
+            try:
+                return await operation()
+            except Exception as exc:
+                if not is_transient_redis_error(exc):
+                    raise
+                if not await backoff.sleep():
+                    self._log.error("redis unreachable, giving up", what=what, error=repr(exc))
+                    raise ReplyWriteError(f"{what}: Redis unreachable for {self.retry_budget_s}s: {exc}") from exc
+                self._log.warning("redis error, retrying", what=what, attempt=backoff.failures,
+                                  error=repr(exc))
+
+    async def publish(self, entries: Sequence[tuple[str, str, ReplyEntry]]) -> dict[str, RequestState]:
+        """Write `(stream key, request id, entry)` triples, in order per request, in one pipelined
+        round trip (plus one script load after a Redis restart). Returns each request's state.
+
+        Safe to call again with the same entries after any failure: duplicates are skipped.
+        Raises ReplyWriteError when Redis stays unreachable past the retry budget.
+        """
+        groups: dict[str, tuple[str, list[ReplyEntry]]] = {}
+        for stream, request_id, entry in entries:
+            known = groups.setdefault(request_id, (stream, []))
+            if known[0] != stream:
+                raise ValueError(f"request {request_id!r} published to two streams: {known[0]!r}, {stream!r}")
+            known[1].append(entry)
+        if not groups:
+            return {}
+        if not self._script_loaded:
+            await self.prepare()
+        states: dict[str, RequestState] = {}
+        pending = list(groups.items())
+        while pending:
+            results = await self._with_retries(lambda: self._run_pipeline(pending), "publish")
+            reload: list[tuple[str, tuple[str, list[ReplyEntry]]]] = []
+            for (request_id, group), result in zip(pending, results):
+                if isinstance(result, redis_errors.NoScriptError):
+                    reload.append((request_id, group))  # Redis restarted and lost its script cache
+                elif isinstance(result, Exception):
+                    self._log.error("reply write refused", request_id=request_id, stream=group[0],
+                                    error=repr(result))
+                    states[request_id] = RequestState(0, False, error=str(result))
+                else:
+                    tokens, terminal, appended, conflicts = (int(x) for x in result)
+                    if conflicts:
+                        self._log.warning("token entries out of sequence were dropped",
+                                          request_id=request_id, conflicts=conflicts, published=tokens)
+                    states[request_id] = RequestState(tokens, bool(terminal), appended, conflicts)
+            if reload:
+                await self._with_retries(self._load_script, "SCRIPT LOAD")
+            pending = reload
+        return states
+
+    async def _run_pipeline(self, groups: list[tuple[str, tuple[str, list[ReplyEntry]]]]) -> list[Any]:
+        self.round_trips += 1
+        pipe = self.redis.pipeline(transaction=False)
+        for request_id, (stream, group_entries) in groups:
+            pipe.evalsha(_PUBLISH_SHA, 2, stream, state_key(request_id),
+                         *_script_args(group_entries, self.maxlen, self.ttl_s))
+        return await pipe.execute(raise_on_error=False)
+
+    async def published_count(self, request_id: str) -> tuple[int, bool]:
+        """(tokens already published, terminal entry written) for a request, e.g. one an engine
+        is about to serve again after a Kafka redelivery."""
+
+        async def read() -> list[Any]:
+            self.round_trips += 1
+            return await self.redis.hmget(state_key(request_id), ["tokens", "terminal"])
+
+        tokens, terminal = await self._with_retries(read, "HMGET state")
+        return (int(tokens) if tokens is not None else 0), terminal is not None

@@ -1,0 +1,124 @@
+"""Which work-topic partition a request goes to: adapter affinity, with hot adapters spread.
+
+Engines share the work topic through one consumer group, so a partition stands for an engine.
+Requests of one adapter go to the same partition - the engine that already holds the adapter in
+its GPU pool - and an adapter hot enough to overload one engine is spread over `k` partitions:
+
+    candidates(adapter, k) = the k partitions with the highest hash(adapter, p)   (rendezvous)
+    partition              = candidates[hash(request id) % k]
+
+Rendezvous hashing keeps the choice stable as k grows (the top-1 partition stays among the
+candidates, each step adds one) and spreads different adapters' candidates independently.
+`k` = ceil(rate / per-partition rate), where rate is the adapter's requests per second over a
+sliding window. Base-model requests (no adapter) need no affinity: hash of the request id.
+All hashes are blake2b, stable across processes and restarts (unlike Python's hash()).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import deque
+from functools import lru_cache
+from typing import Callable
+
+
+def stable_hash(*parts: str) -> int:
+    digest = hashlib.blake2b("\x00".join(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def candidate_partitions(adapter: str, n_partitions: int, spread: int) -> list[int]:
+    """The `spread` partitions of highest rendezvous score for `adapter`, best first."""
+    if n_partitions < 1:
+        raise ValueError(f"n_partitions must be >= 1, got {n_partitions}")
+    spread = max(1, min(spread, n_partitions))
+    return list(_ranked_partitions(adapter, n_partitions)[:spread])
+
+
+@lru_cache(maxsize=8192)  # hot adapters are routed many times a second: rank once
+def _ranked_partitions(adapter: str, n_partitions: int) -> tuple[int, ...]:
+    return tuple(sorted(range(n_partitions), key=lambda p: (stable_hash(adapter, str(p)), p), reverse=True))
+
+
+def choose_partition(request_id: str, adapter: str | None, n_partitions: int, spread: int = 1) -> int:
+    """Pure routing decision (see module doc); `spread` is ignored for base-model requests."""
+    if adapter is None:
+        if n_partitions < 1:
+            raise ValueError(f"n_partitions must be >= 1, got {n_partitions}")
+        return stable_hash(request_id) % n_partitions
+    candidates = candidate_partitions(adapter, n_partitions, spread)
+    return candidates[stable_hash(request_id) % len(candidates)]
+
+
+def spread_for_rate(rate_per_s: float, per_partition_rate: float, n_partitions: int) -> int:
+    """Partitions an adapter needs so none takes more than `per_partition_rate` of it."""
+    if per_partition_rate <= 0:
+        raise ValueError(f"per_partition_rate must be > 0, got {per_partition_rate}")
+    return max(1, min(n_partitions, math.ceil(rate_per_s / per_partition_rate)))
+
+
+class AdapterRates:
+    """Requests per second of each adapter over the last `window_s` seconds.
+
+    Keeps at most `cap` timestamps per adapter: beyond that the exact rate no longer changes the
+    decision (the adapter is spread over every partition), so memory stays bounded however hot an
+    adapter gets. Adapters idle for a whole window are forgotten.
+    """
+
+    def __init__(self, window_s: float, cap: int, clock: Callable[[], float]) -> None:
+        if window_s <= 0 or cap < 1:
+            raise ValueError(f"window_s must be > 0 and cap >= 1, got {window_s}, {cap}")
+        self.window_s = window_s
+        self.cap = cap
+        self.clock = clock
+        self._seen: dict[str, deque[float]] = {}
+        self._last_sweep = clock()
+
+    def record(self, adapter: str) -> float:
+        """Count one request of `adapter` now; returns its rate including this request."""
+        now = self.clock()
+        times = self._seen.setdefault(adapter, deque(maxlen=self.cap))
+        times.append(now)
+        self._expire(times, now)
+        if now - self._last_sweep > self.window_s:
+            self._sweep(now)
+        return len(times) / self.window_s
+
+    def rate(self, adapter: str) -> float:
+        times = self._seen.get(adapter)
+        if not times:
+            return 0.0
+        self._expire(times, self.clock())
+        return len(times) / self.window_s
+
+    def _expire(self, times: deque[float], now: float) -> None:
+        while times and times[0] <= now - self.window_s:
+            times.popleft()
+
+    def _sweep(self, now: float) -> None:
+        for adapter in [a for a, t in self._seen.items() if not t or t[-1] <= now - self.window_s]:
+            del self._seen[adapter]
+        self._last_sweep = now
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+
+class Router:
+    """Stateful wrapper: measures each adapter's rate and routes with :func:`choose_partition`."""
+
+    def __init__(self, n_partitions: int, per_partition_rate: float, window_s: float,
+                 clock: Callable[[], float]) -> None:
+        self.n_partitions = n_partitions
+        self.per_partition_rate = per_partition_rate
+        # Enough timestamps to reach spread == n_partitions, no more (see AdapterRates).
+        cap = max(1, math.ceil(per_partition_rate * window_s * n_partitions) + 1)
+        self.rates = AdapterRates(window_s, cap, clock)
+
+    def route(self, request_id: str, adapter: str | None) -> int:
+        if adapter is None:
+            return choose_partition(request_id, None, self.n_partitions)
+        rate = self.rates.record(adapter)
+        spread = spread_for_rate(rate, self.per_partition_rate, self.n_partitions)
+        return choose_partition(request_id, adapter, self.n_partitions, spread)

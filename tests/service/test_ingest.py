@@ -1,0 +1,198 @@
+"""Ingest against a real Tansu broker and redis-server: good requests reach the work topic with
+token ids, bad ones get exactly one error entry, unreadable ones land in the dead-letter topic."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from transformers import AutoTokenizer
+
+from services.client import LorafleetClient
+from services.common.messages import ErrorReply, decode_work_item
+from services.ingest.config import IngestConfig
+from services.ingest.routing import candidate_partitions
+from services.ingest.service import run_ingest
+from tests.infra_fixtures import unique_name
+from tests.service.conftest import CONTEXT_LEN
+from tests.service.kafka_helpers import read_topic
+
+WORK_PARTITIONS = 4
+
+
+def make_config(kafka_bootstrap, redis_url, model_dir) -> IngestConfig:
+    prefix = unique_name("t")
+    return IngestConfig(
+        kafka_bootstrap=kafka_bootstrap, redis_url=redis_url, model_dir=model_dir,
+        requests_topic=f"{prefix}.requests", dlq_topic=f"{prefix}.dlq", work_topic=f"{prefix}.work",
+        requests_partitions=2, work_partitions=WORK_PARTITIONS, group_id=f"{prefix}-ingest",
+        drain_timeout_s=10, session_timeout_ms=2000,
+    )
+
+
+@pytest.fixture
+async def ingest(kafka_bootstrap, redis_url, model_dir):
+    """A running ingest service; teardown checks that it drains and returns on stop."""
+    config = make_config(kafka_bootstrap, redis_url, model_dir)
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(run_ingest(config, stop=stop, ready=ready))
+    await asyncio.wait({task, asyncio.create_task(ready.wait())}, timeout=60,
+                       return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        task.result()
+    assert ready.is_set()
+    client = LorafleetClient(kafka_bootstrap, redis_url, requests_topic=config.requests_topic)
+    await client.start()
+    yield config, client
+    await client.close()
+    stop.set()
+    await asyncio.wait_for(task, config.drain_timeout_s + 5)
+
+
+GOOD = [
+    {"id": "good-text-1", "adapter": "tenant-a/sql-v3", "prompt": "Hello world", "max_tokens": 8},
+    {"id": "good-text-2", "adapter": "tenant-a/sql-v3", "prompt": "the cat sat", "seed": 3, "stop": ["."],
+     "max_tokens": 50},
+    {"id": "good-ids", "prompt_token_ids": [1, 5, 511], "max_tokens": 61, "temperature": 0},
+    {"id": "good-base", "prompt": "caf\u00e9 \u2615", "max_tokens": 4, "reply_stream": "custom:stream:1"},
+]
+BAD = {  # id -> (request, expected code, a word the message must contain)
+    "bad-max-tokens": ({"prompt": "x", "max_tokens": 0}, "invalid_request", "max_tokens"),
+    "bad-both-prompts": ({"prompt": "x", "prompt_token_ids": [1]}, "invalid_request", "prompt_token_ids"),
+    "bad-token-id": ({"prompt_token_ids": [1, 512]}, "invalid_request", "vocab size"),
+    "bad-adapter": ({"prompt": "x", "adapter": "../etc"}, "invalid_request", "adapter id"),
+    "bad-reply-stream": ({"prompt": "x", "reply_stream": 7}, "invalid_request", "reply_stream"),
+    "bad-temperature": ({"prompt": "x", "temperature": -1}, "invalid_request", "temperature"),
+    "too-long-ids": ({"prompt_token_ids": [1] * 60, "max_tokens": 5}, "prompt_too_long", "context of 64"),
+    "too-long-text": ({"prompt": "word " * 80, "max_tokens": 1}, "prompt_too_long", "max_tokens (1)"),
+}
+UNREADABLE = [  # raw value -> reason fragment
+    (b"\x00\x01 not json", "not valid UTF-8 JSON"),
+    (b"[1, 2, 3]", "not a JSON object"),
+    (b'{"prompt": "no id"}', "no id field"),
+    (b'{"id": "has space", "prompt": "x"}', "is not 1-128 characters"),
+]
+
+
+async def test_good_bad_and_unreadable_requests(ingest, kafka_bootstrap, redis_url, model_dir):
+    config, client = ingest
+    run = unique_name("run")
+    good = [{**r, "id": f"{run}-{r['id']}"} for r in GOOD]
+    bad = {f"{run}-{rid}": (req, code, word) for rid, (req, code, word) in BAD.items()}
+    # interleave good, bad and unreadable messages
+    for index, request in enumerate(good):
+        await client.submit(request)
+        for rid, (req, _, _) in list(bad.items())[2 * index:2 * index + 2]:
+            await client.submit({"id": rid, **req})
+        await client.submit_raw(UNREADABLE[index][0], key=b"k")
+
+    work = await read_topic(kafka_bootstrap, config.work_topic, len(good))
+    items = {decode_work_item(r.value).id: (decode_work_item(r.value), r.partition) for r in work}
+    assert set(items) == {r["id"] for r in good}  # exactly the good ones, each once
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    for request in good:
+        item, partition = items[request["id"]]
+        expected = request.get("prompt_token_ids") or tokenizer(request["prompt"])["input_ids"]
+        assert item.prompt_token_ids == expected
+        assert item.max_tokens == request.get("max_tokens", 256)
+        assert item.reply_stream == request.get("reply_stream", f"lorafleet:out:{request['id']}")
+        assert item.submitted_at <= item.received_at + 1
+        if request.get("adapter"):  # affinity: a cold adapter stays on its home partition
+            assert partition == candidate_partitions(request["adapter"], WORK_PARTITIONS, 1)[0]
+    assert tokenizer.decode(items[good[3]["id"]][0].prompt_token_ids, skip_special_tokens=True) == "caf\u00e9 \u2615"
+
+    for rid, (_, code, word) in bad.items():
+        entries = [e async for e in client.replies(rid, timeout=30)]
+        assert len(entries) == 1 and isinstance(entries[0], ErrorReply)
+        assert entries[0].code == code and word in entries[0].message
+        assert await client.redis.xlen(f"lorafleet:out:{rid}") == 1  # exactly one entry
+
+    dead = await read_topic(kafka_bootstrap, config.dlq_topic, len(UNREADABLE))
+    assert len(dead) == len(UNREADABLE)
+    for record, (raw, reason) in zip(sorted(dead, key=lambda r: UNREADABLE_ORDER(r.value)), UNREADABLE):
+        headers = dict(record.headers)
+        assert record.value == raw and record.key == b"k"
+        assert reason in headers["reason"].decode()
+        assert headers["source_topic"].decode() == config.requests_topic
+        assert int(headers["partition"]) in (0, 1) and int(headers["offset"]) >= 0
+
+    await assert_all_committed(kafka_bootstrap, config)
+
+
+def UNREADABLE_ORDER(value: bytes) -> int:
+    return [raw for raw, _ in UNREADABLE].index(value)
+
+
+async def assert_all_committed(bootstrap: str, config: IngestConfig) -> None:
+    """Ingest's group has committed every request message (read as an outsider: no join)."""
+    reader = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=config.group_id,
+                              enable_auto_commit=False)
+    await reader.start()
+    try:
+        tps = [TopicPartition(config.requests_topic, p) for p in range(config.requests_partitions)]
+        ends = await reader.end_offsets(tps)
+        for _ in range(50):
+            committed = {tp: await reader.committed(tp) or 0 for tp in tps}
+            if committed == ends:
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"committed {committed}, end offsets {ends}")
+    finally:
+        await reader.stop()
+
+
+async def test_restart_resumes_after_committed_offsets(kafka_bootstrap, redis_url, model_dir):
+    config = make_config(kafka_bootstrap, redis_url, model_dir)
+    async with LorafleetClient(kafka_bootstrap, redis_url, requests_topic=config.requests_topic) as client:
+        for round_number in range(2):
+            stop, ready = asyncio.Event(), asyncio.Event()
+            task = asyncio.create_task(run_ingest(config, stop=stop, ready=ready))
+            await asyncio.wait_for(ready.wait(), 60)
+            await client.submit({"id": f"{config.group_id}-r{round_number}", "prompt": "hi", "max_tokens": 4})
+            work = await read_topic(kafka_bootstrap, config.work_topic, round_number + 1)
+            await assert_all_committed(kafka_bootstrap, config)
+            stop.set()
+            await asyncio.wait_for(task, 15)
+        ids = sorted(decode_work_item(r.value).id for r in work)
+        assert ids == [f"{config.group_id}-r0", f"{config.group_id}-r1"]  # r0 not served twice
+
+
+def test_config_from_cli_flags(monkeypatch, tmp_path):
+    import argparse
+
+    monkeypatch.setenv("LORAFLEET_WORK_PARTITIONS", "3")
+    parser = argparse.ArgumentParser()
+    IngestConfig.add_arguments(parser)
+    args = parser.parse_args(["--kafka-bootstrap", "k:1", "--model", str(tmp_path)])
+    config = IngestConfig.from_args(args)
+    assert (config.kafka_bootstrap, config.work_partitions, config.model_dir) == ("k:1", 3, tmp_path)
+    with pytest.raises(ValueError, match="--model"):
+        IngestConfig.from_args(parser.parse_args(["--model", ""]))
+    with pytest.raises(ValueError, match="three different topics"):
+        replace(config, dlq_topic=config.work_topic)
+    assert CONTEXT_LEN == 64
+
+
+async def test_two_members_share_the_requests_topic(kafka_bootstrap, redis_url, model_dir):
+    """A second ingest joining the group triggers a rebalance; nothing is lost or stuck."""
+    config = make_config(kafka_bootstrap, redis_url, model_dir)
+    stops = [asyncio.Event(), asyncio.Event()]
+    tasks = []
+    async with LorafleetClient(kafka_bootstrap, redis_url, requests_topic=config.requests_topic) as client:
+        for member, stop in enumerate(stops):
+            ready = asyncio.Event()
+            tasks.append(asyncio.create_task(run_ingest(config, stop=stop, ready=ready)))
+            await asyncio.wait_for(ready.wait(), 60)
+            for i in range(10):  # sent while the group rebalances
+                await client.submit({"id": f"{config.group_id}-m{member}-{i}", "prompt": "hi",
+                                     "max_tokens": 4})
+        work = await read_topic(kafka_bootstrap, config.work_topic, 20, timeout_s=60)
+        # Redelivery across a rebalance may duplicate a work item (engines de-duplicate), never lose one.
+        assert {decode_work_item(r.value).id for r in work} == {
+            f"{config.group_id}-m{m}-{i}" for m in range(2) for i in range(10)}
+        await assert_all_committed(kafka_bootstrap, config)
+    for stop in stops:
+        stop.set()
+    await asyncio.wait_for(asyncio.gather(*tasks), 30)

@@ -1,0 +1,136 @@
+"""ReplyWriter against a real redis-server: exactly-once entries, one round trip per publish."""
+
+from __future__ import annotations
+
+import pytest
+import redis.asyncio as aioredis
+
+from services.common.embedded import free_port
+from services.common.messages import done_entry, error_entry, parse_entry, token_entry
+from services.common.replies import ReplyWriteError, ReplyWriter, state_key
+from tests.infra_fixtures import unique_name
+
+
+@pytest.fixture
+async def redis(redis_url):
+    client = aioredis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+async def read_stream(redis, key):
+    return [parse_entry(fields) for _id, fields in await redis.xrange(key)]
+
+
+def tokens_of(entries):
+    return [t for e in entries if e.__class__.__name__ == "TokenReply" for t in e.token_ids]
+
+
+async def test_redelivered_request_leaves_one_clean_stream(redis):
+    writer = ReplyWriter(redis)
+    rid = unique_name("req")
+    stream = f"lorafleet:out:{rid}"
+    first_run = [(stream, rid, token_entry(f"t{i}", [i], index=i)) for i in range(5)]
+    await writer.publish(first_run)
+    assert await writer.published_count(rid) == (5, False)
+    # the engine crashed; another engine serves the whole request again, same tokens (seeded)
+    second_run = [(stream, rid, token_entry(f"t{i}", [i], index=i)) for i in range(10)]
+    states = await writer.publish(second_run + [(stream, rid, done_entry("length", 3, 10))])
+    assert (states[rid].tokens, states[rid].terminal, states[rid].appended) == (10, True, 6)
+    entries = await read_stream(redis, stream)
+    assert tokens_of(entries) == list(range(10))
+    assert [e.index for e in entries[:-1]] == list(range(10))
+    assert entries[-1] == done_entry("length", 3, 10)
+
+
+async def test_only_the_first_terminal_entry_is_written(redis):
+    writer = ReplyWriter(redis)
+    rid = unique_name("req")
+    stream = f"lorafleet:out:{rid}"
+    await writer.publish([(stream, rid, token_entry("a", [7, 8], index=0)),
+                          (stream, rid, done_entry("stop", 2, 2))])
+    states = await writer.publish([(stream, rid, error_entry("internal_error", "late failure.")),
+                                   (stream, rid, token_entry("b", [9], index=2)),
+                                   (stream, rid, done_entry("stop", 2, 3))])
+    assert states[rid].appended == 0 and states[rid].terminal
+    entries = await read_stream(redis, stream)
+    assert entries == [token_entry("a", [7, 8], index=0), done_entry("stop", 2, 2)]
+    assert await writer.published_count(rid) == (2, True)
+
+
+async def test_out_of_sequence_tokens_are_refused(redis):
+    writer = ReplyWriter(redis)
+    rid = unique_name("req")
+    stream = f"lorafleet:out:{rid}"
+    await writer.publish([(stream, rid, token_entry("ab", [1, 2], index=0))])
+    states = await writer.publish([(stream, rid, token_entry("b", [2], index=1)),  # duplicate
+                                   (stream, rid, token_entry("bc", [2, 3], index=1)),  # partial overlap
+                                   (stream, rid, token_entry("d", [4], index=3))])  # gap
+    assert (states[rid].appended, states[rid].conflicts, states[rid].tokens) == (0, 2, 2)
+    assert len(await read_stream(redis, stream)) == 1
+    with pytest.raises(ValueError):
+        await writer.publish([(stream, rid, token_entry("", [], index=2))])
+
+
+async def test_one_round_trip_for_a_whole_step(redis):
+    writer = ReplyWriter(redis)
+    await writer.prepare()
+    ids = [unique_name("req") for _ in range(40)]
+    step = []
+    for rid in ids:  # one step: a token for each of 40 requests, a second one and done for some
+        step.append((f"lorafleet:out:{rid}", rid, token_entry("x", [1], index=0)))
+    for rid in ids[:10]:
+        step.append((f"lorafleet:out:{rid}", rid, token_entry("y", [2], index=1)))
+        step.append((f"lorafleet:out:{rid}", rid, done_entry("stop", 1, 2)))
+    await redis.config_resetstat()
+    before = writer.round_trips
+    states = await writer.publish(step)
+    assert writer.round_trips - before == 1
+    stats = await redis.info("commandstats")
+    assert stats["cmdstat_evalsha"]["calls"] == 40  # one script call per request, none per token
+    assert "cmdstat_script|exists" not in stats and "cmdstat_script|load" not in stats
+    assert stats["cmdstat_xadd"]["calls"] == 60  # the script's own appends
+    assert all(states[rid].terminal for rid in ids[:10]) and not any(states[rid].terminal for rid in ids[10:])
+
+
+async def test_script_reloaded_after_redis_lost_it(redis):
+    writer = ReplyWriter(redis)
+    rid = unique_name("req")
+    await writer.publish([(f"s:{rid}", rid, token_entry("a", [1], index=0))])
+    await redis.script_flush()
+    before = writer.round_trips
+    states = await writer.publish([(f"s:{rid}", rid, token_entry("b", [2], index=1))])
+    assert states[rid].tokens == 2 and writer.round_trips - before == 3  # NOSCRIPT, load, retry
+
+
+async def test_expiry_and_cap(redis):
+    writer = ReplyWriter(redis, maxlen=10, ttl_s=300)
+    rid = unique_name("req")
+    stream = f"lorafleet:out:{rid}"
+    await writer.publish([(stream, rid, token_entry("t", [i], index=i)) for i in range(500)])
+    await writer.publish([(stream, rid, done_entry("length", 1, 500))])
+    assert await redis.xlen(stream) < 500  # MAXLEN ~ trims whole nodes, approximately
+    assert 0 < await redis.ttl(stream) <= 300
+    assert 0 < await redis.ttl(state_key(rid)) <= 300
+    last = await redis.xrevrange(stream, count=1)
+    assert parse_entry(last[0][1]) == done_entry("length", 1, 500)
+
+
+async def test_a_refused_write_does_not_block_the_others(redis):
+    writer = ReplyWriter(redis)
+    good, bad = unique_name("req"), unique_name("req")
+    await redis.set(f"plain:{bad}", "not a stream")
+    states = await writer.publish([(f"plain:{bad}", bad, error_entry("invalid_request", "x.")),
+                                   (f"lorafleet:out:{good}", good, error_entry("invalid_request", "y."))])
+    assert states[bad].error and "WRONGTYPE" in states[bad].error
+    assert states[good].terminal and states[good].error is None
+    assert len(await read_stream(redis, f"lorafleet:out:{good}")) == 1
+
+
+async def test_unreachable_redis_gives_up_after_its_budget():
+    client = aioredis.from_url(f"redis://127.0.0.1:{free_port()}/0")
+    writer = ReplyWriter(client, retry_budget_s=0.3)
+    with pytest.raises(ReplyWriteError):
+        await writer.publish([("s", "r", error_entry("invalid_request", "x."))])
+    assert writer.round_trips >= 2  # it did retry
+    await client.aclose()
