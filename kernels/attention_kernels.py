@@ -51,7 +51,7 @@ def _key_rows(block_tables_row, offs_n, n_mask, block_size, page_elems, kv_width
     return tl.multiple_of(row, 16)  # P, n_kv * D and D are multiples of 16
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_heads", "num_splits"])
 def decode_attention_kernel(
     q_ptr, pool_layer, block_tables_ptr, seq_lens_ptr, query_start_ptr, part_out_ptr, part_lse_ptr, out_ptr,
     scale_log2, stride_q_t, stride_q_h, stride_bt_b, stride_o_t, stride_o_h,
@@ -112,7 +112,7 @@ def decode_attention_kernel(
         tl.store(part_lse_ptr + part, lse, mask=g_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_heads", "num_splits"])
 def decode_reduce_kernel(
     part_out_ptr, part_lse_ptr, query_start_ptr, out_ptr, n_heads, num_splits, stride_o_t, stride_o_h,
     HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr,
@@ -141,7 +141,7 @@ def decode_reduce_kernel(
     tl.store(out_ptr + tq * stride_o_t + h * stride_o_h + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["first_seq"])
 def prefill_attention_kernel(
     q_ptr, pool_layer, block_tables_ptr, seq_lens_ptr, query_start_ptr, out_ptr,
     scale_log2, first_seq, stride_q_t, stride_q_h, stride_bt_b, stride_o_t, stride_o_h,

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["G", "W"])
 def lora_plan_kernel(seg_len_ptr, work_seg_ptr, work_blk_ptr, G, W, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_G: tl.constexpr):
     """Work list of (segment, token block) pairs, computed on the device (no host sync).
 
@@ -78,11 +78,15 @@ def _paged_tile(pool_layer, pt_row_ptr, vpage, voff, cols, row_mask, max_pages, 
     return pool_layer + phys
 
 
-@triton.jit
+# Scalars whose value changes between calls but never needs specializing (fewer recompiles).
+_NO_SPECIALIZE = ["layer", "max_pages", "rank_cap", "M0", "M1", "M2", "M3"]
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE + ["num_rank_blocks"])
 def lora_shrink_kernel(
     x_ptr, u_ptr, pool_layer, page_table_ptr, ranks_ptr, a_off_ptr,
     work_seg_ptr, work_blk_ptr, seg_start_ptr, seg_len_ptr, seg_slot_ptr,
-    layer, K, max_pages, page_elems, rank_cap,
+    layer, K, max_pages, page_elems, rank_cap, num_rank_blocks,
     stride_x_t, stride_u_t, stride_u_m,
     stride_pt_s, stride_rank_s, stride_rank_l, stride_off_s,
     M0, M1, M2, M3,
@@ -97,11 +101,12 @@ def lora_shrink_kernel(
         u[start:start+len, i, :r] = (x[start:start+len].float() @ A.float().T).to(u.dtype)
 
     x: [T, K] (fp16/bf16/fp32), u: [T, n, R] same dtype, pre-zeroed by the caller.
-    Grid: (work items, n slices, cdiv(R, BLOCK_R)); writes u only where r > 0, rows of the block.
+    Grid: (n slices * cdiv(R, BLOCK_R), work items); writes u only where r > 0, rows of the block.
     """
-    w = tl.program_id(0)
-    i = tl.program_id(1)
-    rb = tl.program_id(2)
+    # Slices x rank blocks vary fastest: programs launched together share the x tile in L2.
+    i = tl.program_id(0) // num_rank_blocks
+    rb = tl.program_id(0) % num_rank_blocks
+    w = tl.program_id(1)
     g = tl.load(work_seg_ptr + w)
     if g < 0:
         return
@@ -141,15 +146,16 @@ def lora_shrink_kernel(
     tl.store(u_ptrs, acc.to(u_ptr.dtype.element_ty), mask=t_mask[:, None] & r_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE + ["num_col_blocks"])
 def lora_expand_kernel(
     y_ptr, u_ptr, pool_layer, page_table_ptr, ranks_ptr, scales_ptr, b_off_ptr,
     work_seg_ptr, work_blk_ptr, seg_start_ptr, seg_len_ptr, seg_slot_ptr,
-    layer, max_pages, page_elems, rank_cap,
+    layer, max_pages, page_elems, rank_cap, num_col_blocks,
     stride_y_t, stride_u_t, stride_u_m,
     stride_pt_s, stride_rank_s, stride_rank_l, stride_off_s,
     M0, M1, M2, M3, N0, N1, N2, N3, O0, O1, O2, O3,
-    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr, Y_ALIGNED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """y[t, o_i : o_i + N_i] += scale * u[t, i, :r] @ B_{m_i}[slot]^T, in place.
 
@@ -161,17 +167,20 @@ def lora_expand_kernel(
         y[rows, o_i:o_i+N_i] = (y[rows, o_i:o_i+N_i].float() + d).to(y.dtype)
 
     y: [T, N] (fp16/bf16/fp32, row stride free, unit column stride), u: [T, n, R].
-    Grid: (work items, n slices, max_i cdiv(N_i, BLOCK_N)); writes only the tile of y it owns.
+    Grid: (n slices * max_i cdiv(N_i, BLOCK_N), work items); writes only the tile of y it owns.
     """
-    w = tl.program_id(0)
-    i = tl.program_id(1)
-    nb = tl.program_id(2)
+    # Slices x column blocks vary fastest: programs launched together share the u tile and B in L2.
+    i = tl.program_id(0) // num_col_blocks
+    nb = tl.program_id(0) % num_col_blocks
+    w = tl.program_id(1)
     g = tl.load(work_seg_ptr + w)
     if g < 0:
         return
     slot = tl.load(seg_slot_ptr + g)
     m = _pick(i, M0, M1, M2, M3)
     n_out = _pick(i, N0, N1, N2, N3)
+    if ALIGNED:
+        n_out = tl.multiple_of(n_out, 16)  # lets the y and B^T masks stay uniform over 16-element runs
     # Clamped to u's rank capacity: a wrong batch.max_rank truncates instead of writing past u.
     rank = tl.minimum(tl.load(ranks_ptr + slot * stride_rank_s + layer * stride_rank_l + m), rank_cap)
     if (rank == 0) | (nb * BLOCK_N >= n_out):
@@ -198,6 +207,8 @@ def lora_expand_kernel(
         bt = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # [BR, BN]
         acc += tl.dot(ut, bt.to(ut.dtype), input_precision=DOT_PRECISION)
     o_i = _pick(i, O0, O1, O2, O3)
+    if Y_ALIGNED:
+        o_i = tl.multiple_of(o_i, 16)  # offsets and y's row stride are multiples of 16: vector y access
     y_ptrs = y_ptr + offs_t.to(tl.int64)[:, None] * stride_y_t + o_i + offs_n[None, :]
     y_mask = t_mask[:, None] & n_mask[None, :]
     y_old = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)

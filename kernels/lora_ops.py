@@ -35,6 +35,7 @@ from .checks import (
 
 MAX_FUSED = 4  # slices per launch (q/k/v needs 3)
 DECODE_MAX_SEG_LEN = 16
+MAX_GRID_Y = 65535  # CUDA's limit on the grid's second dimension (work items)
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,8 @@ class LoraTiles:
     shrink_block_k: int
     expand_block_r: int
     expand_block_n: int
-    num_warps: int
+    shrink_num_warps: int
+    expand_num_warps: int
 
 
 def choose_tiles(rank_cap: int, decode: bool, page_elems: int) -> LoraTiles:
@@ -55,8 +57,8 @@ def choose_tiles(rank_cap: int, decode: bool, page_elems: int) -> LoraTiles:
     if decode:
         bk = 256 if br <= 16 else (128 if br <= 64 else 64)
         ebr = min(br, 64)
-        return LoraTiles("decode", 16, br, min(bk, fit), ebr, min(256 if ebr <= 32 else 128, fit), 4)
-    return LoraTiles("prefill", 64, min(br, 64), min(64, fit), min(br, 64), min(128, fit), 4)
+        return LoraTiles("decode", 16, br, min(bk, fit), ebr, min(256 if ebr <= 32 else 128, fit), 4, 4)
+    return LoraTiles("prefill", 64, min(br, 64), min(64, fit), min(br, 64), min(128, fit), 4, 8)
 
 
 class TritonLoraOps:
@@ -94,16 +96,17 @@ class TritonLoraOps:
         tiles = self._tiles(ctx, rank_cap)
         work_seg, work_blk = self._work_list(ctx, num_tokens, tiles.block_t)
         widths = [k] + [tables.module_shapes[m][0] for m in modules]
-        grid = (work_seg.shape[0], len(modules), cdiv(rank_cap, tiles.shrink_block_r))
+        rank_blocks = cdiv(rank_cap, tiles.shrink_block_r)
+        grid = (len(modules) * rank_blocks, work_seg.shape[0])
         K.lora_shrink_kernel[grid](
             x, u, pool[layer], tables.page_table, tables.ranks, tables.a_off,
             work_seg, work_blk, batch.seg_start, batch.seg_len, batch.seg_slot,
-            layer, k, tables.page_table.shape[1], pool.shape[2], rank_cap,
+            layer, k, tables.page_table.shape[1], pool.shape[2], rank_cap, rank_blocks,
             x.stride(0), u.stride(0), u.stride(1),
             tables.page_table.stride(0), tables.ranks.stride(0), tables.ranks.stride(1), tables.a_off.stride(0),
             *_padded(modules),
             BLOCK_T=tiles.block_t, BLOCK_R=tiles.shrink_block_r, BLOCK_K=tiles.shrink_block_k,
-            ALIGNED=_aligned(pool, widths), DOT_PRECISION=_dot_precision(x.dtype), num_warps=tiles.num_warps,
+            ALIGNED=_aligned(pool, widths), DOT_PRECISION=_dot_precision(x.dtype), num_warps=tiles.shrink_num_warps,
         )  # fmt: skip
         return u
 
@@ -142,16 +145,18 @@ class TritonLoraOps:
             return
         tiles = self._tiles(ctx, u.shape[2])
         work_seg, work_blk = self._work_list(ctx, num_tokens, tiles.block_t)
-        grid = (work_seg.shape[0], len(modules), cdiv(max(widths), tiles.expand_block_n))
+        col_blocks = cdiv(max(widths), tiles.expand_block_n)
+        grid = (len(modules) * col_blocks, work_seg.shape[0])
         K.lora_expand_kernel[grid](
             y, u, pool[layer], tables.page_table, tables.ranks, tables.scales, tables.b_off,
             work_seg, work_blk, batch.seg_start, batch.seg_len, batch.seg_slot,
-            layer, tables.page_table.shape[1], pool.shape[2], u.shape[2],
+            layer, tables.page_table.shape[1], pool.shape[2], u.shape[2], col_blocks,
             y.stride(0), u.stride(0), u.stride(1),
             tables.page_table.stride(0), tables.ranks.stride(0), tables.ranks.stride(1), tables.b_off.stride(0),
             *_padded(modules), *_padded(widths), *_padded(out_offsets),
             BLOCK_T=tiles.block_t, BLOCK_R=tiles.expand_block_r, BLOCK_N=tiles.expand_block_n,
-            ALIGNED=_aligned(pool, widths), DOT_PRECISION=_dot_precision(y.dtype), num_warps=tiles.num_warps,
+            ALIGNED=_aligned(pool, widths), Y_ALIGNED=y.stride(0) % 16 == 0 and all(o % 16 == 0 for o in out_offsets),
+            DOT_PRECISION=_dot_precision(y.dtype), num_warps=tiles.expand_num_warps,
         )  # fmt: skip
 
     # -- helpers ---------------------------------------------------------------------------
@@ -188,10 +193,11 @@ class TritonLoraOps:
         if plan is None:
             num_segs = batch.seg_len.shape[0]
             num_work = cdiv(num_tokens, block_t) + num_segs
+            require(num_work <= MAX_GRID_Y, f"{num_tokens} tokens in {num_segs} segments exceed the grid limit ({MAX_GRID_Y} blocks)")
             work_seg = torch.empty(num_work, dtype=torch.int32, device=ctx.pool.device)
             work_blk = torch.empty(num_work, dtype=torch.int32, device=ctx.pool.device)
             K.lora_plan_kernel[(cdiv(num_work, 128),)](
-                batch.seg_len, work_seg, work_blk, num_segs, num_work, BLOCK_T=block_t, BLOCK_W=128, BLOCK_G=128
+                batch.seg_len, work_seg, work_blk, num_segs, num_work, BLOCK_T=block_t, BLOCK_W=128, BLOCK_G=32
             )
             plan = self._plans[key] = (work_seg, work_blk)
             if capturing:

@@ -40,14 +40,15 @@ def check_lora_case(ctx: LoraContext, num_tokens: int, dtype, seed: int, ops: Tr
                 assert not u.any()
 
             widths = [ctx.tables.module_shapes[m][1] for m in modules]
-            offsets = tuple(7 + sum(widths[:i]) for i in range(len(modules)))  # odd start, spare columns both sides
-            y0 = (torch.randn(num_tokens, sum(widths) + 16, generator=gen, device=device) * 2).to(dtype)
+            lead = 7 if layer == 0 else 16  # odd start (scalar y access) or 16-aligned (vector y access)
+            offsets = tuple(lead + sum(widths[:i]) for i in range(len(modules)))  # spare columns both sides
+            y0 = (torch.randn(num_tokens, sum(widths) + 32, generator=gen, device=device) * 2).to(dtype)
             y, y_ref = y0.clone(), y0.clone()
             u_in = u_ref if ops.max_rank is None else _pad_rank(u_ref, ops.max_rank)
             ops.expand(y, u_in, layer, modules, offsets, ctx)
             ref.expand(y_ref, u_ref, layer, modules, offsets, ctx)
             assert torch.equal(y[no_adapter], y0[no_adapter]), "expand touched rows of tokens without adapter"
-            assert torch.equal(y[:, :7], y0[:, :7]) and torch.equal(y[:, 7 + sum(widths) :], y0[:, 7 + sum(widths) :])
+            assert torch.equal(y[:, :lead], y0[:, :lead]) and torch.equal(y[:, lead + sum(widths) :], y0[:, lead + sum(widths) :])
             delta_ref = y_ref.double() - y0.double()
             if delta_ref.norm() > 0:
                 err = float((y.double() - y_ref.double()).norm() / delta_ref.norm())

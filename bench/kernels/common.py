@@ -1,0 +1,65 @@
+"""Shared pieces of the kernel microbenchmarks: timing with a cold L2, the measured ceilings, rows.
+
+Timing: triton.testing.do_bench (CUDA events, median), which clears the L2 cache before every
+repetition; its cache-clearing kernel also covers the host launch path of the call it times.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import triton.testing
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def time_ms(fn, warmup: int = 10, rep: int = 40) -> float:
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def measure_ceilings() -> dict:
+    """Device-to-device copy bandwidth (read + write) and bf16 matmul rate, measured here."""
+    src = torch.randn(2**29 // 2, device="cuda", dtype=torch.bfloat16)  # 512 MiB
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src))
+    copy_bps = 2 * src.numel() * 2 / (ms * 1e-3)
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = time_ms(lambda: a @ b)
+    flops = 2 * 8192**3 / (ms * 1e-3)
+    del src, dst, a, b
+    torch.cuda.empty_cache()
+    return {"copy_bytes_per_s": copy_bps, "bf16_matmul_flop_per_s": flops}
+
+
+@dataclass
+class Row:
+    bench: str  # e.g. "lora_decode"
+    config: dict
+    impl: str  # triton | torch_ref | bmm_padded | dense_matmul
+    ms: float
+    bytes: float = 0.0  # bytes the op must move (each input once, each output once)
+    flops: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def finish(self, ceilings: dict) -> "Row":
+        sec = self.ms * 1e-3
+        self.extra["bytes_per_s"] = self.bytes / sec if self.bytes else 0.0
+        self.extra["flop_per_s"] = self.flops / sec if self.flops else 0.0
+        self.extra["pct_bandwidth"] = 100 * self.extra["bytes_per_s"] / ceilings["copy_bytes_per_s"]
+        self.extra["pct_matmul"] = 100 * self.extra["flop_per_s"] / ceilings["bf16_matmul_flop_per_s"]
+        return self
+
+
+def write_json(path: Path, meta: dict, rows: list[Row]) -> None:
+    path.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
+
+
+def gb(x: float) -> str:
+    return f"{x / 1e9:.0f}"

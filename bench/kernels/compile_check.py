@@ -1,0 +1,124 @@
+"""Compile every kernel for Hopper (sm_90) on a machine without a GPU and report its resources.
+
+    python bench/kernels/compile_check.py
+
+Uses the ptxas bundled with Triton: catches compile errors before any device time is spent and
+shows registers, spills, shared memory and whether the paged loads became 16-byte vector loads
+(ld.global.v4 / cp.async 16) in the PTX.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from kernels import attention_kernels as A  # noqa: E402
+from kernels import lora_kernels as L  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+DIV16 = [["tt.divisibility", 16]]
+
+
+def compile_one(fn, args: dict, num_warps: int = 4):
+    """args: name -> type string ("*bf16", "i32", ...; a trailing '/16' marks divisible by 16) or constexpr value."""
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        spec = args[name]
+        if isinstance(spec, str) and (spec.startswith("*") or spec[:1] in "ifu"):
+            kind = spec.split("/")[0]
+            signature[name] = kind
+            if spec.startswith("*") or spec.endswith("/16"):
+                attrs[(i,)] = DIV16
+        else:
+            signature[name] = "constexpr"
+            constexprs[name] = spec
+    src = ASTSource(fn, signature, constexprs, attrs)
+    return triton.compile(src, target=TARGET, options={"num_warps": num_warps})
+
+
+def report(name: str, kernel) -> str:
+    ptx = kernel.asm["ptx"]
+    meta = kernel.metadata
+    vec = len(re.findall(r"ld\.global(?:\.\w+)*\.v4", ptx)) + len(re.findall(r"cp\.async\.\w+\.shared\.global \[[^]]+\], \[[^]]+\], 0x10", ptx))
+    scalar16 = len(re.findall(r"ld\.global(?:\.\w+)*\.b16", ptx))
+    usage = _resource_usage(kernel.asm["cubin"])
+    return f"{name:40s} {usage} smem={meta.shared:6d} vec16B_loads={vec:3d} b16_loads={scalar16:3d}"
+
+
+def _resource_usage(cubin: bytes) -> str:
+    """REG / STACK / spill figures from the cuobjdump that ships with Triton."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return f"regs={m.group(1):>3s} stack={m.group(2):>3s}" if m else "regs=?"
+
+
+def lora_cases(dtype: str):
+    common = {
+        "page_table_ptr": "*i32", "ranks_ptr": "*i32", "work_seg_ptr": "*i32", "work_blk_ptr": "*i32",
+        "seg_start_ptr": "*i32", "seg_len_ptr": "*i32", "seg_slot_ptr": "*i32", "pool_layer": f"*{dtype}",
+        "u_ptr": f"*{dtype}", "layer": "i32", "max_pages": "i32", "page_elems": "i32/16", "rank_cap": "i32/16",
+        "stride_u_t": "i32/16", "stride_u_m": "i32/16", "stride_pt_s": "i32", "stride_rank_s": "i32", "stride_rank_l": "i32",
+        "stride_off_s": "i32", "num_rank_blocks": "i32", "num_col_blocks": "i32", "M0": "i32", "M1": "i32", "M2": "i32", "M3": "i32", "ALIGNED": True,
+        "DOT_PRECISION": "tf32",
+    }  # fmt: skip
+    for tiles_name, bt, br, bk, ebr, ebn in (("decode r128", 16, 128, 64, 64, 128), ("decode r16", 16, 16, 256, 16, 256), ("prefill", 64, 64, 64, 64, 128)):
+        shrink = {**common, "x_ptr": f"*{dtype}", "a_off_ptr": "*i64", "K": "i32/16", "stride_x_t": "i32/16",
+                  "BLOCK_T": bt, "BLOCK_R": br, "BLOCK_K": bk}  # fmt: skip
+        yield f"lora_shrink {tiles_name}", L.lora_shrink_kernel, shrink
+        expand = {**common, "y_ptr": f"*{dtype}", "scales_ptr": "*fp32", "b_off_ptr": "*i64", "stride_y_t": "i32/16",
+                  "N0": "i32/16", "N1": "i32/16", "N2": "i32/16", "N3": "i32/16", "O0": "i32/16", "O1": "i32/16", "O2": "i32/16",
+                  "O3": "i32/16", "Y_ALIGNED": True, "BLOCK_T": bt, "BLOCK_R": ebr, "BLOCK_N": ebn}  # fmt: skip
+        yield f"lora_expand {tiles_name}", L.lora_expand_kernel, expand
+    yield "lora_plan", L.lora_plan_kernel, {"seg_len_ptr": "*i32", "work_seg_ptr": "*i32", "work_blk_ptr": "*i32", "G": "i32",
+                                            "W": "i32", "BLOCK_T": 16, "BLOCK_W": 128, "BLOCK_G": 32}  # fmt: skip
+
+
+def attention_cases(dtype: str):
+    common = {
+        "q_ptr": f"*{dtype}", "pool_layer": f"*{dtype}", "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32",
+        "query_start_ptr": "*i32", "out_ptr": f"*{dtype}", "scale_log2": "fp32", "stride_q_t": "i32/16", "stride_q_h": "i32/16",
+        "stride_bt_b": "i32", "stride_o_t": "i32/16", "stride_o_h": "i32/16", "block_size": "i32/16", "page_elems": "i32/16",
+        "kv_width": "i32/16", "DOT_PRECISION": "tf32",
+    }  # fmt: skip
+    for d, group in ((128, 1), (128, 4), (64, 8), (256, 4)):
+        dec = {**common, "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "n_heads": "i32", "chunk": "i32/16", "num_splits": "i32",
+               "GROUP": group, "GROUP_PAD": max(16, group), "HEAD_DIM": d, "BLOCK_N": 64 if d <= 128 else 32, "SINGLE_SPLIT": False}  # fmt: skip
+        yield f"decode_attention D{d} group{group}", A.decode_attention_kernel, dec
+        pre = {**common, "first_seq": "i32", "GROUP": group, "HEAD_DIM": d, "BLOCK_M": 64 if d <= 128 else 32, "BLOCK_N": 64 if d <= 128 else 32}
+        yield f"prefill_attention D{d} group{group}", A.prefill_attention_kernel, pre
+    yield "decode_reduce D128", A.decode_reduce_kernel, {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "query_start_ptr": "*i32",
+                                                         "out_ptr": f"*{dtype}", "n_heads": "i32", "num_splits": "i32", "stride_o_t": "i32/16",
+                                                         "stride_o_h": "i32/16", "HEAD_DIM": 128, "SPLITS_PAD": 16}  # fmt: skip
+    yield "write_kv 4096", A.write_kv_kernel, {"k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "pool_layer": f"*{dtype}", "slot_mapping_ptr": "*i64",
+                                               "stride_k_t": "i32/16", "stride_v_t": "i32/16", "block_size": "i32/16", "page_elems": "i32/16",
+                                               "kv_width": "i32/16", "BLOCK": 4096}  # fmt: skip
+
+
+def main() -> None:
+    failures = 0
+    for dtype in sys.argv[1:] or ("bf16",):
+        for name, fn, args in list(lora_cases(dtype)) + list(attention_cases(dtype)):
+            warps = 8 if ("D256" in name and "prefill" in name) or "expand prefill" in name else 4
+            try:
+                print(report(f"{name} {dtype}", compile_one(fn, args, warps)), flush=True)
+            except Exception as exc:  # noqa: BLE001 - report every failing kernel, then fail
+                failures += 1
+                print(f"{name} {dtype}: FAILED {type(exc).__name__}: {str(exc)[:2000]}", flush=True)
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
