@@ -50,7 +50,8 @@ def _adapter_root(zoo, tmp_path: Path, kind: str, s3_server) -> str:
 
 
 @asynccontextmanager
-async def running_stack(kafka_bootstrap, redis_url, model_dir: Path, root: str, shm: Path, s3_endpoint: str):
+async def running_stack(kafka_bootstrap, redis_url, model_dir: Path, root: str, shm: Path, s3_endpoint: str,
+                        with_engine: bool = True):
     topics = {k: unique_name(k) for k in ("requests", "dlq", "work")}
     store_addr = f"127.0.0.1:{free_port()}"
     env = {"LORAFLEET_S3_ENDPOINT": s3_endpoint, "LORAFLEET_S3_ALLOW_HTTP": "1"}
@@ -67,12 +68,14 @@ async def running_stack(kafka_bootstrap, redis_url, model_dir: Path, root: str, 
     store_ready = asyncio.Event()
     tasks = [asyncio.create_task(run_adapter_store(store_cfg, stop=stop, on_ready=lambda _a: store_ready.set()))]
     await asyncio.wait_for(store_ready.wait(), 60)
-    ready = [asyncio.Event(), asyncio.Event()]
+    ready = [asyncio.Event()]
     tasks.append(asyncio.create_task(run_ingest(ingest_cfg, stop=stop, ready=ready[0])))
-    tasks.append(asyncio.create_task(run_engine_service(engine_cfg, stop=stop, ready=ready[1])))
+    if with_engine:
+        ready.append(asyncio.Event())
+        tasks.append(asyncio.create_task(run_engine_service(engine_cfg, stop=stop, ready=ready[1])))
     try:
         await asyncio.wait_for(asyncio.gather(*(r.wait() for r in ready)), 120)
-        yield topics
+        yield {**topics, "store": store_addr}
     finally:
         stop.set()
         results = await asyncio.gather(*tasks, return_exceptions=True)
