@@ -167,18 +167,22 @@ class ReplyWriter:
             known[1].append(entry)
         if not groups:
             return {}
+        # Built (and checked) before anything is sent: a malformed entry writes nothing.
+        calls = [(request_id, stream, _script_args(group, self.maxlen, self.ttl_s))
+                 for request_id, (stream, group) in groups.items()]
         if not self._script_loaded:
             await self.prepare()
         states: dict[str, RequestState] = {}
-        pending = list(groups.items())
+        pending = calls
         while pending:
             results = await self._with_retries(lambda: self._run_pipeline(pending), "publish")
-            reload: list[tuple[str, tuple[str, list[ReplyEntry]]]] = []
-            for (request_id, group), result in zip(pending, results):
+            reload: list[tuple[str, str, list[Any]]] = []
+            for call, result in zip(pending, results):
+                request_id, stream = call[0], call[1]
                 if isinstance(result, redis_errors.NoScriptError):
-                    reload.append((request_id, group))  # Redis restarted and lost its script cache
+                    reload.append(call)  # Redis restarted and lost its script cache
                 elif isinstance(result, Exception):
-                    self._log.error("reply write refused", request_id=request_id, stream=group[0],
+                    self._log.error("reply write refused", request_id=request_id, stream=stream,
                                     error=repr(result))
                     states[request_id] = RequestState(0, False, error=str(result))
                 else:
@@ -192,12 +196,11 @@ class ReplyWriter:
             pending = reload
         return states
 
-    async def _run_pipeline(self, groups: list[tuple[str, tuple[str, list[ReplyEntry]]]]) -> list[Any]:
+    async def _run_pipeline(self, calls: list[tuple[str, str, list[Any]]]) -> list[Any]:
         self.round_trips += 1
         pipe = self.redis.pipeline(transaction=False)
-        for request_id, (stream, group_entries) in groups:
-            pipe.evalsha(_PUBLISH_SHA, 2, stream, state_key(request_id),
-                         *_script_args(group_entries, self.maxlen, self.ttl_s))
+        for request_id, stream, args in calls:
+            pipe.evalsha(_PUBLISH_SHA, 2, stream, state_key(request_id), *args)
         return await pipe.execute(raise_on_error=False)
 
     async def published_count(self, request_id: str) -> tuple[int, bool]:
