@@ -1,0 +1,61 @@
+"""On a GPU (bf16, Triton kernels): greedy output equals HF PEFT wherever the reference's top-2
+logit margin is clear of bf16 rounding. Skips without CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from services.engine.adapters.weights import load_peft_adapter_dir
+from services.engine.engine import EngineConfig, LLMEngine, SamplingParams, generated_ids
+from tests.zoo import ADAPTERS
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+MAX_TOKENS = 12
+MARGIN = 0.25  # logits closer than this at the top may flip under bf16 rounding
+
+
+@torch.inference_mode()
+def _hf_greedy_with_margins(model_dir, adapter_dir, prompt, n):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda()
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    ids, margins = list(prompt), []
+    for _ in range(n):
+        logits = model(torch.tensor([ids], device="cuda")).logits[0, -1].float()
+        top = logits.topk(2).values
+        margins.append(float(top[0] - top[1]))
+        ids.append(int(logits.argmax()))
+    return ids[len(prompt):], margins
+
+
+@pytest.mark.parametrize("model", ["mha", "gqa"])
+@pytest.mark.parametrize("ops", ["triton", "torch"])
+def test_bf16_greedy_matches_hf_peft_where_margins_are_clear(zoo, model, ops):
+    eng = LLMEngine(EngineConfig(model_dir=str(zoo.model(model)), device="cuda", dtype="bfloat16", num_pages=256, ops=ops))
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+    jobs = {}
+    for i, name in enumerate((None, *ADAPTERS)):
+        prompt = [(17 * i + 3 * j) % 500 + 4 for j in range(5 + 6 * i)]
+        w = None if name is None else load_peft_adapter_dir(zoo.adapter(model, name), eng.spec)
+        eng.add_request(f"r{i}", prompt_token_ids=prompt, params=params, adapter_id=name, adapter=w)
+        jobs[f"r{i}"] = (name, prompt)
+    results = eng.run_to_completion()
+    compared = 0
+    for rid, (name, prompt) in jobs.items():
+        want, margins = _hf_greedy_with_margins(zoo.model(model), name and zoo.adapter(model, name), prompt, MAX_TOKENS)
+        got = generated_ids(results[rid])
+        # Compare up to the first position whose reference margin is within bf16 noise.
+        for t, (g, w, m) in enumerate(zip(got, want, margins)):
+            if m < MARGIN:
+                break
+            assert g == w, f"{model}/{ops} {rid} ({name}) token {t}: engine {g} != HF {w} (margin {m:.3f})"
+            compared += 1
+    assert compared >= MAX_TOKENS * len(jobs) // 3, f"too few clear-margin tokens compared ({compared})"
