@@ -11,6 +11,7 @@ import re
 
 SEGMENT_MAX_CHARS = 64
 _SEGMENT = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_RULE = "a segment must be 1-64 characters of [A-Za-z0-9._-]"
 
 
 def validate_adapter_id(adapter_id: object) -> None:
@@ -24,12 +25,12 @@ def validate_adapter_id(adapter_id: object) -> None:
         if not segment:
             raise ValueError(f"{where} is empty (no leading, trailing or doubled '/')")
         if len(segment) > SEGMENT_MAX_CHARS:
-            raise ValueError(f"{where} has {len(segment)} characters; at most {SEGMENT_MAX_CHARS} are allowed")
+            raise ValueError(f"{where} has {len(segment)} characters, at most {SEGMENT_MAX_CHARS} are allowed: {_RULE}")
         if not _SEGMENT.fullmatch(segment):
             bad = sorted({c for c in segment if not re.fullmatch(r"[A-Za-z0-9._-]", c)})
-            raise ValueError(f"{where} holds characters {bad!r}; only letters, digits, '.', '_' and '-' are allowed")
+            raise ValueError(f"{where} holds characters {bad!r}: {_RULE}")
         if segment in (".", ".."):
-            raise ValueError(f"{where} is {segment!r}; '.' and '..' segments are not allowed")
+            raise ValueError(f"{where} is {segment!r}: a segment must not be '.' or '..'")
 
 
 def is_valid_adapter_id(adapter_id: object) -> bool:

@@ -19,8 +19,9 @@ from typing import Any
 
 import msgspec
 
+from services.adapter_store.ids import validate_adapter_id
+
 ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-ADAPTER_SEGMENT_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 DEFAULT_REPLY_PREFIX = "lorafleet:out:"
 # Internal per-request state of the reply writer; a user-chosen reply_stream may not land there.
 RESERVED_KEY_PREFIX = "lorafleet:state:"
@@ -106,15 +107,12 @@ def parse_request_id(raw: bytes | None) -> tuple[str | None, str | None]:
 
 
 def adapter_id_problem(value: str) -> str | None:
-    """Why `value` is not a valid adapter id (CONTRACT.md section 3), or None when it is."""
-    if not value:
-        return "adapter id must not be empty"
-    for number, segment in enumerate(value.split("/"), start=1):
-        if not ADAPTER_SEGMENT_PATTERN.fullmatch(segment):
-            return (f"segment {number} of adapter id {_show(value)} must be 1-64 characters of "
-                    f"[A-Za-z0-9._-]")
-        if segment in (".", ".."):
-            return f"segment {number} of adapter id {_show(value)} must not be '.' or '..'"
+    """Why `value` is not a valid adapter id (CONTRACT.md section 3), or None when it is.
+    One rule for the whole system: the adapter store's (services/adapter_store/ids.py)."""
+    try:
+        validate_adapter_id(value)
+    except ValueError as exc:
+        return str(exc)
     return None
 
 
