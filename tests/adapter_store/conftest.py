@@ -13,7 +13,6 @@ from safetensors.torch import load_file, save_file
 
 from services.demo.tiny_models import build_peft_adapter, build_tiny_model
 from services.engine.model_spec import ModelSpec
-from tests.s3_fixtures import s3_bucket, s3_server  # noqa: F401  (fixtures used by the tests here)
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
