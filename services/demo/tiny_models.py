@@ -12,6 +12,7 @@ produces different outputs and its tests notice.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -170,7 +171,20 @@ def build_peft_adapter(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir), safe_serialization=True)
+    normalize_adapter_config(out_dir)
     return out_dir
+
+
+def normalize_adapter_config(adapter_dir: Path, base_model_name: str | None = None) -> None:
+    """Make adapter_config.json byte-stable: PEFT keeps target_modules as a set, whose order
+    changes with PYTHONHASHSEED from one process to the next; optionally replace the base path."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    config = json.loads(path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    if base_model_name is not None:
+        config["base_model_name_or_path"] = base_model_name
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 @torch.no_grad()
