@@ -12,21 +12,14 @@ NOTE (CUDA graphs): with capture=True the number of splits comes from max_seq_le
 from __future__ import annotations
 
 import math
-from functools import lru_cache
-
 import torch
 
 from services.engine.ops.base import AttentionMeta
 
 from . import attention_kernels as A
-from .checks import cdiv, check_int_tensor, check_kernel_runnable, check_pool, check_same_device, next_pow2, require
+from .checks import cdiv, check_int_tensor, check_kernel_runnable, check_pool, check_same_device, next_pow2, num_sms
 
 LOG2E = 1.4426950408889634
-
-
-@lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 class TritonAttentionOps:
@@ -34,7 +27,7 @@ class TritonAttentionOps:
 
     capture: static-capacity mode (requires max_seq_len, the longest context a replay may have).
     split_keys: keys per decode split (rounded up to the key block); None picks enough splits to
-    give every multiprocessor two programs.
+    give every multiprocessor about four programs.
     """
 
     def __init__(self, *, capture: bool = False, max_seq_len: int | None = None, split_keys: int | None = None) -> None:
@@ -49,15 +42,19 @@ class TritonAttentionOps:
         """Store each new token's K/V at its slot (write_kv_kernel). k, v: [T, n_kv, head_dim]."""
         check_pool(pool, layer)
         check_kernel_runnable(A.write_kv_kernel, pool.device)
-        require(k.dim() == 3 and k.shape == v.shape, f"k and v must be [T, n_kv, D] alike, got {tuple(k.shape)} and {tuple(v.shape)}")
+        if not (k.dim() == 3 and k.shape == v.shape):
+            raise ValueError(f"k and v must be [T, n_kv, D] alike, got {tuple(k.shape)} and {tuple(v.shape)}")
         num_tokens, n_kv, head_dim = k.shape
         kv_width = n_kv * head_dim
-        require(pool.shape[2] == 2 * meta.block_size * kv_width, f"page_elems {pool.shape[2]} != 2 * block_size {meta.block_size} * n_kv {n_kv} * D {head_dim}")
+        if not (pool.shape[2] == 2 * meta.block_size * kv_width):
+            raise ValueError(f"page_elems {pool.shape[2]} != 2 * block_size {meta.block_size} * n_kv {n_kv} * D {head_dim}")
         for name, t in (("k", k), ("v", v)):
             check_same_device(t, name, pool.device)
-            require(t.stride(2) == 1 and t.stride(1) == head_dim, f"{name} rows [n_kv, D] must be contiguous")
+            if not (t.stride(2) == 1 and t.stride(1) == head_dim):
+                raise ValueError(f"{name} rows [n_kv, D] must be contiguous")
         check_int_tensor(meta.slot_mapping, "meta.slot_mapping", torch.int64, 1, pool.device)
-        require(meta.slot_mapping.shape[0] == num_tokens, f"meta.slot_mapping has {meta.slot_mapping.shape[0]} entries for {num_tokens} tokens")
+        if not (meta.slot_mapping.shape[0] == num_tokens):
+            raise ValueError(f"meta.slot_mapping has {meta.slot_mapping.shape[0]} entries for {num_tokens} tokens")
         if num_tokens == 0:
             return
         block = next_pow2(kv_width)
@@ -119,14 +116,15 @@ class TritonAttentionOps:
         """(keys per split, number of splits) from the context capacity, never from device values."""
         max_seq = self.max_seq_len if self.capture else meta.max_seq_len
         if not self.capture:
-            require(meta.max_seq_len >= 1, "meta.max_seq_len must be >= 1 when there are decodes")
+            if not (meta.max_seq_len >= 1):
+                raise ValueError("meta.max_seq_len must be >= 1 when there are decodes")
         else:
-            require(meta.max_seq_len <= self.max_seq_len, f"meta.max_seq_len {meta.max_seq_len} exceeds the capture capacity {self.max_seq_len}")
+            if not (meta.max_seq_len <= self.max_seq_len):
+                raise ValueError(f"meta.max_seq_len {meta.max_seq_len} exceeds the capture capacity {self.max_seq_len}")
         if self.split_keys is not None:
             chunk = self.split_keys
         else:
-            sms = _num_sms(device.index or 0) if device.type == "cuda" else 4
-            want = max(1, math.ceil(2 * sms / max(programs_per_split, 1)))
+            want = max(1, math.ceil(4 * num_sms(device) / max(programs_per_split, 1)))
             chunk = max(self.min_split_keys, cdiv(max_seq, want))
         chunk = cdiv(chunk, block_n) * block_n
         return chunk, cdiv(max(max_seq, 1), chunk)
@@ -134,21 +132,30 @@ class TritonAttentionOps:
     def _check_attend(self, q: torch.Tensor, pool: torch.Tensor, layer: int, meta: AttentionMeta) -> int:
         check_pool(pool, layer)
         check_kernel_runnable(A.decode_attention_kernel, pool.device)
-        require(q.dim() == 3, f"q must be [T, n_heads, D], got shape {tuple(q.shape)}")
+        if not (q.dim() == 3):
+            raise ValueError(f"q must be [T, n_heads, D], got shape {tuple(q.shape)}")
         check_same_device(q, "q", pool.device)
-        require(q.dtype == pool.dtype, f"q dtype {q.dtype} differs from the pool's {pool.dtype}")
+        if not (q.dtype == pool.dtype):
+            raise ValueError(f"q dtype {q.dtype} differs from the pool's {pool.dtype}")
         num_tokens, n_heads, head_dim = q.shape
-        require(head_dim in (16, 32, 64, 128, 256), f"head_dim {head_dim} is not a power of two in 16..256")
-        require(q.stride(2) == 1, "q must have unit stride along head_dim")
+        if not (head_dim in (16, 32, 64, 128, 256)):
+            raise ValueError(f"head_dim {head_dim} is not a power of two in 16..256")
+        if not (q.stride(2) == 1):
+            raise ValueError("q must have unit stride along head_dim")
         kv_unit = 2 * meta.block_size * head_dim
-        require(meta.block_size >= 1 and pool.shape[2] % kv_unit == 0, f"page_elems {pool.shape[2]} is not a multiple of 2 * block_size * D = {kv_unit}")
+        if not (meta.block_size >= 1 and pool.shape[2] % kv_unit == 0):
+            raise ValueError(f"page_elems {pool.shape[2]} is not a multiple of 2 * block_size * D = {kv_unit}")
         n_kv = pool.shape[2] // kv_unit
-        require(n_heads % n_kv == 0, f"n_heads {n_heads} is not a multiple of n_kv_heads {n_kv}")
+        if not (n_heads % n_kv == 0):
+            raise ValueError(f"n_heads {n_heads} is not a multiple of n_kv_heads {n_kv}")
         num_seqs = meta.seq_lens.shape[0]
         check_int_tensor(meta.seq_lens, "meta.seq_lens", torch.int32, 1, pool.device)
         check_int_tensor(meta.query_start, "meta.query_start", torch.int32, 1, pool.device)
         check_int_tensor(meta.block_tables, "meta.block_tables", torch.int32, 2, pool.device)
-        require(meta.query_start.shape[0] == num_seqs + 1, f"meta.query_start must have B+1 = {num_seqs + 1} entries")
-        require(meta.block_tables.shape[0] == num_seqs, f"meta.block_tables must have B = {num_seqs} rows")
-        require(0 <= meta.num_decodes <= num_seqs, f"meta.num_decodes {meta.num_decodes} out of range 0..{num_seqs}")
+        if not (meta.query_start.shape[0] == num_seqs + 1):
+            raise ValueError(f"meta.query_start must have B+1 = {num_seqs + 1} entries")
+        if not (meta.block_tables.shape[0] == num_seqs):
+            raise ValueError(f"meta.block_tables must have B = {num_seqs} rows")
+        if not (0 <= meta.num_decodes <= num_seqs):
+            raise ValueError(f"meta.num_decodes {meta.num_decodes} out of range 0..{num_seqs}")
         return n_kv

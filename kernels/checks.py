@@ -7,6 +7,8 @@ graph capture. Value-level invariants (slots in range, ranks <= the rank capacit
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -43,6 +45,16 @@ def check_int_tensor(t: torch.Tensor, name: str, dtype: torch.dtype, dim: int, d
 
 def check_same_device(t: torch.Tensor, name: str, device: torch.device) -> None:
     require(t.device == device, f"{name} is on {t.device}, the pool on {device}")
+
+
+@lru_cache(maxsize=None)
+def _device_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (4 for the CPU interpreter: small grids)."""
+    return _device_sms(device.index or 0) if device.type == "cuda" else 4
 
 
 def floor_pow2(n: int) -> int:

@@ -78,6 +78,29 @@ def _paged_tile(pool_layer, pt_row_ptr, vpage, voff, cols, row_mask, max_pages, 
     return pool_layer + phys
 
 
+@triton.jit
+def _row_two_pages(pt_row_ptr, v_row, row_mask, max_pages, page_elems):
+    """For rows that span at most two pages from virtual start v_row [R]: (base0, base1, split).
+
+    Element k of a row lives at base0 + k for k < split, else at base1 + k (pool_layer offsets).
+    Loading both page ids once per program keeps page-table loads out of the streaming loop.
+    """
+    vpage = v_row // page_elems
+    voff = v_row - vpage * page_elems
+    p0 = tl.load(pt_row_ptr + vpage, mask=row_mask, other=0).to(tl.int64)
+    p1 = tl.load(pt_row_ptr + vpage + 1, mask=row_mask & (vpage + 1 < max_pages), other=0).to(tl.int64)
+    return p0 * page_elems + voff, p1 * page_elems + voff - page_elems, page_elems - voff
+
+
+@triton.jit
+def _two_page_tile(pool_layer, base0, base1, split, k, ALIGNED: tl.constexpr):
+    """Pointers [R, C] to elements k [C] of rows described by _row_two_pages."""
+    phys = tl.where(k[None, :] < split[:, None], base0[:, None] + k[None, :], base1[:, None] + k[None, :])
+    if ALIGNED:
+        phys = tl.max_contiguous(tl.multiple_of(phys, [1, 16]), [1, 16])
+    return pool_layer + phys
+
+
 # Scalars whose value changes between calls but never needs specializing (fewer recompiles).
 _NO_SPECIALIZE = ["layer", "max_pages", "rank_cap", "M0", "M1", "M2", "M3"]
 
@@ -90,7 +113,8 @@ def lora_shrink_kernel(
     stride_x_t, stride_u_t, stride_u_m,
     stride_pt_s, stride_rank_s, stride_rank_l, stride_off_s,
     M0, M1, M2, M3,
-    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ALIGNED: tl.constexpr, ROW_IN_TWO_PAGES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """u[t, i, :r] = x[t] @ A_{m_i}[slot]^T for the tokens of one (segment, token block).
 
@@ -123,39 +147,47 @@ def lora_shrink_kernel(
     r_mask = offs_r < rank
     cols = tl.arange(0, BLOCK_K)
 
-    # Page cursor of each row of A: virtual start a_off + row * K, as (page index, offset).
+    # Virtual start of each row of A: a_off + row * K.
     v_row = tl.load(a_off_ptr + slot * stride_off_s + m) + offs_r.to(tl.int64) * K  # [BR]
-    vpage = v_row // page_elems
-    voff = v_row - vpage * page_elems
     pt_row = page_table_ptr + slot.to(tl.int64) * stride_pt_s
     x_rows = x_ptr + offs_t.to(tl.int64)[:, None] * stride_x_t
-
     acc = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_mask = (k0 + cols) < K
-        xt = tl.load(x_rows + (k0 + cols)[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0)  # [BT, BK]
-        a_ptrs = _paged_tile(pool_layer, pt_row, vpage, voff, cols, r_mask, max_pages, page_elems, ALIGNED)
-        at = tl.load(a_ptrs, mask=r_mask[:, None] & k_mask[None, :], other=0.0)  # [BR, BK]
-        acc += tl.dot(xt, tl.trans(at).to(xt.dtype), input_precision=DOT_PRECISION)
-        # Advance each row's cursor by BLOCK_K (<= P) elements: at most one page boundary.
-        voff += BLOCK_K
-        wrapped = voff >= page_elems
-        voff = tl.where(wrapped, voff - page_elems, voff)
-        vpage += wrapped.to(tl.int64)
+    if ROW_IN_TWO_PAGES:  # K <= P: page ids loaded once, the K loop only streams x and A
+        base0, base1, split = _row_two_pages(pt_row, v_row, r_mask, max_pages, page_elems)
+        for k0 in range(0, K, BLOCK_K):
+            k_mask = (k0 + cols) < K
+            xt = tl.load(x_rows + (k0 + cols)[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0)  # [BT, BK]
+            a_ptrs = _two_page_tile(pool_layer, base0, base1, split, k0 + cols, ALIGNED)
+            at = tl.load(a_ptrs, mask=r_mask[:, None] & k_mask[None, :], other=0.0)  # [BR, BK]
+            acc += tl.dot(xt, tl.trans(at).to(xt.dtype), input_precision=DOT_PRECISION)
+    else:  # long rows: a (page, offset) cursor per row, two page ids per chunk
+        vpage = v_row // page_elems
+        voff = v_row - vpage * page_elems
+        for k0 in range(0, K, BLOCK_K):
+            k_mask = (k0 + cols) < K
+            xt = tl.load(x_rows + (k0 + cols)[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0)
+            a_ptrs = _paged_tile(pool_layer, pt_row, vpage, voff, cols, r_mask, max_pages, page_elems, ALIGNED)
+            at = tl.load(a_ptrs, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+            acc += tl.dot(xt, tl.trans(at).to(xt.dtype), input_precision=DOT_PRECISION)
+            # Advance each row's cursor by BLOCK_K (<= P) elements: at most one page boundary.
+            voff += BLOCK_K
+            wrapped = voff >= page_elems
+            voff = tl.where(wrapped, voff - page_elems, voff)
+            vpage += wrapped.to(tl.int64)
     u_ptrs = u_ptr + offs_t.to(tl.int64)[:, None] * stride_u_t + i * stride_u_m + offs_r[None, :]
     tl.store(u_ptrs, acc.to(u_ptr.dtype.element_ty), mask=t_mask[:, None] & r_mask[None, :])
 
 
-@triton.jit(do_not_specialize=_NO_SPECIALIZE + ["num_col_blocks"])
+@triton.jit(do_not_specialize=_NO_SPECIALIZE + ["num_col_splits"])
 def lora_expand_kernel(
     y_ptr, u_ptr, pool_layer, page_table_ptr, ranks_ptr, scales_ptr, b_off_ptr,
     work_seg_ptr, work_blk_ptr, seg_start_ptr, seg_len_ptr, seg_slot_ptr,
-    layer, max_pages, page_elems, rank_cap, num_col_blocks,
+    layer, max_pages, page_elems, rank_cap, num_col_splits, cols_per_split,
     stride_y_t, stride_u_t, stride_u_m,
     stride_pt_s, stride_rank_s, stride_rank_l, stride_off_s,
     M0, M1, M2, M3, N0, N1, N2, N3, O0, O1, O2, O3,
     BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr, Y_ALIGNED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    ROW_IN_TWO_PAGES: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """y[t, o_i : o_i + N_i] += scale * u[t, i, :r] @ B_{m_i}[slot]^T, in place.
 
@@ -166,12 +198,14 @@ def lora_expand_kernel(
         d = (u[rows, i, :r].float() @ Bt.float()) * scales[s, layer, m_i]
         y[rows, o_i:o_i+N_i] = (y[rows, o_i:o_i+N_i].float() + d).to(y.dtype)
 
-    y: [T, N] (fp16/bf16/fp32, row stride free, unit column stride), u: [T, n, R].
-    Grid: (n slices * max_i cdiv(N_i, BLOCK_N), work items); writes only the tile of y it owns.
+    y: [T, N] (fp16/bf16/fp32, row stride free, unit column stride), u: [T, n, R] with R <= BLOCK_R.
+    Grid: (n slices * num_col_splits, work items). A program owns columns
+    [cs * cols_per_split, (cs + 1) * cols_per_split) of one slice for one token block and streams
+    them in BLOCK_N chunks (u loaded once, page ids once): long programs keep loads in flight.
     """
-    # Slices x column blocks vary fastest: programs launched together share the u tile and B in L2.
-    i = tl.program_id(0) // num_col_blocks
-    nb = tl.program_id(0) % num_col_blocks
+    # Slices x column splits vary fastest: programs launched together share the u tile and B in L2.
+    i = tl.program_id(0) // num_col_splits
+    cs = tl.program_id(0) % num_col_splits
     w = tl.program_id(1)
     g = tl.load(work_seg_ptr + w)
     if g < 0:
@@ -181,35 +215,51 @@ def lora_expand_kernel(
     n_out = _pick(i, N0, N1, N2, N3)
     if ALIGNED:
         n_out = tl.multiple_of(n_out, 16)  # lets the y and B^T masks stay uniform over 16-element runs
-    # Clamped to u's rank capacity: a wrong batch.max_rank truncates instead of writing past u.
+    # Clamped to u's rank capacity: a wrong batch.max_rank truncates instead of reading past u.
     rank = tl.minimum(tl.load(ranks_ptr + slot * stride_rank_s + layer * stride_rank_l + m), rank_cap)
-    if (rank == 0) | (nb * BLOCK_N >= n_out):
+    c_start = cs * cols_per_split
+    if (rank == 0) | (c_start >= n_out):
         return
+    c_end = tl.minimum(c_start + cols_per_split, n_out)
     scale = tl.load(scales_ptr + slot * stride_rank_s + layer * stride_rank_l + m)
     t_end = tl.load(seg_start_ptr + g) + tl.load(seg_len_ptr + g)
     offs_t = tl.load(seg_start_ptr + g) + tl.load(work_blk_ptr + w) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = offs_t < t_end
-    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < n_out
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
     cols = tl.arange(0, BLOCK_N)
-    b_start = tl.load(b_off_ptr + slot * stride_off_s + m) + nb * BLOCK_N
-    pt_row = page_table_ptr + slot.to(tl.int64) * stride_pt_s
-    u_rows = u_ptr + offs_t.to(tl.int64)[:, None] * stride_u_t + i * stride_u_m
-
-    acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-    for r0 in range(0, rank, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        r_mask = offs_r < rank
-        ut = tl.load(u_rows + offs_r[None, :], mask=t_mask[:, None] & r_mask[None, :], other=0.0)  # [BT, BR]
-        v_row = b_start + offs_r.to(tl.int64) * n_out  # [BR] virtual start of this tile's row chunk
-        vpage = v_row // page_elems
-        b_ptrs = _paged_tile(pool_layer, pt_row, vpage, v_row - vpage * page_elems, cols, r_mask, max_pages, page_elems, ALIGNED)
-        bt = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # [BR, BN]
-        acc += tl.dot(ut, bt.to(ut.dtype), input_precision=DOT_PRECISION)
+    ut = tl.load(
+        u_ptr + offs_t.to(tl.int64)[:, None] * stride_u_t + i * stride_u_m + offs_r[None, :],
+        mask=t_mask[:, None] & r_mask[None, :], other=0.0,
+    )  # [BT, BR]
     o_i = _pick(i, O0, O1, O2, O3)
     if Y_ALIGNED:
         o_i = tl.multiple_of(o_i, 16)  # offsets and y's row stride are multiples of 16: vector y access
-    y_ptrs = y_ptr + offs_t.to(tl.int64)[:, None] * stride_y_t + o_i + offs_n[None, :]
-    y_mask = t_mask[:, None] & n_mask[None, :]
-    y_old = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
-    tl.store(y_ptrs, (y_old + acc * scale).to(y_ptr.dtype.element_ty), mask=y_mask)
+    y_rows = y_ptr + offs_t.to(tl.int64)[:, None] * stride_y_t + o_i
+    pt_row = page_table_ptr + slot.to(tl.int64) * stride_pt_s
+    v_row = tl.load(b_off_ptr + slot * stride_off_s + m) + offs_r.to(tl.int64) * n_out + c_start  # [BR]
+    if ROW_IN_TWO_PAGES:  # N_i <= P for every slice: page ids loaded once
+        base0, base1, split = _row_two_pages(pt_row, v_row, r_mask, max_pages, page_elems)
+        for n0 in range(c_start, c_end, BLOCK_N):
+            n_mask = (n0 + cols) < c_end
+            b_ptrs = _two_page_tile(pool_layer, base0, base1, split, (n0 - c_start) + cols, ALIGNED)
+            bt = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # [BR, BN]
+            acc = tl.dot(ut, bt.to(ut.dtype), input_precision=DOT_PRECISION)  # [BT, BN]
+            y_mask = t_mask[:, None] & n_mask[None, :]
+            y_old = tl.load(y_rows + (n0 + cols)[None, :], mask=y_mask, other=0.0).to(tl.float32)
+            tl.store(y_rows + (n0 + cols)[None, :], (y_old + acc * scale).to(y_ptr.dtype.element_ty), mask=y_mask)
+    else:  # long rows: a (page, offset) cursor per row, advanced by BLOCK_N (<= P) per chunk
+        vpage = v_row // page_elems
+        voff = v_row - vpage * page_elems
+        for n0 in range(c_start, c_end, BLOCK_N):
+            n_mask = (n0 + cols) < c_end
+            b_ptrs = _paged_tile(pool_layer, pt_row, vpage, voff, cols, r_mask, max_pages, page_elems, ALIGNED)
+            bt = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = tl.dot(ut, bt.to(ut.dtype), input_precision=DOT_PRECISION)
+            y_mask = t_mask[:, None] & n_mask[None, :]
+            y_old = tl.load(y_rows + (n0 + cols)[None, :], mask=y_mask, other=0.0).to(tl.float32)
+            tl.store(y_rows + (n0 + cols)[None, :], (y_old + acc * scale).to(y_ptr.dtype.element_ty), mask=y_mask)
+            voff += BLOCK_N
+            wrapped = voff >= page_elems
+            voff = tl.where(wrapped, voff - page_elems, voff)
+            vpage += wrapped.to(tl.int64)

@@ -30,11 +30,12 @@ from .checks import (
     check_same_device,
     floor_pow2,
     next_pow2,
-    require,
+    num_sms,
 )
 
 MAX_FUSED = 4  # slices per launch (q/k/v needs 3)
 DECODE_MAX_SEG_LEN = 16
+MAX_RANK = 256
 MAX_GRID_Y = 65535  # CUDA's limit on the grid's second dimension (work items)
 
 
@@ -44,7 +45,7 @@ class LoraTiles:
     block_t: int
     shrink_block_r: int
     shrink_block_k: int
-    expand_block_r: int
+    expand_block_r: int  # >= the rank capacity: expand handles a whole rank per program
     expand_block_n: int
     shrink_num_warps: int
     expand_num_warps: int
@@ -52,13 +53,17 @@ class LoraTiles:
 
 def choose_tiles(rank_cap: int, decode: bool, page_elems: int) -> LoraTiles:
     """Tile sizes for a rank capacity; K/N chunks never exceed a page (<= 2 pages per chunk)."""
-    br = min(max(next_pow2(rank_cap), 16), 128)
+    if not (rank_cap <= MAX_RANK):
+        raise ValueError(f"rank capacity {rank_cap} exceeds the largest supported rank {MAX_RANK}")
+    pow2 = max(next_pow2(rank_cap), 16)
     fit = floor_pow2(page_elems)
+    expand_n = min(256, max(16, 8192 // pow2), fit)  # B^T tile of about 8K elements
     if decode:
+        br = min(pow2, 128)
         bk = 256 if br <= 16 else (128 if br <= 64 else 64)
-        ebr = min(br, 64)
-        return LoraTiles("decode", 16, br, min(bk, fit), ebr, min(256 if ebr <= 32 else 128, fit), 4, 4)
-    return LoraTiles("prefill", 64, min(br, 64), min(64, fit), min(br, 64), min(128, fit), 4, 8)
+        return LoraTiles("decode", 16, br, min(bk, fit), pow2, expand_n, 4, 4)
+    br = min(pow2, 64)
+    return LoraTiles("prefill", 64, br, min(128 if br <= 32 else 64, fit), pow2, expand_n, 4, 8)
 
 
 class TritonLoraOps:
@@ -75,6 +80,9 @@ class TritonLoraOps:
         self._plan_batch = None  # the LoraBatch whose work lists are cached in _plans
         self._plans: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._captured: list[tuple[torch.Tensor, torch.Tensor]] = []  # kept alive for graph replays
+        self._validated: tuple = ()  # the objects _check_common last checked
+        self._views_of: torch.Tensor | None = None
+        self._views: list[torch.Tensor] = []
 
     # -- interface -------------------------------------------------------------------------
 
@@ -82,13 +90,17 @@ class TritonLoraOps:
         """u[t, i, :r] = x[t] @ A_{modules[i]}^T of token t's adapter (see lora_shrink_kernel)."""
         pool, tables, batch = ctx.pool, ctx.tables, ctx.batch
         self._check_common(pool, layer, modules, ctx)
-        require(x.dim() == 2, f"x must be [T, K], got shape {tuple(x.shape)}")
-        require(x.dtype == pool.dtype, f"x dtype {x.dtype} differs from the pool's {pool.dtype}")
+        if not (x.dim() == 2):
+            raise ValueError(f"x must be [T, K], got shape {tuple(x.shape)}")
+        if not (x.dtype == pool.dtype):
+            raise ValueError(f"x dtype {x.dtype} differs from the pool's {pool.dtype}")
         check_same_device(x, "x", pool.device)
-        require(x.stride(1) == 1, "x must have unit stride along K")
+        if not (x.stride(1) == 1):
+            raise ValueError("x must have unit stride along K")
         num_tokens, k = x.shape
         for m in modules:
-            require(tables.module_shapes[m][0] == k, f"module {m} takes in_features {tables.module_shapes[m][0]}, x has K={k}")
+            if not (tables.module_shapes[m][0] == k):
+                raise ValueError(f"module {m} takes in_features {tables.module_shapes[m][0]}, x has K={k}")
         rank_cap = self._rank_cap(batch.max_rank)
         u = torch.zeros(num_tokens, len(modules), rank_cap, dtype=x.dtype, device=x.device)
         if not self._has_work(ctx, num_tokens):
@@ -99,14 +111,15 @@ class TritonLoraOps:
         rank_blocks = cdiv(rank_cap, tiles.shrink_block_r)
         grid = (len(modules) * rank_blocks, work_seg.shape[0])
         K.lora_shrink_kernel[grid](
-            x, u, pool[layer], tables.page_table, tables.ranks, tables.a_off,
+            x, u, self._layer_view(pool, layer), tables.page_table, tables.ranks, tables.a_off,
             work_seg, work_blk, batch.seg_start, batch.seg_len, batch.seg_slot,
             layer, k, tables.page_table.shape[1], pool.shape[2], rank_cap, rank_blocks,
             x.stride(0), u.stride(0), u.stride(1),
             tables.page_table.stride(0), tables.ranks.stride(0), tables.ranks.stride(1), tables.a_off.stride(0),
             *_padded(modules),
             BLOCK_T=tiles.block_t, BLOCK_R=tiles.shrink_block_r, BLOCK_K=tiles.shrink_block_k,
-            ALIGNED=_aligned(pool, widths), DOT_PRECISION=_dot_precision(x.dtype), num_warps=tiles.shrink_num_warps,
+            ALIGNED=_aligned(pool, widths), ROW_IN_TWO_PAGES=k <= pool.shape[2],
+            DOT_PRECISION=_dot_precision(x.dtype), num_warps=tiles.shrink_num_warps,
         )  # fmt: skip
         return u
 
@@ -122,48 +135,53 @@ class TritonLoraOps:
         """y[t, off_i : off_i + out_i] += scale_i * u[t, i, :r_i] @ B_i^T in place (lora_expand_kernel)."""
         pool, tables, batch = ctx.pool, ctx.tables, ctx.batch
         self._check_common(pool, layer, modules, ctx)
-        require(y.dim() == 2, f"y must be [T, N], got shape {tuple(y.shape)}")
-        require(y.dtype == pool.dtype, f"y dtype {y.dtype} differs from the pool's {pool.dtype}")
-        require(y.stride(1) == 1, "y must have unit stride along N")
+        if not (y.dim() == 2):
+            raise ValueError(f"y must be [T, N], got shape {tuple(y.shape)}")
+        if not (y.dtype == pool.dtype):
+            raise ValueError(f"y dtype {y.dtype} differs from the pool's {pool.dtype}")
+        if not (y.stride(1) == 1):
+            raise ValueError("y must have unit stride along N")
         check_same_device(y, "y", pool.device)
         check_same_device(u, "u", pool.device)
         num_tokens = y.shape[0]
-        require(
-            u.dim() == 3 and u.shape[0] == num_tokens and u.shape[1] == len(modules),
-            f"u must be [T={num_tokens}, n={len(modules)}, R], got shape {tuple(u.shape)}",
-        )
-        require(
-            u.is_contiguous() and u.dtype == y.dtype,
-            f"u must be contiguous with y's dtype {y.dtype}; got {u.dtype}, contiguous={u.is_contiguous()}",
-        )
-        require(batch.max_rank <= u.shape[2], f"batch.max_rank {batch.max_rank} exceeds u's rank capacity {u.shape[2]}")
-        require(len(out_offsets) == len(modules), f"{len(out_offsets)} out_offsets for {len(modules)} modules")
+        if not (u.dim() == 3 and u.shape[0] == num_tokens and u.shape[1] == len(modules)):
+            raise ValueError(f"u must be [T={num_tokens}, n={len(modules)}, R], got shape {tuple(u.shape)}")
+        if not (u.is_contiguous() and u.dtype == y.dtype):
+            raise ValueError(f"u must be contiguous with y's dtype {y.dtype}; got {u.dtype}, contiguous={u.is_contiguous()}")
+        if not (batch.max_rank <= u.shape[2]):
+            raise ValueError(f"batch.max_rank {batch.max_rank} exceeds u's rank capacity {u.shape[2]}")
+        if not (u.shape[2] <= MAX_RANK):
+            raise ValueError(f"u's rank capacity {u.shape[2]} exceeds the largest supported rank {MAX_RANK}")
+        if not (len(out_offsets) == len(modules)):
+            raise ValueError(f"{len(out_offsets)} out_offsets for {len(modules)} modules")
         widths = [tables.module_shapes[m][1] for m in modules]
         for m, off, n_out in zip(modules, out_offsets, widths):
-            require(0 <= off and off + n_out <= y.shape[1], f"module {m} writes y[:, {off}:{off + n_out}] past N={y.shape[1]}")
+            if not (0 <= off and off + n_out <= y.shape[1]):
+                raise ValueError(f"module {m} writes y[:, {off}:{off + n_out}] past N={y.shape[1]}")
         if not self._has_work(ctx, num_tokens):
             return
         tiles = self._tiles(ctx, u.shape[2])
         work_seg, work_blk = self._work_list(ctx, num_tokens, tiles.block_t)
-        col_blocks = cdiv(max(widths), tiles.expand_block_n)
-        grid = (len(modules) * col_blocks, work_seg.shape[0])
-        K.lora_expand_kernel[grid](
-            y, u, pool[layer], tables.page_table, tables.ranks, tables.scales, tables.b_off,
+        num_work = work_seg.shape[0]
+        col_splits, cols_per_split = _column_splits(max(widths), tiles.expand_block_n, num_work * len(modules), pool.device)
+        K.lora_expand_kernel[(len(modules) * col_splits, num_work)](
+            y, u, self._layer_view(pool, layer), tables.page_table, tables.ranks, tables.scales, tables.b_off,
             work_seg, work_blk, batch.seg_start, batch.seg_len, batch.seg_slot,
-            layer, tables.page_table.shape[1], pool.shape[2], u.shape[2], col_blocks,
+            layer, tables.page_table.shape[1], pool.shape[2], u.shape[2], col_splits, cols_per_split,
             y.stride(0), u.stride(0), u.stride(1),
             tables.page_table.stride(0), tables.ranks.stride(0), tables.ranks.stride(1), tables.b_off.stride(0),
             *_padded(modules), *_padded(widths), *_padded(out_offsets),
             BLOCK_T=tiles.block_t, BLOCK_R=tiles.expand_block_r, BLOCK_N=tiles.expand_block_n,
             ALIGNED=_aligned(pool, widths), Y_ALIGNED=y.stride(0) % 16 == 0 and all(o % 16 == 0 for o in out_offsets),
-            DOT_PRECISION=_dot_precision(y.dtype), num_warps=tiles.expand_num_warps,
+            ROW_IN_TWO_PAGES=max(widths) <= pool.shape[2], DOT_PRECISION=_dot_precision(y.dtype), num_warps=tiles.expand_num_warps,
         )  # fmt: skip
 
     # -- helpers ---------------------------------------------------------------------------
 
     def _rank_cap(self, batch_max_rank: int) -> int:
         if self.capture:
-            require(batch_max_rank <= self.max_rank, f"batch.max_rank {batch_max_rank} exceeds the capture capacity {self.max_rank}")
+            if not (batch_max_rank <= self.max_rank):
+                raise ValueError(f"batch.max_rank {batch_max_rank} exceeds the capture capacity {self.max_rank}")
             return self.max_rank
         return max(batch_max_rank, 1)
 
@@ -193,7 +211,8 @@ class TritonLoraOps:
         if plan is None:
             num_segs = batch.seg_len.shape[0]
             num_work = cdiv(num_tokens, block_t) + num_segs
-            require(num_work <= MAX_GRID_Y, f"{num_tokens} tokens in {num_segs} segments exceed the grid limit ({MAX_GRID_Y} blocks)")
+            if not (num_work <= MAX_GRID_Y):
+                raise ValueError(f"{num_tokens} tokens in {num_segs} segments exceed the grid limit ({MAX_GRID_Y} blocks)")
             work_seg = torch.empty(num_work, dtype=torch.int32, device=ctx.pool.device)
             work_blk = torch.empty(num_work, dtype=torch.int32, device=ctx.pool.device)
             K.lora_plan_kernel[(cdiv(num_work, 128),)](
@@ -204,27 +223,57 @@ class TritonLoraOps:
                 self._captured.append(plan)
         return plan
 
+    def _layer_view(self, pool: torch.Tensor, layer: int) -> torch.Tensor:
+        """pool[layer], cached per pool (a view per call costs host time on every launch)."""
+        if self._views_of is not pool:
+            self._views_of, self._views = pool, [pool[i] for i in range(pool.shape[0])]
+        return self._views[layer]
+
     def _check_common(self, pool: torch.Tensor, layer: int, modules: tuple[int, ...], ctx: LoraContext) -> None:
+        if not (0 <= layer < pool.shape[0]):
+            raise ValueError(f"layer {layer} out of range [0, {pool.shape[0]})")
+        if not (1 <= len(modules) <= MAX_FUSED):
+            raise ValueError(f"{len(modules)} modules fused; 1..{MAX_FUSED} supported")
+        if not (all(0 <= m < 7 for m in modules)):
+            raise ValueError(f"module indices {modules} out of range 0..6")
+        t, b = ctx.tables, ctx.batch
+        # NOTE: the pool, tables and batch tensors are checked once per set of objects (every layer
+        # and call of a step reuses them); a replaced tensor is a new object and is checked again.
+        key = (pool, t.page_table, t.ranks, t.scales, t.a_off, t.b_off, b.seg_start, b.seg_len, b.seg_slot)
+        if len(key) == len(self._validated) and all(a is c for a, c in zip(key, self._validated)):
+            return
         check_pool(pool, layer)
         check_kernel_runnable(K.lora_shrink_kernel, pool.device)
-        require(1 <= len(modules) <= MAX_FUSED, f"{len(modules)} modules fused; 1..{MAX_FUSED} supported")
-        require(all(0 <= m < 7 for m in modules), f"module indices {modules} out of range 0..6")
-        require(pool.shape[2] >= 16, f"page_elems {pool.shape[2]} < 16")
-        t, b = ctx.tables, ctx.batch
+        if not (pool.shape[2] >= 16):
+            raise ValueError(f"page_elems {pool.shape[2]} < 16")
         num_layers = pool.shape[0]
         check_int_tensor(t.page_table, "tables.page_table", torch.int32, 2, pool.device)
         check_int_tensor(t.ranks, "tables.ranks", torch.int32, 3, pool.device)
         check_int_tensor(t.a_off, "tables.a_off", torch.int64, 2, pool.device)
         check_int_tensor(t.b_off, "tables.b_off", torch.int64, 2, pool.device)
         num_slots = t.page_table.shape[0]
-        require(t.ranks.shape == (num_slots, num_layers, 7), f"tables.ranks must be [S={num_slots}, L={num_layers}, 7], got {tuple(t.ranks.shape)}")
-        require(t.scales.shape == t.ranks.shape and t.scales.dtype == torch.float32 and t.scales.is_contiguous(),
-                "tables.scales must be a contiguous float32 tensor shaped like tables.ranks")  # fmt: skip
-        require(t.a_off.shape == (num_slots, 7) and t.b_off.shape == (num_slots, 7), "tables.a_off/b_off must be [S, 7]")
-        require(len(t.module_shapes) == 7, "tables.module_shapes must list the 7 modules")
+        if not (t.ranks.shape == (num_slots, num_layers, 7)):
+            raise ValueError(f"tables.ranks must be [S={num_slots}, L={num_layers}, 7], got {tuple(t.ranks.shape)}")
+        if not (t.scales.shape == t.ranks.shape and t.scales.dtype == torch.float32 and t.scales.is_contiguous()):
+            raise ValueError("tables.scales must be a contiguous float32 tensor shaped like tables.ranks")
+        if not (t.a_off.shape == (num_slots, 7) and t.b_off.shape == (num_slots, 7)):
+            raise ValueError("tables.a_off/b_off must be [S, 7]")
+        if not (len(t.module_shapes) == 7):
+            raise ValueError("tables.module_shapes must list the 7 modules")
         for name in ("seg_start", "seg_len", "seg_slot"):
             check_int_tensor(getattr(b, name), f"batch.{name}", torch.int32, 1, pool.device)
-        require(b.seg_start.shape == b.seg_len.shape == b.seg_slot.shape, "batch.seg_start/seg_len/seg_slot differ in length")
+        if not (b.seg_start.shape == b.seg_len.shape == b.seg_slot.shape):
+            raise ValueError("batch.seg_start/seg_len/seg_slot differ in length")
+        self._validated = key
+
+
+def _column_splits(max_width: int, block_n: int, programs_per_split: int, device: torch.device) -> tuple[int, int]:
+    """(splits, columns per split) of expand's output columns: about 4 programs per multiprocessor
+    from static sizes only; fewer, longer programs amortize their index loads and keep B streaming."""
+    col_blocks = cdiv(max_width, block_n)
+    want = cdiv(4 * num_sms(device), max(programs_per_split, 1))
+    blocks_per_split = cdiv(col_blocks, min(col_blocks, max(want, 1)))
+    return cdiv(col_blocks, blocks_per_split), blocks_per_split * block_n
 
 
 def _padded(values) -> list[int]:

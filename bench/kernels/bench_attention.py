@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.kernels.common import Row, time_ms
+from bench.kernels.common import Row, time_graph_ms, time_ms
 from kernels import TritonAttentionOps
 from services.engine.ops.torch_ref import TorchAttentionOps
 from tests.kernels.kernel_fixtures import make_attention_case
@@ -31,11 +31,12 @@ def run(ceilings: dict, quick: bool = False) -> list[Row]:
             nbytes = (2 * batch * ctx * kv_heads * head_dim + 2 * batch * heads * head_dim) * BF16
             flops = 4.0 * batch * ctx * heads * head_dim
             scale = head_dim**-0.5
-            impls = {"triton": lambda: ops.attend(q, pool, 0, meta, scale)}
+            attend = lambda: ops.attend(q, pool, 0, meta, scale)  # noqa: E731
+            timings = {"triton": time_graph_ms(attend), "triton_eager": time_ms(attend)}
             if batch <= 8:
-                impls["torch_ref"] = lambda: ref.attend(q, pool, 0, meta, scale)
-            for impl, fn in impls.items():
-                rows.append(Row("attention_decode", cfg, impl, time_ms(fn, rep=20 if impl == "torch_ref" else 40), nbytes, flops).finish(ceilings))
+                timings["torch_ref"] = time_ms(lambda: ref.attend(q, pool, 0, meta, scale), rep=20)
+            for impl, ms in timings.items():
+                rows.append(Row("attention_decode", cfg, impl, ms, nbytes, flops).finish(ceilings))
             del pool
         for seqs, prefix, new in PREFILL:
             pool, meta, q, k, v = make_attention_case([], [(prefix, new)] * seqs, heads, kv_heads, head_dim, 16, DTYPE, DEVICE, seed=seqs)
@@ -44,11 +45,12 @@ def run(ceilings: dict, quick: bool = False) -> list[Row]:
             nbytes = (2 * seqs * (prefix + new) * kv_heads * head_dim + 2 * seqs * new * heads * head_dim) * BF16
             cfg = {"heads": name, "sequences": seqs, "prefix": prefix, "new_tokens": new}
             scale = head_dim**-0.5
-            rows.append(Row("attention_prefill", cfg, "triton", time_ms(lambda: ops.attend(q, pool, 0, meta, scale)), nbytes, flops).finish(ceilings))
+            attend = lambda: ops.attend(q, pool, 0, meta, scale)  # noqa: E731
+            rows.append(Row("attention_prefill", cfg, "triton", time_graph_ms(attend), nbytes, flops).finish(ceilings))
             qs = q.view(seqs, new, heads, head_dim).transpose(1, 2)
             if prefix == 0:  # torch's fused SDPA on contiguous tensors, for scale (no paging)
                 kd = torch.randn(seqs, heads, new, head_dim, device=DEVICE, dtype=DTYPE)
                 sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(qs, kd, kd, is_causal=True)  # noqa: E731
-                rows.append(Row("attention_prefill", cfg, "torch_sdpa_dense", time_ms(sdpa), nbytes, flops).finish(ceilings))
+                rows.append(Row("attention_prefill", cfg, "torch_sdpa_dense", time_graph_ms(sdpa), nbytes, flops).finish(ceilings))
             del pool
     return rows

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.kernels.common import Row, time_ms
+from bench.kernels.common import Row, time_graph_ms, time_ms
 from kernels import TritonLoraOps
 from services.engine.ops.base import LoraContext
 from services.engine.ops.torch_ref import TorchLoraOps, read_lora_matrix
@@ -78,6 +78,12 @@ def run(ceilings: dict, quick: bool = False) -> list[Row]:
     return rows
 
 
+def _timed(impl: str, fn) -> float:
+    if impl == "torch_ref":  # host loops and syncs: not capturable
+        return time_ms(fn, rep=20)
+    return time_ms(fn) if impl == "triton_eager" else time_graph_ms(fn)
+
+
 def _decode(pool, tables, rank, gen, ceilings, quick) -> list[Row]:
     rows = []
     base_ctx = LoraContext(pool, tables, None)
@@ -100,10 +106,11 @@ def _decode(pool, tables, rank, gen, ceilings, quick) -> list[Row]:
                 impls["bmm_padded"] = (lambda: bmm.shrink(x, batch.token_slot), lambda: bmm.expand(y, u, batch.token_slot, offsets))
                 if adapters <= 64:
                     impls["torch_ref"] = (lambda: ref.shrink(x, 0, modules, ctx), lambda: ref.expand(y, u, 0, modules, offsets, ctx))
+            impls["triton_eager"] = impls["triton"]
             for impl, (shrink_fn, expand_fn) in impls.items():
                 for kind, fn in (("shrink", shrink_fn), ("expand", expand_fn)):
                     nbytes, flops = _bytes_flops(kind, modules, rank, tokens, adapters, tables)
-                    ms = time_ms(fn, rep=20 if impl == "torch_ref" else 40)
+                    ms = _timed(impl, fn)
                     rows.append(Row("lora_decode", {**cfg, "op": f"{kind}_{group}"}, impl, ms, nbytes, flops).finish(ceilings))
     return rows
 
@@ -131,9 +138,10 @@ def _prefill(pool, tables, rank, gen, ceilings, quick) -> list[Row]:
         }
         if segments <= 16:
             impls["torch_ref"] = (lambda: ref.shrink(x, 0, modules, ctx), lambda: ref.expand(y, u, 0, modules, offsets, ctx))
+        impls["triton_eager"] = impls["triton"]
         for impl, (shrink_fn, expand_fn) in impls.items():
             for kind, fn in (("shrink", shrink_fn), ("expand", expand_fn)):
                 nbytes, flops = _bytes_flops(kind, modules, rank, tokens, segments, tables)
-                ms = time_ms(fn, rep=20 if impl == "torch_ref" else 40)
+                ms = _timed(impl, fn)
                 rows.append(Row("lora_prefill", {**cfg, "op": f"{kind}_qkv"}, impl, ms, nbytes, flops).finish(ceilings))
     return rows

@@ -1,7 +1,9 @@
 """Shared pieces of the kernel microbenchmarks: timing with a cold L2, the measured ceilings, rows.
 
 Timing: triton.testing.do_bench (CUDA events, median), which clears the L2 cache before every
-repetition; its cache-clearing kernel also covers the host launch path of the call it times.
+repetition. Kernels and the capturable baselines are timed as CUDA-graph replays (GPU time, as
+the engine's captured decode step runs them); `triton_eager` rows time the plain Python call,
+host launch path included.
 """
 
 from __future__ import annotations
@@ -21,6 +23,22 @@ if str(ROOT) not in sys.path:
 
 def time_ms(fn, warmup: int = 10, rep: int = 40) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def time_graph_ms(fn, warmup: int = 10, rep: int = 40) -> float:
+    """GPU time of fn captured in a CUDA graph (as the engine runs a decode step): no host launch cost."""
+    fn()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    ms = time_ms(graph.replay, warmup, rep)
+    del graph
+    return ms
 
 
 def measure_ceilings() -> dict:

@@ -27,6 +27,11 @@ def _ratio(index, bench, cfg, impl, ms):
     return f"{_get(other, 'ms') / ms:.1f}x" if other else "-"
 
 
+def _eager(index, bench, cfg) -> str:
+    other = index.get((bench, tuple(sorted(cfg.items())), "triton_eager"))
+    return f"{_get(other, 'ms') * 1e3:.1f}" if other else "-"
+
+
 def summary_markdown(meta: dict, rows) -> str:
     idx = _index(rows)
     c = meta["ceilings"]
@@ -36,13 +41,16 @@ def summary_markdown(meta: dict, rows) -> str:
         f"GPU {meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, commit `{meta['commit']}`, {meta['date']}.",
         f"Command: `{meta['command']}`.",
         f"Measured ceilings: copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s (read + write), bf16 matmul {c['bf16_matmul_flop_per_s'] / 1e12:.0f} TFLOP/s.",
-        "Times: median of triton.testing.do_bench with a cold L2 (µs). `vs bmm` / `vs ref`: how many times faster than",
-        "S-LoRA's padded-rank bmm baseline / the torch reference. %BW: bytes the op must move over time, against the copy ceiling.",
+        "Times: median of triton.testing.do_bench with a cold L2 (µs), kernels and capturable baselines as CUDA-graph replays",
+        "(GPU time, as the engine's captured decode step runs them); `eager µs`: the plain Python call, host launch path included.",
+        "`vs bmm` / `vs ref`: how many times faster than S-LoRA's padded-rank bmm baseline / the torch reference (eager).",
+        "%BW: bytes the op must move (each input once, each output once, each distinct adapter's matrices once) over time,",
+        "against the measured copy ceiling.",
         "",
         "## LoRA decode (Llama-7B layer, bf16)",
         "",
-        "| rank | tokens | adapters | op | µs | GB/s | %BW | target 70% | vs bmm | vs ref |",
-        "|---:|---:|---:|---|---:|---:|---:|---|---:|---:|",
+        "| rank | tokens | adapters | op | µs | eager µs | MB moved | GB/s | %BW | target 70% | vs bmm | vs ref |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in rows:
         if _get(r, "bench") != "lora_decode" or _get(r, "impl") != "triton":
@@ -50,15 +58,16 @@ def summary_markdown(meta: dict, rows) -> str:
         cfg, ms, ex = _get(r, "config"), _get(r, "ms"), _get(r, "extra")
         ok = "met" if ex["pct_bandwidth"] >= BW_TARGET else f"miss ({ex['pct_bandwidth'] / BW_TARGET:.2f} of it)"
         lines.append(
-            f"| {cfg['rank']} | {cfg['tokens']} | {cfg['adapters']} | {cfg['op']} | {ms * 1e3:.1f} | {ex['bytes_per_s'] / 1e9:.0f} | "
+            f"| {cfg['rank']} | {cfg['tokens']} | {cfg['adapters']} | {cfg['op']} | {ms * 1e3:.1f} | {_eager(idx, 'lora_decode', cfg)} | "
+            f"{_get(r, 'bytes') / 1e6:.1f} | {ex['bytes_per_s'] / 1e9:.0f} | "
             f"{ex['pct_bandwidth']:.0f} | {ok} | {_ratio(idx, 'lora_decode', cfg, 'bmm_padded', ms)} | {_ratio(idx, 'lora_decode', cfg, 'torch_ref', ms)} |"
         )
     lines += [
         "",
         "## LoRA prefill (q/k/v fused, bf16)",
         "",
-        "| rank | segments | seg_len | op | µs | TFLOP/s | dense matmul µs | / dense (target <= 1.5) | vs ref |",
-        "|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| rank | segments | seg_len | op | µs | eager µs | TFLOP/s | GB/s | dense matmul µs | / dense (target <= 1.5) | vs ref |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if _get(r, "bench") != "lora_prefill" or _get(r, "impl") != "triton":
@@ -67,18 +76,21 @@ def summary_markdown(meta: dict, rows) -> str:
         dense = idx.get(("lora_prefill", tuple(sorted(cfg.items())), "dense_matmul"))
         dense_ms = _get(dense, "ms") if dense else float("nan")
         lines.append(
-            f"| {cfg['rank']} | {cfg['segments']} | {cfg['seg_len']} | {cfg['op']} | {ms * 1e3:.1f} | {ex['flop_per_s'] / 1e12:.1f} | "
+            f"| {cfg['rank']} | {cfg['segments']} | {cfg['seg_len']} | {cfg['op']} | {ms * 1e3:.1f} | {_eager(idx, 'lora_prefill', cfg)} | "
+            f"{ex['flop_per_s'] / 1e12:.1f} | {ex['bytes_per_s'] / 1e9:.0f} | "
             f"{dense_ms * 1e3:.1f} | {ms / dense_ms:.2f} | {_ratio(idx, 'lora_prefill', cfg, 'torch_ref', ms)} |"
         )
     lines += ["", "## Paged decode attention (bf16, block 16)", "",
-              "| heads | batch | context | µs | GB/s | %BW | target 70% | vs ref |", "|---|---:|---:|---:|---:|---:|---|---:|"]  # fmt: skip
+              "| heads | batch | context | µs | eager µs | MB moved | GB/s | %BW | target 70% | vs ref |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]  # fmt: skip
     for r in rows:
         if _get(r, "bench") != "attention_decode" or _get(r, "impl") != "triton":
             continue
         cfg, ms, ex = _get(r, "config"), _get(r, "ms"), _get(r, "extra")
         ok = "met" if ex["pct_bandwidth"] >= BW_TARGET else f"miss ({ex['pct_bandwidth'] / BW_TARGET:.2f} of it)"
         lines.append(
-            f"| {cfg['heads']} | {cfg['batch']} | {cfg['context']} | {ms * 1e3:.1f} | {ex['bytes_per_s'] / 1e9:.0f} | "
+            f"| {cfg['heads']} | {cfg['batch']} | {cfg['context']} | {ms * 1e3:.1f} | {_eager(idx, 'attention_decode', cfg)} | "
+            f"{_get(r, 'bytes') / 1e6:.1f} | {ex['bytes_per_s'] / 1e9:.0f} | "
             f"{ex['pct_bandwidth']:.0f} | {ok} | {_ratio(idx, 'attention_decode', cfg, 'torch_ref', ms)} |"
         )
     lines += ["", "## Paged prefill attention (causal, bf16)", "",

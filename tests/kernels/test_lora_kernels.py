@@ -32,6 +32,15 @@ def test_unaligned_widths_and_pages(phase):
     check_lora_case(ctx, num_tokens, torch.float32, seed=6)
 
 
+@pytest.mark.parametrize("phase", ["decode", "prefill"])
+def test_rows_longer_than_a_page(phase):
+    # block_size 1: P = 2 * 1 * 32 = 64 < 128-element rows (down_proj's A, gate/up's B^T): the
+    # kernels walk a page cursor per row instead of loading two page ids once.
+    ctx, num_tokens = make_lora_case(TINY, "skewed", phase, (1, 4, 16), num_slots=4, num_requests=8,
+                                     block_size=1, dtype=torch.float32, device=DEVICE, seed=12, max_prefill=20)  # fmt: skip
+    check_lora_case(ctx, num_tokens, torch.float32, seed=13)
+
+
 def test_capture_mode_with_padded_segments():
     """Static capacities: extra zero-length segments and a rank capacity above the batch's."""
     ctx, num_tokens = make_lora_case(TINY, "skewed", "decode", (1, 8, 16), num_slots=5, num_requests=12,
