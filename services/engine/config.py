@@ -15,7 +15,7 @@ from .memory.layout import PoolGeometry
 from .model import LlamaModel
 from .model_spec import ModelSpec
 from .scheduler import SchedulerConfig
-from .weights_loader import load_weights
+from .weights_loader import load_weights, random_weights
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -34,6 +34,7 @@ class EngineConfig:
     gpu_memory_fraction: float = 0.90
     cpu_pool_bytes: int = 1 << 30
     ops: str = "auto"  # auto (triton on CUDA when available) | torch | triton
+    random_weights_seed: int | None = None  # benchmarks: random weights made on the device, no checkpoint
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -110,7 +111,10 @@ def build_runtime(cfg: EngineConfig) -> Runtime:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    weights = load_weights(model_dir, spec, dtype, device)
+    if cfg.random_weights_seed is None:
+        weights = load_weights(model_dir, spec, dtype, device)
+    else:
+        weights = random_weights(spec, dtype, device, cfg.random_weights_seed)
     num_pages = _num_pages(cfg, PoolGeometry.for_model(spec, 1, cfg.block_size), dtype, device)
     geom = PoolGeometry.for_model(spec, num_pages, cfg.block_size)
     pool = torch.zeros(spec.num_layers, num_pages, geom.page_elems, dtype=dtype, device=device)

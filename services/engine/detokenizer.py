@@ -20,19 +20,29 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def add(self, token_id: int) -> None:
-        """Take one generated token; sets `stopped` when a stop string appears."""
+    def push(self, token_id: int) -> tuple[list[int], list[int]] | None:
+        """Append a generated token; return the id windows (context, context + new) whose decoded
+        difference is the new text, or None once stopped. Decode them (batched across requests:
+        `decode_batch`) and hand the two strings to `accept`."""
         if self.stopped:
-            return
+            return None
         self._ids.append(token_id)
-        before = self._decode(self._ids[self._prefix : self._read])
-        after = self._decode(self._ids[self._prefix :])
+        return self._ids[self._prefix : self._read], self._ids[self._prefix :]
+
+    def accept(self, before: str, after: str) -> None:
+        """Take the decoded windows of `push`; sets `stopped` when a stop string appears."""
         if after.endswith(REPLACEMENT) or len(after) <= len(before):
             return  # an incomplete multi-byte character: wait for the next token
         start = len(self.text)
         self.text += after[len(before) :]
         self._prefix, self._read = self._read, len(self._ids)
         self._check_stop(start)
+
+    def add(self, token_id: int) -> None:
+        """push + decode + accept for one token (the engine batches these across requests)."""
+        windows = self.push(token_id)
+        if windows is not None:
+            self.accept(self._decode(windows[0]), self._decode(windows[1]))
 
     def _flush(self) -> None:
         """At the end: a trailing incomplete character will never complete; show it as decoded."""
@@ -73,3 +83,10 @@ class IncrementalDetokenizer:
         delta = self.text[self._emitted : end]
         self._emitted = end
         return delta
+
+
+def decode_batch(tokenizer, windows: list[list[int]]) -> list[str]:
+    """Decode many id lists in one tokenizer call (the Rust tokenizer works through them at once)."""
+    if not windows:
+        return []
+    return tokenizer.batch_decode(windows, skip_special_tokens=True, clean_up_tokenization_spaces=False)

@@ -18,7 +18,7 @@ import torch
 from .adapters.weights import LoraWeights
 from .batch import build_batch
 from .config import EngineConfig, build_runtime
-from .detokenizer import IncrementalDetokenizer
+from .detokenizer import IncrementalDetokenizer, decode_batch
 from .ops.base import LoraContext
 from .request import Request, SamplingParams
 from .sampling import sample
@@ -110,27 +110,34 @@ class LLMEngine:
             sampled_ids = sample(logits, batch.sampling).tolist()
         sampled = {e.request.request_id: t for e, t in zip(batch.sampled, sampled_ids)}
         touched = self.scheduler.update_from_output(sched, sampled, self.eos_ids)
-        return [self._output(req) for req in touched]
+        return self._outputs(touched)
 
-    def _output(self, req: Request) -> RequestOutput:
-        detok = self._detok[req.request_id]
-        token = req.output_token_ids[-1]
-        detok.add(token)
-        if detok.stopped and not req.finished:
-            self.scheduler.finish_request(req.request_id, "stop")
-        final = req.finished
-        if final:
-            del self._detok[req.request_id]
-        return RequestOutput(
-            request_id=req.request_id,
-            new_token_ids=[token],
-            new_text=detok.take_delta(final),
-            index=len(req.output_token_ids) - 1,
-            finished=final,
-            finish_reason=req.finish_reason,
-            num_prompt_tokens=req.num_prompt_tokens,
-            num_output_tokens=len(req.output_token_ids),
-        )
+    def _outputs(self, touched: list[Request]) -> list[RequestOutput]:
+        """Detokenize every request's new token (one batched tokenizer call), apply stop strings."""
+        detoks = [self._detok[r.request_id] for r in touched]
+        windows = [d.push(r.output_token_ids[-1]) for d, r in zip(detoks, touched)]
+        live = [i for i, w in enumerate(windows) if w is not None]
+        texts = decode_batch(self.tokenizer, [part for i in live for part in windows[i]])
+        for k, i in enumerate(live):
+            detoks[i].accept(texts[2 * k], texts[2 * k + 1])
+        outputs = []
+        for req, detok in zip(touched, detoks):
+            if detok.stopped and not req.finished:
+                self.scheduler.finish_request(req.request_id, "stop")
+            final = req.finished
+            if final:
+                del self._detok[req.request_id]
+            outputs.append(RequestOutput(
+                request_id=req.request_id,
+                new_token_ids=[req.output_token_ids[-1]],
+                new_text=detok.take_delta(final),
+                index=len(req.output_token_ids) - 1,
+                finished=final,
+                finish_reason=req.finish_reason,
+                num_prompt_tokens=req.num_prompt_tokens,
+                num_output_tokens=len(req.output_token_ids),
+            ))
+        return outputs
 
     # --- convenience ---------------------------------------------------------------------
     def run_to_completion(self) -> dict[str, list[RequestOutput]]:

@@ -158,6 +158,9 @@ class EngineService:
                 self.outbox.append((item.reply_stream, item.id,
                                     done_entry(out.finish_reason, out.num_prompt_tokens, out.num_output_tokens)))
                 job.terminal_queued = True
+                # One line per served request, with engine_id, request_id and adapter_id bound:
+                # which engine served what (scale-out test, affinity measurement, operators).
+                job.log.info("request done", finish_reason=out.finish_reason, completion_tokens=out.num_output_tokens)
 
     async def step_once(self) -> None:
         async with self.engine_lock:

@@ -94,3 +94,30 @@ def load_weights(model_dir: str | Path, spec: ModelSpec, dtype: torch.dtype, dev
     if leftovers:
         raise CheckpointError(f"unexpected tensors in the checkpoint, e.g. {leftovers[:3]}")
     return ModelWeights(embed, layers, final_norm, lm_head)
+
+
+def random_weights(spec: ModelSpec, dtype: torch.dtype, device: torch.device, seed: int) -> ModelWeights:
+    """Random weights made on the device (benchmarks of model shapes no checkpoint is at hand for).
+
+    Scaled like a trained model's (std 1/sqrt(fan_in), norms at 1) so activations stay finite.
+    """
+    g = torch.Generator(device=device).manual_seed(seed)
+    H, I, q, kv, V = spec.hidden_size, spec.intermediate_size, spec.q_width, spec.kv_width, spec.vocab_size
+
+    def mat(rows: int, cols: int) -> torch.Tensor:
+        return (torch.randn(rows, cols, generator=g, device=device, dtype=torch.float32) / cols ** 0.5).to(dtype)
+
+    def ones(n: int) -> torch.Tensor:
+        return torch.ones(n, device=device, dtype=dtype)
+
+    embed = mat(V, H)
+    layers = [
+        LayerWeights(
+            input_norm=ones(H), qkv=mat(q + 2 * kv, H),
+            qkv_bias=torch.zeros(q + 2 * kv, device=device, dtype=dtype) if spec.attention_bias else None,
+            o=mat(H, q), post_norm=ones(H), gate_up=mat(2 * I, H), down=mat(H, I),
+        )
+        for _ in range(spec.num_layers)
+    ]
+    lm_head = embed if spec.tie_word_embeddings else mat(V, H)
+    return ModelWeights(embed, layers, ones(H), lm_head)

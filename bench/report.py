@@ -1,0 +1,69 @@
+"""Benchmark results on disk: JSON (with commit, GPU and command), a markdown table, a PNG plot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+COLUMNS = [("setting", "{}"), ("mode", "{}"), ("n", "{}"), ("throughput_req_s", "{:.2f}"), ("throughput_tok_s", "{:.0f}"),
+           ("ttft_mean_s", "{:.2f}"), ("ttft_p50_s", "{:.2f}"), ("ttft_p90_s", "{:.2f}"), ("ttft_p99_s", "{:.2f}"),
+           ("slo_6s", "{:.2%}"), ("peak_kv_gb", "{:.1f}"), ("peak_adapter_gb", "{:.2f}")]
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment() -> dict:
+    return {
+        "commit": _commit(), "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def write_results(out: Path, name: str, records: list[dict], args: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    payload = {"environment": env, "args": {k: str(v) for k, v in args.items()}, "records": records}
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=1))
+    lines = [f"# {name}", "", f"commit `{env['commit']}`, {env['gpu']}, torch {env['torch']}, {env['date']}", "",
+             f"command: `{env['command']}`", "", "| " + " | ".join(c for c, _ in COLUMNS) + " |",
+             "|" + "---|" * len(COLUMNS)]
+    for r in records:
+        lines.append("| " + " | ".join(fmt.format(r.get(c, "")) for c, fmt in COLUMNS) + " |")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    _plot(out / f"{name}.png", name, records)
+
+
+def _plot(path: Path, name: str, records: list[dict]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    lora = [r for r in records if r["mode"] == "lora"]
+    if not lora:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["n"] for r in lora], [r["throughput_req_s"] for r in lora], "o-", label="lorafleet")
+    for r in records:
+        if r["mode"] != "lora":
+            ax.axhline(r["throughput_req_s"], ls="--", color="gray", label=r["mode"])
+    ax.set_xscale("log")
+    ax.set_xlabel("adapters (n)")
+    ax.set_ylabel("requests / s")
+    ax.set_title(name)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
