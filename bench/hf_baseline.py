@@ -1,0 +1,113 @@
+"""Baseline: HF transformers + PEFT serving the same trace with mixed-adapter batches.
+
+Static batching as HF `generate` allows: the requests that have arrived (up to --batch) form a
+batch, each row with its own adapter (PEFT's `adapter_names`), generated until the longest output
+of the batch. Same model shape, same random adapters, same GPU. Only the first --max-requests of
+the trace are served (HF is slow; the rate is what is compared).
+
+    python -m bench.hf_baseline --setting S1 --n 5 100 --out bench/results/engine
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.adapters import AdapterBank
+from bench.report import write_results
+from bench.shapes import make_model_folder
+from bench.workload import SETTINGS, generate_trace
+from services.engine.model_spec import ModelSpec
+
+
+def build_peft_model(model_dir: Path, bank: AdapterBank, numbers: list[int]):
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch.bfloat16)
+    peft_model = None
+    for k in numbers:
+        w = bank.get(k)
+        cfg = LoraConfig(r=w.config.rank, lora_alpha=w.config.lora_alpha, target_modules=list(bank.modules))
+        name = f"a{k}"
+        if peft_model is None:
+            peft_model = get_peft_model(model, cfg, adapter_name=name)
+        else:
+            peft_model.add_adapter(name, cfg)
+        state = {}
+        for (layer, module), a in w.a.items():
+            parent = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            prefix = f"base_model.model.model.layers.{layer}.{parent}.{module}"
+            state[f"{prefix}.lora_A.weight"] = a.cuda()
+            state[f"{prefix}.lora_B.weight"] = w.b[(layer, module)].cuda()
+        set_peft_model_state_dict(peft_model, state, adapter_name=name)
+    return peft_model.eval()
+
+
+@torch.inference_mode()
+def serve(model, trace, batch: int, vocab: int) -> dict:
+    rng = np.random.default_rng(7)
+    done, tokens, ttft = 0, 0, []
+    queue = list(trace)
+    t0 = time.perf_counter()
+    while queue:
+        now = time.perf_counter() - t0
+        ready = [r for r in queue if r.arrival <= now][:batch] or [queue[0]]
+        if ready[0].arrival > now:
+            time.sleep(ready[0].arrival - now)
+        for r in ready:
+            queue.remove(r)
+        longest = max(r.input_len for r in ready)
+        ids = torch.zeros(len(ready), longest, dtype=torch.long)
+        mask = torch.zeros(len(ready), longest, dtype=torch.long)
+        for i, r in enumerate(ready):  # left padding
+            ids[i, longest - r.input_len :] = torch.from_numpy(rng.integers(3, vocab, r.input_len))
+            mask[i, longest - r.input_len :] = 1
+        new = max(r.output_len for r in ready)
+        model.generate(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=new, min_new_tokens=new,
+                       do_sample=False, adapter_names=[f"a{r.adapter}" for r in ready], pad_token_id=0)
+        t = time.perf_counter() - t0
+        done += len(ready)
+        tokens += sum(r.output_len for r in ready)
+        ttft += [t - r.arrival for r in ready]  # static batching: nothing streams before the batch ends
+    span = time.perf_counter() - t0 - trace[0].arrival
+    return {"requests": done, "span_s": span, "throughput_req_s": done / span, "throughput_tok_s": tokens / span,
+            "ttft_mean_s": float(np.mean(ttft)), "ttft_p50_s": float(np.percentile(ttft, 50)),
+            "ttft_p90_s": float(np.percentile(ttft, 90)), "ttft_p99_s": float(np.percentile(ttft, 99)),
+            "slo_6s": float((np.array(ttft) < 6).mean())}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--setting", default="S1")
+    p.add_argument("--n", type=int, nargs="+", default=[5, 100])
+    p.add_argument("--rate", type=float, default=50.0)
+    p.add_argument("--duration", type=float, default=20.0)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--max-requests", type=int, default=96)
+    p.add_argument("--out", type=Path, default=Path("bench/results/engine"))
+    args = p.parse_args()
+    setting = SETTINGS[args.setting]
+    model_dir = make_model_folder(setting.shape, Path("/tmp/lorafleet-bench") / setting.shape)
+    spec = ModelSpec.from_pretrained(model_dir)
+    records = []
+    for n in args.n:
+        trace = generate_trace(n, 1.0, args.rate, 1.0, args.duration)[: args.max_requests]
+        bank = AdapterBank(spec, setting.ranks, setting.modules, torch.device("cuda"))
+        model = build_peft_model(model_dir, bank, sorted({r.adapter for r in trace}))
+        rec = {"setting": setting.name, "mode": "hf-peft", "n": n, "rate": args.rate, "batch": args.batch,
+               **serve(model, trace, args.batch, spec.vocab_size)}
+        print(rec, flush=True)
+        records.append(rec)
+        del model, bank
+        torch.cuda.empty_cache()
+    write_results(args.out, f"hf-peft-{setting.name}", records, vars(args))
+
+
+if __name__ == "__main__":
+    main()
