@@ -19,6 +19,7 @@ from services.demo.assets import ensure_demo_assets, recipe_key
 from services.demo.build import build_demo_assets
 from services.demo.tiny_models import build_peft_adapter, build_tiny_model
 from services.demo.tokenizer import BOS_ID, EOS_ID, PAD_ID, build_tokenizer
+from services.engine.adapters.weights import load_peft_adapter_dir
 from services.engine.model_spec import ModelSpec
 
 
@@ -180,6 +181,7 @@ def test_demo_layout_and_model_shape(demo):
         rslora.add(config["use_rslora"])
         module_sets.add(tuple(config["target_modules"]))
         assert str(demo.adapters_root) not in (folder / "adapter_config.json").read_text()
+        load_peft_adapter_dir(folder, spec)  # the engine's own validation accepts it
     assert len(demo.adapter_ids) >= 3 and all(a.startswith("demo/") for a in demo.adapter_ids)
     assert len(ranks) >= 3 and rslora == {True, False} and len(module_sets) == len(demo.adapter_ids)
 
