@@ -105,16 +105,16 @@ def _two_page_tile(pool_layer, base0, base1, split, k, ALIGNED: tl.constexpr):
 _NO_SPECIALIZE = ["layer", "max_pages", "rank_cap", "M0", "M1", "M2", "M3"]
 
 
-@triton.jit(do_not_specialize=_NO_SPECIALIZE + ["num_rank_blocks"])
+@triton.jit(do_not_specialize=_NO_SPECIALIZE + ["num_mods", "num_k_splits"])
 def lora_shrink_kernel(
     x_ptr, u_ptr, pool_layer, page_table_ptr, ranks_ptr, a_off_ptr,
     work_seg_ptr, work_blk_ptr, seg_start_ptr, seg_len_ptr, seg_slot_ptr,
-    layer, K, max_pages, page_elems, rank_cap, num_rank_blocks,
-    stride_x_t, stride_u_t, stride_u_m,
+    layer, K, max_pages, page_elems, rank_cap, num_mods, num_k_splits, k_per_split,
+    stride_x_t, stride_u_t,
     stride_pt_s, stride_rank_s, stride_rank_l, stride_off_s,
     M0, M1, M2, M3,
     BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ALIGNED: tl.constexpr, ROW_IN_TWO_PAGES: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """u[t, i, :r] = x[t] @ A_{m_i}[slot]^T for the tokens of one (segment, token block).
 
@@ -124,47 +124,58 @@ def lora_shrink_kernel(
         A = virtual(s, a_off[s, m_i], r * K).view(r, K)        # [r, K], through the page table
         u[start:start+len, i, :r] = (x[start:start+len].float() @ A.float().T).to(u.dtype)
 
-    x: [T, K] (fp16/bf16/fp32), u: [T, n, R] same dtype, pre-zeroed by the caller.
-    Grid: (n slices * cdiv(R, BLOCK_R), work items); writes u only where r > 0, rows of the block.
+    The fused slices are the rows of one tile: row j of u[t] (flattened [n * R]) is rank j % R of
+    slice j // R, so one program reads x once for every slice its BLOCK_R rows cover.
+    x: [T, K] (fp16/bf16/fp32); u: [T, n, R] (R = rank_cap), pre-zeroed by the caller; with ATOMIC
+    u is float32 and each of the num_k_splits programs of a tile adds its partial sum over
+    k_per_split columns of K (split-K, for grids too small to fill the GPU).
+    Grid: (cdiv(n * R, BLOCK_R) * num_k_splits, work items); writes u only where r > 0.
     """
-    # Slices x rank blocks vary fastest: programs launched together share the x tile in L2.
-    i = tl.program_id(0) // num_rank_blocks
-    rb = tl.program_id(0) % num_rank_blocks
+    # Row blocks x K splits vary fastest: programs launched together share the x tile in L2.
+    rb = tl.program_id(0) // num_k_splits
+    ks = tl.program_id(0) % num_k_splits
     w = tl.program_id(1)
     g = tl.load(work_seg_ptr + w)
     if g < 0:
         return
     slot = tl.load(seg_slot_ptr + g)
-    m = _pick(i, M0, M1, M2, M3)
-    # Clamped to u's rank capacity: a wrong batch.max_rank truncates instead of writing past u.
-    rank = tl.minimum(tl.load(ranks_ptr + slot * stride_rank_s + layer * stride_rank_l + m), rank_cap)
-    if rb * BLOCK_R >= rank:
+    offs_j = rb * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR] flattened (slice, rank) rows
+    row_ok = offs_j < num_mods * rank_cap
+    i_row = offs_j // rank_cap
+    k_row = offs_j - i_row * rank_cap
+    m_row = _pick(i_row, M0, M1, M2, M3)
+    # Ranks clamped to u's capacity: a wrong batch.max_rank truncates instead of writing past u.
+    rank_row = tl.load(ranks_ptr + slot * stride_rank_s + layer * stride_rank_l + m_row, mask=row_ok, other=0)
+    r_mask = row_ok & (k_row < tl.minimum(rank_row, rank_cap))
+    if tl.max(r_mask.to(tl.int32), 0) == 0:
         return
     t_end = tl.load(seg_start_ptr + g) + tl.load(seg_len_ptr + g)
     offs_t = tl.load(seg_start_ptr + g) + tl.load(work_blk_ptr + w) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = offs_t < t_end
-    offs_r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_mask = offs_r < rank
     cols = tl.arange(0, BLOCK_K)
+    k_start = ks * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
 
-    # Virtual start of each row of A: a_off + row * K.
-    v_row = tl.load(a_off_ptr + slot * stride_off_s + m) + offs_r.to(tl.int64) * K  # [BR]
+    # Virtual start of each row of A: a_off[m] + rank * K.
+    a_row = tl.load(a_off_ptr + slot * stride_off_s + m_row, mask=row_ok, other=0)
+    v_row = a_row + k_row.to(tl.int64) * K  # [BR]
     pt_row = page_table_ptr + slot.to(tl.int64) * stride_pt_s
     x_rows = x_ptr + offs_t.to(tl.int64)[:, None] * stride_x_t
     acc = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.float32)
     if ROW_IN_TWO_PAGES:  # K <= P: page ids loaded once, the K loop only streams x and A
         base0, base1, split = _row_two_pages(pt_row, v_row, r_mask, max_pages, page_elems)
-        for k0 in range(0, K, BLOCK_K):
-            k_mask = (k0 + cols) < K
+        for k0 in range(k_start, k_end, BLOCK_K):
+            k_mask = (k0 + cols) < k_end
             xt = tl.load(x_rows + (k0 + cols)[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0)  # [BT, BK]
             a_ptrs = _two_page_tile(pool_layer, base0, base1, split, k0 + cols, ALIGNED)
             at = tl.load(a_ptrs, mask=r_mask[:, None] & k_mask[None, :], other=0.0)  # [BR, BK]
             acc += tl.dot(xt, tl.trans(at).to(xt.dtype), input_precision=DOT_PRECISION)
     else:  # long rows: a (page, offset) cursor per row, two page ids per chunk
-        vpage = v_row // page_elems
-        voff = v_row - vpage * page_elems
-        for k0 in range(0, K, BLOCK_K):
-            k_mask = (k0 + cols) < K
+        v_first = v_row + k_start
+        vpage = v_first // page_elems
+        voff = v_first - vpage * page_elems
+        for k0 in range(k_start, k_end, BLOCK_K):
+            k_mask = (k0 + cols) < k_end
             xt = tl.load(x_rows + (k0 + cols)[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0)
             a_ptrs = _paged_tile(pool_layer, pt_row, vpage, voff, cols, r_mask, max_pages, page_elems, ALIGNED)
             at = tl.load(a_ptrs, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
@@ -174,8 +185,12 @@ def lora_shrink_kernel(
             wrapped = voff >= page_elems
             voff = tl.where(wrapped, voff - page_elems, voff)
             vpage += wrapped.to(tl.int64)
-    u_ptrs = u_ptr + offs_t.to(tl.int64)[:, None] * stride_u_t + i * stride_u_m + offs_r[None, :]
-    tl.store(u_ptrs, acc.to(u_ptr.dtype.element_ty), mask=t_mask[:, None] & r_mask[None, :])
+    u_ptrs = u_ptr + offs_t.to(tl.int64)[:, None] * stride_u_t + offs_j[None, :]
+    u_mask = t_mask[:, None] & r_mask[None, :]
+    if ATOMIC:
+        tl.atomic_add(u_ptrs, acc, mask=u_mask, sem="relaxed")
+    else:
+        tl.store(u_ptrs, acc.to(u_ptr.dtype.element_ty), mask=u_mask)
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE + ["num_col_splits"])

@@ -2,10 +2,12 @@
 
 Two tile shapes over the same kernels:
 
-- decode (max_seg_len <= 16, and always under capture=True): 16-token blocks, a whole rank
-  (<= 128) per program, wide K chunks: a gathered matrix-vector product per segment that streams
-  A/B once (memory-bound: S-LoRA's MBGMV).
-- prefill: 64-token blocks, 64-rank tiles: a gathered matrix-matrix product (MBGMM).
+- decode (max_seg_len <= 16, and always under capture=True): 16-token blocks; shrink covers up to
+  128 (slice, rank) rows per program and splits K over several programs (float32 partial sums)
+  when the grid is too small to fill the GPU; expand streams a whole rank's B^T over column
+  chunks. Memory-bound: each distinct adapter's A/B is streamed once (S-LoRA's MBGMV).
+- prefill: 64-token blocks, up to 256 (slice, rank) rows per shrink program (x read once for
+  q/k/v): a gathered matrix-matrix product (MBGMM).
 
 NOTE (CUDA graphs): with capture=True every grid comes from static capacities (tokens T = x's
 rows, segments G = seg_len's length, rank R = max_rank given here), u is always [T, n, R], and
@@ -43,8 +45,8 @@ MAX_GRID_Y = 65535  # CUDA's limit on the grid's second dimension (work items)
 class LoraTiles:
     name: str  # "decode" or "prefill"
     block_t: int
-    shrink_block_r: int
-    shrink_block_k: int
+    shrink_block_r: int  # the most (slice, rank) rows of A one shrink program covers
+    shrink_tile_elems: int  # about BLOCK_R * BLOCK_K elements of A per loop step
     expand_block_r: int  # >= the rank capacity: expand handles a whole rank per program
     expand_block_n: int
     shrink_num_warps: int
@@ -53,17 +55,13 @@ class LoraTiles:
 
 def choose_tiles(rank_cap: int, decode: bool, page_elems: int) -> LoraTiles:
     """Tile sizes for a rank capacity; K/N chunks never exceed a page (<= 2 pages per chunk)."""
-    if not (rank_cap <= MAX_RANK):
+    if rank_cap > MAX_RANK:
         raise ValueError(f"rank capacity {rank_cap} exceeds the largest supported rank {MAX_RANK}")
     pow2 = max(next_pow2(rank_cap), 16)
-    fit = floor_pow2(page_elems)
-    expand_n = min(256, max(16, 8192 // pow2), fit)  # B^T tile of about 8K elements
+    expand_n = min(256, max(16, 8192 // pow2), floor_pow2(page_elems))  # B^T tile of about 8K elements
     if decode:
-        br = min(pow2, 128)
-        bk = 256 if br <= 16 else (128 if br <= 64 else 64)
-        return LoraTiles("decode", 16, br, min(bk, fit), pow2, expand_n, 4, 4)
-    br = min(pow2, 64)
-    return LoraTiles("prefill", 64, br, min(128 if br <= 32 else 64, fit), pow2, expand_n, 4, 8)
+        return LoraTiles("decode", 16, 128, 8192, pow2, expand_n, 4, 4)
+    return LoraTiles("prefill", 64, 256, 16384, pow2, expand_n, 8, 8)
 
 
 class TritonLoraOps:
@@ -102,26 +100,30 @@ class TritonLoraOps:
             if not (tables.module_shapes[m][0] == k):
                 raise ValueError(f"module {m} takes in_features {tables.module_shapes[m][0]}, x has K={k}")
         rank_cap = self._rank_cap(batch.max_rank)
-        u = torch.zeros(num_tokens, len(modules), rank_cap, dtype=x.dtype, device=x.device)
         if not self._has_work(ctx, num_tokens):
-            return u
+            return torch.zeros(num_tokens, len(modules), rank_cap, dtype=x.dtype, device=x.device)
         tiles = self._tiles(ctx, rank_cap)
         work_seg, work_blk = self._work_list(ctx, num_tokens, tiles.block_t)
+        num_work = work_seg.shape[0]
+        block_r = min(max(next_pow2(len(modules) * rank_cap), 16), tiles.shrink_block_r)
+        block_k = min(max(tiles.shrink_tile_elems // block_r, 32), 256, floor_pow2(pool.shape[2]))
+        row_blocks = cdiv(len(modules) * rank_cap, block_r)
+        k_splits, k_per_split = _k_splits(k, block_k, row_blocks * num_work, pool.device) if tiles.name == "decode" else (1, k)
+        # Split-K partial sums meet in a float32 u (cast once after); otherwise u is stored directly.
+        u = torch.zeros(num_tokens, len(modules), rank_cap, dtype=torch.float32 if k_splits > 1 else x.dtype, device=x.device)
         widths = [k] + [tables.module_shapes[m][0] for m in modules]
-        rank_blocks = cdiv(rank_cap, tiles.shrink_block_r)
-        grid = (len(modules) * rank_blocks, work_seg.shape[0])
-        K.lora_shrink_kernel[grid](
+        K.lora_shrink_kernel[(row_blocks * k_splits, num_work)](
             x, u, self._layer_view(pool, layer), tables.page_table, tables.ranks, tables.a_off,
             work_seg, work_blk, batch.seg_start, batch.seg_len, batch.seg_slot,
-            layer, k, tables.page_table.shape[1], pool.shape[2], rank_cap, rank_blocks,
-            x.stride(0), u.stride(0), u.stride(1),
+            layer, k, tables.page_table.shape[1], pool.shape[2], rank_cap, len(modules), k_splits, k_per_split,
+            x.stride(0), u.stride(0),
             tables.page_table.stride(0), tables.ranks.stride(0), tables.ranks.stride(1), tables.a_off.stride(0),
             *_padded(modules),
-            BLOCK_T=tiles.block_t, BLOCK_R=tiles.shrink_block_r, BLOCK_K=tiles.shrink_block_k,
-            ALIGNED=_aligned(pool, widths), ROW_IN_TWO_PAGES=k <= pool.shape[2],
-            DOT_PRECISION=_dot_precision(x.dtype), num_warps=tiles.shrink_num_warps,
+            BLOCK_T=tiles.block_t, BLOCK_R=block_r, BLOCK_K=block_k,
+            ALIGNED=_aligned(pool, widths), ROW_IN_TWO_PAGES=k <= pool.shape[2], ATOMIC=k_splits > 1,
+            DOT_PRECISION=_dot_precision(x.dtype), num_warps=tiles.shrink_num_warps if block_r <= 128 else 8,
         )  # fmt: skip
-        return u
+        return u.to(x.dtype) if k_splits > 1 else u
 
     def expand(
         self,
@@ -265,6 +267,15 @@ class TritonLoraOps:
         if not (b.seg_start.shape == b.seg_len.shape == b.seg_slot.shape):
             raise ValueError("batch.seg_start/seg_len/seg_slot differ in length")
         self._validated = key
+
+
+def _k_splits(k: int, block_k: int, programs_per_split: int, device: torch.device) -> tuple[int, int]:
+    """(splits, columns of K per split) for decode shrink: about 4 programs per multiprocessor from
+    static sizes only, so a short grid does not walk all of K serially in few programs."""
+    k_blocks = cdiv(k, block_k)
+    want = cdiv(4 * num_sms(device), max(programs_per_split, 1))
+    blocks_per_split = cdiv(k_blocks, min(k_blocks, max(want, 1)))
+    return cdiv(k_blocks, blocks_per_split), blocks_per_split * block_k
 
 
 def _column_splits(max_width: int, block_n: int, programs_per_split: int, device: torch.device) -> tuple[int, int]:

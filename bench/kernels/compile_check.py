@@ -74,10 +74,14 @@ def lora_cases(dtype: str):
         "stride_off_s": "i32", "num_rank_blocks": "i32", "num_col_splits": "i32", "cols_per_split": "i32/16", "M0": "i32", "M1": "i32", "M2": "i32", "M3": "i32", "ALIGNED": True,
         "ROW_IN_TWO_PAGES": True, "DOT_PRECISION": "tf32",
     }  # fmt: skip
-    for tiles_name, bt, br, bk, ebr, ebn in (("decode r128", 16, 128, 64, 128, 64), ("decode r16", 16, 16, 256, 16, 256),
-                                             ("decode r64", 16, 64, 128, 64, 128), ("prefill r64", 64, 64, 64, 64, 128)):
+    for tiles_name, bt, br, bk, ebr, ebn in (("decode r128", 16, 128, 64, 128, 64), ("decode r8", 16, 32, 256, 16, 256),
+                                             ("decode r64", 16, 128, 64, 64, 128), ("prefill r64", 64, 256, 64, 64, 128),
+                                             ("prefill r8", 64, 32, 256, 16, 256)):
         shrink = {**common, "x_ptr": f"*{dtype}", "a_off_ptr": "*i64", "K": "i32/16", "stride_x_t": "i32/16",
+                  "num_mods": "i32", "num_k_splits": "i32", "k_per_split": "i32/16", "ATOMIC": tiles_name.startswith("decode"),
                   "BLOCK_T": bt, "BLOCK_R": br, "BLOCK_K": bk}  # fmt: skip
+        if shrink["ATOMIC"]:
+            shrink["u_ptr"] = "*fp32"
         yield f"lora_shrink {tiles_name}", L.lora_shrink_kernel, shrink
         expand = {**common, "y_ptr": f"*{dtype}", "scales_ptr": "*fp32", "b_off_ptr": "*i64", "stride_y_t": "i32/16",
                   "N0": "i32/16", "N1": "i32/16", "N2": "i32/16", "N3": "i32/16", "O0": "i32/16", "O1": "i32/16", "O2": "i32/16",
@@ -112,7 +116,7 @@ def main() -> None:
     failures = 0
     for dtype in sys.argv[1:] or ("bf16",):
         for name, fn, args in list(lora_cases(dtype)) + list(attention_cases(dtype)):
-            warps = 8 if ("D256" in name and "prefill" in name) or "expand prefill" in name or "expand decode" in name and False else 4
+            warps = 8 if ("D256" in name and "prefill" in name) or "prefill r" in name else 4
             try:
                 print(report(f"{name} {dtype}", compile_one(fn, args, warps)), flush=True)
             except Exception as exc:  # noqa: BLE001 - report every failing kernel, then fail

@@ -41,6 +41,18 @@ def test_rows_longer_than_a_page(phase):
     check_lora_case(ctx, num_tokens, torch.float32, seed=13)
 
 
+WIDE = make_spec(hidden=512, heads=4, kv_heads=1, head_dim=128, intermediate=256)
+
+
+@pytest.mark.parametrize("block_size", [4, 1], ids=["rows-in-two-pages", "rows-span-pages"])
+def test_split_k_partial_sums(block_size):
+    # One adapter, two tokens: a grid too small for the GPU, so decode shrink splits K (=512)
+    # and adds float32 partial sums; P = 1024 or 256 covers both page-walk paths.
+    ctx, num_tokens = make_lora_case(WIDE, "one", "decode", (3, 8), num_slots=2, num_requests=2,
+                                     block_size=block_size, dtype=torch.float32, device=DEVICE, seed=21)  # fmt: skip
+    check_lora_case(ctx, num_tokens, torch.float32, seed=22)
+
+
 def test_capture_mode_with_padded_segments():
     """Static capacities: extra zero-length segments and a rank capacity above the batch's."""
     ctx, num_tokens = make_lora_case(TINY, "skewed", "decode", (1, 8, 16), num_slots=5, num_requests=12,
