@@ -24,6 +24,13 @@ def _ready_file_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ready-file", default=None, help="write a JSON object here once ready to take work")
 
 
+def _check_flag(p: argparse.ArgumentParser) -> None:
+    """Probes (services/health.py): run the check with the service's own flags and exit 0/1."""
+    p.add_argument("--check", choices=("live", "ready"), default=None,
+                   help="do not start the service: check a running one (heartbeat of --ready-file; "
+                        "ready: also the brokers and stores it needs) and exit 0 when healthy, 1 when not")
+
+
 def _write_ready(path: str | None, payload: dict) -> None:
     if path:
         tmp = Path(path + ".tmp")
@@ -57,10 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     ingest = sub.add_parser("ingest", help="run the ingest service")
     IngestConfig.add_arguments(ingest)
     _ready_file_flag(ingest)
+    _check_flag(ingest)
 
     engine = sub.add_parser("engine", help="run one engine")
     EngineServiceConfig.add_arguments(engine)
     _ready_file_flag(engine)
+    _check_flag(engine)
 
     store = sub.add_parser("adapter-store", help="run the node's adapter store")
     store.add_argument("--model", default=settings.env_default("MODEL"), help="base model folder" + settings.help_suffix("MODEL"))
@@ -68,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     store.add_argument("--address", default=settings.env_default("STORE_ADDRESS"), help="listen host:port" + settings.help_suffix("STORE_ADDRESS"))
     store.add_argument("--shm-dir", default=settings.env_default("STORE_SHM_DIR"), help="shared host-memory folder" + settings.help_suffix("STORE_SHM_DIR"))
     _ready_file_flag(store)
+    _check_flag(store)
 
     demo = sub.add_parser("demo", help="start the stack with the demo model and adapters and stream replies")
     demo.add_argument("--device", default=settings.env_default("DEVICE"), help="cpu, cuda or auto")
@@ -99,23 +109,50 @@ async def _run_engine(args) -> None:
 async def _run_store(args) -> None:
     from services.adapter_store.config import AdapterStoreConfig
     from services.adapter_store.server import run_adapter_store
+    from services.common.signals import install_signal_stop
 
     model, adapters = _demo_model_and_adapters(args.model, args.adapters)
     cfg = AdapterStoreConfig.from_env_and_args(model_dir=model, adapters_root=adapters, address=args.address, shm_dir=args.shm_dir)
-    await run_adapter_store(cfg, on_ready=lambda address: _write_ready(args.ready_file, {"service": "adapter-store", "address": address}))
+    # SIGTERM must close the server and delete the shared files: killed by the default handler,
+    # the store would leave its adapters in the node's /dev/shm (host memory) after the pod is gone.
+    stop, _installed = install_signal_stop(None)
+    ready = asyncio.Event()
+    payload = {"service": "adapter-store"}
+
+    def on_ready(address: str) -> None:
+        payload["address"] = address
+        ready.set()
+
+    task = asyncio.create_task(run_adapter_store(cfg, stop=stop, on_ready=on_ready))
+    await _signal_ready(task, ready, args.ready_file, payload)
 
 
 async def _signal_ready(task: asyncio.Task, ready: asyncio.Event, ready_file: str | None, payload: dict) -> None:
+    """Write the ready file once the service is ready, then keep its heartbeat (the liveness
+    probe's evidence that the event loop turns) until the service returns."""
+    from services.health import keep_heartbeat
+
     waiter = asyncio.create_task(ready.wait())
     await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    heartbeat = None
     if ready.is_set():
         _write_ready(ready_file, payload)
+        if ready_file:
+            heartbeat = asyncio.create_task(keep_heartbeat(ready_file))
     waiter.cancel()
-    await task
+    try:
+        await task
+    finally:
+        if heartbeat is not None:
+            heartbeat.cancel()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "check", None):
+        from services.health import run_check
+
+        return run_check(args.command, args)
     from services.common.logging import configure_logging
 
     configure_logging(args.command)

@@ -1,0 +1,107 @@
+"""The probes' checks (services/health.py) against real things: a Tansu broker, a redis-server, and
+a real `lorafleet adapter-store` process, which on SIGTERM must exit cleanly and take its adapter
+files out of host memory."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from services.adapter_store.client import AdapterStoreClient
+from services.adapter_store.shm import FILE_SUFFIX
+from services.common.embedded import free_port
+from services.common.kafka import TopicSpec, ensure_topics
+from services.engine.model_spec import ModelSpec
+from services.health import heartbeat_problem, kafka_problem, problems, redis_problem
+from tests.infra_fixtures import unique_name
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+
+def test_heartbeat(tmp_path):
+    ready = tmp_path / "ready"
+    assert "missing" in heartbeat_problem(str(ready))
+    ready.write_text("{}")
+    assert heartbeat_problem(str(ready)) is None
+    old = time.time() - 120
+    os.utime(ready, (old, old))
+    assert "stuck" in heartbeat_problem(str(ready))
+    assert "no --ready-file" in heartbeat_problem(None)
+
+
+async def test_kafka_and_redis_checks(kafka_bootstrap, redis_url):
+    topic = unique_name("health")
+    await ensure_topics(kafka_bootstrap, [TopicSpec(topic, 1)])
+    assert await kafka_problem(kafka_bootstrap, [topic]) is None
+    missing = unique_name("absent")
+    assert missing in await kafka_problem(kafka_bootstrap, [topic, missing])
+    dead = f"127.0.0.1:{free_port()}"
+    assert "unreachable" in await asyncio.wait_for(kafka_problem(dead, [topic]), 30)
+    assert await redis_problem(redis_url) is None
+    problem = await redis_problem(f"redis://:secret@127.0.0.1:{free_port()}/0")
+    assert "unreachable" in problem and "secret" not in problem
+
+
+def _cli(*argv: str, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "services.cli", *argv], **popen)
+
+
+def _check(*argv: str) -> tuple[int, str]:
+    """Run `lorafleet ... --check ...` as the kubelet would: a fresh process; (exit status, output)."""
+    proc = _cli(*argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, _ = proc.communicate(timeout=60)
+    return proc.returncode, out.decode()
+
+
+async def test_adapter_store_process_checks_and_drain(kafka_bootstrap, redis_url, zoo, tmp_path):
+    model = zoo.model("mha")
+    root = tmp_path / "root"
+    shutil.copytree(zoo.adapter("mha", "r1-attn"), root / "team" / "r1")
+    shm, ready = tmp_path / "shm", tmp_path / "store.ready"
+    address = f"127.0.0.1:{free_port()}"
+    store = _cli("adapter-store", "--model", str(model), "--adapters", root.as_uri(), "--address", address,
+                 "--shm-dir", str(shm), "--ready-file", str(ready),
+                 stdout=open(tmp_path / "store.log", "wb"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert store.poll() is None, (tmp_path / "store.log").read_text()
+            assert time.monotonic() < deadline, "the store did not become ready"
+            await asyncio.sleep(0.1)
+        code, out = await asyncio.to_thread(_check, "adapter-store", "--check", "ready", "--address", address,
+                                            "--ready-file", str(ready))
+        assert (code, out.strip()) == (0, "ok: adapter-store ready")
+        # The engine's readiness: broker, Redis and this node's store, all real (checked in-process).
+        topic = unique_name("work")
+        await ensure_topics(kafka_bootstrap, [TopicSpec(topic, 1)])
+        engine_args = argparse.Namespace(ready_file=str(ready), kafka_bootstrap=kafka_bootstrap, redis_url=redis_url,
+                                         work_topic=topic, store_address=address)
+        assert await problems("engine", "ready", engine_args) == []
+        no_store = argparse.Namespace(**{**vars(engine_args), "store_address": f"127.0.0.1:{free_port()}"})
+        (problem,) = await problems("engine", "ready", no_store)
+        assert problem.startswith("adapter store at")
+
+        client = AdapterStoreClient(address, ModelSpec.from_pretrained(model))
+        await client.get("team/r1")
+        await client.close()
+        assert [p for p in shm.iterdir() if p.name.endswith(FILE_SUFFIX)], "the adapter should be in host memory"
+
+        store.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(store.wait, 15) == 0, "SIGTERM must stop the store cleanly"
+        assert not [p for p in shm.iterdir() if p.name.endswith(FILE_SUFFIX)], "adapter files left in host memory"
+        code, out = await asyncio.to_thread(_check, "adapter-store", "--check", "ready", "--address", address,
+                                            "--ready-file", str(ready))
+        assert code == 1 and "adapter store at" in out
+    finally:
+        if store.poll() is None:
+            store.kill()
+            store.wait()
