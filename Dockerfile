@@ -1,0 +1,53 @@
+# syntax=docker/dockerfile:1
+# The lorafleet image: what deploy/k8s runs (`lorafleet ingest | engine | adapter-store`).
+#
+#   docker build -t registry.example.com/lorafleet:0.1.0 .
+#   docker push registry.example.com/lorafleet:0.1.0
+#
+# One image for every service: ingest and the adapter store never touch the GPU, but they share
+# the code (tokenizer, adapter validation) and a single image keeps versions in step.
+# tests/deploy/test_dockerfile.py checks this file against the repository and the manifests.
+
+# CUDA user-space comes with torch's own wheels (nvidia-* packages); the base image supplies the
+# NVIDIA container-runtime wiring (the driver is mounted from the node).
+ARG CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
+
+FROM ${CUDA_IMAGE} AS system
+ENV DEBIAN_FRONTEND=noninteractive
+# gcc, libc6-dev and python3-dev stay in the final image: Triton compiles its small CUDA launcher
+# (a C extension) with the system compiler the first time each kernel signature runs.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
+
+FROM system AS build
+# The torch build the project is tested with (pyproject.toml: torch>=2.4,<3); PyPI's Linux
+# wheel is the CUDA build.
+ARG TORCH_VERSION=2.13.0
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python3 -m venv /opt/lorafleet
+ENV PATH=/opt/lorafleet/bin:$PATH
+# torch first, alone: the largest layer, rebuilt only when its version changes.
+RUN pip install "torch==${TORCH_VERSION}"
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY services ./services
+COPY kernels ./kernels
+RUN pip install . \
+ && lorafleet --help > /dev/null
+
+FROM system
+COPY --from=build /opt/lorafleet /opt/lorafleet
+# The user the manifests run as (runAsUser / runAsGroup 10001), with a writable home for the
+# Triton kernel cache (~/.triton) and Hugging Face caches.
+RUN groupadd --gid 10001 lorafleet \
+ && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/lorafleet --shell /usr/sbin/nologin lorafleet
+ENV PATH=/opt/lorafleet/bin:$PATH \
+    HOME=/home/lorafleet \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HF_HUB_OFFLINE=1
+USER 10001:10001
+WORKDIR /home/lorafleet
+ENTRYPOINT ["lorafleet"]
+CMD ["--help"]

@@ -1,0 +1,70 @@
+"""Every rendered manifest validates strictly (unknown fields are errors) against the Kubernetes API
+schemas, offline (kubernetes-validate ships them), for the oldest and newest Kubernetes versions
+we claim. KEDA's ScaledObject is a custom resource the core schemas do not know: it is validated
+against tests/deploy/schemas/keda-scaledobject.schema.json, written from KEDA's documented fields.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+
+from tests.deploy.manifests import OVERLAYS, rendered, secret_example
+
+KUBERNETES_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())  # internalTrafficPolicy is GA since 1.26
+CUSTOM_KINDS = {("keda.sh/v1alpha1", "ScaledObject")}
+KEDA_SCHEMA = json.loads((Path(__file__).parent / "schemas" / "keda-scaledobject.schema.json").read_text())
+
+
+def _core(objects):
+    return [o for o in objects if (o["apiVersion"], o["kind"]) not in CUSTOM_KINDS]
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_core_objects_validate_strictly(overlay, version):
+    objects = _core(rendered(overlay))
+    assert {o["kind"] for o in objects} >= {"Namespace", "ConfigMap", "Deployment", "DaemonSet", "Service",
+                                            "PodDisruptionBudget", "PersistentVolumeClaim"}
+    for obj in objects:
+        kubernetes_validate.validate(obj, version, strict=True)
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_secret_example_validates_strictly(version):
+    kubernetes_validate.validate(secret_example(), version, strict=True)
+
+
+def test_strict_validation_rejects_an_unknown_field():
+    """The check above can fail: a misspelt field in a pod spec is refused."""
+    engine = next(o for o in rendered("base") if o["kind"] == "Deployment" and o["metadata"]["name"] == "lorafleet-engine")
+    engine["spec"]["template"]["spec"]["containers"][0]["livenesProbe"] = {"exec": {"command": ["true"]}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(engine, KUBERNETES_VERSIONS[-1], strict=True)
+
+
+def test_production_scaled_objects_validate_against_the_keda_schema():
+    scaled = [o for o in rendered("production") if o["kind"] == "ScaledObject"]
+    assert {o["spec"]["scaleTargetRef"]["name"] for o in scaled} == {"lorafleet-engine", "lorafleet-ingest"}
+    for obj in scaled:
+        jsonschema.validate(obj, KEDA_SCHEMA, cls=jsonschema.Draft202012Validator)
+
+
+@pytest.mark.parametrize("breakage", [
+    ("a non-string trigger value", lambda o: o["spec"]["triggers"][0]["metadata"].__setitem__("lagThreshold", 128)),
+    ("an unknown spec field", lambda o: o["spec"].__setitem__("maxReplicas", 4)),
+    ("no target name", lambda o: o["spec"]["scaleTargetRef"].pop("name")),
+    ("an unknown kafka key", lambda o: o["spec"]["triggers"][0]["metadata"].__setitem__("consumerGroupId", "x")),
+    ("a bad offset policy", lambda o: o["spec"]["triggers"][0]["metadata"].__setitem__("offsetResetPolicy", "first")),
+])
+def test_keda_schema_rejects_broken_scaled_objects(breakage):
+    _what, damage = breakage
+    obj = copy.deepcopy(next(o for o in rendered("production") if o["kind"] == "ScaledObject"))
+    damage(obj)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(obj, KEDA_SCHEMA, cls=jsonschema.Draft202012Validator)
