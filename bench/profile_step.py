@@ -39,7 +39,7 @@ def main() -> None:
     for i in range(args.batch):
         a = i % args.distinct
         eng.add_request(str(i), prompt_token_ids=rng.integers(3, 32000, args.context).tolist(), adapter_id=f"a{a}",
-                        adapter=bank.get(a), params=SamplingParams(max_tokens=10_000, temperature=0, ignore_eos=True))
+                        adapter=bank.get(a), params=SamplingParams(max_tokens=eng.spec.max_position - args.context, temperature=0, ignore_eos=True))
     eng.step()  # the whole prefill
     phases: dict[str, float] = {}
 

@@ -15,11 +15,13 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 MAX_TOKENS = 12
-MARGIN = 0.25  # logits closer than this at the top may flip under bf16 rounding
+MARGIN = 0.1  # logits closer than this at the top may flip under bf16 rounding
 
 
 @torch.inference_mode()
-def _hf_greedy_with_margins(model_dir, adapter_dir, prompt, n):
+def _hf_teacher_forced(model_dir, adapter_dir, prompt, generated):
+    """HF PEFT (bf16) logits over prompt + the engine's own output: argmax and top-2 margin of
+    each generated position, so one small-margin position does not end the comparison."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda()
@@ -27,13 +29,10 @@ def _hf_greedy_with_margins(model_dir, adapter_dir, prompt, n):
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter_dir)
-    ids, margins = list(prompt), []
-    for _ in range(n):
-        logits = model(torch.tensor([ids], device="cuda")).logits[0, -1].float()
-        top = logits.topk(2).values
-        margins.append(float(top[0] - top[1]))
-        ids.append(int(logits.argmax()))
-    return ids[len(prompt):], margins
+    ids = torch.tensor([prompt + generated], device="cuda")
+    logits = model(ids).logits[0, len(prompt) - 1 : -1].float()  # [n, V]: predicts each generated token
+    top = logits.topk(2, dim=-1).values
+    return logits.argmax(-1).tolist(), (top[:, 0] - top[:, 1]).tolist()
 
 
 @pytest.mark.parametrize("model", ["mha", "gqa"])
@@ -48,14 +47,13 @@ def test_bf16_greedy_matches_hf_peft_where_margins_are_clear(zoo, model, ops):
         eng.add_request(f"r{i}", prompt_token_ids=prompt, params=params, adapter_id=name, adapter=w)
         jobs[f"r{i}"] = (name, prompt)
     results = eng.run_to_completion()
-    compared = 0
+    compared = total = 0
     for rid, (name, prompt) in jobs.items():
-        want, margins = _hf_greedy_with_margins(zoo.model(model), name and zoo.adapter(model, name), prompt, MAX_TOKENS)
         got = generated_ids(results[rid])
-        # Compare up to the first position whose reference margin is within bf16 noise.
+        want, margins = _hf_teacher_forced(zoo.model(model), name and zoo.adapter(model, name), prompt, got)
         for t, (g, w, m) in enumerate(zip(got, want, margins)):
-            if m < MARGIN:
-                break
-            assert g == w, f"{model}/{ops} {rid} ({name}) token {t}: engine {g} != HF {w} (margin {m:.3f})"
-            compared += 1
-    assert compared >= MAX_TOKENS * len(jobs) // 3, f"too few clear-margin tokens compared ({compared})"
+            total += 1
+            if m >= MARGIN:
+                assert g == w, f"{model}/{ops} {rid} ({name}) token {t}: engine {g} != HF {w} (margin {m:.3f})"
+                compared += 1
+    assert compared >= total // 4, f"too few clear-margin tokens compared ({compared} of {total})"
