@@ -57,7 +57,9 @@ def main() -> None:
 
     eng.scheduler.schedule = timed("schedule", eng.scheduler.schedule)
     engine_mod.build_batch = timed("build_batch", batch_mod.build_batch)
-    eng.model.forward = timed("forward", eng.model.forward)
+    eng.model.forward = timed("forward (eager)", eng.model.forward)
+    if eng.decode_graphs is not None:
+        eng.decode_graphs.run = timed("forward (graph replay)", eng.decode_graphs.run)
     eng.model.logits = timed("logits", eng.model.logits)
     engine_mod.sample = timed("sample", engine_mod.sample)
     eng.scheduler.update_from_output = timed("update", eng.scheduler.update_from_output)

@@ -35,6 +35,10 @@ class EngineConfig:
     cpu_pool_bytes: int = 1 << 30
     ops: str = "auto"  # auto (triton on CUDA when available) | torch | triton
     random_weights_seed: int | None = None  # benchmarks: random weights made on the device, no checkpoint
+    cuda_graphs: bool = True  # replay decode steps from CUDA graphs (CUDA with the Triton ops only)
+    # Decode-only steps between prefill steps; None: 4 when CUDA graphs replay decodes, else 0
+    # (0: every step mixes decodes with prefill chunks).
+    decode_steps_per_prefill: int | None = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -55,6 +59,7 @@ class Runtime:
     kv: KVCacheManager
     adapters: AdapterCache
     scheduler_config: SchedulerConfig
+    decode_graphs: Any  # DecodeGraphs | None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -124,5 +129,15 @@ def build_runtime(cfg: EngineConfig) -> Runtime:
     kv = KVCacheManager(allocator, adapters, cfg.block_size)
     lora_ops, attn_ops = select_ops(cfg.ops, device)
     model = LlamaModel(spec, weights, lora_ops, attn_ops)
-    sched = SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_batched_tokens=cfg.max_batched_tokens)
-    return Runtime(spec, tokenizer, device, pool, model, kv, adapters, sched)
+    graphs = None
+    if cfg.cuda_graphs and device.type == "cuda" and type(lora_ops).__name__ == "TritonLoraOps":
+        from .cuda_graphs import DecodeGraphs
+
+        graphs = DecodeGraphs(spec, weights, pool, adapters.tables, max_batch=min(cfg.max_num_seqs, cfg.max_batched_tokens),
+                              max_rank=cfg.max_adapter_rank, block_size=cfg.block_size)
+    split = cfg.decode_steps_per_prefill
+    if split is None:
+        split = 4 if graphs is not None else 0
+    sched = SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_batched_tokens=cfg.max_batched_tokens,
+                            decode_steps_per_prefill=split)
+    return Runtime(spec, tokenizer, device, pool, model, kv, adapters, sched, graphs)

@@ -43,6 +43,7 @@ class LLMEngine:
         self.config, self.spec, self.tokenizer = config, rt.spec, rt.tokenizer
         self.device, self.pool, self.model = rt.device, rt.pool, rt.model
         self.kv, self.adapters = rt.kv, rt.adapters
+        self.decode_graphs = rt.decode_graphs  # None on the CPU or when disabled
         self.scheduler = Scheduler(rt.scheduler_config, rt.kv, rt.adapters)
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self.eos_ids = rt.spec.eos_token_ids or ((self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ())
@@ -102,11 +103,14 @@ class LLMEngine:
         if sched.empty:
             return []
         batch = build_batch(sched, self.kv, self.adapters, self.device)
-        lora = None if batch.lora.empty else LoraContext(self.pool, self.adapters.tables, batch.lora)
-        hidden = self.model.forward(batch.input_ids, batch.positions, self.pool, batch.attn, lora)
         sampled_ids: list[int] = []
-        if batch.sampled:
-            logits = self.model.logits(hidden[batch.logits_index])  # [N, V] float32
+        if self.decode_graphs is not None and self.decode_graphs.can_run(batch):
+            logits = self.decode_graphs.run(batch)  # [N, V] float32, from a replayed CUDA graph
+        else:
+            lora = None if batch.lora.empty else LoraContext(self.pool, self.adapters.tables, batch.lora)
+            hidden = self.model.forward(batch.input_ids, batch.positions, self.pool, batch.attn, lora)
+            logits = self.model.logits(hidden[batch.logits_index]) if batch.sampled else None  # [N, V] float32
+        if logits is not None:
             sampled_ids = sample(logits, batch.sampling).tolist()
         sampled = {e.request.request_id: t for e, t in zip(batch.sampled, sampled_ids)}
         touched = self.scheduler.update_from_output(sched, sampled, self.eos_ids)

@@ -30,6 +30,9 @@ from .request import Request, RequestStatus
 class SchedulerConfig:
     max_num_seqs: int = 256
     max_batched_tokens: int = 2048
+    # 0: every step mixes decodes and prefill chunks. k > 0: steps are either all decodes (which a
+    # CUDA graph replays) or all prefill (run eagerly), with a prefill step at least every k+1.
+    decode_steps_per_prefill: int = 0
 
 
 @dataclass
@@ -62,6 +65,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self._decode_steps = 0  # decode-only steps since the last prefill step (split phases)
 
     # --- requests in and out ---------------------------------------------------------------
     def pages_needed_alone(self, request: Request) -> int:
@@ -98,12 +102,17 @@ class Scheduler:
 
     # --- the step ------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
+        phase = self._phase()
         out = SchedulerOutput()
         budget = self.config.max_batched_tokens
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            remaining = req.num_tokens - req.num_computed_tokens
+            if (phase == "decode" and remaining != 1) or (phase == "prefill" and remaining == 1):
+                i += 1
+                continue
+            n = min(remaining, budget)
             while not self.kv.can_grow(req.request_id, req.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -115,8 +124,8 @@ class Scheduler:
                 out.scheduled.append(self._entry(req, n))
                 budget -= n
                 i += 1
-        if out.preempted:
-            return out  # memory is short: admit nobody new this step
+        if out.preempted or phase == "decode":
+            return out  # memory is short, or a decode-only step: admit nobody new this step
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
@@ -131,6 +140,19 @@ class Scheduler:
             out.scheduled.append(self._entry(req, n))
             budget -= n
         return out
+
+    def _phase(self) -> str:
+        """'mixed' (default), or with split phases 'decode' / 'prefill' for this step."""
+        k = self.config.decode_steps_per_prefill
+        if k <= 0:
+            return "mixed"
+        decodes = any(r.num_tokens - r.num_computed_tokens == 1 for r in self.running)
+        prefills = bool(self.waiting) or any(r.num_tokens - r.num_computed_tokens > 1 for r in self.running)
+        if prefills and (not decodes or self._decode_steps >= k):
+            self._decode_steps = 0
+            return "prefill"
+        self._decode_steps += 1
+        return "decode"
 
     def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int], eos_ids: tuple[int, ...]) -> list[Request]:
         """Advance computed tokens, append sampled tokens, finish on EOS or max_tokens.

@@ -49,11 +49,13 @@ def test_mixed_batch_matches_hf_peft(zoo, reference, model):
     assert eng.adapters.num_evictions == 0
 
 
-@pytest.mark.parametrize("model,num_pages", [("mha", 10), ("gqa", 20)])
-def test_small_pool_preempts_and_evicts_yet_matches(zoo, reference, model, num_pages):
+@pytest.mark.parametrize("model,num_pages,split", [("mha", 10, 0), ("gqa", 20, 0), ("gqa", 20, 2)])
+def test_small_pool_preempts_and_evicts_yet_matches(zoo, reference, model, num_pages, split):
     # A pool barely larger than the biggest single request plus the biggest adapter, and a small
     # token budget (chunked prefill): requests are preempted and adapters evicted along the way.
-    eng, results, jobs = _run_mixed(zoo, model, num_pages=num_pages, max_batched_tokens=24)
+    # split > 0: decode-only and prefill-only steps alternate (the CUDA-graph schedule).
+    eng, results, jobs = _run_mixed(zoo, model, num_pages=num_pages, max_batched_tokens=24,
+                                    decode_steps_per_prefill=split)
     _check(zoo, reference, model, results, jobs)
     assert eng.adapters.num_evictions > 0
     assert eng.scheduler_stats["preemptions"] > 0

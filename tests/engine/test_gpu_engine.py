@@ -36,9 +36,11 @@ def _hf_teacher_forced(model_dir, adapter_dir, prompt, generated):
 
 
 @pytest.mark.parametrize("model", ["mha", "gqa"])
-@pytest.mark.parametrize("ops", ["triton", "torch"])
-def test_bf16_greedy_matches_hf_peft_where_margins_are_clear(zoo, model, ops):
-    eng = LLMEngine(EngineConfig(model_dir=str(zoo.model(model)), device="cuda", dtype="bfloat16", num_pages=256, ops=ops))
+@pytest.mark.parametrize("ops,graphs", [("triton", True), ("triton", False), ("torch", False)])
+def test_bf16_greedy_matches_hf_peft_where_margins_are_clear(zoo, model, ops, graphs):
+    eng = LLMEngine(EngineConfig(model_dir=str(zoo.model(model)), device="cuda", dtype="bfloat16", num_pages=256, ops=ops,
+                                 cuda_graphs=graphs, max_num_seqs=8))
+    assert (eng.decode_graphs is not None) == graphs
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
     jobs = {}
     for i, name in enumerate((None, *ADAPTERS)):

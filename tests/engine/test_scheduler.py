@@ -138,3 +138,35 @@ def test_random_workloads_complete_with_exact_lengths(seed):
     assert not s.has_unfinished(), "the workload must finish (no deadlock)"
     for rid, req in want.items():
         assert len(req.output_token_ids) == req.params.max_tokens and req.finish_reason == "length"
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_split_phases_steps_are_pure_and_everyone_finishes(k):
+    from services.engine.scheduler import SchedulerConfig
+
+    s = make_scheduler(num_pages=40, max_batched_tokens=16)
+    s.config = SchedulerConfig(max_num_seqs=16, max_batched_tokens=16, decode_steps_per_prefill=k)
+    rng = random.Random(k)
+    reqs = [make_request(f"r{i}", rng.randint(2, 30), rng.randint(1, 8)) for i in range(12)]
+    pending, decode_run, saw_decode_step = list(reqs), 0, False
+    for _ in range(1000):
+        if not (pending or s.has_unfinished()):
+            break
+        if pending and rng.random() < 0.5:
+            s.add_request(pending.pop(0))
+        prefill_work = bool(s.waiting) or any(r.num_tokens - r.num_computed_tokens > 1 for r in s.running)
+        out = s.schedule()
+        remaining = [e.request.num_tokens - e.request.num_computed_tokens for e in out.scheduled]
+        if out.scheduled and all(r == 1 for r in remaining):
+            saw_decode_step = True
+            decode_run = decode_run + 1 if prefill_work else 0
+            assert decode_run <= k, "prefill work waited more than k decode-only steps"
+        else:
+            decode_run = 0
+            # a prefill step never carries a running request's decode token
+            assert all(r > 1 or e.request.num_computed_tokens == 0 for r, e in zip(remaining, out.scheduled))
+        s.update_from_output(out, {e.request.request_id: 7 for e in out.scheduled if e.samples}, eos_ids=(2,))
+        check_accounting(s)
+    assert not s.has_unfinished() and not pending
+    assert all(len(r.output_token_ids) == r.params.max_tokens for r in reqs)
+    assert saw_decode_step

@@ -1,0 +1,96 @@
+"""Decode steps replayed from CUDA graphs: no per-kernel launch cost from Python on the hot path.
+
+One graph per batch-size bucket, captured once at start-up over static buffers sized for the
+largest bucket; a decode step copies its metadata into the first n rows, pads the bucket with
+inert rows (slot -1: no KV write; seq_len 0: no attention; adapter slot -1: no LoRA), replays,
+and reads the logits of its n rows. Prefill and mixed steps run eagerly.
+
+NOTE: the captured model shares the eager model's weights, the pool and the AdapterCache's
+tables (updated in place), so adapters loaded after capture are seen by every replay.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .batch import ModelBatch
+from .model import LlamaModel
+from .model_spec import ModelSpec
+from .ops.base import AdapterTables, AttentionMeta, LoraBatch, LoraContext
+from .weights_loader import ModelWeights
+
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+class DecodeGraphs:
+    def __init__(self, spec: ModelSpec, weights: ModelWeights, pool: torch.Tensor, tables: AdapterTables,
+                 max_batch: int, max_rank: int, block_size: int):
+        from kernels import TritonAttentionOps, TritonLoraOps
+
+        dev = pool.device
+        self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
+        cap = self.max_batch = max_batch
+        max_blocks = -(-spec.max_position // block_size)
+        i32, i64 = dict(dtype=torch.int32, device=dev), dict(dtype=torch.int64, device=dev)
+        self.input_ids = torch.zeros(cap, **i64)
+        self.positions = torch.zeros(cap, **i64)
+        self.slot_mapping = torch.full((cap,), -1, **i64)
+        self.seq_lens = torch.zeros(cap, **i32)
+        self.block_tables = torch.full((cap, max_blocks), -1, **i32)
+        self.query_start = torch.arange(cap + 1, **i32)
+        self.token_slot = torch.full((cap,), -1, **i32)
+        self.seg_start, self.seg_len, self.seg_slot = (torch.zeros(cap, **i32) for _ in range(3))
+        self.model = LlamaModel(spec, weights, TritonLoraOps(capture=True, max_rank=max_rank),
+                                TritonAttentionOps(capture=True, max_seq_len=spec.max_position))
+        self.pool, self.tables, self.max_rank, self.block_size = pool, tables, max_rank, block_size
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self._capture_all()
+
+    def _forward(self, b: int) -> torch.Tensor:
+        meta = AttentionMeta(self.query_start[: b + 1], self.seq_lens[:b], self.block_tables[:b], self.slot_mapping[:b],
+                             num_decodes=b, max_query_len=1, max_seq_len=self.model.spec.max_position,
+                             block_size=self.block_size)
+        lora = LoraBatch(self.token_slot[:b], self.seg_start[:b], self.seg_len[:b], self.seg_slot[:b],
+                         max_rank=self.max_rank, max_seg_len=b, num_segments=b)
+        hidden = self.model.forward(self.input_ids[:b], self.positions[:b], self.pool, meta,
+                                    LoraContext(self.pool, self.tables, lora))
+        return self.model.logits(hidden)
+
+    def _capture_all(self) -> None:
+        mempool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # compile every kernel for every bucket outside capture
+            for b in self.buckets:
+                self._forward(b)
+        torch.cuda.current_stream().wait_stream(side)
+        for b in reversed(self.buckets):  # largest first: smaller graphs reuse its memory
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=mempool):
+                self.logits[b] = self._forward(b)
+            self.graphs[b] = graph
+
+    def can_run(self, batch: ModelBatch) -> bool:
+        n = batch.input_ids.shape[0]
+        return n <= self.max_batch and batch.attn.num_decodes == n and len(batch.sampled) == n
+
+    def run(self, batch: ModelBatch) -> torch.Tensor:
+        """Logits [n, V] of an all-decode batch (every token sampled, in batch order)."""
+        n = batch.input_ids.shape[0]
+        b = next(size for size in self.buckets if size >= n)
+        self.input_ids[:n] = batch.input_ids
+        self.positions[:n] = batch.positions
+        self.slot_mapping[:n] = batch.attn.slot_mapping
+        self.slot_mapping[n:b] = -1
+        self.seq_lens[:n] = batch.attn.seq_lens
+        self.seq_lens[n:b] = 0
+        width = batch.attn.block_tables.shape[1]
+        self.block_tables[:n, :width] = batch.attn.block_tables
+        self.token_slot[:n] = batch.lora.token_slot
+        self.token_slot[n:b] = -1
+        g = batch.lora.num_segments
+        self.seg_start[:g], self.seg_len[:g], self.seg_slot[:g] = batch.lora.seg_start, batch.lora.seg_len, batch.lora.seg_slot
+        self.seg_len[g:b] = 0
+        self.graphs[b].replay()
+        return self.logits[b][:n]
