@@ -23,12 +23,15 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from kernels import attention_kernels as A  # noqa: E402
 from kernels import lora_kernels as L  # noqa: E402
+from kernels.lora_ops import choose_tiles, shrink_tile  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 DIV16 = [["tt.divisibility", 16]]
 
 
 def compile_one(fn, args: dict, num_warps: int = 4):
+    args = dict(args)
+    num_warps = args.pop("_warps", num_warps)
     """args: name -> type string ("*bf16", "i32", ...; a trailing '/16' marks divisible by 16) or constexpr value."""
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -74,18 +77,22 @@ def lora_cases(dtype: str):
         "stride_off_s": "i32", "num_rank_blocks": "i32", "num_col_splits": "i32", "cols_per_split": "i32/16", "M0": "i32", "M1": "i32", "M2": "i32", "M3": "i32", "ALIGNED": True,
         "ROW_IN_TWO_PAGES": True, "DOT_PRECISION": "tf32",
     }  # fmt: skip
-    for tiles_name, bt, br, bk, ebr, ebn in (("decode r128", 16, 128, 64, 128, 64), ("decode r8", 16, 32, 256, 16, 256),
-                                             ("decode r64", 16, 128, 64, 64, 128), ("prefill r64", 64, 256, 64, 64, 128),
-                                             ("prefill r8", 64, 32, 256, 16, 256)):
+    elem = 4 if dtype == "fp32" else 2
+    for decode, rank in ((True, 8), (True, 64), (True, 128), (False, 8), (False, 64)):
+        tiles = choose_tiles(rank, decode, 131072)
+        br, bk, shrink_warps = shrink_tile(tiles, 3 * rank, 131072, elem)
+        bt, ebr, ebn = tiles.block_t, tiles.expand_block_r, tiles.expand_block_n
+        tiles_name = f"{tiles.name} r{rank} (BR{br} BK{bk} w{shrink_warps})"
         shrink = {**common, "x_ptr": f"*{dtype}", "a_off_ptr": "*i64", "K": "i32/16", "stride_x_t": "i32/16",
-                  "num_mods": "i32", "num_k_splits": "i32", "k_per_split": "i32/16", "ATOMIC": tiles_name.startswith("decode"),
-                  "BLOCK_T": bt, "BLOCK_R": br, "BLOCK_K": bk}  # fmt: skip
+                  "num_mods": "i32", "num_k_splits": "i32", "k_per_split": "i32/16", "ATOMIC": decode,
+                  "BLOCK_T": bt, "BLOCK_R": br, "BLOCK_K": bk, "_warps": shrink_warps}  # fmt: skip
         if shrink["ATOMIC"]:
             shrink["u_ptr"] = "*fp32"
         yield f"lora_shrink {tiles_name}", L.lora_shrink_kernel, shrink
         expand = {**common, "y_ptr": f"*{dtype}", "scales_ptr": "*fp32", "b_off_ptr": "*i64", "stride_y_t": "i32/16",
                   "N0": "i32/16", "N1": "i32/16", "N2": "i32/16", "N3": "i32/16", "O0": "i32/16", "O1": "i32/16", "O2": "i32/16",
-                  "O3": "i32/16", "Y_ALIGNED": True, "BLOCK_T": bt, "BLOCK_R": ebr, "BLOCK_N": ebn}  # fmt: skip
+                  "O3": "i32/16", "Y_ALIGNED": True, "BLOCK_T": bt, "BLOCK_R": ebr, "BLOCK_N": ebn,
+                  "_warps": tiles.expand_num_warps}  # fmt: skip
         yield f"lora_expand {tiles_name}", L.lora_expand_kernel, expand
     yield "lora_plan", L.lora_plan_kernel, {"seg_len_ptr": "*i32", "work_seg_ptr": "*i32", "work_blk_ptr": "*i32", "G": "i32",
                                             "W": "i32", "BLOCK_T": 16, "BLOCK_W": 128, "BLOCK_G": 32}  # fmt: skip
@@ -114,9 +121,9 @@ def attention_cases(dtype: str):
 
 def main() -> None:
     failures = 0
-    for dtype in sys.argv[1:] or ("bf16",):
+    for dtype in sys.argv[1:] or ("bf16", "fp32"):
         for name, fn, args in list(lora_cases(dtype)) + list(attention_cases(dtype)):
-            warps = 8 if ("D256" in name and "prefill" in name) or "prefill r" in name else 4
+            warps = 8 if "D256" in name and "prefill" in name else 4
             try:
                 print(report(f"{name} {dtype}", compile_one(fn, args, warps)), flush=True)
             except Exception as exc:  # noqa: BLE001 - report every failing kernel, then fail
