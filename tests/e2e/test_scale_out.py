@@ -180,7 +180,10 @@ async def test_three_engines_share_work_survive_a_kill_and_drain_on_sigterm(kafk
             assert live["affinity_loads"] == len(adapters), "each adapter should have been served by one engine"
             assert live["affinity_hit_rate"] > live["hash_hit_rate"]
             simulation = simulate_affinity()
-            write_results(simulation, live)
+            # Figures go to the test's folder (and the log); bench/results/affinity.* is written by
+            # `python -m bench.affinity` runs that are committed on purpose, never by a test run.
+            write_results(simulation, live, folder=tmp_path)
+            print(markdown(simulation, live))
             print(markdown(simulation, live))
 
             # --- B: SIGKILL one engine mid-generation ---------------------------------------------
