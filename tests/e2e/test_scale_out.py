@@ -184,7 +184,6 @@ async def test_three_engines_share_work_survive_a_kill_and_drain_on_sigterm(kafk
             # `python -m bench.affinity` runs that are committed on purpose, never by a test run.
             write_results(simulation, live, folder=tmp_path)
             print(markdown(simulation, live))
-            print(markdown(simulation, live))
 
             # --- B: SIGKILL one engine mid-generation ---------------------------------------------
             victim = fleet.engines[0]
