@@ -82,6 +82,7 @@ def main() -> None:
     p.add_argument("--max-batched-tokens", type=int, default=4096)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=Path("bench/results/engine"))
+    p.add_argument("--commit", default=None, help="git commit of the code (read from git when omitted)")
     args = p.parse_args()
     setting = SETTINGS[args.setting]
     model_dir = make_model_folder(setting.shape, Path("/tmp/lorafleet-bench") / setting.shape)

@@ -91,6 +91,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--max-requests", type=int, default=96)
     p.add_argument("--out", type=Path, default=Path("bench/results/engine"))
+    p.add_argument("--commit", default=None, help="git commit of the code (read from git when omitted)")
     args = p.parse_args()
     setting = SETTINGS[args.setting]
     model_dir = make_model_folder(setting.shape, Path("/tmp/lorafleet-bench") / setting.shape)

@@ -29,6 +29,7 @@ def main() -> None:
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--out", type=Path, default=Path("bench/results/engine"))
+    p.add_argument("--commit", default=None, help="git commit of the code (read from git when omitted)")
     args = p.parse_args()
     setting = SETTINGS[args.setting]
     model_dir = make_model_folder(setting.shape, Path("/tmp/lorafleet-bench") / setting.shape)
@@ -75,7 +76,7 @@ def main() -> None:
     torch.cuda.synchronize()
     step_ms = (time.perf_counter() - t) / args.steps * 1e3
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
-    result = {"environment": environment(), "args": vars(args) | {"out": str(args.out)}, "step_ms": step_ms,
+    result = {"environment": environment(args.commit), "args": vars(args) | {"out": str(args.out)}, "step_ms": step_ms,
               "phases_ms_per_step": {k: v / args.steps * 1e3 for k, v in phases.items()}}
     print(json.dumps(result, indent=1))
     print(table)

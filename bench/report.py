@@ -22,9 +22,9 @@ def _commit() -> str:
         return "unknown"
 
 
-def environment() -> dict:
+def environment(commit: str | None = None) -> dict:
     return {
-        "commit": _commit(), "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "commit": commit or _commit(), "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -32,7 +32,7 @@ def environment() -> dict:
 
 def write_results(out: Path, name: str, records: list[dict], args: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    env = environment()
+    env = environment(args.get("commit"))
     payload = {"environment": env, "args": {k: str(v) for k, v in args.items()}, "records": records}
     (out / f"{name}.json").write_text(json.dumps(payload, indent=1))
     lines = [f"# {name}", "", f"commit `{env['commit']}`, {env['gpu']}, torch {env['torch']}, {env['date']}", "",
