@@ -72,15 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     _check_flag(engine)
 
     store = sub.add_parser("adapter-store", help="run the node's adapter store")
-    store.add_argument("--model", default=settings.env_default("MODEL"), help="base model folder" + settings.help_suffix("MODEL"))
-    store.add_argument("--adapters", default=settings.env_default("ADAPTERS"), help="adapter root URL" + settings.help_suffix("ADAPTERS"))
-    store.add_argument("--address", default=settings.env_default("STORE_ADDRESS"), help="listen host:port" + settings.help_suffix("STORE_ADDRESS"))
-    store.add_argument("--shm-dir", default=settings.env_default("STORE_SHM_DIR"), help="shared host-memory folder" + settings.help_suffix("STORE_SHM_DIR"))
+    settings.add_flag(store, "--model", "MODEL", str, "base model folder")
+    settings.add_flag(store, "--adapters", "ADAPTERS", str, "adapter root URL")
+    settings.add_flag(store, "--address", "STORE_ADDRESS", str, "listen host:port")
+    settings.add_flag(store, "--shm-dir", "STORE_SHM_DIR", str, "shared host-memory folder")
     _ready_file_flag(store)
     _check_flag(store)
 
     demo = sub.add_parser("demo", help="start the stack with the demo model and adapters and stream replies")
-    demo.add_argument("--device", default=settings.env_default("DEVICE"), help="cpu, cuda or auto")
+    settings.add_flag(demo, "--device", "DEVICE", str, "cpu, cuda or auto")
     return parser
 
 

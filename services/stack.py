@@ -25,14 +25,12 @@ READY_TIMEOUT_S = 600.0  # the first `up` builds the demo assets (minutes on a s
 
 
 def add_up_arguments(p: argparse.ArgumentParser) -> None:
-    def flag(name: str, env: str, kind: type, text: str) -> None:
-        p.add_argument(name, type=kind, default=settings.env_default(env), help=text + settings.help_suffix(env))
 
     p.add_argument("--model", default=os.environ.get("LORAFLEET_MODEL", ""), help="Hugging Face model folder; absent: the demo model")
     p.add_argument("--adapters", default=os.environ.get("LORAFLEET_ADAPTERS", ""), help="adapter root URL; absent: the demo adapters")
     p.add_argument("--kafka-bootstrap", default=os.environ.get("LORAFLEET_KAFKA_BOOTSTRAP", ""), help="Kafka bootstrap; absent: an embedded broker")
     p.add_argument("--redis-url", default=os.environ.get("LORAFLEET_REDIS_URL", ""), help="Redis URL; absent: an embedded redis-server")
-    flag("--device", "DEVICE", str, "cpu, cuda or auto")
+    settings.add_flag(p, "--device", "DEVICE", str, "cpu, cuda or auto")
     p.add_argument("--engines", type=int, default=1, help="engine processes to start (default 1)")
 
 

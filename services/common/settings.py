@@ -108,3 +108,8 @@ def env_default(name: str) -> Any:
 
 def help_suffix(name: str) -> str:
     return f" [env {ENV_VARS[name].full_name}, default {ENV_VARS[name].default!r}]"
+
+
+def add_flag(parser: Any, flag: str, name: str, kind: Callable[[str], Any], text: str) -> None:
+    """A CLI flag whose default is ``LORAFLEET_<name>`` (or its declared default), shown in --help."""
+    parser.add_argument(flag, type=kind, default=env_default(name), help=text + help_suffix(name))

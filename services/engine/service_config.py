@@ -38,27 +38,25 @@ class EngineServiceConfig:
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        def flag(name: str, env: str, kind: type, text: str) -> None:
-            parser.add_argument(name, type=kind, default=settings.env_default(env), help=text + settings.help_suffix(env))
 
-        flag("--kafka-bootstrap", "KAFKA_BOOTSTRAP", str, "Kafka bootstrap servers")
-        flag("--redis-url", "REDIS_URL", str, "Redis URL of the reply streams")
-        flag("--model", "MODEL", str, "Hugging Face model folder")
-        flag("--store-address", "STORE_ADDRESS", str, "host:port of this node's adapter store")
-        flag("--work-topic", "WORK_TOPIC", str, "engines' work topic")
-        flag("--work-partitions", "WORK_PARTITIONS", int, "work topic partitions, when created")
-        flag("--group-id", "ENGINE_GROUP", str, "consumer group of the engines")
-        flag("--engine-id", "ENGINE_ID", str, "this engine's name")
-        flag("--device", "DEVICE", str, "cpu, cuda or auto")
-        flag("--dtype", "DTYPE", str, "auto, bfloat16, float16 or float32")
-        flag("--pool-pages", "POOL_PAGES", int, "pages in the unified pool (0: from memory)")
-        flag("--block-size", "BLOCK_SIZE", int, "tokens per KV page")
-        flag("--max-num-seqs", "MAX_NUM_SEQS", int, "most requests in one batch")
-        flag("--max-batched-tokens", "MAX_BATCHED_TOKENS", int, "token budget of one step")
-        flag("--max-adapter-rank", "MAX_ADAPTER_RANK", int, "largest LoRA rank accepted")
-        flag("--gpu-memory-fraction", "GPU_MEMORY_FRACTION", float, "share of GPU memory for the pool")
-        flag("--ops", "OPS", str, "op implementations: auto, torch, triton")
-        flag("--drain-timeout-s", "DRAIN_TIMEOUT_S", float, "drain limit on SIGTERM")
+        settings.add_flag(parser, "--kafka-bootstrap", "KAFKA_BOOTSTRAP", str, "Kafka bootstrap servers")
+        settings.add_flag(parser, "--redis-url", "REDIS_URL", str, "Redis URL of the reply streams")
+        settings.add_flag(parser, "--model", "MODEL", str, "Hugging Face model folder")
+        settings.add_flag(parser, "--store-address", "STORE_ADDRESS", str, "host:port of this node's adapter store")
+        settings.add_flag(parser, "--work-topic", "WORK_TOPIC", str, "engines' work topic")
+        settings.add_flag(parser, "--work-partitions", "WORK_PARTITIONS", int, "work topic partitions, when created")
+        settings.add_flag(parser, "--group-id", "ENGINE_GROUP", str, "consumer group of the engines")
+        settings.add_flag(parser, "--engine-id", "ENGINE_ID", str, "this engine's name")
+        settings.add_flag(parser, "--device", "DEVICE", str, "cpu, cuda or auto")
+        settings.add_flag(parser, "--dtype", "DTYPE", str, "auto, bfloat16, float16 or float32")
+        settings.add_flag(parser, "--pool-pages", "POOL_PAGES", int, "pages in the unified pool (0: from memory)")
+        settings.add_flag(parser, "--block-size", "BLOCK_SIZE", int, "tokens per KV page")
+        settings.add_flag(parser, "--max-num-seqs", "MAX_NUM_SEQS", int, "most requests in one batch")
+        settings.add_flag(parser, "--max-batched-tokens", "MAX_BATCHED_TOKENS", int, "token budget of one step")
+        settings.add_flag(parser, "--max-adapter-rank", "MAX_ADAPTER_RANK", int, "largest LoRA rank accepted")
+        settings.add_flag(parser, "--gpu-memory-fraction", "GPU_MEMORY_FRACTION", float, "share of GPU memory for the pool")
+        settings.add_flag(parser, "--ops", "OPS", str, "op implementations: auto, torch, triton")
+        settings.add_flag(parser, "--drain-timeout-s", "DRAIN_TIMEOUT_S", float, "drain limit on SIGTERM")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, model_dir: Path | str | None = None) -> "EngineServiceConfig":

@@ -40,20 +40,17 @@ class IngestConfig:
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         """The flags of ``lorafleet ingest`` (defaults from the environment)."""
 
-        def flag(name: str, env: str, kind: type, text: str) -> None:
-            parser.add_argument(name, type=kind, default=settings.env_default(env),
-                                help=text + settings.help_suffix(env))
 
-        flag("--kafka-bootstrap", "KAFKA_BOOTSTRAP", str, "Kafka bootstrap servers")
-        flag("--redis-url", "REDIS_URL", str, "Redis URL of the reply streams")
-        flag("--model", "MODEL", str, "model folder: tokenizer and config.json")
-        flag("--requests-topic", "REQUESTS_TOPIC", str, "topic of user requests")
-        flag("--dlq-topic", "DLQ_TOPIC", str, "dead-letter topic")
-        flag("--work-topic", "WORK_TOPIC", str, "engines' work topic")
-        flag("--work-partitions", "WORK_PARTITIONS", int, "work topic partitions, when created")
-        flag("--requests-partitions", "REQUESTS_PARTITIONS", int, "requests topic partitions, when created")
-        flag("--group-id", "INGEST_GROUP", str, "consumer group of ingest")
-        flag("--drain-timeout-s", "DRAIN_TIMEOUT_S", float, "drain limit on SIGTERM")
+        settings.add_flag(parser, "--kafka-bootstrap", "KAFKA_BOOTSTRAP", str, "Kafka bootstrap servers")
+        settings.add_flag(parser, "--redis-url", "REDIS_URL", str, "Redis URL of the reply streams")
+        settings.add_flag(parser, "--model", "MODEL", str, "model folder: tokenizer and config.json")
+        settings.add_flag(parser, "--requests-topic", "REQUESTS_TOPIC", str, "topic of user requests")
+        settings.add_flag(parser, "--dlq-topic", "DLQ_TOPIC", str, "dead-letter topic")
+        settings.add_flag(parser, "--work-topic", "WORK_TOPIC", str, "engines' work topic")
+        settings.add_flag(parser, "--work-partitions", "WORK_PARTITIONS", int, "work topic partitions, when created")
+        settings.add_flag(parser, "--requests-partitions", "REQUESTS_PARTITIONS", int, "requests topic partitions, when created")
+        settings.add_flag(parser, "--group-id", "INGEST_GROUP", str, "consumer group of ingest")
+        settings.add_flag(parser, "--drain-timeout-s", "DRAIN_TIMEOUT_S", float, "drain limit on SIGTERM")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, model_dir: Path | str | None = None) -> "IngestConfig":
