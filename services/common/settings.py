@@ -80,6 +80,7 @@ _DECLARED: list[EnvVar] = [
     EnvVar("MAX_NUM_SEQS", int, 256, "most requests in one batch"),
     EnvVar("MAX_BATCHED_TOKENS", int, 2048, "token budget of one engine step (chunked prefill)"),
     EnvVar("MAX_ADAPTER_RANK", int, 256, "largest LoRA rank the engine accepts"),
+    EnvVar("ENGINE_HOST_ADAPTER_BYTES", int, 4 << 30, "validated adapters an engine keeps in its own memory (LRU, bytes)"),
     EnvVar("ENGINE_GROUP", str, "lorafleet-engines", "consumer group of the engines on the work topic"),
     EnvVar("ENGINE_ID", str, "", "name of this engine in logs and the consumer group; empty: hostname-pid"),
     EnvVar("OPS", str, "auto", "op implementations: auto (triton on CUDA), torch, triton"),

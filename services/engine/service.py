@@ -26,6 +26,7 @@ from aiokafka import ConsumerRebalanceListener, TopicPartition
 
 from services.adapter_store.client import AdapterStoreClient
 from services.adapter_store.errors import AdapterNotFoundError, AdapterStoreUnavailable, InvalidAdapterError
+from services.common import settings
 from services.common.kafka import TopicSpec, ensure_topics, make_consumer, with_kafka_retries
 from services.common.logging import get_logger
 from services.common.messages import decode_work_item, done_entry, error_entry, token_entry
@@ -37,8 +38,6 @@ from .jobs import Job, engine_error_code, sampling_params
 from .offsets import OffsetTracker
 from .service_config import EngineServiceConfig
 from services.common.signals import install_signal_stop
-
-_HOST_ADAPTERS = 256  # validated adapters kept in this process (the node's store holds the rest)
 
 
 class EngineService:
@@ -52,7 +51,11 @@ class EngineService:
         self.engine_lock = asyncio.Lock()
         self.wake = asyncio.Event()
         self._fetches: dict[str, asyncio.Task] = {}
+        # Validated adapters kept in this process, LRU within a byte budget (the node's store
+        # holds the rest in shared memory, so a miss costs a local file read, not a download).
         self._adapters: OrderedDict[str, LoraWeights] = OrderedDict()
+        self._adapter_bytes = 0
+        self._adapter_budget = settings.read("ENGINE_HOST_ADAPTER_BYTES")
         self.consumer = None
 
     # --- intake ----------------------------------------------------------------------------
@@ -105,12 +108,15 @@ class EngineService:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         self._adapters[adapter_id] = weights
-        while len(self._adapters) > _HOST_ADAPTERS:
-            self._adapters.popitem(last=False)
+        self._adapter_bytes += weights.nbytes
+        while self._adapter_bytes > self._adapter_budget and len(self._adapters) > 1:
+            _, dropped = self._adapters.popitem(last=False)
+            self._adapter_bytes -= dropped.nbytes
         return weights
 
     def _adapter_arrived(self, job: Job, task: asyncio.Task) -> None:
-        self._fetches.pop(job.item.adapter, None) if task.done() else None
+        if self._fetches.get(job.item.adapter) is task:
+            del self._fetches[job.item.adapter]  # done: later requests hit the in-process LRU
         if self.jobs.get(job.item.id) is not job:
             return  # revoked meanwhile
         exc = None if task.cancelled() else task.exception()

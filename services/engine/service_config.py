@@ -7,10 +7,12 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from services.common import settings
 
-from .config import EngineConfig
+if TYPE_CHECKING:  # importing the engine config pulls in torch: probes parse flags without it
+    from .config import EngineConfig
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,8 @@ class EngineServiceConfig:
         model = model_dir if model_dir is not None else args.model
         if not model:
             raise ValueError("the engine needs a model folder: pass --model or set LORAFLEET_MODEL")
+        from .config import EngineConfig
+
         engine = EngineConfig(
             model_dir=str(model), device=args.device, dtype=args.dtype, num_pages=args.pool_pages,
             block_size=args.block_size, max_num_seqs=args.max_num_seqs,
