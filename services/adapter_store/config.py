@@ -30,6 +30,8 @@ class AdapterStoreConfig:
     max_adapter_bytes: int = 2 << 30
     negative_ttl_s: float = 10.0
     max_rank: int = 256
+    spill_dir: Path | None = None  # local disk for adapters evicted from memory (None: no spill)
+    spill_bytes: int = 64 << 30
     s3: S3Options = field(default_factory=S3Options)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
@@ -81,6 +83,8 @@ class AdapterStoreConfig:
             max_adapter_bytes=read("STORE_MAX_ADAPTER_BYTES"),
             negative_ttl_s=read("STORE_NEGATIVE_TTL_S"),
             max_rank=read("MAX_ADAPTER_RANK"),
+            spill_dir=Path(read("STORE_SPILL_DIR")) if read("STORE_SPILL_DIR") else None,
+            spill_bytes=read("STORE_SPILL_BYTES"),
             s3=S3Options(
                 endpoint=read("S3_ENDPOINT"),
                 allow_http=read("S3_ALLOW_HTTP"),

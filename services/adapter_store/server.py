@@ -20,6 +20,7 @@ from .errors import AdapterNotFoundError, AdapterStoreUnavailable, InvalidAdapte
 from .protocol import MAX_LINE_BYTES, HealthInfo, StoreReply, decode_request, encode
 from .shm import SharedMemoryStore
 from .source import AdapterSource
+from .spill import DiskSpill
 
 log = structlog.get_logger()
 
@@ -129,6 +130,7 @@ def build_shared_store(config: AdapterStoreConfig) -> SharedMemoryStore:
         memory_bytes=config.memory_bytes,
         negative_ttl_s=config.negative_ttl_s,
         max_rank=config.max_rank,
+        spill=None if config.spill_dir is None else DiskSpill(config.spill_dir, config.spill_bytes),
     )
 
 

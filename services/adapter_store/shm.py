@@ -30,6 +30,7 @@ from .cache import AdapterCache
 from .errors import AdapterStoreUnavailable
 from .ids import validate_adapter_id
 from .source import AdapterSource
+from .spill import DiskSpill
 from .store import fetch_validated
 
 FILE_SUFFIX = ".lora.safetensors"
@@ -71,10 +72,12 @@ class SharedMemoryStore:
         negative_ttl_s: float,
         max_rank: int = 256,
         clock: Callable[[], float] = time.monotonic,
+        spill: DiskSpill | None = None,
     ) -> None:
         self.source = source
         self.spec = spec
         self.max_rank = max_rank
+        self.spill = spill  # where memory evictions go instead of being forgotten (None: off)
         self.shm_dir = Path(shm_dir)
         self.shm_dir.mkdir(parents=True, exist_ok=True)
         self._remove_stale_files()
@@ -93,11 +96,19 @@ class SharedMemoryStore:
 
     async def aclose(self) -> None:
         """Stop loads and delete every file this store wrote (the folder outlives the process)."""
+        spill, self.spill = self.spill, None  # evictions at shutdown are not worth spilling
         await self.cache.aclose()
+        if spill is not None:
+            spill.clear()
 
     async def _load(self, adapter_id: str) -> tuple[Path, int]:
-        weights = await fetch_validated(self.source, adapter_id, self.spec, self.max_rank)
         path = self.shm_dir / file_name(adapter_id, next(self._generation))
+        if self.spill is not None and adapter_id in self.spill:
+            nbytes = await asyncio.to_thread(self.spill.restore, adapter_id, path)
+            if nbytes is not None:  # validated when first fetched; engines re-check shapes on load
+                structlog.get_logger().bind(adapter_id=adapter_id).info("adapter_restored_from_disk", path=str(path))
+                return path, nbytes
+        weights = await fetch_validated(self.source, adapter_id, self.spec, self.max_rank)
         try:
             nbytes = await asyncio.to_thread(write_canonical_atomically, weights, path)
         except OSError as exc:  # e.g. ENOSPC: the tmpfs is smaller than the budget; not the adapter's fault
@@ -106,6 +117,11 @@ class SharedMemoryStore:
         return path, nbytes
 
     def _delete(self, adapter_id: str, path: Path) -> None:
+        if self.spill is not None and path.exists():
+            try:
+                self.spill.keep(adapter_id, path, path.name)
+            except OSError as exc:  # a full or failing disk only costs a later re-download
+                structlog.get_logger().bind(adapter_id=adapter_id).warning("adapter_spill_failed", error=str(exc))
         path.unlink(missing_ok=True)
 
     def _remove_stale_files(self) -> None:

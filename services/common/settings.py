@@ -55,6 +55,8 @@ _DECLARED: list[EnvVar] = [
     EnvVar("STORE_ADDRESS", str, "127.0.0.1:7070", "host:port the node's adapter store listens on"),
     EnvVar("STORE_SHM_DIR", str, "/dev/shm/lorafleet-adapters", "host-memory folder shared with engines"),
     EnvVar("STORE_MEMORY_BYTES", int, 8 << 30, "byte budget of validated adapters kept in host memory"),
+    EnvVar("STORE_SPILL_DIR", str, "", "local-disk folder for adapters evicted from memory; empty: no spill"),
+    EnvVar("STORE_SPILL_BYTES", int, 64 << 30, "byte budget of the local-disk spill (when STORE_SPILL_DIR is set)"),
     EnvVar("STORE_MAX_ADAPTER_BYTES", int, 2 << 30, "largest adapter file accepted"),
     EnvVar("STORE_NEGATIVE_TTL_S", float, 10.0, "how long not-found/invalid results are cached"),
     EnvVar("STORE_FETCH_ATTEMPTS", int, 4, "tries per storage request on transient errors (backoff in between)"),

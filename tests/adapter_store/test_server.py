@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from services.adapter_store.client import AdapterStoreClient
 from services.adapter_store.config import AdapterStoreConfig, parse_address
@@ -184,3 +185,32 @@ def test_config_from_env_and_args(tmp_path):
     with pytest.raises(ValueError, match="host:port"):
         AdapterStoreConfig.from_env_and_args(environ=environ, address="7070")
     assert parse_address("[::1]:7070") == ("::1", 7070)
+
+
+async def test_evicted_adapters_spill_to_disk_and_come_back_without_a_download(adapter_root, tiny_model_dir, spec, tmp_path):
+    for name in "abcd":
+        adapter_root.add(f"s/{name}")
+    async with running_store(adapter_root, tiny_model_dir, tmp_path / "probe") as address:
+        probe = AdapterStoreClient(address, spec)
+        one = (await probe.get_path("s/a")).stat().st_size
+        await probe.close()
+    shm, spill = tmp_path / "shm", tmp_path / "spill"
+    async with running_store(
+        adapter_root, tiny_model_dir, shm, STORE_MEMORY_BYTES=str(2 * one + one // 2),
+        STORE_MAX_ADAPTER_BYTES=str(adapter_root.weights_size("s/a")), STORE_SPILL_DIR=str(spill),
+        STORE_SPILL_BYTES=str(2 * one + one // 2),
+    ) as address:
+        client = AdapterStoreClient(address, spec)
+        first = await client.get("s/a")
+        for name in "bcd":
+            await client.get(f"s/{name}")  # memory holds two: a, then b, are evicted to disk
+        assert len(adapter_files(shm)) == 2
+        assert sorted(p.name.split("-")[0] for p in spill.glob("*.spill")) == ["s~a", "s~b"]
+        again = await client.get("s/a")  # from the spill: no new download
+        assert (await client.health()).fetches == 4
+        assert all(torch.equal(again.a[k], first.a[k]) and torch.equal(again.b[k], first.b[k]) for k in first.a)
+        await client.get("s/c")  # c spilled when a came back; the disk budget (two files) drops b, the oldest
+        assert (await client.health()).fetches == 4
+        assert len(list(spill.glob("*.spill"))) <= 2
+        await client.close()
+    assert not list(spill.glob("*.spill")), "the spill is cleared when the store stops"
