@@ -42,3 +42,27 @@ class AdapterBank:
     @property
     def host_bytes(self) -> int:
         return sum(w.nbytes for w in self._made.values())
+
+
+def save_peft(weights: LoraWeights, folder, modules: tuple[str, ...]) -> None:
+    """Write `weights` as PEFT's save_pretrained does (adapter_config.json + safetensors), so the
+    service path can fetch it from an adapter root like any user's adapter."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = weights.config
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": cfg.rank, "lora_alpha": cfg.lora_alpha, "use_rslora": cfg.use_rslora,
+        "target_modules": list(modules), "bias": "none", "task_type": "CAUSAL_LM",
+    }))
+    tensors = {}
+    for (layer, module), a in weights.a.items():
+        parent = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+        prefix = f"base_model.model.model.layers.{layer}.{parent}.{module}"
+        tensors[f"{prefix}.lora_A.weight"] = a.contiguous()
+        tensors[f"{prefix}.lora_B.weight"] = weights.b[(layer, module)].contiguous()
+    save_file(tensors, str(folder / "adapter_model.safetensors"))

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from bench.adapters import AdapterBank
+from bench.metrics import summarize
 from bench.report import write_results
 from bench.shapes import make_model_folder
 from bench.workload import SETTINGS, generate_trace
@@ -54,15 +55,9 @@ def run_once(engine: LLMEngine, bank: AdapterBank | None, trace, vocab: int) -> 
                 finish[o.request_id], out_tokens[o.request_id] = t, o.num_output_tokens
         peak_kv = max(peak_kv, engine.kv.used_pages())
         peak_adapter = max(peak_adapter, engine.adapters.resident_pages())
-    ttft = np.array([first[k] - arrival[k] for k in finish])
-    span = max(finish.values()) - min(arrival.values())
     page_bytes = engine.pool[:, 0].numel() * engine.pool.element_size()
     return {
-        "requests": len(finish), "steps": steps, "span_s": span,
-        "throughput_req_s": len(finish) / span, "throughput_tok_s": sum(out_tokens.values()) / span,
-        "ttft_mean_s": float(ttft.mean()), "ttft_p50_s": float(np.percentile(ttft, 50)),
-        "ttft_p90_s": float(np.percentile(ttft, 90)), "ttft_p99_s": float(np.percentile(ttft, 99)),
-        "slo_6s": float((ttft < 6.0).mean()),
+        **summarize(arrival, first, finish, out_tokens), "steps": steps,
         "peak_kv_gb": peak_kv * page_bytes / 1e9, "peak_adapter_gb": peak_adapter * page_bytes / 1e9,
         "adapter_loads": engine.adapters.num_loads, "adapter_evictions": engine.adapters.num_evictions,
         "preemptions": engine.scheduler.num_preemptions,

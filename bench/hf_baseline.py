@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from bench.adapters import AdapterBank
+from bench.metrics import summarize
 from bench.report import write_results
 from bench.shapes import make_model_folder
 from bench.workload import SETTINGS, generate_trace
@@ -52,7 +53,7 @@ def build_peft_model(model_dir: Path, bank: AdapterBank, numbers: list[int]):
 @torch.inference_mode()
 def serve(model, trace, batch: int, vocab: int) -> dict:
     rng = np.random.default_rng(7)
-    done, tokens, ttft = 0, 0, []
+    arrival, first, finish, out_tokens = {}, {}, {}, {}
     queue = list(trace)
     t0 = time.perf_counter()
     while queue:
@@ -72,14 +73,10 @@ def serve(model, trace, batch: int, vocab: int) -> dict:
         model.generate(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=new, min_new_tokens=new,
                        do_sample=False, adapter_names=[f"a{r.adapter}" for r in ready], pad_token_id=0)
         t = time.perf_counter() - t0
-        done += len(ready)
-        tokens += sum(r.output_len for r in ready)
-        ttft += [t - r.arrival for r in ready]  # static batching: nothing streams before the batch ends
-    span = time.perf_counter() - t0 - trace[0].arrival
-    return {"requests": done, "span_s": span, "throughput_req_s": done / span, "throughput_tok_s": tokens / span,
-            "ttft_mean_s": float(np.mean(ttft)), "ttft_p50_s": float(np.percentile(ttft, 50)),
-            "ttft_p90_s": float(np.percentile(ttft, 90)), "ttft_p99_s": float(np.percentile(ttft, 99)),
-            "slo_6s": float((np.array(ttft) < 6).mean())}
+        for r in ready:  # static batching: nothing streams before the batch ends
+            key = str(r.index)
+            arrival[key], first[key], finish[key], out_tokens[key] = r.arrival, t, t, r.output_len
+    return summarize(arrival, first, finish, out_tokens)
 
 
 def main() -> None:

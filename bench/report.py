@@ -39,7 +39,7 @@ def write_results(out: Path, name: str, records: list[dict], args: dict) -> None
              f"command: `{env['command']}`", "", "| " + " | ".join(c for c, _ in COLUMNS) + " |",
              "|" + "---|" * len(COLUMNS)]
     for r in records:
-        lines.append("| " + " | ".join(fmt.format(r.get(c, "")) for c, fmt in COLUMNS) + " |")
+        lines.append("| " + " | ".join(fmt.format(r[c]) if c in r else "-" for c, fmt in COLUMNS) + " |")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     _plot(out / f"{name}.png", name, records)
 
@@ -52,7 +52,7 @@ def _plot(path: Path, name: str, records: list[dict]) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    lora = [r for r in records if r["mode"] == "lora"]
+    lora = [r for r in records if r["mode"] in ("lora", "e2e")]
     if not lora:
         return
     fig, ax = plt.subplots(figsize=(6, 4))

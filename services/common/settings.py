@@ -85,6 +85,7 @@ _DECLARED: list[EnvVar] = [
     EnvVar("ENGINE_HOST_ADAPTER_BYTES", int, 4 << 30, "validated adapters an engine keeps in its own memory (LRU, bytes)"),
     EnvVar("ENGINE_GROUP", str, "lorafleet-engines", "consumer group of the engines on the work topic"),
     EnvVar("ENGINE_ID", str, "", "name of this engine in logs and the consumer group; empty: hostname-pid"),
+    EnvVar("RANDOM_WEIGHTS_SEED", int, -1, "benchmarks only: random weights made on the device instead of the checkpoint's (-1: off)"),
     EnvVar("OPS", str, "auto", "op implementations: auto (triton on CUDA), torch, triton"),
 ]
 

@@ -72,6 +72,7 @@ class EngineServiceConfig:
             block_size=args.block_size, max_num_seqs=args.max_num_seqs,
             max_batched_tokens=args.max_batched_tokens, max_adapter_rank=args.max_adapter_rank,
             gpu_memory_fraction=args.gpu_memory_fraction, ops=args.ops,
+            random_weights_seed=None if (seed := settings.read("RANDOM_WEIGHTS_SEED")) < 0 else seed,
         )
         return cls(
             kafka_bootstrap=args.kafka_bootstrap, redis_url=args.redis_url, store_address=args.store_address,
