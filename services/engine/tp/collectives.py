@@ -69,14 +69,15 @@ class TpComm:
         return out.permute(1, 0, 2).reshape(T, n * self.world)
 
     def _gather(self, t: torch.Tensor) -> torch.Tensor:
-        out = torch.empty((self.world, *t.shape), dtype=t.dtype, device=t.device)
+        """t: [n, ...] -> [W, n, ...] (gathered in the concatenated form, which every backend takes)."""
+        out = torch.empty((self.world * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
         if self.log is not None:
             self.log.record("all_gather", out)
         if self.world > 1:
             _all_gather(out, t.contiguous(), group=self.group)
         else:
-            out[0] = t
-        return out
+            out.copy_(t)
+        return out.view(self.world, *t.shape)
 
 
 def single_rank() -> TpComm:

@@ -10,13 +10,17 @@ PEFT shapes: A = lora_A [r, in], B = lora_B [out, r]. Rank i of W holds (slices 
                     B[out_cols]  [out/W, r]
     gather_outputs  A        [r, H]                        A  [r, in]  (whole)
                     B[out_cols]  [out/W, r]                B  [H, r]   (whole)
+    fused           A        [r, H]                        A[:, in_cols]  [r, in/W]
+                    B[out_cols]  [out/W, r]                B  [H, r]   (whole)
 
 slora is the S-LoRA paper's scheme: A's rank split for column-parallel modules (an all-gather of
 the rank-sized intermediate follows), A's input rows for row-parallel ones (an all-reduce of the
 rank-sized intermediate), B always split by output columns. replicated_a keeps A whole for the
 column-parallel modules (no collective for their shrink, W-fold A reads and memory).
 gather_outputs keeps the adapter whole on every rank and all-gathers the full-width inputs of
-o/down instead. Scales are the adapter's own on every rank (B's output is scaled, never A's).
+o/down instead. fused (ours) is replicated_a for the column-parallel modules, and for o/down sends
+the partial intermediate in the SAME all-reduce as the base model's partial sum, then applies the
+whole B on every rank: no collective beyond the base model's own two per layer. Scales are the adapter's own on every rank (B's output is scaled, never A's).
 """
 
 from __future__ import annotations
@@ -36,6 +40,20 @@ class Scheme(str, Enum):
     SLORA = "slora"
     REPLICATED_A = "replicated_a"
     GATHER_OUTPUTS = "gather_outputs"
+    FUSED = "fused"
+
+    @property
+    def splits_column_rank(self) -> bool:
+        """Column-parallel A split along the rank (else held whole by every rank)."""
+        return self == Scheme.SLORA
+
+    @property
+    def whole_row_a(self) -> bool:
+        return self == Scheme.GATHER_OUTPUTS
+
+    @property
+    def whole_row_b(self) -> bool:
+        return self in (Scheme.GATHER_OUTPUTS, Scheme.FUSED)
 
 
 @dataclass
@@ -60,13 +78,13 @@ class LoraShard:
 def _a_part(a: torch.Tensor, module: str, plan: TpPlan, scheme: Scheme) -> torch.Tensor:
     # a: [r, in]
     if module in COLUMN_PARALLEL:
-        return a[rank_rows(a.shape[0], plan.world, plan.rank)] if scheme == Scheme.SLORA else a
-    return a if scheme == Scheme.GATHER_OUTPUTS else a[:, plan.in_cols(module)]
+        return a[rank_rows(a.shape[0], plan.world, plan.rank)] if scheme.splits_column_rank else a
+    return a if scheme.whole_row_a else a[:, plan.in_cols(module)]
 
 
 def _b_part(b: torch.Tensor, module: str, plan: TpPlan, scheme: Scheme) -> torch.Tensor:
     # b: [out, r]
-    if module not in COLUMN_PARALLEL and scheme == Scheme.GATHER_OUTPUTS:
+    if module not in COLUMN_PARALLEL and scheme.whole_row_b:
         return b
     return b[plan.out_cols(module)]
 
@@ -120,12 +138,12 @@ class ShardLayout:
                 continue
             column = name in COLUMN_PARALLEL
             if column:
-                a_rows = local_rank(r, plan.world, plan.rank) if scheme == Scheme.SLORA else r
+                a_rows = local_rank(r, plan.world, plan.rank) if scheme.splits_column_rank else r
                 a_cols = in_f
             else:
                 a_rows = r
-                a_cols = in_f if scheme == Scheme.GATHER_OUTPUTS else in_f // plan.world
-            whole_b = not column and scheme == Scheme.GATHER_OUTPUTS
+                a_cols = in_f if scheme.whole_row_a else in_f // plan.world
+            whole_b = not column and scheme.whole_row_b
             out_loc = _span(plan.out_cols(name), out_f) if not whole_b else out_f
             a_off.append(pos)
             pos = _align(pos + a_rows * a_cols)

@@ -1,0 +1,27 @@
+"""Tensor parallelism: Megatron sharding of the base model and the S-LoRA scheme for the LoRA part.
+
+Built so far (CPU-tested over gloo): the sharding of weights and adapters, the sharded linear
+math for the LoRA schemes compared, one rank's decoder forward over its own pool, and an
+analytic communication model. Engine integration (TP engine processes, the rank's Triton ops
+reading sharded adapter pages) is the next step: docs/tp.md.
+"""
+
+from .collectives import CommLog, Collective, TpComm, single_rank
+from .comm_model import PlannedCollective, adapter_bytes_per_rank, bytes_sent, layer_collectives, per_token_bytes
+from .linear import column_parallel, row_parallel
+from .lora_math import TpLoraBatch, expand, shrink
+from .model import TpLlamaModel
+from .partition import (
+    COLUMN_PARALLEL, ROW_PARALLEL, TensorParallelError, TpPlan, check_world, local_rank, local_spec, make_plan,
+    piece_width, rank_rows,
+)
+from .shard_adapters import LoraShard, Scheme, ShardLayout, shard_lora
+from .shard_weights import shard_layer, shard_model
+
+__all__ = [
+    "COLUMN_PARALLEL", "ROW_PARALLEL", "Collective", "CommLog", "LoraShard", "Scheme", "ShardLayout",
+    "TensorParallelError", "TpComm", "TpLlamaModel", "TpLoraBatch", "TpPlan", "check_world", "column_parallel",
+    "PlannedCollective", "adapter_bytes_per_rank", "bytes_sent", "layer_collectives",
+    "expand", "local_rank", "local_spec", "make_plan", "per_token_bytes", "piece_width",
+    "rank_rows", "row_parallel", "shard_layer", "shard_lora", "shard_model", "shrink", "single_rank",
+]

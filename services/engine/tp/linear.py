@@ -1,0 +1,102 @@
+"""Tensor-parallel linear layers with the LoRA part, for the three schemes compared.
+
+Shapes for rank i of W (T tokens, M fused modules, R the batch's largest rank, p = ceil(R/W))::
+
+    column_parallel (q/k/v fused, gate/up fused; x replicated on every rank)
+        y   = x @ W_loc^T                          [T, N_loc]       no collective
+        slora:          u_loc = x @ A[i::W]^T      [T, M, p]
+                        u = all_gather(u_loc)      [T, M, p*W]      the rank-sized intermediate
+        replicated_a,
+        gather_outputs: u = x @ A^T                [T, M, R]        no collective
+        y[:, module cols] += scale * u @ B[out_cols]^T
+
+    row_parallel (o, down; x_loc = this rank's input columns)
+        y   = x_loc @ W_loc^T                      [T, H]           a partial sum
+        slora, replicated_a:
+                        u = all_reduce(x_loc @ A[:, in_cols]^T)      [T, 1, R] fp32
+                        y[:, hidden_cols] += scale * u @ B[hidden_cols]^T   (into the partial sum:
+                        the base all-reduce below then also assembles the LoRA output's columns)
+        y = all_reduce(y)                          [T, H]           the base model's own all-reduce
+        gather_outputs: x = all_gather(x_loc)      [T, in]          the full-width activation
+                        y += scale * (x @ A^T) @ B^T   (whole adapter, the same on every rank)
+        fused:          [y | u] = all_reduce([x_loc @ W_loc^T | x_loc @ A[:, in_cols]^T])  [T, H + R]
+                        y += scale * u @ B^T       (whole B, the same on every rank): the LoRA
+                        intermediate rides in the base model's all-reduce, no collective of its own
+
+NOTE: every rank must make the same collective calls in the same order: the decision to skip
+the LoRA part depends only on the batch (identical on every rank), never on a rank's share.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .collectives import TpComm
+from .lora_math import TpLoraBatch, expand, shrink
+from .partition import TpPlan, piece_width
+from .shard_adapters import Scheme
+
+
+def batch_scheme(lora: TpLoraBatch) -> Scheme:
+    schemes = {ad.scheme for ad, _ in lora.groups()}
+    if len(schemes) != 1:
+        raise ValueError(f"a batch mixes adapters sharded for different schemes: {sorted(s.value for s in schemes)}")
+    return schemes.pop()
+
+
+def column_parallel(
+    x: torch.Tensor,  # [T, H] replicated
+    weight: torch.Tensor,  # [N_loc, H]
+    bias: torch.Tensor | None,  # [N_loc]
+    layer: int,
+    modules: tuple[str, ...],
+    out_offsets: tuple[int, ...],  # each module's first column in the rank's fused output
+    lora: TpLoraBatch | None,
+    comm: TpComm,
+) -> torch.Tensor:
+    """The rank's output columns [T, N_loc]."""
+    y = F.linear(x, weight, bias)  # [T, N_loc]
+    if lora is None or lora.empty:
+        return y
+    R = lora.max_rank
+    if batch_scheme(lora).splits_column_rank:
+        u_loc = shrink(x, layer, modules, lora, piece_width(R, comm.world))  # [T, M, p]
+        u = comm.gather_rank_pieces(u_loc)  # [T, M, p*W]: rows past each adapter's rank are 0
+    else:
+        u = shrink(x, layer, modules, lora, R)  # [T, M, R]: whole A on this rank
+    expand(y, u, layer, modules, out_offsets, lora)
+    return y
+
+
+def row_parallel(
+    x_loc: torch.Tensor,  # [T, in/W] this rank's input columns
+    weight: torch.Tensor,  # [H, in/W]
+    layer: int,
+    module: str,
+    plan: TpPlan,
+    lora: TpLoraBatch | None,
+    comm: TpComm,
+) -> torch.Tensor:
+    """The full output [T, H], the same on every rank."""
+    y = F.linear(x_loc, weight)  # [T, H] partial sum over this rank's input columns
+    if lora is None or lora.empty:
+        return comm.all_reduce_(y)
+    modules, R, scheme = (module,), lora.max_rank, batch_scheme(lora)
+    if scheme == Scheme.FUSED:
+        T, H = y.shape
+        u_part = shrink(x_loc, layer, modules, lora, R, dtype=y.dtype).view(T, R)  # [T, R] partial
+        both = comm.all_reduce_(torch.cat([y, u_part], dim=1))  # [T, H + R]: one collective
+        y, u = both[:, :H], both[:, H:].view(T, 1, R)
+        expand(y, u, layer, modules, (0,), lora)
+        return y
+    if scheme == Scheme.GATHER_OUTPUTS:
+        comm.all_reduce_(y)
+        x = comm.gather_columns(x_loc)  # [T, in]
+        u = shrink(x, layer, modules, lora, R)  # [T, 1, R]
+        expand(y, u, layer, modules, (0,), lora)
+        return y
+    # fp32: the partial intermediates are summed, and at [T, R] the extra bytes cost nothing.
+    u = comm.all_reduce_(shrink(x_loc, layer, modules, lora, R, dtype=torch.float32))  # [T, 1, R]
+    expand(y, u, layer, modules, (plan.hidden_cols.start,), lora)
+    return comm.all_reduce_(y)

@@ -1,0 +1,97 @@
+"""What each rank runs in the multi-process tests (importable by spawned processes)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from services.engine.adapters.weights import load_peft_adapter_dir
+from services.engine.memory.layout import PoolGeometry
+from services.engine.model_spec import ModelSpec, RopeSpec
+from services.engine.ops.torch_ref import TorchAttentionOps
+from services.engine.tp import (
+    CommLog, TpComm, TpLlamaModel, TpLoraBatch, column_parallel, local_spec, make_plan, row_parallel, shard_layer,
+    shard_lora, shard_model,
+)
+from services.engine.weights_loader import load_weights
+from tests.tp import paged
+from tests.tp.cases import SCHEMES, SPECS, make_case
+
+QKV, GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
+
+
+def spec_to_json(spec: ModelSpec) -> str:
+    # Workers rebuild the spec from JSON instead of importing transformers (seconds per process).
+    return json.dumps(dataclasses.asdict(spec))
+
+
+def spec_from_json(raw: str) -> ModelSpec:
+    d = json.loads(raw)
+    return ModelSpec(**{**d, "rope": RopeSpec(**d["rope"]), "eos_token_ids": tuple(d["eos_token_ids"])})
+
+
+def layer_worker(rank: int, world: int, out_dir: str) -> None:
+    """Every spec x scheme (and a batch without LoRA): the four linear parts of one layer."""
+    comm_calls = {}
+    for name in SPECS:
+        case = make_case(name)
+        s, plan = case.spec, make_plan(case.spec, world, rank)
+        lw = shard_layer(case.layer, s, plan)
+        q_loc, kv_loc, i_loc = plan.heads_per_rank * s.head_dim, plan.kv_heads_per_rank * s.head_dim, s.intermediate_size // world
+        x_o, x_down = case.x_o[:, plan.q_cols], case.x_down[:, plan.inter_cols]  # this rank's input columns
+        for scheme in (*SCHEMES, None):
+            log = CommLog()
+            comm = TpComm.from_group(log=log)
+            lora = None
+            if scheme is not None:
+                lora = TpLoraBatch(case.token_adapter, [shard_lora(a, plan, scheme) for a in case.adapters])
+            out = {
+                "qkv": column_parallel(case.x, lw.qkv, lw.qkv_bias, 0, QKV, (0, q_loc, q_loc + kv_loc), lora, comm),
+                "o": row_parallel(x_o, lw.o, 0, "o_proj", plan, lora, comm),
+                "gate_up": column_parallel(case.x, lw.gate_up, None, 0, GATE_UP, (0, i_loc), lora, comm),
+                "down": row_parallel(x_down, lw.down, 0, "down_proj", plan, lora, comm),
+            }
+            tag = f"{name}-{scheme or 'base'}"
+            save_file({k: v.contiguous() for k, v in out.items()}, str(Path(out_dir, f"{tag}-rank{rank}.safetensors")))
+            comm_calls[tag] = [[c.op, c.elements, c.elem_bytes] for c in log.calls]
+    Path(out_dir, f"comm-rank{rank}.json").write_text(json.dumps(comm_calls))
+
+
+def decoder_worker(rank: int, world: int, out_dir: str, model_dir: str, spec_json: str, job_json: str) -> None:
+    spec = spec_from_json(spec_json)
+    results = run_decoder_job(spec, model_dir, json.loads(job_json), make_plan(spec, world, rank), TpComm.from_group())
+    for scheme, out in results.items():
+        save_file(out, str(Path(out_dir, f"{scheme}-rank{rank}.safetensors")))
+
+
+def run_decoder_job(spec: ModelSpec, model_dir: str, job: dict, plan, comm: TpComm) -> dict[str, dict[str, torch.Tensor]]:
+    """Prefill of several sequences (one adapter each, or none), then one decode step, per scheme.
+
+    job: {"adapters": [dir, ...], "seq_adapter": [index or -1 per sequence], "prompts": [[ids]],
+          "next": [id per sequence]}. Returns scheme -> {"prefill": [sum(len), V], "decode": [B, V]}.
+    """
+    weights = shard_model(load_weights(model_dir, spec, torch.float32, torch.device("cpu")), spec, plan)
+    full_adapters = [load_peft_adapter_dir(d, spec) for d in job["adapters"]]
+    prompts, seq_adapter = job["prompts"], job["seq_adapter"]
+    geom = PoolGeometry.for_model(local_spec(spec, plan.world), paged.num_pages(len(prompts)), paged.BLOCK)
+    model = TpLlamaModel(spec, plan, weights, TorchAttentionOps(), comm)
+    lens = [len(p) for p in prompts]
+    results = {}
+    for scheme in SCHEMES:
+        shares = [shard_lora(a, plan, scheme) for a in full_adapters]
+        pool = torch.zeros(spec.num_layers, geom.num_pages, geom.page_elems)  # [L, pages, P_loc]: own KV heads
+        # prefill: every prompt in one step
+        ids = torch.tensor([t for p in prompts for t in p])
+        token_adapter = torch.tensor([a for a, n in zip(seq_adapter, lens) for _ in range(n)])
+        positions, meta = paged.step_meta([0] * len(prompts), lens)
+        prefill = model.logits(model.forward(ids, positions, pool, meta, TpLoraBatch(token_adapter, shares)))
+        # decode: one more token per sequence, attending over the K/V cached in the rank's pool
+        positions, meta = paged.step_meta(lens, [1] * len(prompts))
+        lora = TpLoraBatch(torch.tensor(seq_adapter), shares)
+        decode = model.logits(model.forward(torch.tensor(job["next"]), positions, pool, meta, lora))
+        results[scheme] = {"prefill": prefill, "decode": decode}
+    return results
