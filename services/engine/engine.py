@@ -77,6 +77,8 @@ class LLMEngine:
             )
         req = Request(request_id, ids, params, adapter_id, adapter, arrival)
         self.scheduler.add_request(req)
+        if adapter_id is not None:
+            self.adapters.prefetch(adapter_id, adapter)  # into free pages now, if there are any
         self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, ids, params.stop)
 
     def abort_request(self, request_id: str) -> bool:

@@ -170,3 +170,21 @@ def test_split_phases_steps_are_pure_and_everyone_finishes(k):
     assert not s.has_unfinished() and not pending
     assert all(len(r.output_token_ids) == r.params.max_tokens for r in reqs)
     assert saw_decode_step
+
+
+def test_prefetch_uses_only_free_pages_and_admission_finds_the_adapter_resident():
+    w, other = make_weights(rank=2, seed=1), make_weights(rank=2, seed=2)
+    s = make_scheduler(num_pages=12, slots=4)
+    assert s.adapters.prefetch("ad", w) and s.adapters.cached_ids() == ["ad"] and s.adapters.pins("ad") == 0
+    check_accounting(s)
+    loads = s.adapters.num_loads
+    s.add_request(make_request("r", prompt_len=3, max_tokens=2, adapter=("ad", w)))
+    while s.has_unfinished():
+        fake_step(s)
+    assert s.adapters.num_loads == loads  # admitted onto the prefetched copy
+    # KV takes every free page: a prefetch that would need an eviction is declined.
+    s.add_request(make_request("big", prompt_len=4 * (12 - s.adapters.pages_to_load(w)) - 1, max_tokens=2))
+    fake_step(s)
+    assert s.kv.allocator.num_free == 0
+    assert not s.adapters.prefetch("other", other) and s.adapters.is_resident("ad")
+    check_accounting(s)

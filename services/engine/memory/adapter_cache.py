@@ -108,6 +108,19 @@ class AdapterCache:
         res.pins += 1
         return res.slot
 
+    def prefetch(self, adapter_id: str, weights: LoraWeights) -> bool:
+        """Load an adapter into free pages as soon as a request for it is seen, long before the
+        request is scheduled; never evicts anything (it only uses what is free right now). The
+        adapter stays cached (unpinned, LRU) until admission pins it. True when it is resident."""
+        if adapter_id in self._resident:
+            return True
+        if not self._free_slots or self.pages_to_load(weights) > self.allocator.num_free:
+            return False
+        self._load(adapter_id, weights)
+        self._lru[adapter_id] = None
+        self._evictable_pages += len(self._resident[adapter_id].pages)
+        return True
+
     def release(self, adapter_id: str) -> None:
         res = self._resident[adapter_id]
         if res.pins <= 0:
