@@ -25,15 +25,16 @@ def free_port() -> int:
 
 
 def _entry(target, rank: int, world: int, port: int, out_dir: str, *args) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
     try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
         target(rank, world, out_dir, *args)
     except BaseException:
         Path(out_dir, f"error-rank{rank}.txt").write_text(traceback.format_exc())
         raise
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def run_ranks(target, world: int, out_dir: Path, *args, timeout_s: float = 120) -> None:

@@ -17,20 +17,28 @@ from tests.tp.reference import DECODER_JOB, reference_logits
 from tests.zoo import ADAPTERS
 
 TOL = dict(atol=2e-5, rtol=2e-5)
+# world -> zoo models whose full decoder runs there (gqa at W=4: KV heads replicated)
+DECODERS = {2: ["mha", "gqa"], 4: ["gqa"]}
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["W2", "W4"])
-def layer_run(request, tmp_path_factory):
+def group_run(request, zoo, tmp_path_factory):
+    """One process group per world size runs every case (layer math, then the decoders)."""
     world = request.param
-    out = tmp_path_factory.mktemp(f"tp-layer-w{world}")
-    run_ranks(workers.layer_worker, world, out)
-    return world, out
+    out = tmp_path_factory.mktemp(f"tp-w{world}")
+    jobs = []
+    for model in DECODERS[world]:
+        adapters = [str(zoo.adapter(model, name)) for name in ADAPTERS]
+        jobs.append({"name": model, "model_dir": str(zoo.model(model)), "job": dict(DECODER_JOB, adapters=adapters),
+                     "spec": workers.spec_to_json(ModelSpec.from_pretrained(zoo.model(model)))})
+    run_ranks(workers.suite_worker, world, out, json.dumps(jobs))
+    return world, out, {j["name"]: j for j in jobs}
 
 
 @pytest.mark.parametrize("scheme", [*SCHEMES, "base"])
 @pytest.mark.parametrize("spec_name", list(SPECS))
-def test_sharded_layer_matches_unsharded(layer_run, spec_name, scheme):
-    world, out = layer_run
+def test_sharded_layer_matches_unsharded(group_run, spec_name, scheme):
+    world, out, _ = group_run
     case = make_case(spec_name)
     if scheme == "base":
         case.token_adapter = torch.full_like(case.token_adapter, -1)
@@ -46,8 +54,8 @@ def test_sharded_layer_matches_unsharded(layer_run, spec_name, scheme):
 
 @pytest.mark.parametrize("scheme", [*SCHEMES, "base"])
 @pytest.mark.parametrize("spec_name", list(SPECS))
-def test_collectives_match_the_comm_model(layer_run, spec_name, scheme):
-    world, out = layer_run
+def test_collectives_match_the_comm_model(group_run, spec_name, scheme):
+    world, out, _ = group_run
     spec = make_case(spec_name).spec
     max_rank = 8  # the largest rank among the case's adapters
     planned = layer_collectives(spec, world, None if scheme == "base" else scheme, max_rank, len(TOKEN_ADAPTER), 4)
@@ -57,17 +65,16 @@ def test_collectives_match_the_comm_model(layer_run, spec_name, scheme):
         assert calls[f"{spec_name}-{scheme}"] == want
 
 
-@pytest.mark.parametrize("model,world", [("mha", 2), ("gqa", 2), ("gqa", 4)])
-def test_sharded_decoder_matches_hf_peft(zoo, tmp_path, model, world):
+def test_sharded_decoder_matches_hf_peft(group_run):
     """Prefill of six sequences (five adapters of ranks 1-16 and one base-only) then a decode step
     through each rank's own KV pool; every scheme's logits equal HF + PEFT's on every rank."""
-    adapters = [str(zoo.adapter(model, name)) for name in ADAPTERS]
-    job = dict(DECODER_JOB, adapters=adapters)
-    want_prefill, want_decode = reference_logits(zoo.model(model), adapters, job)
-    spec_json = workers.spec_to_json(ModelSpec.from_pretrained(zoo.model(model)))
-    run_ranks(workers.decoder_worker, world, tmp_path, str(zoo.model(model)), spec_json, json.dumps(job))
-    for scheme in SCHEMES:
-        for rank in range(world):
-            got = load_file(str(tmp_path / f"{scheme}-rank{rank}.safetensors"))
-            torch.testing.assert_close(got["prefill"], want_prefill, atol=1e-4, rtol=1e-4)
-            torch.testing.assert_close(got["decode"], want_decode, atol=1e-4, rtol=1e-4)
+    world, out, jobs = group_run
+    assert sorted(jobs) == sorted(DECODERS[world])
+    for model, d in jobs.items():
+        want_prefill, want_decode = reference_logits(d["model_dir"], d["job"]["adapters"], d["job"])
+        for scheme in SCHEMES:
+            for rank in range(world):
+                got = load_file(str(out / model / f"{scheme}-rank{rank}.safetensors"))
+                where = f"{model} W={world} rank {rank} {scheme}"
+                torch.testing.assert_close(got["prefill"], want_prefill, atol=1e-4, rtol=1e-4, msg=lambda m: f"{where}: {m}")
+                torch.testing.assert_close(got["decode"], want_decode, atol=1e-4, rtol=1e-4, msg=lambda m: f"{where}: {m}")

@@ -61,11 +61,20 @@ def layer_worker(rank: int, world: int, out_dir: str) -> None:
     Path(out_dir, f"comm-rank{rank}.json").write_text(json.dumps(comm_calls))
 
 
-def decoder_worker(rank: int, world: int, out_dir: str, model_dir: str, spec_json: str, job_json: str) -> None:
-    spec = spec_from_json(spec_json)
-    results = run_decoder_job(spec, model_dir, json.loads(job_json), make_plan(spec, world, rank), TpComm.from_group())
-    for scheme, out in results.items():
-        save_file(out, str(Path(out_dir, f"{scheme}-rank{rank}.safetensors")))
+def suite_worker(rank: int, world: int, out_dir: str, decoder_jobs_json: str) -> None:
+    """The layer cases, then each decoder job, in one group (process start-up is the slow part).
+
+    decoder_jobs: [{"name", "model_dir", "spec" (spec_to_json), "job"}]; each writes to out_dir/<name>/.
+    """
+    layer_worker(rank, world, out_dir)
+    for d in json.loads(decoder_jobs_json):
+        spec = spec_from_json(d["spec"])
+        plan = make_plan(spec, world, rank)
+        results = run_decoder_job(spec, d["model_dir"], d["job"], plan, TpComm.from_group())
+        sub = Path(out_dir, d["name"])
+        sub.mkdir(exist_ok=True)
+        for scheme, out in results.items():
+            save_file(out, str(sub / f"{scheme}-rank{rank}.safetensors"))
 
 
 def run_decoder_job(spec: ModelSpec, model_dir: str, job: dict, plan, comm: TpComm) -> dict[str, dict[str, torch.Tensor]]:
