@@ -206,10 +206,19 @@ class ReplyWriter:
     async def published_count(self, request_id: str) -> tuple[int, bool]:
         """(tokens already published, terminal entry written) for a request, e.g. one an engine
         is about to serve again after a Kafka redelivery."""
+        return (await self.published_counts([request_id]))[request_id]
+
+    async def published_counts(self, request_ids: Sequence[str]) -> dict[str, tuple[int, bool]]:
+        """published_count for many requests in one pipelined round trip (a consumer's batch)."""
+        ids = list(dict.fromkeys(request_ids))
 
         async def read() -> list[Any]:
             self.round_trips += 1
-            return await self.redis.hmget(state_key(request_id), ["tokens", "terminal"])
+            pipe = self.redis.pipeline(transaction=False)
+            for request_id in ids:
+                pipe.hmget(state_key(request_id), ["tokens", "terminal"])
+            return await pipe.execute()
 
-        tokens, terminal = await self._with_retries(read, "HMGET state")
-        return (int(tokens) if tokens is not None else 0), terminal is not None
+        rows = await self._with_retries(read, "HMGET state") if ids else []
+        return {rid: ((int(tokens) if tokens is not None else 0), terminal is not None)
+                for rid, (tokens, terminal) in zip(ids, rows)}

@@ -59,29 +59,35 @@ class EngineService:
         self.consumer = None
 
     # --- intake ----------------------------------------------------------------------------
-    async def on_record(self, record) -> None:
-        tp = TopicPartition(record.topic, record.partition)
-        self.offsets.seen(tp, record.offset)
-        try:
-            item = decode_work_item(record.value)
-        except Exception as exc:  # not ours to answer: no readable id; ingest never writes this
-            self.log.error("undecodable work item skipped", partition=record.partition, offset=record.offset, error=repr(exc))
-            self.offsets.done(tp, record.offset)
-            return
-        job = self.jobs.get(item.id)
-        if job is not None:  # delivered again while we still serve it: done when it is done
-            job.deliveries.append((tp, record.offset))
-            return
-        published, terminal = await self.writer.published_count(item.id)
-        if terminal:
-            self.offsets.done(tp, record.offset)
-            return
-        job = Job(item, [(tp, record.offset)], already_published=published, log=self.log)
-        self.jobs[item.id] = job
-        if item.adapter is None:
-            self._make_ready(job)
-        else:
-            self._fetch(item.adapter).add_done_callback(lambda task, job=job: self._adapter_arrived(job, task))
+    async def on_records(self, records) -> None:
+        """Take a batch of work messages: one Redis round trip learns what earlier deliveries of
+        these requests already published, then each new request starts its adapter fetch."""
+        decoded = []
+        for record in records:
+            tp = TopicPartition(record.topic, record.partition)
+            self.offsets.seen(tp, record.offset)
+            try:
+                decoded.append((tp, record.offset, decode_work_item(record.value)))
+            except Exception as exc:  # not ours to answer: no readable id; ingest never writes this
+                self.log.error("undecodable work item skipped", partition=record.partition, offset=record.offset,
+                               error=repr(exc))
+                self.offsets.done(tp, record.offset)
+        state = await self.writer.published_counts([item.id for _, _, item in decoded if item.id not in self.jobs])
+        for tp, offset, item in decoded:
+            job = self.jobs.get(item.id)
+            if job is not None:  # delivered again while we still serve it: done when it is done
+                job.deliveries.append((tp, offset))
+                continue
+            published, terminal = state[item.id]
+            if terminal:
+                self.offsets.done(tp, offset)
+                continue
+            job = Job(item, [(tp, offset)], already_published=published, log=self.log)
+            self.jobs[item.id] = job
+            if item.adapter is None:
+                self._make_ready(job)
+            else:
+                self._fetch(item.adapter).add_done_callback(lambda task, job=job: self._adapter_arrived(job, task))
 
     def _fetch(self, adapter_id: str) -> asyncio.Task:
         """One fetch per adapter id at a time (single flight), started as soon as a request is seen."""
@@ -213,8 +219,7 @@ class EngineService:
                 continue
             batches = await consumer.getmany(timeout_ms=100, max_records=self.cfg.max_inflight - len(self.jobs))
             for records in batches.values():
-                for record in records:
-                    await self.on_record(record)
+                await self.on_records(records)
 
     # --- rebalance ---------------------------------------------------------------------------
     async def on_revoked(self, revoked) -> None:

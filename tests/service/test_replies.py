@@ -134,3 +134,16 @@ async def test_unreachable_redis_gives_up_after_its_budget():
         await writer.publish([("s", "r", error_entry("invalid_request", "x."))])
     assert writer.round_trips >= 2  # it did retry
     await client.aclose()
+
+
+async def test_published_counts_of_a_batch_in_one_round_trip(redis):
+    writer = ReplyWriter(redis)
+    done, partial, fresh = (unique_name(x) for x in ("done", "partial", "fresh"))
+    await writer.publish([(f"lorafleet:out:{done}", done, token_entry("a", [1], index=0)),
+                          (f"lorafleet:out:{done}", done, done_entry("stop", 2, 1)),
+                          (f"lorafleet:out:{partial}", partial, token_entry("b", [2, 3], index=0))])
+    before = writer.round_trips
+    counts = await writer.published_counts([done, partial, fresh, partial])
+    assert writer.round_trips == before + 1
+    assert counts == {done: (1, True), partial: (2, False), fresh: (0, False)}
+    assert await writer.published_counts([]) == {}
