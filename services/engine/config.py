@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -17,6 +17,7 @@ from .model_spec import ModelSpec
 from .scheduler import SchedulerConfig
 from .weights_loader import load_weights, random_weights
 
+_TP_SCHEMES = ("fused", "slora", "replicated_a", "gather_outputs")  # tp.Scheme's values
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -39,6 +40,10 @@ class EngineConfig:
     # Decode-only steps between prefill steps; None: 4 when CUDA graphs replay decodes, else 0
     # (0: every step mixes decodes with prefill chunks).
     decode_steps_per_prefill: int | None = None
+    # Tensor parallelism (docs/tp.md): W processes, one per GPU (NCCL) or on the CPU (gloo); the
+    # driver (this process) is rank 0. CUDA graphs are not used when tp_size > 1 (yet).
+    tp_size: int = 1
+    tp_lora_scheme: str = "fused"  # fused | slora | replicated_a | gather_outputs (docs/tp.md)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -47,6 +52,10 @@ class EngineConfig:
             raise ValueError("max_batched_tokens and max_num_seqs must be >= 1")
         if self.ops not in ("auto", "torch", "triton"):
             raise ValueError(f"ops must be auto, torch or triton, got {self.ops!r}")
+        if self.tp_size < 1:
+            raise ValueError(f"tp_size must be >= 1, got {self.tp_size}")
+        if self.tp_lora_scheme not in _TP_SCHEMES:
+            raise ValueError(f"tp_lora_scheme must be one of {', '.join(_TP_SCHEMES)}; got {self.tp_lora_scheme!r}")
 
 
 @dataclass
@@ -60,6 +69,7 @@ class Runtime:
     adapters: AdapterCache
     scheduler_config: SchedulerConfig
     decode_graphs: Any  # DecodeGraphs | None
+    close: Callable[[], None] | None = None  # ends what the runtime started (TP worker processes)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -109,6 +119,10 @@ def _num_pages(cfg: EngineConfig, geom_one: PoolGeometry, dtype: torch.dtype, de
 
 
 def build_runtime(cfg: EngineConfig) -> Runtime:
+    if cfg.tp_size > 1:
+        from .tp.engine_runtime import build_tp_runtime
+
+        return build_tp_runtime(cfg)
     from transformers import AutoTokenizer
 
     model_dir = Path(cfg.model_dir)

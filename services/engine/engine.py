@@ -1,6 +1,6 @@
 """The engine alone, as a Python API: add requests, abort them, step, read outputs.
 
-    engine = LLMEngine(EngineConfig(model_dir="..."))
+    engine = LLMEngine(EngineConfig(model_dir="..."))     # tp_size=W: W processes, same API; close() ends them
     engine.add_request("r1", prompt="Hello", params=SamplingParams(temperature=0), adapter_id="a",
                        adapter=load_peft_adapter_dir(path, engine.spec))
     while engine.has_unfinished():
@@ -47,6 +47,19 @@ class LLMEngine:
         self.scheduler = Scheduler(rt.scheduler_config, rt.kv, rt.adapters)
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self.eos_ids = rt.spec.eos_token_ids or ((self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ())
+        self._close = rt.close  # tp_size > 1: stops the worker ranks (also registered with atexit)
+
+    def close(self) -> None:
+        """Release what the engine started (tensor-parallel worker processes); idempotent."""
+        if self._close is not None:
+            self._close()
+            self._close = None
+
+    def __enter__(self) -> "LLMEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # --- requests ------------------------------------------------------------------------
     def add_request(

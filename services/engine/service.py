@@ -296,3 +296,4 @@ async def run_engine_service(cfg: EngineServiceConfig, *, stop: asyncio.Event | 
         with suppress(Exception):
             await asyncio.wait_for(consumer.stop(), 10)
         await redis.aclose()
+        engine.close()  # stops tensor-parallel worker ranks (a no-op when tp_size is 1)

@@ -58,6 +58,8 @@ class EngineServiceConfig:
         settings.add_flag(parser, "--max-adapter-rank", "MAX_ADAPTER_RANK", int, "largest LoRA rank accepted")
         settings.add_flag(parser, "--gpu-memory-fraction", "GPU_MEMORY_FRACTION", float, "share of GPU memory for the pool")
         settings.add_flag(parser, "--ops", "OPS", str, "op implementations: auto, torch, triton")
+        settings.add_flag(parser, "--tp-size", "TP_SIZE", int, "tensor-parallel size: GPUs (processes) this engine spans")
+        settings.add_flag(parser, "--tp-lora-scheme", "TP_LORA_SCHEME", str, "adapter sharding under tensor parallelism")
         settings.add_flag(parser, "--drain-timeout-s", "DRAIN_TIMEOUT_S", float, "drain limit on SIGTERM")
 
     @classmethod
@@ -72,6 +74,7 @@ class EngineServiceConfig:
             block_size=args.block_size, max_num_seqs=args.max_num_seqs,
             max_batched_tokens=args.max_batched_tokens, max_adapter_rank=args.max_adapter_rank,
             gpu_memory_fraction=args.gpu_memory_fraction, ops=args.ops,
+            tp_size=args.tp_size, tp_lora_scheme=args.tp_lora_scheme,
             random_weights_seed=None if (seed := settings.read("RANDOM_WEIGHTS_SEED")) < 0 else seed,
         )
         return cls(

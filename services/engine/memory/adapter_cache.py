@@ -151,7 +151,7 @@ class AdapterCache:
 
     def _load(self, adapter_id: str, weights: LoraWeights) -> _Resident:
         layout = weights.layout(self.spec)
-        n_pages = layout.num_pages(self.pool.shape[2])
+        n_pages = self.pages_to_load(weights)  # (a tensor-parallel cache counts its ranks' shares)
         if n_pages > self.max_pages_per_adapter:
             raise ValueError(f"adapter {adapter_id!r} needs {n_pages} pages, more than max_rank allows")
         if not self._free_slots:

@@ -1,9 +1,10 @@
 """Tensor parallelism: Megatron sharding of the base model and the S-LoRA scheme for the LoRA part.
 
-Built so far (CPU-tested over gloo): the sharding of weights and adapters, the sharded linear
-math for the LoRA schemes compared, one rank's decoder forward over its own pool, and an
-analytic communication model. Engine integration (TP engine processes, the rank's Triton ops
-reading sharded adapter pages) is the next step: docs/tp.md.
+Built and CPU-tested over gloo: the sharding of weights and adapters, the sharded linear math for
+the LoRA schemes compared, one rank's decoder forward over its own pool, an analytic
+communication model, and the engine integration (EngineConfig(tp_size=W): engine_runtime,
+engine_workers, wire, rank_runner; imported only when tp_size > 1). Next: the rank's Triton ops
+reading sharded adapter pages, and GPU runs; see docs/tp.md.
 """
 
 from .collectives import CommLog, Collective, TpComm, single_rank

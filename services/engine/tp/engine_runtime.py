@@ -1,0 +1,147 @@
+"""The driver's side of a tensor-parallel engine: the Runtime LLMEngine runs on when tp_size > 1.
+
+LLMEngine's step is unchanged: it schedules, builds the batch and calls `model.forward(...)` and
+`model.logits(...)`. Here `model` is a TpDriverModel, which sends the step to the worker ranks
+and runs rank 0's shard; the scheduler, the page allocator and the AdapterCache exist once, in
+the driver. The AdapterCache is a TpAdapterCache: it counts an adapter's pages as the busiest
+rank's share needs, and instead of writing the adapter into the pool it queues a load that every
+rank applies (its own share, same pages, same slot) just before the next forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import torch
+
+from ..adapters.weights import LoraWeights
+from ..config import EngineConfig, Runtime, _num_pages, resolve_device, resolve_dtype
+from ..memory.adapter_cache import AdapterCache
+from ..memory.allocator import PageAllocator
+from ..memory.kv_cache import KVCacheManager
+from ..memory.layout import AdapterLayout, PoolGeometry
+from ..model_spec import ModelSpec
+from ..ops.base import AttentionMeta, LoraContext
+from ..scheduler import SchedulerConfig
+from . import wire
+from .engine_workers import TpWorkerGroup, build_runner, free_port, run_step
+from .partition import check_world, local_spec
+from .rank_runner import RankRunner, adapter_pages
+from .shard_adapters import Scheme
+
+COLLECTIVE_TIMEOUT_S = 60.0  # a collective (or a worker's start) waiting longer fails instead of hanging
+
+
+@dataclass(frozen=True)
+class _PendingLoad:
+    msg: wire.AdapterLoad
+    flat: torch.Tensor  # [n] float32: the full adapter's A and B tensors, target order
+
+
+class TpAdapterCache(AdapterCache):
+    """The driver's AdapterCache: slots, pins and LRU as ever; pages and writes are per rank share."""
+
+    def __init__(self, pool: torch.Tensor, allocator: PageAllocator, spec: ModelSpec, max_slots: int, max_rank: int,
+                 world: int, scheme: Scheme):
+        super().__init__(pool, allocator, spec, max_slots, max_rank)
+        self.world, self.scheme = world, scheme
+        self.pending: list[_PendingLoad] = []  # loads not yet sent to the ranks (flushed by the next forward)
+
+    def pages_to_load(self, weights: LoraWeights) -> int:
+        return adapter_pages(self.spec, weights.config.ranks_by_module(), self.world, self.scheme, self.pool.shape[2])
+
+    def _write(self, slot: int, pages: list[int], layout: AdapterLayout, weights: LoraWeights) -> None:
+        # Applied by every rank before the next forward. Safe to defer: no forward runs until then,
+        # and the pages are this adapter's from now on (if it is evicted and its pages reused before
+        # the flush, the later writes, KV or another load, land after this one).
+        targets = list(weights.config.targets)
+        a_shapes, b_shapes, flat = wire.pack_adapter(targets, weights.a, weights.b)
+        msg = wire.AdapterLoad(slot=slot, pages=list(pages), ranks_by_module=weights.config.ranks_by_module(),
+                               targets=[(t.layer, t.module, t.rank, t.scale) for t in targets],
+                               a_shapes=a_shapes, b_shapes=b_shapes)
+        self.pending.append(_PendingLoad(msg, flat.to(self.pool.device)))
+
+
+class TpDriverModel:
+    """model.forward / model.logits for LLMEngine.step, over all ranks (rank 0 runs here)."""
+
+    def __init__(self, runner: RankRunner, group: TpWorkerGroup, adapters: TpAdapterCache):
+        self.runner, self.group, self.adapters = runner, group, adapters
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, pool: torch.Tensor, attn: AttentionMeta,
+                lora: LoraContext | None) -> torch.Tensor:
+        loads, self.adapters.pending = self.adapters.pending, []
+        token_slot = None if lora is None or lora.batch.empty else lora.batch.token_slot  # [T] int32
+        step = wire.Step(
+            num_tokens=input_ids.shape[0], num_seqs=attn.num_seqs, max_blocks=attn.block_tables.shape[1],
+            num_decodes=attn.num_decodes, max_query_len=attn.max_query_len, max_seq_len=attn.max_seq_len,
+            block_size=attn.block_size, has_lora=token_slot is not None, loads=[p.msg for p in loads],
+        )
+        slots = token_slot if token_slot is not None else torch.full_like(input_ids, -1)
+        ints = wire.pack_ints(input_ids, positions, slots, attn)
+        flat = torch.cat([p.flat for p in loads]) if loads else None
+        self.group.send(step)
+        return run_step(self.runner, step, ints, flat)  # hidden [T, H], the same on every rank
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.runner.logits(hidden)  # [N, V] float32: lm_head is replicated, rank 0 samples
+
+
+def build_tp_runtime(cfg: EngineConfig) -> Runtime:
+    from transformers import AutoTokenizer
+
+    from ..config import select_ops
+
+    model_dir = Path(cfg.model_dir)
+    spec = ModelSpec.from_pretrained(model_dir)
+    check_world(spec, cfg.tp_size)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and device.index not in (None, 0):
+        raise ValueError(f"with tp_size > 1 rank r runs on cuda:r; device must be cuda or auto, got {cfg.device!r}")
+    if device.type == "cuda" and torch.cuda.device_count() < cfg.tp_size:
+        raise ValueError(f"tp_size {cfg.tp_size} needs {cfg.tp_size} GPUs, {torch.cuda.device_count()} are visible")
+    dtype = resolve_dtype(cfg.dtype, device)
+    spec_loc = local_spec(spec, cfg.tp_size)
+    num_pages = _num_pages(cfg, PoolGeometry.for_model(spec_loc, 1, cfg.block_size), dtype, device)
+    if device.type == "cuda" and not cfg.num_pages:
+        # Sized before any rank loads its shard (every rank needs the number up front), so the
+        # shard's bytes are taken off the free memory _num_pages saw.
+        page_bytes = PoolGeometry.for_model(spec_loc, 1, cfg.block_size).page_bytes(dtype.itemsize)
+        num_pages = max(1, num_pages - _shard_bytes(spec, cfg.tp_size, dtype.itemsize) // page_bytes)
+    attn_kind = "torch" if device.type != "cuda" or cfg.ops == "torch" else "triton"
+    if attn_kind == "triton":  # fall back to torch ops when the kernels cannot be imported
+        attn_kind = "triton" if type(select_ops(cfg.ops, device)[1]).__name__.startswith("Triton") else "torch"
+    start = wire.WorkerStart(
+        model_dir=str(model_dir), spec_json=msgspec.json.encode(spec), world=cfg.tp_size, rank=0,
+        init_method=f"tcp://127.0.0.1:{free_port()}", backend="nccl" if device.type == "cuda" else "gloo",
+        device=device.type, dtype=str(dtype).removeprefix("torch."), attn_ops=attn_kind,
+        scheme=cfg.tp_lora_scheme, num_pages=num_pages, block_size=cfg.block_size,
+        random_weights_seed=cfg.random_weights_seed, timeout_s=COLLECTIVE_TIMEOUT_S,
+    )
+    group = TpWorkerGroup(start)  # workers load their shards while rank 0 loads its own
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        runner = build_runner(start, spec)
+        allocator = PageAllocator(num_pages)
+        slots = cfg.max_adapter_slots or max(64, 2 * cfg.max_num_seqs)
+        adapters = TpAdapterCache(runner.pool, allocator, spec, slots, cfg.max_adapter_rank, cfg.tp_size,
+                                  Scheme(cfg.tp_lora_scheme))
+        kv = KVCacheManager(allocator, adapters, cfg.block_size)
+        group.wait_ready()
+    except BaseException:
+        group.close()
+        raise
+    # No CUDA graphs under TP yet (decode steps run eagerly): split phases only if asked for.
+    sched = SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_batched_tokens=cfg.max_batched_tokens,
+                            decode_steps_per_prefill=cfg.decode_steps_per_prefill or 0)
+    model = TpDriverModel(runner, group, adapters)
+    return Runtime(spec, tokenizer, runner.pool.device, runner.pool, model, kv, adapters, sched, None, close=group.close)
+
+
+def _shard_bytes(spec: ModelSpec, world: int, elem_bytes: int) -> int:
+    """One rank's weight bytes: its slice of every layer plus the replicated embedding and head."""
+    H, I = spec.hidden_size, spec.intermediate_size
+    layer = H * (spec.q_width + 2 * spec.kv_width) + H * spec.q_width + 3 * H * I
+    return (spec.num_layers * layer // world + 2 * spec.vocab_size * H) * elem_bytes

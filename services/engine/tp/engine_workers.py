@@ -1,0 +1,226 @@
+"""The engine's tensor-parallel processes: rank 0 is the driver (the LLMEngine's process), ranks
+1..W-1 are workers spawned here, each running the same steps on its own shard.
+
+    driver (rank 0)                                    worker (rank i)
+    scheduler -> build_batch -> TpDriverModel.forward
+      pipe: header bytes (wire.Step, msgspec)   ---->  recv header (poll, parent liveness checked)
+      broadcast ints [, adapter floats]         <--->  broadcast into fresh buffers
+      run_step: loads, then the forward          <-->  run_step: the same loads, the same forward
+      (collectives inside the forward)                 (hidden states dropped; rank 0 samples)
+
+Every wait is bounded: the group's collective timeout, the worker's start-up wait, and the joins
+at close. A worker polls its pipe once a second and exits when the driver process is gone, so an
+idle engine never times a collective out and a crashed driver never leaves workers behind.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import datetime
+import os
+import socket
+import traceback
+
+import msgspec
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ..model_spec import ModelSpec
+from ..weights_loader import ModelWeights, load_weights, random_weights
+from . import wire
+from .collectives import TpComm
+from .partition import local_spec, make_plan
+from .rank_runner import RankRunner
+from .shard_adapters import Scheme
+from .shard_weights import shard_model
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class TensorParallelWorkerError(RuntimeError):
+    """A worker rank failed to start, died, or stopped answering."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_device(start: wire.WorkerStart) -> torch.device:
+    return torch.device(f"cuda:{start.rank}") if start.device == "cuda" else torch.device("cpu")
+
+
+def init_group(start: wire.WorkerStart) -> None:
+    if dist.is_initialized():
+        raise TensorParallelWorkerError("torch.distributed is already initialised in this process: one TP engine per process")
+    if start.device == "cuda":
+        torch.cuda.set_device(rank_device(start))
+    dist.init_process_group(start.backend, init_method=start.init_method, rank=start.rank, world_size=start.world,
+                            timeout=datetime.timedelta(seconds=start.timeout_s))
+
+
+def build_runner(start: wire.WorkerStart, spec: ModelSpec) -> RankRunner:
+    """This rank's shard of the weights, its pool (own KV heads), its model; no collective here."""
+    from ..config import select_ops
+    from ..memory.layout import PoolGeometry
+
+    device, dtype = rank_device(start), _DTYPES[start.dtype]
+    plan = make_plan(spec, start.world, start.rank)
+    if start.random_weights_seed is None:
+        full = load_weights(start.model_dir, spec, dtype, torch.device("cpu"))  # shard on the host, then move
+        weights = _to_device(shard_model(full, spec, plan), device)
+    else:  # made on the device exactly as the single-GPU engine makes them, then sharded
+        weights = shard_model(random_weights(spec, dtype, device, start.random_weights_seed), spec, plan)
+    geom = PoolGeometry.for_model(local_spec(spec, start.world), start.num_pages, start.block_size)
+    pool = torch.zeros(spec.num_layers, start.num_pages, geom.page_elems, dtype=dtype, device=device)
+    _lora_ops, attn_ops = select_ops(start.attn_ops, device)
+    comm = TpComm.from_group()
+    return RankRunner(spec, plan, weights, attn_ops, comm, pool, Scheme(start.scheme))
+
+
+def _to_device(w: ModelWeights, device: torch.device) -> ModelWeights:
+    if device.type == "cpu":
+        return w
+
+    def move(obj):
+        return dataclasses.replace(obj, **{f.name: getattr(obj, f.name).to(device) for f in dataclasses.fields(obj)
+                                           if isinstance(getattr(obj, f.name), torch.Tensor)})
+
+    embed = w.embed.to(device)
+    return ModelWeights(embed=embed, layers=[move(lw) for lw in w.layers], final_norm=w.final_norm.to(device),
+                        lm_head=embed if w.lm_head is w.embed else w.lm_head.to(device))
+
+
+def run_step(runner: RankRunner, step: wire.Step, ints: torch.Tensor | None = None,
+             adapter_flat: torch.Tensor | None = None) -> torch.Tensor:
+    """One step on this rank: receive (or, on rank 0, send) the step's tensors, apply the adapter
+    loads, run the forward. Every rank calls this with the same header. -> hidden [T, H]."""
+    device = runner.pool.device
+    n_ints = 4 * step.num_tokens + 2 * step.num_seqs + 1 + step.num_seqs * step.max_blocks
+    if ints is None:
+        ints = torch.empty(n_ints, dtype=torch.int64, device=device)
+    dist.broadcast(ints, src=0)
+    sizes = [wire.adapter_numel(load) for load in step.loads]
+    if step.loads:
+        if adapter_flat is None:
+            adapter_flat = torch.empty(sum(sizes), dtype=torch.float32, device=device)
+        dist.broadcast(adapter_flat, src=0)
+        for load, piece in zip(step.loads, adapter_flat.split(sizes)):
+            targets, a, b = wire.unpack_adapter(piece, load)
+            runner.load_adapter(load.slot, load.pages, load.ranks_by_module, targets, a, b)
+    ids, pos, token_slot, attn = wire.unpack_ints(ints, step)
+    return runner.forward(ids, pos, attn, token_slot if step.has_lora else None)
+
+
+# --- the worker process ----------------------------------------------------------------------
+
+
+def worker_main(start_raw: bytes, conn) -> None:
+    """Entry point of a spawned worker rank (start_raw: wire.WorkerStart, msgspec bytes)."""
+    start = msgspec.msgpack.decode(start_raw, type=wire.WorkerStart)
+    try:
+        init_group(start)
+        runner = build_runner(start, msgspec.json.decode(start.spec_json, type=ModelSpec))
+        conn.send_bytes(b"ready")
+    except BaseException:
+        conn.send_bytes(("error: " + traceback.format_exc()).encode())
+        _leave()
+        raise
+    try:
+        _serve(runner, conn)
+    finally:
+        _leave()
+
+
+def _serve(runner: RankRunner, conn) -> None:
+    parent = mp.parent_process()
+    while True:
+        while not conn.poll(1.0):
+            if parent is not None and not parent.is_alive():
+                return  # the driver is gone: nobody will send another command
+        cmd = wire.decode(conn.recv_bytes())
+        if isinstance(cmd, wire.Shutdown):
+            return
+        with torch.inference_mode():
+            run_step(runner, cmd)
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# --- the driver's side -----------------------------------------------------------------------
+
+
+class TpWorkerGroup:
+    """Spawns ranks 1..W-1, joins the group as rank 0, sends each step's header; close() ends all."""
+
+    def __init__(self, start: wire.WorkerStart):
+        """start: rank 0's WorkerStart (workers get the same with their rank)."""
+        self.world, self.timeout_s = start.world, start.timeout_s
+        ctx = mp.get_context("spawn")
+        # NVLink SHARP multicast stays off under our NCCL groups (see the device notes); spawned
+        # workers inherit the driver's environment. This writes the variable, it reads nothing.
+        os.environ["NCCL_NVLS_ENABLE"] = "0"
+        self._procs, self._conns = [], []
+        for rank in range(1, start.world):
+            ours, theirs = ctx.Pipe(duplex=True)
+            raw = msgspec.msgpack.encode(msgspec.structs.replace(start, rank=rank))
+            p = ctx.Process(target=worker_main, args=(raw, theirs), daemon=True, name=f"lorafleet-tp-rank{rank}")
+            p.start()
+            theirs.close()
+            self._procs.append(p), self._conns.append(ours)
+        self._closed = False
+        atexit.register(self.close)
+        try:
+            init_group(start)  # the rendezvous: returns once every rank has joined
+        except BaseException:
+            self.close()
+            raise
+
+    def wait_ready(self) -> None:
+        """Wait (bounded) until every worker has built its shard; raise with its traceback if one failed."""
+        for rank, conn in enumerate(self._conns, start=1):
+            if not conn.poll(self.timeout_s):
+                raise TensorParallelWorkerError(f"worker rank {rank} did not start within {self.timeout_s} s")
+            msg = conn.recv_bytes().decode()
+            if msg != "ready":
+                raise TensorParallelWorkerError(f"worker rank {rank} failed to start:\n{msg}")
+
+    def send(self, cmd: wire.Command) -> None:
+        raw = wire.encode(cmd)
+        for rank, (p, conn) in enumerate(zip(self._procs, self._conns), start=1):
+            if not p.is_alive():
+                raise TensorParallelWorkerError(f"worker rank {rank} exited (code {p.exitcode})")
+            conn.send_bytes(raw)
+
+    @property
+    def alive(self) -> list[bool]:
+        return [p.is_alive() for p in self._procs]
+
+    def close(self) -> None:
+        """Stop every worker (shutdown message, bounded join, then terminate / kill); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self.close)
+        for conn in self._conns:
+            try:
+                conn.send_bytes(wire.encode(wire.Shutdown()))
+            except (BrokenPipeError, OSError):
+                pass  # that worker is already gone
+        for p in self._procs:
+            p.join(self.timeout_s)
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+        for conn in self._conns:
+            conn.close()
+        _leave()

@@ -1,0 +1,151 @@
+"""LLMEngine(EngineConfig(tp_size=W)) on the CPU (gloo): the same greedy tokens as the one-process engine.
+
+Each TP engine spawns W-1 worker processes; every test closes its engine (context manager), and
+every wait inside is bounded (collective timeout, start-up wait, joins), so nothing can hang.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from services.engine.adapters.weights import load_peft_adapter_dir
+from services.engine.engine import EngineConfig, LLMEngine, SamplingParams, generated_ids
+from services.engine.service_config import EngineServiceConfig
+from services.engine.tp import TensorParallelError
+from services.engine.tp.engine_workers import TensorParallelWorkerError
+from tests.zoo import ADAPTERS
+
+PROMPT_LENGTHS = (3, 17, 33)
+MAX_TOKENS = 8
+_single_cache: dict[tuple, dict[str, list[int]]] = {}
+
+
+def _prompt(n: int, salt: int) -> list[int]:
+    return [(7 * i + 13 * salt) % 500 + 4 for i in range(n)]
+
+
+def _add_mixed(eng: LLMEngine, zoo, model: str) -> list[str]:
+    """Base-only requests and one per zoo adapter (ranks 1-16), for each prompt length."""
+    weights = {name: load_peft_adapter_dir(zoo.adapter(model, name), eng.spec) for name in ADAPTERS}
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+    ids = []
+    for salt, n in enumerate(PROMPT_LENGTHS):
+        for name in (None, *ADAPTERS):
+            rid = f"{name}-{n}"
+            eng.add_request(rid, prompt_token_ids=_prompt(n, salt + len(rid)), params=params, adapter_id=name,
+                            adapter=None if name is None else weights[name])
+            ids.append(rid)
+    return ids
+
+
+def _config(zoo, model: str, num_pages: int, **extra) -> EngineConfig:
+    return EngineConfig(model_dir=str(zoo.model(model)), device="cpu", num_pages=num_pages, max_batched_tokens=24,
+                        **extra)
+
+
+def _single(zoo, model: str, num_pages: int) -> dict[str, list[int]]:
+    """The one-process engine's greedy tokens (the reference every TP run must equal)."""
+    key = (model, num_pages)
+    if key not in _single_cache:
+        eng = LLMEngine(_config(zoo, model, num_pages))
+        _add_mixed(eng, zoo, model)
+        _single_cache[key] = {rid: generated_ids(outs) for rid, outs in eng.run_to_completion().items()}
+    return _single_cache[key]
+
+
+# (model, world, scheme, pool pages): small pools make requests preempt and adapters evict.
+CASES = [
+    ("mha", 2, "fused", 256),
+    ("mha", 2, "slora", 12),
+    ("mha", 4, "fused", 14),
+    ("gqa", 2, "fused", 24),
+    ("gqa", 2, "slora", 20),
+]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("model,world,scheme,num_pages", CASES, ids=[f"{m}-W{w}-{s}-p{p}" for m, w, s, p in CASES])
+def test_tp_engine_matches_single_process(zoo, model, world, scheme, num_pages):
+    want = _single(zoo, model, num_pages)
+    with LLMEngine(_config(zoo, model, num_pages, tp_size=world, tp_lora_scheme=scheme)) as eng:
+        rids = _add_mixed(eng, zoo, model)
+        results = eng.run_to_completion()
+        stats = eng.scheduler_stats
+        group = eng.model.group
+        assert all(group.alive)
+    assert not any(group.alive), "worker ranks still running after close()"
+    got = {rid: generated_ids(outs) for rid, outs in results.items()}
+    assert sorted(got) == sorted(rids)
+    for rid in rids:
+        assert got[rid] == want[rid], f"{model} W={world} {scheme} request {rid}: TP {got[rid]} != single {want[rid]}"
+        assert results[rid][-1].finish_reason == "length"
+    if num_pages < 100:
+        assert stats["adapter_evictions"] > 0, stats
+    if model == "mha" and num_pages < 100:
+        assert stats["preemptions"] > 0, stats
+
+
+@pytest.mark.timeout(120)
+def test_tp_abort_and_close(zoo):
+    want = _single(zoo, "mha", 256)
+    eng = LLMEngine(_config(zoo, "mha", 256, tp_size=2))
+    try:
+        rids = _add_mixed(eng, zoo, "mha")
+        results: dict[str, list] = {}
+        for _ in range(3):
+            for out in eng.step():
+                results.setdefault(out.request_id, []).append(out)
+        assert eng.scheduler.running and eng.scheduler.waiting
+        running, waiting = eng.scheduler.running[0].request_id, eng.scheduler.waiting[-1].request_id
+        assert eng.abort_request(running) and eng.abort_request(waiting)
+        assert not eng.abort_request(running)  # already gone
+        seen_before = {rid: len(results.get(rid, [])) for rid in (running, waiting)}
+        for rid, outs in eng.run_to_completion().items():
+            results.setdefault(rid, []).extend(outs)
+        for rid in (running, waiting):
+            assert len(results.get(rid, [])) == seen_before[rid], f"{rid} produced tokens after its abort"
+        for rid in set(rids) - {running, waiting}:
+            assert generated_ids(results[rid]) == want[rid], rid
+    finally:
+        eng.close()
+    assert not any(eng.model.group.alive)
+    eng.close()  # idempotent
+
+
+@pytest.mark.timeout(60)
+def test_a_dead_worker_is_an_error_not_a_hang(zoo):
+    with LLMEngine(_config(zoo, "mha", 256, tp_size=2)) as eng:
+        _add_mixed(eng, zoo, "mha")
+        eng.step()
+        worker = eng.model.group._procs[0]
+        worker.kill()  # the worker this engine spawned (its own Process handle)
+        worker.join(10)
+        with pytest.raises(TensorParallelWorkerError, match="rank 1 exited"):
+            eng.step()
+
+
+def test_tp_config_is_checked_before_any_process_starts(zoo):
+    with pytest.raises(ValueError, match="tp_size"):
+        EngineConfig(model_dir="x", tp_size=0)
+    with pytest.raises(ValueError, match="tp_lora_scheme"):
+        EngineConfig(model_dir="x", tp_lora_scheme="megatron")
+    with pytest.raises(TensorParallelError, match="num_attention_heads 4"):
+        LLMEngine(_config(zoo, "mha", 16, tp_size=3))
+
+
+def _engine_config(argv: list[str]) -> EngineConfig:
+    parser = argparse.ArgumentParser()
+    EngineServiceConfig.add_arguments(parser)  # flag defaults are read from the environment here
+    return EngineServiceConfig.from_args(parser.parse_args(argv), model_dir="/models/m").engine
+
+
+def test_engine_flags_pass_tp_settings_through(monkeypatch):
+    monkeypatch.delenv("LORAFLEET_TP_SIZE", raising=False)
+    monkeypatch.delenv("LORAFLEET_TP_LORA_SCHEME", raising=False)
+    assert (_engine_config([]).tp_size, _engine_config([]).tp_lora_scheme) == (1, "fused")
+    monkeypatch.setenv("LORAFLEET_TP_SIZE", "2")
+    monkeypatch.setenv("LORAFLEET_TP_LORA_SCHEME", "slora")
+    assert (_engine_config([]).tp_size, _engine_config([]).tp_lora_scheme) == (2, "slora")
+    assert _engine_config(["--tp-size", "4"]).tp_size == 4  # the flag wins over the environment
