@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from services.engine.adapters.peft_config import PeftLoraConfig, TargetEntry
+from services.engine.adapters.peft_config import PeftLoraConfig, TargetEntry, module_path
 from services.engine.adapters.weights import LoraWeights
 from services.engine.model_spec import ModelSpec
 
@@ -59,10 +59,15 @@ def save_peft(weights: LoraWeights, folder, modules: tuple[str, ...]) -> None:
         "peft_type": "LORA", "r": cfg.rank, "lora_alpha": cfg.lora_alpha, "use_rslora": cfg.use_rslora,
         "target_modules": list(modules), "bias": "none", "task_type": "CAUSAL_LM",
     }))
-    tensors = {}
-    for (layer, module), a in weights.a.items():
-        parent = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-        prefix = f"base_model.model.model.layers.{layer}.{parent}.{module}"
-        tensors[f"{prefix}.lora_A.weight"] = a.contiguous()
-        tensors[f"{prefix}.lora_B.weight"] = weights.b[(layer, module)].contiguous()
+    tensors = {k: v.contiguous() for k, v in peft_state_dict(weights).items()}
     save_file(tensors, str(folder / "adapter_model.safetensors"))
+
+
+def peft_state_dict(weights: LoraWeights) -> dict[str, torch.Tensor]:
+    """PEFT's tensor names for the adapter's A and B (as save_pretrained writes them)."""
+    out = {}
+    for (layer, module), a in weights.a.items():
+        prefix = f"base_model.model.{module_path(layer, module)}"
+        out[f"{prefix}.lora_A.weight"] = a
+        out[f"{prefix}.lora_B.weight"] = weights.b[(layer, module)]
+    return out

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.adapters import AdapterBank
+from bench.adapters import AdapterBank, peft_state_dict
 from bench.metrics import summarize
 from bench.report import write_results
 from bench.shapes import make_model_folder
@@ -40,12 +40,7 @@ def build_peft_model(model_dir: Path, bank: AdapterBank, numbers: list[int]):
             peft_model = get_peft_model(model, cfg, adapter_name=name)
         else:
             peft_model.add_adapter(name, cfg)
-        state = {}
-        for (layer, module), a in w.a.items():
-            parent = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            prefix = f"base_model.model.model.layers.{layer}.{parent}.{module}"
-            state[f"{prefix}.lora_A.weight"] = a.cuda()
-            state[f"{prefix}.lora_B.weight"] = w.b[(layer, module)].cuda()
+        state = {k: v.cuda() for k, v in peft_state_dict(w).items()}
         set_peft_model_state_dict(peft_model, state, adapter_name=name)
     return peft_model.eval()
 

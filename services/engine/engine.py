@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from .adapters.weights import LoraWeights
 from .batch import build_batch
 from .config import EngineConfig, build_runtime
@@ -176,4 +174,4 @@ def generated_text(outputs: list[RequestOutput]) -> str:
     return "".join(o.new_text for o in outputs)
 
 
-__all__ = ["LLMEngine", "EngineConfig", "RequestOutput", "SamplingParams", "generated_ids", "generated_text", "torch"]
+__all__ = ["LLMEngine", "EngineConfig", "RequestOutput", "SamplingParams", "generated_ids", "generated_text"]

@@ -17,7 +17,6 @@ NOTE invariants:
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import OrderedDict, deque
 from contextlib import suppress
 
@@ -31,6 +30,7 @@ from services.common.kafka import TopicSpec, ensure_topics, make_consumer, with_
 from services.common.logging import get_logger
 from services.common.messages import decode_work_item, done_entry, error_entry, token_entry
 from services.common.replies import ReplyWriter
+from services.common.retry import Backoff
 
 from .adapters.weights import LoraWeights
 from .engine import LLMEngine
@@ -101,18 +101,15 @@ class EngineService:
         if adapter_id in self._adapters:
             self._adapters.move_to_end(adapter_id)
             return self._adapters[adapter_id]
-        deadline = time.monotonic() + self.cfg.adapter_unavailable_s
-        delay = 0.2
+        backoff = Backoff(self.cfg.adapter_unavailable_s, base_s=0.2, max_s=5.0)
         while True:
             try:
                 weights = await self.store.get(adapter_id)
                 break
             except AdapterStoreUnavailable as exc:
-                if time.monotonic() + delay > deadline:
-                    raise
                 self.log.warning("adapter store unavailable, retrying", adapter_id=adapter_id, error=str(exc))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                if not await backoff.sleep():
+                    raise
         self._adapters[adapter_id] = weights
         self._adapter_bytes += weights.nbytes
         while self._adapter_bytes > self._adapter_budget and len(self._adapters) > 1:

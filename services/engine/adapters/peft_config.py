@@ -55,7 +55,8 @@ class PeftLoraConfig:
         return out
 
 
-def _full_name(layer: int, module: str) -> str:
+def module_path(layer: int, module: str) -> str:
+    """The HF module name of one of the seven linear modules, as PEFT keys and targets use it."""
     parent = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
     return f"model.layers.{layer}.{parent}.{module}"
 
@@ -116,7 +117,7 @@ def parse_peft_config(raw: bytes | str | dict, spec: ModelSpec, max_rank: int) -
     targets = []
     for layer in layers:
         for module in LORA_MODULES:
-            key = _full_name(layer, module)
+            key = module_path(layer, module)
             if not _is_targeted(target_modules, key) or (exclude and _is_targeted(exclude, key)):
                 continue
             rank = int(_pattern_value(rank_pattern, key, r))

@@ -28,7 +28,7 @@ def gather_virtual(pool: torch.Tensor, layer: int, pages: torch.Tensor, start: i
 def read_lora_matrix(ctx: LoraContext, slot: int, layer: int, module: int, which: str) -> torch.Tensor:
     """A_m as [r, in] (which='a') or B_m^T as [r, out] (which='b') of the adapter in `slot`.
 
-    Reads the full (layout) rank rows; callers slice to the per-layer rank.
+    Reads the first r rows, r being the module's rank in this layer (<= its layout rank).
     """
     t = ctx.tables
     rank = int(t.ranks[slot, layer, module])
