@@ -5,6 +5,12 @@ LoRA ops read (AdapterTables). An adapter used by a scheduled request is pinned 
 never evicted; an unpinned adapter stays cached in its pages until KV or another adapter needs
 them (least recently used first).
 
+Loading: each adapter is packed once into its host form (adapter_pack.py: the page buffer and
+table rows, pinned on CUDA), kept in a byte-budgeted host LRU, and copied into the pool by the
+AdapterUploader (adapter_upload.py): on CUDA on a side stream, so neither the host nor the forward
+passes wait for it. The main stream waits for a load's event when the adapter is pinned for a step
+(`acquire`) and when it is evicted (its pages and slot go to someone else), never before.
+
 NOTE: a slot is an index into the device tables, not an adapter id; slots are reused after
 eviction, so ops must never keep a slot across steps.
 """
@@ -17,10 +23,14 @@ from dataclasses import dataclass
 import torch
 
 from ..adapters.weights import LoraWeights
-from ..model_spec import LORA_MODULES, MODULE_INDEX, ModelSpec
+from ..model_spec import LORA_MODULES, ModelSpec
 from ..ops.base import AdapterTables
+from .adapter_pack import HostAdapterCache
+from .adapter_upload import AdapterUploader
 from .allocator import PageAllocator
 from .layout import AdapterLayout
+
+DEFAULT_PACKED_BYTES = 2 << 30  # host memory (pinned on CUDA) for packed adapters
 
 
 @dataclass
@@ -29,10 +39,14 @@ class _Resident:
     slot: int
     pages: list[int]
     pins: int
+    # CUDA: the event of the side-stream load, until the main stream was made to wait for it once
+    # (every later main-stream step is ordered after that wait). None: nothing to wait for.
+    ready: torch.cuda.Event | None = None
 
 
 class AdapterCache:
-    def __init__(self, pool: torch.Tensor, allocator: PageAllocator, spec: ModelSpec, max_slots: int, max_rank: int):
+    def __init__(self, pool: torch.Tensor, allocator: PageAllocator, spec: ModelSpec, max_slots: int, max_rank: int,
+                 packed_bytes: int = DEFAULT_PACKED_BYTES):
         self.pool = pool  # [L, num_pages, P]
         self.allocator = allocator
         self.spec = spec
@@ -55,6 +69,12 @@ class AdapterCache:
         self._max_rank: dict[str, int] = {}
         self.num_loads = 0  # adapters copied into the pool (counters for tests and metrics)
         self.num_evictions = 0
+        on_cuda = dev.type == "cuda"
+        self.host = HostAdapterCache(spec, page_elems, pool.dtype, pin=on_cuda, budget_bytes=packed_bytes)
+        self.uploader = AdapterUploader(pool, self.tables)
+        # A subclass that overrides `_write` places adapters its own way (TpAdapterCache: every
+        # rank writes its share) and gets neither the packed host form nor the side stream.
+        self._packs = type(self)._write is AdapterCache._write
 
     # --- queries -------------------------------------------------------------------------
     def slot_of(self, adapter_id: str) -> int | None:
@@ -106,6 +126,7 @@ class AdapterCache:
             del self._lru[adapter_id]
             self._evictable_pages -= len(res.pages)
         res.pins += 1
+        self._ready(res)  # the step's forward (queued after this) reads the adapter
         return res.slot
 
     def prefetch(self, adapter_id: str, weights: LoraWeights) -> bool:
@@ -114,12 +135,19 @@ class AdapterCache:
         adapter stays cached (unpinned, LRU) until admission pins it. True when it is resident."""
         if adapter_id in self._resident:
             return True
+        self.stage(adapter_id, weights)
         if not self._free_slots or self.pages_to_load(weights) > self.allocator.num_free:
             return False
         self._load(adapter_id, weights)
         self._lru[adapter_id] = None
         self._evictable_pages += len(self._resident[adapter_id].pages)
         return True
+
+    def stage(self, adapter_id: str, weights: LoraWeights) -> None:
+        """Pack the adapter's host form now (host work, e.g. when its request arrives), so that
+        loading it later only issues copies."""
+        if self._packs:
+            self.host.get(adapter_id, weights)
 
     def release(self, adapter_id: str) -> None:
         res = self._resident[adapter_id]
@@ -142,6 +170,7 @@ class AdapterCache:
     def _evict(self, adapter_id: str) -> None:
         res = self._resident.pop(adapter_id)
         del self._lru[adapter_id]
+        self._ready(res)  # invariant (c) of adapter_upload.py: its pages and slot row go back to the main stream
         self._evictable_pages -= len(res.pages)
         self.allocator.free(res.pages, ("adapter", adapter_id))
         self.tables.ranks[res.slot].zero_()
@@ -160,34 +189,23 @@ class AdapterCache:
             self.evict_for(n_pages - self.allocator.num_free)
         pages = self.allocator.allocate(n_pages, ("adapter", adapter_id))
         slot = self._free_slots.pop()
-        self._write(slot, pages, layout, weights)
         res = _Resident(adapter_id, slot, pages, pins=0)
+        if self._packs:
+            res.ready = self.uploader.load(slot, pages, self.host.get(adapter_id, weights))
+        else:
+            self._write(slot, pages, layout, weights)
         self._resident[adapter_id] = res
         self._max_rank[adapter_id] = max(layout.ranks)
         self.num_loads += 1
         return res
 
+    def _ready(self, res: _Resident) -> None:
+        """Make the main stream wait for the adapter's load (once; no host wait)."""
+        if res.ready is not None:
+            self.uploader.wait(res.ready)
+            res.ready = None
+
     def _write(self, slot: int, pages: list[int], layout: AdapterLayout, weights: LoraWeights) -> None:
-        L, P = self.spec.num_layers, self.pool.shape[2]
-        # buf: [L, n_pages * P] — every layer's virtual buffer, laid out as layout.py describes.
-        buf = torch.zeros(L, len(pages) * P, dtype=self.pool.dtype)
-        ranks = torch.zeros(L, len(LORA_MODULES), dtype=torch.int32)
-        scales = torch.zeros(L, len(LORA_MODULES), dtype=torch.float32)
-        for t in weights.config.targets:
-            m = MODULE_INDEX[t.module]
-            a, b = weights.a[(t.layer, t.module)], weights.b[(t.layer, t.module)]  # [r, in], [out, r]
-            a_off, b_off = layout.a_off[m], layout.b_off[m]
-            buf[t.layer, a_off : a_off + a.numel()] = a.reshape(-1).to(self.pool.dtype)
-            buf[t.layer, b_off : b_off + b.numel()] = b.t().reshape(-1).to(self.pool.dtype)
-            ranks[t.layer, m] = t.rank
-            scales[t.layer, m] = t.scale
-        dev = self.pool.device
-        page_ids = torch.tensor(pages, dtype=torch.long, device=dev)
-        self.pool[:, page_ids] = buf.view(L, len(pages), P).to(dev, non_blocking=True)
-        t = self.tables
-        t.page_table[slot].zero_()
-        t.page_table[slot, : len(pages)] = page_ids.to(torch.int32)
-        t.ranks[slot] = ranks.to(dev)
-        t.scales[slot] = scales.to(dev)
-        t.a_off[slot] = torch.tensor(layout.a_off, dtype=torch.int64, device=dev)
-        t.b_off[slot] = torch.tensor(layout.b_off, dtype=torch.int64, device=dev)
+        """Hook for subclasses that write adapters into the pool their own way (see __init__);
+        this class packs and uploads instead."""
+        raise NotImplementedError

@@ -1,0 +1,112 @@
+"""The packed host form of an adapter (made once) and a byte-budgeted LRU of packed adapters.
+
+A packed adapter is exactly what one load into the unified pool copies: the page buffer
+`buf: [L, n_pages * P]` (every layer's virtual buffer, laid out as layout.py describes, zero
+between matrices and past the end) and the rows of the device tables (ranks, scales, offsets).
+On CUDA every tensor is in pinned (page-locked) host memory, so a load is one asynchronous DMA
+per chunk and no host work; on the CPU they are plain tensors.
+
+The HostAdapterCache keeps packed adapters by id, least recently used first, within a byte
+budget: an adapter evicted from the pool and needed again costs one copy, not a repack.
+NOTE: an adapter id names immutable weights (as in AdapterCache); a changed adapter needs a new id.
+NOTE: pinned buffers dropped here may still be the source of a copy in flight; the uploader holds
+its own reference to them until that copy's event completed (adapter_upload.py).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from ..adapters.weights import LoraWeights
+from ..model_spec import LORA_MODULES, MODULE_INDEX, ModelSpec
+
+
+@dataclass(frozen=True)
+class PackedAdapter:
+    buf: torch.Tensor  # [L, n_pages * P] pool dtype: the page buffer, page j of layer l = buf[l, j*P:(j+1)*P]
+    ranks: torch.Tensor  # [L, 7] int32: the slot's `ranks` row
+    scales: torch.Tensor  # [L, 7] float32: the slot's `scales` row
+    offsets: torch.Tensor  # [2, 7] int64: the slot's a_off row, then its b_off row
+    n_pages: int
+    max_rank: int  # largest rank of any module (what the batch builder needs for grid sizes)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.buf, self.ranks, self.scales, self.offsets))
+
+
+def _empty(shape, dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    return torch.zeros(shape, dtype=dtype, pin_memory=pin)
+
+
+def pack_adapter(weights: LoraWeights, spec: ModelSpec, page_elems: int, dtype: torch.dtype, pin: bool) -> PackedAdapter:
+    """Lay the adapter out as the pool holds it. Vectorized per (module, rank) group: the A
+    matrices of all layers of one group are stacked and written with one copy (one more for the
+    B^T), instead of two slice copies per (layer, module) target."""
+    layout = weights.layout(spec)
+    L, n_pages = spec.num_layers, layout.num_pages(page_elems)
+    buf = _empty((L, n_pages * page_elems), dtype, pin)
+    ranks = torch.zeros(L, len(LORA_MODULES), dtype=torch.int32)
+    scales = torch.zeros(L, len(LORA_MODULES), dtype=torch.float32)
+    groups: dict[tuple[str, int], list[int]] = {}  # (module, rank) -> layers, in target order
+    for t in weights.config.targets:
+        groups.setdefault((t.module, t.rank), []).append(t.layer)
+        ranks[t.layer, MODULE_INDEX[t.module]] = t.rank
+        scales[t.layer, MODULE_INDEX[t.module]] = t.scale
+    for (module, r), layers in groups.items():
+        m = MODULE_INDEX[module]
+        in_f, out_f = spec.module_shape(module)
+        a = torch.stack([weights.a[(l, module)] for l in layers])  # [n, r, in]
+        bt = torch.stack([weights.b[(l, module)] for l in layers]).transpose(1, 2)  # [n, r, out] (a view)
+        a_region = buf[:, layout.a_off[m] : layout.a_off[m] + r * in_f]  # [L, r*in] view of buf
+        b_region = buf[:, layout.b_off[m] : layout.b_off[m] + r * out_f]  # [L, r*out]
+        if layers == list(range(L)):  # the usual case: every layer, one rank
+            a_region.view(L, r, in_f).copy_(a)
+            b_region.view(L, r, out_f).copy_(bt)
+        else:  # some layers only (layers_to_transform) or per-layer ranks (rank_pattern)
+            idx = torch.tensor(layers, dtype=torch.long)
+            a_region[idx] = a.reshape(len(layers), -1).to(dtype)
+            b_region[idx] = bt.reshape(len(layers), -1).to(dtype)
+    offsets = torch.tensor([layout.a_off, layout.b_off], dtype=torch.int64)
+    if pin:
+        ranks, scales, offsets = ranks.pin_memory(), scales.pin_memory(), offsets.pin_memory()
+    return PackedAdapter(buf, ranks, scales, offsets, n_pages, max(layout.ranks))
+
+
+class HostAdapterCache:
+    """Packed adapters by id, LRU within `budget_bytes` (the newest one is kept even if larger)."""
+
+    def __init__(self, spec: ModelSpec, page_elems: int, dtype: torch.dtype, pin: bool, budget_bytes: int):
+        if budget_bytes < 0:
+            raise ValueError(f"the packed adapter budget must be >= 0 bytes, got {budget_bytes}")
+        self.spec, self.page_elems, self.dtype, self.pin = spec, page_elems, dtype, pin
+        self.budget_bytes = budget_bytes
+        self._packed: OrderedDict[str, PackedAdapter] = OrderedDict()  # least recently used first
+        self.used_bytes = 0
+        self.num_packs = 0  # adapters packed (a hit packs nothing; counters for tests and metrics)
+
+    def __contains__(self, adapter_id: str) -> bool:
+        return adapter_id in self._packed
+
+    def __len__(self) -> int:
+        return len(self._packed)
+
+    def ids(self) -> list[str]:
+        return list(self._packed)
+
+    def get(self, adapter_id: str, weights: LoraWeights) -> PackedAdapter:
+        packed = self._packed.get(adapter_id)
+        if packed is not None:
+            self._packed.move_to_end(adapter_id)
+            return packed
+        packed = pack_adapter(weights, self.spec, self.page_elems, self.dtype, self.pin)
+        self.num_packs += 1
+        self._packed[adapter_id] = packed
+        self.used_bytes += packed.nbytes
+        while self.used_bytes > self.budget_bytes and len(self._packed) > 1:
+            _, old = self._packed.popitem(last=False)
+            self.used_bytes -= old.nbytes
+        return packed

@@ -1,0 +1,149 @@
+"""The packed host form of adapters, its byte-budgeted LRU, and loads into the pool (CPU path).
+
+The packed page buffer must equal, element for element, the layout the pool always had; the
+reference below is the original per-target writer, kept here on purpose (simple and obviously
+right) to compare against.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from services.engine.adapters.peft_config import PeftLoraConfig, TargetEntry
+from services.engine.adapters.weights import LoraWeights
+from services.engine.memory.adapter_cache import AdapterCache
+from services.engine.memory.adapter_pack import HostAdapterCache, pack_adapter
+from services.engine.memory.adapter_upload import AdapterUploader
+from services.engine.memory.allocator import PageAllocator
+from services.engine.memory.layout import PoolGeometry
+from services.engine.model_spec import LORA_MODULES, MODULE_INDEX
+from tests.engine.fakes import BLOCK, SPEC, make_weights
+
+P = PoolGeometry.for_model(SPEC, 1, BLOCK).page_elems
+
+
+def reference_pack(weights: LoraWeights, dtype: torch.dtype):
+    """The per-(layer, module) slice writer the pool layout was defined with."""
+    layout = weights.layout(SPEC)
+    L, n = SPEC.num_layers, layout.num_pages(P)
+    buf = torch.zeros(L, n * P, dtype=dtype)
+    ranks = torch.zeros(L, len(LORA_MODULES), dtype=torch.int32)
+    scales = torch.zeros(L, len(LORA_MODULES), dtype=torch.float32)
+    for t in weights.config.targets:
+        m = MODULE_INDEX[t.module]
+        a, b = weights.a[(t.layer, t.module)], weights.b[(t.layer, t.module)]
+        buf[t.layer, layout.a_off[m] : layout.a_off[m] + a.numel()] = a.reshape(-1).to(dtype)
+        buf[t.layer, layout.b_off[m] : layout.b_off[m] + b.numel()] = b.t().reshape(-1).to(dtype)
+        ranks[t.layer, m], scales[t.layer, m] = t.rank, t.scale
+    return buf, ranks, scales, torch.tensor([layout.a_off, layout.b_off]), n
+
+
+def ragged_weights(seed: int = 3) -> LoraWeights:
+    """Per-layer ranks (PEFT rank_pattern) and a module in one layer only (layers_to_transform)."""
+    g = torch.Generator().manual_seed(seed)
+    targets = (TargetEntry(0, "q_proj", 8, 2.0), TargetEntry(1, "q_proj", 3, 0.5), TargetEntry(1, "down_proj", 5, 1.5),
+               TargetEntry(0, "o_proj", 2, 4.0), TargetEntry(1, "o_proj", 2, 4.0))
+    a, b = {}, {}
+    for t in targets:
+        in_f, out_f = SPEC.module_shape(t.module)
+        a[(t.layer, t.module)] = torch.randn(t.rank, in_f, generator=g)
+        b[(t.layer, t.module)] = torch.randn(out_f, t.rank, generator=g)
+    return LoraWeights(PeftLoraConfig(8, 16.0, False, targets), a, b)
+
+
+CASES = {
+    "qv_r4": lambda: make_weights(4),
+    "all_r8": lambda: make_weights(8, modules=LORA_MODULES, seed=1),
+    "all_r64": lambda: make_weights(64, modules=LORA_MODULES, seed=2),
+    "ragged": ragged_weights,
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_packed_form_equals_the_reference_layout(case, dtype):
+    weights = CASES[case]()
+    packed = pack_adapter(weights, SPEC, P, dtype, pin=False)
+    buf, ranks, scales, offsets, n = reference_pack(weights, dtype)
+    assert packed.n_pages == n and packed.buf.dtype == dtype and packed.buf.shape == buf.shape
+    assert torch.equal(packed.buf, buf)
+    assert torch.equal(packed.ranks, ranks) and torch.equal(packed.scales, scales)
+    assert torch.equal(packed.offsets, offsets)
+    assert packed.max_rank == max(t.rank for t in weights.config.targets)
+
+
+def test_host_lru_keeps_packed_adapters_within_the_byte_budget():
+    one = pack_adapter(make_weights(4), SPEC, P, torch.float32, pin=False).nbytes
+    host = HostAdapterCache(SPEC, P, torch.float32, pin=False, budget_bytes=2 * one + one // 2)
+    w = {name: make_weights(4, seed=i) for i, name in enumerate("abcd")}
+    first = host.get("a", w["a"])
+    host.get("b", w["b"])
+    assert host.get("a", w["a"]) is first and host.num_packs == 2  # a hit packs nothing, a is now young
+    host.get("c", w["c"])  # over budget: b (least recently used) goes
+    assert host.ids() == ["a", "c"] and host.used_bytes == 2 * one
+    big = make_weights(64, modules=LORA_MODULES)
+    host.get("big", big)  # larger than the whole budget: kept alone until the next one
+    assert host.ids() == ["big"] and host.used_bytes > host.budget_bytes
+    host.get("d", w["d"])
+    assert host.ids() == ["d"] and host.num_packs == 5
+
+
+def adapter_contents(cache: AdapterCache, adapter_id: str, n_pages: int):
+    """What the ops read for one adapter: its pages' contents (page-table order) and table rows."""
+    t, slot = cache.tables, cache.slot_of(adapter_id)
+    pages = t.page_table[slot, :n_pages].long()
+    return [cache.pool[:, pages].clone(), *(x[slot].clone() for x in (t.ranks, t.scales, t.a_off, t.b_off))]
+
+
+def test_evict_and_reload_round_trips_give_identical_pool_contents_without_a_repack():
+    w = {"a": make_weights(8, modules=LORA_MODULES, seed=5), "b": make_weights(16, seed=6), "c": ragged_weights()}
+    n = {k: pack_adapter(v, SPEC, P, torch.float32, pin=False).n_pages for k, v in w.items()}
+    assert n["c"] <= n["a"]
+    pool = torch.zeros(SPEC.num_layers, n["a"] + n["b"], P)
+    cache = AdapterCache(pool, PageAllocator(pool.shape[1]), SPEC, max_slots=4, max_rank=64)
+    cache.acquire("a", w["a"])
+    before = adapter_contents(cache, "a", n["a"])
+    buf, ranks, scales, offsets, _ = reference_pack(w["a"], torch.float32)
+    assert torch.equal(before[0], buf.view(SPEC.num_layers, n["a"], P)) and torch.equal(before[1], ranks)
+    assert torch.equal(before[2], scales) and torch.equal(torch.stack(before[3:]), offsets)
+    cache.release("a")
+    for name in ("b", "c"):  # the pool is full after b; c evicts a, the least recently used
+        cache.acquire(name, w[name])
+        cache.release(name)
+    assert not cache.is_resident("a") and cache.num_evictions == 1
+    others = [p for p in range(pool.shape[1]) if cache.allocator.owner_of(p) != ("adapter", "c")]
+    pool[:, others] = -1.0  # whatever KV or b left there: the reload must overwrite it all
+    packs = cache.host.num_packs
+    cache.acquire("a", w["a"])  # evicts b (LRU), then one copy of the packed form
+    after = adapter_contents(cache, "a", n["a"])
+    assert all(torch.equal(x, y) for x, y in zip(before, after))
+    assert cache.host.num_packs == packs == 3, "a reload copies the packed form, it does not repack"
+    assert cache.num_loads == 4 and cache.num_evictions == 2 and cache.is_resident("c")
+
+
+def test_prefetch_packs_at_once_even_when_no_pages_are_free():
+    num_pages = 3
+    pool = torch.zeros(SPEC.num_layers, num_pages, P)
+    cache = AdapterCache(pool, PageAllocator(num_pages), SPEC, max_slots=4, max_rank=64)
+    cache.allocator.allocate(num_pages, ("kv", "r0"))
+    assert cache.prefetch("a", make_weights(4)) is False
+    assert "a" in cache.host and cache.host.num_packs == 1 and not cache.is_resident("a")
+
+
+def test_chunked_uploads_equal_one_shot_uploads():
+    weights = make_weights(16, modules=LORA_MODULES, seed=9)
+    packed = pack_adapter(weights, SPEC, P, torch.float32, pin=False)
+    pools = []
+    for staging in (1, 1 << 30):  # one layer per chunk, then all layers at once
+        pool = torch.zeros(SPEC.num_layers, 3 + packed.n_pages, P)
+        cache = AdapterCache(pool, PageAllocator(pool.shape[1]), SPEC, max_slots=2, max_rank=64)
+        up = AdapterUploader(pool, cache.tables, max_staging_bytes=staging)
+        pages = list(range(pool.shape[1] - 1, 2, -1))  # descending, not contiguous from 0
+        assert up.load(1, pages, packed) is None and up.in_flight == 0
+        pools.append((pool, cache.tables.page_table[1].clone()))
+        assert torch.equal(pool[:, pages], packed.buf.view(SPEC.num_layers, packed.n_pages, P))
+        assert torch.equal(pool[:, :3], torch.zeros(SPEC.num_layers, 3, P)), "pages not given are untouched"
+    assert torch.equal(pools[0][0], pools[1][0]) and torch.equal(pools[0][1], pools[1][1])
+    with pytest.raises(ValueError, match="pages"):
+        up.load(0, [0], packed)
