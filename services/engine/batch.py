@@ -1,9 +1,20 @@
-"""Turn a SchedulerOutput into the tensors of one forward pass (built once, read by every layer)."""
+"""Turn a SchedulerOutput into the tensors of one forward pass (built once, read by every layer).
+
+The per-token arrays are computed with numpy from per-request values (no Python loop over
+tokens), packed into one host buffer and sent to the device in ONE copy; the ModelBatch fields are
+views of that device buffer. On CUDA the host buffer is pinned, so the copy is asynchronous.
+
+NOTE (staging reuse): the pinned staging buffer is reused by the next build; an event recorded
+after each copy is waited on before the buffer is written again (a step that samples nothing does
+not otherwise wait for its GPU work).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 
+import numpy as np
 import torch
 
 from .memory.adapter_cache import AdapterCache
@@ -11,6 +22,8 @@ from .memory.kv_cache import KVCacheManager
 from .ops.base import AttentionMeta, LoraBatch
 from .sampling import SamplingBatch
 from .scheduler import ScheduledRequest, SchedulerOutput
+
+_I63 = (1 << 63) - 1
 
 
 @dataclass
@@ -35,79 +48,105 @@ def order_for_batch(out: SchedulerOutput, adapters: AdapterCache) -> list[Schedu
     return sorted(out.scheduled, key=key)
 
 
+class _Staging:
+    """A growing host buffer (pinned on CUDA) for the one host-to-device copy of a step."""
+
+    def __init__(self) -> None:
+        self.host: torch.Tensor | None = None
+        self.copied: torch.cuda.Event | None = None  # the last copy out of `host`
+
+    def send(self, parts: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+        """Concatenate int64 arrays, copy them to `device` at once; returns device views, one per part."""
+        sizes = [len(p) for p in parts]
+        total = sum(sizes)
+        if device.type != "cuda":
+            return list(torch.from_numpy(np.concatenate(parts)).split(sizes))
+        if self.copied is not None:
+            self.copied.synchronize()  # the previous copy has left the buffer (usually long done)
+        if self.host is None or self.host.numel() < total:
+            self.host = torch.empty(max(total, 2 * (0 if self.host is None else self.host.numel()), 1 << 14),
+                                    dtype=torch.int64, pin_memory=True)
+        np.concatenate(parts, out=self.host.numpy()[:total])
+        dev = self.host[:total].to(device, non_blocking=True)
+        self.copied = torch.cuda.Event()
+        self.copied.record()
+        return list(dev.split(sizes))
+
+
+_staging = _Staging()
+
+
 def build_batch(out: SchedulerOutput, kv: KVCacheManager, adapters: AdapterCache, device: torch.device) -> ModelBatch:
     entries = order_for_batch(out, adapters)
-    bs = kv.block_size
-    ids, pos, slots, token_slot = [], [], [], []
-    query_start, seq_lens, tables, logits_index, sampled = [0], [], [], [], []
-    num_decodes = 0
-    seg_start, seg_len, seg_slot = [], [], []
-    max_rank = 0
-    for e in entries:
-        req, c, n = e.request, e.request.num_computed_tokens, e.num_tokens
-        t0 = len(ids)
-        ids.extend(req.token_at(i) for i in range(c, c + n))
-        pos.extend(range(c, c + n))
-        table = kv.block_table(req.request_id)
-        slots.extend(table[p // bs] * bs + p % bs for p in range(c, c + n))
-        tables.append(table)
-        query_start.append(t0 + n)
-        seq_lens.append(c + n)
-        num_decodes += n == 1
-        slot = -1 if req.adapter_id is None else adapters.slot_of(req.adapter_id)
-        token_slot.extend([slot] * n)
-        if slot >= 0:
-            max_rank = max(max_rank, adapters.max_rank_of(req.adapter_id))
-            if seg_slot and seg_slot[-1] == slot and seg_start[-1] + seg_len[-1] == t0:
-                seg_len[-1] += n  # same adapter continues: extend the segment
-            else:
-                seg_start.append(t0), seg_len.append(n), seg_slot.append(slot)
-        if e.samples:
-            logits_index.append(t0 + n - 1)
-            sampled.append(e)
-    # num_decodes counts single-token entries, which the ordering put first.
-    max_blocks = max(len(t) for t in tables)
-    block_tables = torch.full((len(tables), max_blocks), -1, dtype=torch.int32)
-    for b, t in enumerate(tables):
-        block_tables[b, : len(t)] = torch.tensor(t, dtype=torch.int32)
-    i32 = dict(dtype=torch.int32, device=device)
+    bs, B = kv.block_size, len(entries)
+    reqs = [e.request for e in entries]
+    n = np.fromiter((e.num_tokens for e in entries), dtype=np.int64, count=B)  # new tokens per sequence
+    c = np.fromiter((r.num_computed_tokens for r in reqs), dtype=np.int64, count=B)  # cached tokens
+    slot = np.fromiter((-1 if r.adapter_id is None else adapters.slot_of(r.adapter_id) for r in reqs),
+                       dtype=np.int64, count=B)
+    ends = np.cumsum(n)
+    T, starts = int(ends[-1]), ends - n
+    seq_of_token = np.repeat(np.arange(B), n)  # [T]
+    positions = np.arange(T, dtype=np.int64) - np.repeat(starts - c, n)  # [T]
+    ids = np.fromiter(chain.from_iterable(_new_tokens(e) for e in entries), dtype=np.int64, count=T)
+    # Block tables: every request's page list, flattened, then scattered into a [B, max_blocks] grid.
+    tables = [kv.block_table(r.request_id) for r in reqs]
+    lens = np.fromiter((len(t) for t in tables), dtype=np.int64, count=B)
+    max_blocks = int(lens.max())
+    block_tables = np.full((B, max_blocks), -1, dtype=np.int64)
+    block_tables[np.arange(max_blocks) < lens[:, None]] = np.fromiter(chain.from_iterable(tables), np.int64, int(lens.sum()))
+    slot_mapping = block_tables[seq_of_token, positions // bs] * bs + positions % bs  # [T]
+    # LoRA segments: runs of equal adapter slot (the ordering made them contiguous), adapters only.
+    token_slot = np.repeat(slot, n)
+    run_start = np.flatnonzero(np.diff(slot, prepend=-2) != 0)  # first sequence of each run of slots
+    run_slot = slot[run_start]
+    keep = run_slot >= 0
+    seg_start = starts[run_start][keep]
+    seg_end = np.append(starts[run_start][1:], T)[keep]
+    seg_slot = run_slot[keep]
+    samples = [e.samples for e in entries]
+    sampled = [e for e in entries if e.samples]
+    logits_index = (ends - 1)[np.array(samples, dtype=bool)]
+    sreqs = [e.request for e in sampled]
+    N = len(sampled)
+    top_k = np.fromiter((r.params.top_k for r in sreqs), np.int64, N)
+    seeds = np.fromiter((r.seed & _I63 for r in sreqs), np.int64, N)
+    steps = np.fromiter((len(r.output_token_ids) for r in sreqs), np.int64, N)
+    query_start = np.concatenate(([0], ends))
+    seq_lens = c + n
+    (d_ids, d_pos, d_slots, d_qs, d_sl, d_bt, d_tslot, d_ss, d_sn, d_sslot, d_li, d_topk, d_seeds, d_steps) = _staging.send(
+        [ids, positions, slot_mapping, query_start, seq_lens, block_tables.reshape(-1), token_slot,
+         seg_start, seg_end - seg_start, seg_slot, logits_index, top_k, seeds, steps], device)
+    i32 = torch.int32
     attn = AttentionMeta(
-        query_start=torch.tensor(query_start, **i32),
-        seq_lens=torch.tensor(seq_lens, **i32),
-        block_tables=block_tables.to(device),
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-        num_decodes=num_decodes,
-        max_query_len=max(e.num_tokens for e in entries),
-        max_seq_len=max(seq_lens),
-        block_size=bs,
+        query_start=d_qs.to(i32), seq_lens=d_sl.to(i32), block_tables=d_bt.view(B, max_blocks).to(i32),
+        slot_mapping=d_slots, num_decodes=int((n == 1).sum()), max_query_len=int(n.max()),
+        max_seq_len=int(seq_lens.max()), block_size=bs,
     )
+    seg_lens = seg_end - seg_start
+    max_rank = max((adapters.max_rank_of(r.adapter_id) for r in reqs if r.adapter_id is not None), default=0)
     lora = LoraBatch(
-        token_slot=torch.tensor(token_slot, **i32),
-        seg_start=torch.tensor(seg_start, **i32),
-        seg_len=torch.tensor(seg_len, **i32),
-        seg_slot=torch.tensor(seg_slot, **i32),
-        max_rank=max_rank,
-        max_seg_len=max(seg_len, default=0),
-        num_segments=len(seg_slot),
+        token_slot=d_tslot.to(i32), seg_start=d_ss.to(i32), seg_len=d_sn.to(i32), seg_slot=d_sslot.to(i32),
+        max_rank=max_rank, max_seg_len=int(seg_lens.max()) if len(seg_lens) else 0, num_segments=len(seg_slot),
     )
-    return ModelBatch(
-        input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
-        positions=torch.tensor(pos, dtype=torch.int64, device=device),
-        attn=attn,
-        lora=lora,
-        logits_index=torch.tensor(logits_index, dtype=torch.int64, device=device),
-        sampled=sampled,
-        sampling=_sampling_batch(sampled, device),
+    all_greedy = all(r.params.temperature == 0 for r in sreqs)
+    f32 = dict(dtype=torch.float32, device=device)
+    sampling = SamplingBatch(
+        # Temperatures and top-p only matter when someone samples: skip their copy for greedy steps.
+        temperature=torch.zeros(N, **f32) if all_greedy else torch.tensor([r.params.temperature for r in sreqs], **f32),
+        top_p=torch.ones(N, **f32) if all_greedy else torch.tensor([r.params.top_p for r in sreqs], **f32),
+        top_k=d_topk, seeds=d_seeds, steps=d_steps, all_greedy=all_greedy,
     )
+    return ModelBatch(input_ids=d_ids, positions=d_pos, attn=attn, lora=lora, logits_index=d_li,
+                      sampled=sampled, sampling=sampling)
 
 
-def _sampling_batch(sampled: list[ScheduledRequest], device: torch.device) -> SamplingBatch:
-    reqs = [e.request for e in sampled]
-    return SamplingBatch(
-        temperature=torch.tensor([r.params.temperature for r in reqs], dtype=torch.float32, device=device),
-        top_p=torch.tensor([r.params.top_p for r in reqs], dtype=torch.float32, device=device),
-        top_k=torch.tensor([r.params.top_k for r in reqs], dtype=torch.int64, device=device),
-        seeds=torch.tensor([r.seed & ((1 << 63) - 1) for r in reqs], dtype=torch.int64, device=device),
-        steps=torch.tensor([len(r.output_token_ids) for r in reqs], dtype=torch.int64, device=device),
-        all_greedy=all(r.params.temperature == 0 for r in reqs),
-    )
+def _new_tokens(e: ScheduledRequest) -> list[int]:
+    """The token ids this step computes for the entry: [c, c + n) of prompt + outputs."""
+    r, c, n = e.request, e.request.num_computed_tokens, e.num_tokens
+    p = len(r.prompt_token_ids)
+    if c + n <= p:
+        return r.prompt_token_ids[c : c + n]
+    if c >= p:
+        return r.output_token_ids[c - p : c - p + n]
+    return r.prompt_token_ids[c:] + r.output_token_ids[: c + n - p]

@@ -6,12 +6,15 @@
     while engine.has_unfinished():
         for out in engine.step(): ...
 
-One step = schedule -> build batch -> forward -> sample -> update -> detokenize (see step()).
+One step = schedule -> build batch -> launch forward + sample -> detokenize the previous step's
+tokens while the GPU works -> wait for the sampled ids -> update (see step()).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
 
 from .adapters.weights import LoraWeights
 from .batch import build_batch
@@ -46,6 +49,10 @@ class LLMEngine:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self.eos_ids = rt.spec.eos_token_ids or ((self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ())
         self._close = rt.close  # tp_size > 1: stops the worker ranks (also registered with atexit)
+        self._pending: list[Request] = []  # requests sampled last step, not yet detokenized (see step)
+        if self.device.type == "cuda":
+            self._ids_host = torch.empty(512, dtype=torch.int64, pin_memory=True)
+            self._ids_ready = torch.cuda.Event()
 
     def close(self) -> None:
         """Release what the engine started (tensor-parallel worker processes); idempotent."""
@@ -93,11 +100,16 @@ class LLMEngine:
         self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, ids, params.stop)
 
     def abort_request(self, request_id: str) -> bool:
+        """False when unknown or already finished (a finished request's last output may still be
+        pending: it is emitted by the next step)."""
+        if self.scheduler.finish_request(request_id, "abort") is None:
+            return False
         self._detok.pop(request_id, None)
-        return self.scheduler.finish_request(request_id, "abort") is not None
+        self._pending = [r for r in self._pending if r.request_id != request_id]  # aborted: no more output
+        return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._pending)
 
     @property
     def scheduler_stats(self) -> dict[str, int]:
@@ -112,25 +124,54 @@ class LLMEngine:
 
     # --- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One step: schedule, build, launch the forward and sampling, then (while the GPU works)
+        detokenize the tokens of the PREVIOUS step, then wait for this step's tokens.
+
+        Outputs therefore trail the GPU by one step; `has_unfinished` stays true until the last
+        ones are out. A stop string found in that overlap finishes its request one step late: the
+        token the request got in the meantime is dropped (update_from_output skips finished ones),
+        so what is emitted is exactly what a non-overlapped loop would emit.
+        """
         sched = self.scheduler.schedule()
+        pending, self._pending = self._pending, []
         if sched.empty:
-            return []
+            return self._outputs(pending)
         batch = build_batch(sched, self.kv, self.adapters, self.device)
-        sampled_ids: list[int] = []
+        ids = self._launch(batch)  # [N] int64, still being computed
+        outputs = self._outputs(pending)  # host work overlapped with the GPU
+        sampled_ids = self._fetch(ids)
+        sampled = {e.request.request_id: t for e, t in zip(batch.sampled, sampled_ids)}
+        self._pending = self.scheduler.update_from_output(sched, sampled, self.eos_ids)
+        return outputs
+
+    def _launch(self, batch) -> torch.Tensor | None:
+        """Queue the forward pass and sampling; returns the sampled ids on the device (no sync)."""
         if self.decode_graphs is not None and self.decode_graphs.can_run(batch):
             logits = self.decode_graphs.run(batch)  # [N, V] float32, from a replayed CUDA graph
         else:
             lora = None if batch.lora.empty else LoraContext(self.pool, self.adapters.tables, batch.lora)
             hidden = self.model.forward(batch.input_ids, batch.positions, self.pool, batch.attn, lora)
             logits = self.model.logits(hidden[batch.logits_index]) if batch.sampled else None  # [N, V] float32
-        if logits is not None:
-            sampled_ids = sample(logits, batch.sampling).tolist()
-        sampled = {e.request.request_id: t for e, t in zip(batch.sampled, sampled_ids)}
-        touched = self.scheduler.update_from_output(sched, sampled, self.eos_ids)
-        return self._outputs(touched)
+        return None if logits is None else sample(logits, batch.sampling)
+
+    def _fetch(self, ids: torch.Tensor | None) -> list[int]:
+        """Wait for the sampled ids (the step's only host-device synchronisation) and read them."""
+        if ids is None:
+            return []
+        if ids.device.type != "cuda":
+            return ids.tolist()
+        n = ids.shape[0]
+        if self._ids_host.numel() < n:
+            self._ids_host = torch.empty(max(n, 2 * self._ids_host.numel()), dtype=torch.int64, pin_memory=True)
+        host = self._ids_host[:n]
+        host.copy_(ids, non_blocking=True)
+        self._ids_ready.record()
+        self._ids_ready.synchronize()
+        return host.tolist()
 
     def _outputs(self, touched: list[Request]) -> list[RequestOutput]:
         """Detokenize every request's new token (one batched tokenizer call), apply stop strings."""
+        touched = [r for r in touched if r.request_id in self._detok]  # aborted since: nothing to say
         detoks = [self._detok[r.request_id] for r in touched]
         windows = [d.push(r.output_token_ids[-1]) for d, r in zip(detoks, touched)]
         live = [i for i, w in enumerate(windows) if w is not None]

@@ -162,6 +162,8 @@ class Scheduler:
         touched = []
         for entry in out.scheduled:
             req = entry.request
+            if req.status is RequestStatus.FINISHED:
+                continue  # finished by a stop string while this step ran (engine overlap): drop its token
             req.num_computed_tokens += entry.num_tokens
             if not entry.samples:
                 continue
