@@ -33,6 +33,11 @@ class SchedulerConfig:
     # 0: every step mixes decodes and prefill chunks. k > 0: steps are either all decodes (which a
     # CUDA graph replays) or all prefill (run eagerly), with a prefill step at least every k+1.
     decode_steps_per_prefill: int = 0
+    # Split phases: after k decode steps, a prefill step runs only when it would admit at least
+    # this many prompt tokens (0: max_batched_tokens // 4), or after 4k decode steps if it admits
+    # any. Under load (memory full, a long queue) this makes few large prefill steps instead of
+    # many small ones, each of which costs a step's fixed overhead.
+    min_prefill_tokens: int = 0
 
 
 @dataclass
@@ -147,12 +152,42 @@ class Scheduler:
         if k <= 0:
             return "mixed"
         decodes = any(r.num_tokens - r.num_computed_tokens == 1 for r in self.running)
-        prefills = bool(self.waiting) or any(r.num_tokens - r.num_computed_tokens > 1 for r in self.running)
-        if prefills and (not decodes or self._decode_steps >= k):
+        partial = any(r.num_tokens - r.num_computed_tokens > 1 for r in self.running)
+        if not decodes:
+            prefill = partial or bool(self.waiting)
+        elif self._decode_steps < k:
+            prefill = False
+        elif partial:
+            prefill = True  # a chunked prompt is half done: finish it
+        elif self.waiting:
+            tokens = self._admissible_tokens()
+            floor = self.config.min_prefill_tokens or self.config.max_batched_tokens // 4
+            prefill = tokens >= floor or (tokens > 0 and self._decode_steps >= 4 * k)
+        else:
+            prefill = False
+        if prefill:
             self._decode_steps = 0
             return "prefill"
         self._decode_steps += 1
         return "decode"
+
+    def _admissible_tokens(self) -> int:
+        """Prompt tokens a prefill step could admit now (a dry run of admission, which decides)."""
+        budget, seats = self.config.max_batched_tokens, self.config.max_num_seqs - len(self.running)
+        free = self.kv.allocator.num_free + self.adapters.evictable_pages()
+        tokens, loading = 0, set()
+        for req in self.waiting:
+            if seats <= 0 or tokens >= budget:
+                break
+            n = min(req.num_tokens - req.num_computed_tokens, budget - tokens)
+            need = self.kv.pages_needed(req.request_id, req.num_computed_tokens + n)
+            if req.adapter_id is not None and req.adapter_id not in loading and not self.adapters.is_resident(req.adapter_id):
+                need += self.adapters.pages_to_load(req.adapter_weights)
+                loading.add(req.adapter_id)
+            if need > free:
+                break
+            free, tokens, seats = free - need, tokens + n, seats - 1
+        return tokens
 
     def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int], eos_ids: tuple[int, ...]) -> list[Request]:
         """Advance computed tokens, append sampled tokens, finish on EOS or max_tokens.

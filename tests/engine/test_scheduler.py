@@ -148,21 +148,23 @@ def test_split_phases_steps_are_pure_and_everyone_finishes(k):
     s.config = SchedulerConfig(max_num_seqs=16, max_batched_tokens=16, decode_steps_per_prefill=k)
     rng = random.Random(k)
     reqs = [make_request(f"r{i}", rng.randint(2, 30), rng.randint(1, 8)) for i in range(12)]
-    pending, decode_run, saw_decode_step = list(reqs), 0, False
+    pending, saw_decode_step = list(reqs), False
     for _ in range(1000):
         if not (pending or s.has_unfinished()):
             break
         if pending and rng.random() < 0.5:
             s.add_request(pending.pop(0))
-        prefill_work = bool(s.waiting) or any(r.num_tokens - r.num_computed_tokens > 1 for r in s.running)
+        partial = any(r.num_tokens - r.num_computed_tokens > 1 for r in s.running)
+        admissible, waited = s._admissible_tokens(), s._decode_steps  # before this step
         out = s.schedule()
         remaining = [e.request.num_tokens - e.request.num_computed_tokens for e in out.scheduled]
         if out.scheduled and all(r == 1 for r in remaining):
             saw_decode_step = True
-            decode_run = decode_run + 1 if prefill_work else 0
-            assert decode_run <= k, "prefill work waited more than k decode-only steps"
+            # A prefill step is due after k decode steps when a prompt is half done or enough
+            # prompt tokens can be admitted, and after 4k steps whenever any can.
+            assert not (waited >= k and (partial or admissible >= 16 // 4)), "prefill work waited past k"
+            assert not (waited >= 4 * k and admissible > 0), "admissible prefill work waited past 4k"
         else:
-            decode_run = 0
             # a prefill step never carries a running request's decode token
             assert all(r > 1 or e.request.num_computed_tokens == 0 for r, e in zip(remaining, out.scheduled))
         s.update_from_output(out, {e.request.request_id: 7 for e in out.scheduled if e.samples}, eos_ids=(2,))
@@ -170,6 +172,28 @@ def test_split_phases_steps_are_pure_and_everyone_finishes(k):
     assert not s.has_unfinished() and not pending
     assert all(len(r.output_token_ids) == r.params.max_tokens for r in reqs)
     assert saw_decode_step
+
+
+def test_split_phases_wait_for_a_worthwhile_prefill_under_memory_pressure():
+    """With the pool full of running decodes, a prompt that cannot be admitted yet does not cause
+    prefill steps; once memory frees, the prefill step comes after k decode steps."""
+    from services.engine.scheduler import SchedulerConfig
+
+    s = make_scheduler(num_pages=12, max_batched_tokens=64)
+    s.config = SchedulerConfig(max_num_seqs=16, max_batched_tokens=64, decode_steps_per_prefill=2)
+    s.add_request(make_request("long", prompt_len=4 * 8, max_tokens=12))  # 8 pages now, 11 at the end
+    fake_step(s)  # its prefill
+    s.add_request(make_request("next", prompt_len=4 * 3, max_tokens=2))  # needs 3-4 pages: not free yet
+    phases = []
+    while s.has_unfinished():
+        out = fake_step(s)
+        if not out.scheduled:
+            phases.append("empty")
+        else:
+            phases.append("prefill" if any(e.request.request_id == "next" and e.num_tokens > 1 for e in out.scheduled) else "decode")
+    assert "empty" not in phases  # no prefill step was spent on a queue that could not be admitted
+    assert phases.count("prefill") == 1
+    assert phases.index("prefill") >= 2
 
 
 def test_prefetch_uses_only_free_pages_and_admission_finds_the_adapter_resident():
