@@ -1,13 +1,18 @@
 """Engine-level S-LoRA benchmark: the trace fed in process at its arrival times, as the paper's
-server sees it. One JSON record per (setting, n, mode).
+server sees it. One engine per setting serves every run (each n, then base-only); one JSON record
+per run, plus the roofline bound of each, written after every run.
 
-    python -m bench.engine_bench --setting S1 --n 5 100 2000 --rate 40 --duration 30 --out bench/results/engine
+    python -m bench.engine_bench --setting S1 --n 5 100 1000 2000 10000 --base-only --warmup 2 \
+        --rate 50 --duration 15 --max-num-seqs 512 --out bench/results/h200
+
+NOTE: runs share the engine, so each run uses its own request and adapter ids (f"n{n}-a{k}"),
+starts with no cached adapter (clear_cached_adapters) and reports its own deltas of the
+engine's cumulative counters (adapter loads, evictions, preemptions).
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import time
 from collections import deque
 from pathlib import Path
@@ -18,17 +23,40 @@ import torch
 from bench.adapters import AdapterBank
 from bench.metrics import summarize
 from bench.report import write_results
+from bench.roofline import estimate
 from bench.shapes import make_model_folder
 from bench.workload import SETTINGS, generate_trace
 from services.engine.engine import EngineConfig, LLMEngine, SamplingParams
 
 
-def run_once(engine: LLMEngine, bank: AdapterBank | None, trace, vocab: int) -> dict:
+def make_prompts(trace, vocab: int) -> list[list[int]]:
     rng = np.random.default_rng(7)
-    prompts = [rng.integers(3, vocab, r.input_len).tolist() for r in trace]
-    if bank is not None:  # host copies made before the clock starts: the store's job, not the engine's
-        for r in trace:
-            bank.get(r.adapter)
+    return [rng.integers(3, vocab, r.input_len).tolist() for r in trace]
+
+
+def clear_cached_adapters(engine: LLMEngine) -> None:
+    """Evict every cached (unpinned) adapter: the next run starts with the pool free of this one's."""
+    pages = engine.adapters.evictable_pages()
+    if pages:
+        engine.adapters.evict_for(pages)
+
+
+def _counters(engine: LLMEngine) -> dict[str, int]:
+    return {"adapter_loads": engine.adapters.num_loads, "adapter_evictions": engine.adapters.num_evictions,
+            "preemptions": engine.scheduler.num_preemptions}
+
+
+def run_once(engine: LLMEngine, bank: AdapterBank | None, trace, vocab: int, tag: str = "run") -> dict:
+    """Serve `trace` at its arrival times; the engine must be idle before and is idle after."""
+    assert not engine.has_unfinished(), "run_once needs an idle engine"
+    prompts = make_prompts(trace, vocab)
+    t = time.perf_counter()
+    distinct = sorted({r.adapter for r in trace}) if bank is not None else []
+    for k in distinct:  # host copies made before the clock starts: the store's job, not the engine's
+        bank.get(k)
+    make_s = time.perf_counter() - t
+    clear_cached_adapters(engine)
+    before = _counters(engine)
     arrival, first, finish, out_tokens = {}, {}, {}, {}
     peak_kv = peak_adapter = steps = 0
     pending = deque(trace)
@@ -37,9 +65,9 @@ def run_once(engine: LLMEngine, bank: AdapterBank | None, trace, vocab: int) -> 
         now = time.perf_counter() - t0
         while pending and pending[0].arrival <= now:
             r = pending.popleft()
-            rid = str(r.index)
-            adapter_id = None if bank is None else f"a{r.adapter}"
-            engine.add_request(rid, prompt_token_ids=prompts[r.index], adapter_id=adapter_id,
+            rid = f"{tag}-{r.index}"
+            engine.add_request(rid, prompt_token_ids=prompts[r.index],
+                               adapter_id=None if bank is None else f"{tag}-a{r.adapter}",
                                adapter=None if bank is None else bank.get(r.adapter),
                                params=SamplingParams(max_tokens=r.output_len, temperature=0, ignore_eos=True))
             arrival[rid] = r.arrival
@@ -55,52 +83,76 @@ def run_once(engine: LLMEngine, bank: AdapterBank | None, trace, vocab: int) -> 
                 finish[o.request_id], out_tokens[o.request_id] = t, o.num_output_tokens
         peak_kv = max(peak_kv, engine.kv.used_pages())
         peak_adapter = max(peak_adapter, engine.adapters.resident_pages())
+    after = _counters(engine)
     page_bytes = engine.pool[:, 0].numel() * engine.pool.element_size()
+    host_bytes = sum(bank.get(k).nbytes for k in distinct) if bank is not None else 0
     return {
         **summarize(arrival, first, finish, out_tokens), "steps": steps,
+        "pool_gb": engine.pool.numel() * engine.pool.element_size() / 1e9,
         "peak_kv_gb": peak_kv * page_bytes / 1e9, "peak_adapter_gb": peak_adapter * page_bytes / 1e9,
-        "adapter_loads": engine.adapters.num_loads, "adapter_evictions": engine.adapters.num_evictions,
-        "preemptions": engine.scheduler.num_preemptions,
+        "distinct_adapters": len(distinct), "adapter_host_gb": host_bytes / 1e9, "make_adapters_s": make_s,
+        **{k: after[k] - before[k] for k in after},
     }
 
 
+def build_engine(setting_name: str, args) -> LLMEngine:
+    setting = SETTINGS[setting_name]
+    model_dir = make_model_folder(setting.shape, Path("/tmp/lorafleet-bench") / setting.shape)
+    return LLMEngine(EngineConfig(model_dir=str(model_dir), device=args.device, random_weights_seed=0,
+                                  max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
+                                  max_adapter_rank=max(setting.ranks),
+                                  num_pages=args.num_pages or (0 if args.device.startswith("cuda") else 512)))
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setting", choices=sorted(SETTINGS), default="S1")
-    p.add_argument("--n", type=int, nargs="+", default=[5, 100, 2000])
-    p.add_argument("--rate", type=float, default=40.0)
-    p.add_argument("--duration", type=float, default=30.0)
+    p.add_argument("--n", type=int, nargs="*", default=[5, 100, 2000])
+    p.add_argument("--rate", type=float, default=50.0)
+    p.add_argument("--duration", type=float, default=15.0)
     p.add_argument("--cv", type=float, default=1.0)
     p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--max-len", type=int, default=512, help="lengths uniform in [8, max-len); 512 is S-LoRA's (CPU smoke runs: less)")
     p.add_argument("--base-only", action="store_true", help="also run the trace with no adapters (upper bound)")
-    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--warmup", type=float, default=0.0,
+                   help="seconds of the trace (5 adapters) served before the first run and not recorded: "
+                        "compiles every kernel so the first run's first tokens do not pay for it")
+    p.add_argument("--max-num-seqs", type=int, default=512)
     p.add_argument("--max-batched-tokens", type=int, default=4096)
+    p.add_argument("--num-pages", type=int, default=0, help="pool pages; 0: sized from memory (CPU: 512)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=Path("bench/results/engine"))
     p.add_argument("--commit", default=None, help="git commit of the code (read from git when omitted)")
     args = p.parse_args()
     setting = SETTINGS[args.setting]
-    model_dir = make_model_folder(setting.shape, Path("/tmp/lorafleet-bench") / setting.shape)
+    lengths = ((8, args.max_len), (8, args.max_len))
+    t = time.time()
+    engine = build_engine(args.setting, args)
+    print(f"[engine_bench] {setting.name}: engine built in {time.time() - t:.1f}s, "
+          f"pool {engine.pool.numel() * engine.pool.element_size() / 1e9:.1f} GB", flush=True)
+    if args.warmup > 0:
+        t = time.time()
+        warm = generate_trace(5, args.alpha, args.rate, args.cv, args.warmup, *lengths)
+        run_once(engine, AdapterBank(engine.spec, setting.ranks, setting.modules, engine.device), warm,
+                 engine.spec.vocab_size, tag="warm")
+        print(f"[engine_bench] warmup: {len(warm)} requests in {time.time() - t:.1f}s", flush=True)
     records = []
+    name = f"engine-{setting.name}"
     modes = [("lora", n) for n in args.n] + ([("base-only", 0)] if args.base_only else [])
     for mode, n in modes:
-        cfg = EngineConfig(model_dir=str(model_dir), device=args.device, random_weights_seed=0,
-                           max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
-                           max_adapter_rank=max(setting.ranks), num_pages=0 if args.device == "cuda" else 512)
-        engine = LLMEngine(cfg)
+        trace = generate_trace(max(n, 1), args.alpha, args.rate, args.cv, args.duration, *lengths)
         bank = None if mode == "base-only" else AdapterBank(engine.spec, setting.ranks, setting.modules, engine.device)
-        trace = generate_trace(max(n, 1), args.alpha, args.rate, args.cv, args.duration)
         t = time.time()
-        result = run_once(engine, bank, trace, engine.spec.vocab_size)
+        result = run_once(engine, bank, trace, engine.spec.vocab_size, tag=f"n{n}" if bank else "base")
         rec = {"setting": setting.name, "mode": mode, "n": n, "rate": args.rate, "duration": args.duration,
-               "cv": args.cv, "alpha": args.alpha, "ranks": list(setting.ranks), "wall_s": time.time() - t, **result}
-        print(rec, flush=True)
-        records.append(rec)
-        del engine, bank
-        gc.collect()
-        if args.device == "cuda":
-            torch.cuda.empty_cache()
-    write_results(args.out, f"engine-{setting.name}", records, vars(args))
+               "cv": args.cv, "alpha": args.alpha, "ranks": list(setting.ranks), "max_num_seqs": args.max_num_seqs,
+               "wall_s": time.time() - t, **result}
+        print(f"[engine_bench] {rec}", flush=True)
+        roof = estimate(setting, trace, n, args.max_num_seqs, args.max_batched_tokens) if setting.shape != "tiny" else None
+        records += [rec] + ([roof] if roof else [])
+        write_results(args.out, name, records, vars(args))  # after every run: a killed stage keeps the rest
+        del bank
+    engine.close()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ import torch
 
 COLUMNS = [("setting", "{}"), ("mode", "{}"), ("n", "{}"), ("throughput_req_s", "{:.2f}"), ("throughput_tok_s", "{:.0f}"),
            ("ttft_mean_s", "{:.2f}"), ("ttft_p50_s", "{:.2f}"), ("ttft_p90_s", "{:.2f}"), ("ttft_p99_s", "{:.2f}"),
-           ("slo_6s", "{:.2%}"), ("peak_kv_gb", "{:.1f}"), ("peak_adapter_gb", "{:.2f}")]
+           ("slo_6s", "{:.2%}"), ("peak_kv_gb", "{:.1f}"), ("peak_adapter_gb", "{:.2f}"),
+           ("adapter_loads", "{}"), ("adapter_evictions", "{}"), ("preemptions", "{}"), ("wall_s", "{:.0f}")]
 
 
 def _commit() -> str:
@@ -39,31 +40,47 @@ def write_results(out: Path, name: str, records: list[dict], args: dict) -> None
              f"command: `{env['command']}`", "", "| " + " | ".join(c for c, _ in COLUMNS) + " |",
              "|" + "---|" * len(COLUMNS)]
     for r in records:
-        lines.append("| " + " | ".join(fmt.format(r[c]) if c in r else "-" for c, fmt in COLUMNS) + " |")
+        lines.append("| " + " | ".join(fmt.format(r[c]) if r.get(c) is not None else "-" for c, fmt in COLUMNS) + " |")
+        if r.get("fits") is False:
+            lines[-1] += f" does not fit: {r['reason']}"
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     _plot(out / f"{name}.png", name, records)
 
 
 def _plot(path: Path, name: str, records: list[dict]) -> None:
+    """Throughput against n: the measured runs as lines, base-only as a level, the roofline bound."""
+    plt = pyplot()
+    if plt is None:
+        return
+    runs = [r for r in records if "throughput_req_s" in r]
+    if not runs:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode, style in (("lora", "o-"), ("e2e", "s-"), ("merged", "^"), ("hf-peft", "v"), ("roofline", "k:")):
+        pts = sorted((r["n"], r["throughput_req_s"]) for r in runs if r["mode"] == mode and r["n"])
+        if pts:
+            ax.plot(*zip(*pts), style, label=mode)
+    for r in runs:
+        if r["mode"] in ("base-only", "roofline-base"):
+            ax.axhline(r["throughput_req_s"], ls="--" if r["mode"] == "base-only" else ":", color="gray", label=r["mode"])
+    ax.set_xscale("log")
+    ax.set_xlabel("adapters (n)")
+    ax.set_ylabel("requests / s")
+    ax.set_title(name)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, or None where matplotlib is not installed (the GPU
+    machine may lack it: `python -m bench.summary` redraws every plot from the JSON)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return
-    lora = [r for r in records if r["mode"] in ("lora", "e2e")]
-    if not lora:
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["n"] for r in lora], [r["throughput_req_s"] for r in lora], "o-", label="lorafleet")
-    for r in records:
-        if r["mode"] != "lora":
-            ax.axhline(r["throughput_req_s"], ls="--", color="gray", label=r["mode"])
-    ax.set_xscale("log")
-    ax.set_xlabel("adapters (n)")
-    ax.set_ylabel("requests / s")
-    ax.set_title(name)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+        return None
+    return plt

@@ -1,15 +1,23 @@
-"""The benchmark harness itself: the S-LoRA workload as specified, and an engine-level run on CPU."""
+"""The benchmark harness itself: the S-LoRA workload as specified, engine-level runs on CPU (one
+engine reused across runs), the merged-model baseline's math, the roofline bound, the summary."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pytest
 import torch
 
 from bench.adapters import AdapterBank
 from bench.engine_bench import run_once
+from bench.merged_baseline import merge_adapter, plan
+from bench.roofline import Shape, estimate
 from bench.shapes import make_model_folder
+from bench.summary import main as summary_main
 from bench.workload import SETTINGS, generate_trace
-from services.engine.engine import EngineConfig, LLMEngine
+from services.engine.engine import EngineConfig, LLMEngine, SamplingParams, generated_ids
+from services.engine.model_spec import ModelSpec
 
 
 def test_trace_is_deterministic_and_follows_the_distributions():
@@ -28,13 +36,87 @@ def test_trace_is_deterministic_and_follows_the_distributions():
     assert bursty.std() / bursty.mean() > 2.5
 
 
-def test_engine_level_run_on_cpu(tmp_path):
-    model_dir = make_model_folder("tiny", tmp_path / "tiny")
-    engine = LLMEngine(EngineConfig(model_dir=str(model_dir), random_weights_seed=0, num_pages=256))
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_model_folder("tiny", tmp_path_factory.mktemp("tiny") / "tiny")
+
+
+def test_adapter_bank_is_deterministic_per_number(tiny):
+    spec = ModelSpec.from_pretrained(tiny)
+    one, two = (AdapterBank(spec, (8, 4), SETTINGS["tiny"].modules, torch.device("cpu")) for _ in range(2))
+    a, b = one.get(3), two.get(3)
+    assert a.config.rank == 4 and one.get(2).config.rank == 8  # round robin over ranks
+    assert all(torch.equal(a.a[k], b.a[k]) and torch.equal(a.b[k], b.b[k]) for k in a.a)
+    assert a.a[(0, "q_proj")].shape == (4, 64) and a.b[(1, "o_proj")].shape == (64, 4)
+    assert not torch.equal(one.get(5).a[(0, "q_proj")], one.get(7).a[(0, "q_proj")])
+
+
+def test_one_engine_serves_consecutive_runs(tiny):
+    engine = LLMEngine(EngineConfig(model_dir=str(tiny), random_weights_seed=0, num_pages=256))
     setting = SETTINGS["tiny"]
     bank = AdapterBank(engine.spec, setting.ranks, setting.modules, torch.device("cpu"))
     trace = generate_trace(3, 1.0, 50.0, 1.0, 0.2, input_range=(8, 16), output_range=(4, 8))
-    result = run_once(engine, bank, trace, engine.spec.vocab_size)
-    assert result["requests"] == len(trace) and result["throughput_req_s"] > 0
-    assert result["adapter_loads"] == len({r.adapter for r in trace})
-    assert 0.0 <= result["slo_6s"] <= 1.0 and result["ttft_p50_s"] <= result["ttft_p99_s"]
+    first = run_once(engine, bank, trace, engine.spec.vocab_size, tag="n3")
+    assert first["requests"] == len(trace) and first["throughput_req_s"] > 0
+    assert first["adapter_loads"] == first["distinct_adapters"] == len({r.adapter for r in trace})
+    assert 0.0 <= first["slo_6s"] <= 1.0 and first["ttft_p50_s"] <= first["ttft_p99_s"]
+    assert engine.kv.used_pages() == 0 and engine.adapters.cached_ids()  # idle; run 1's adapters cached
+    again = run_once(engine, bank, trace, engine.spec.vocab_size, tag="again")
+    # the same engine again: its own ids, counters are this run's, and run 1's adapters were cleared first
+    assert again["requests"] == len(trace) and again["adapter_loads"] == first["adapter_loads"]
+    assert again["adapter_evictions"] == 0
+    assert all(a.startswith("again-") for a in engine.adapters.cached_ids())
+    base = run_once(engine, None, trace, engine.spec.vocab_size, tag="base")
+    assert base["requests"] == len(trace) and base["adapter_loads"] == 0 and base["peak_adapter_gb"] == 0
+
+
+def test_merged_model_generates_what_the_lora_engine_generates(tiny):
+    cfg = EngineConfig(model_dir=str(tiny), random_weights_seed=0, num_pages=128)
+    lora, merged = LLMEngine(cfg), LLMEngine(cfg)
+    w = AdapterBank(lora.spec, (8,), SETTINGS["tiny"].modules, torch.device("cpu")).get(1)
+    for k in list(w.b):  # a visible adapter: large B, so a wrong merge changes the tokens
+        w.b[k] = w.b[k] * 300
+    merge_adapter(merged, w)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    prompt = list(range(5, 21))
+    lora.add_request("x", prompt_token_ids=prompt, params=params, adapter_id="a1", adapter=w)
+    merged.add_request("x", prompt_token_ids=prompt, params=params)
+    plain = LLMEngine(cfg)
+    plain.add_request("x", prompt_token_ids=prompt, params=params)
+    want, got = generated_ids(lora.run_to_completion()["x"]), generated_ids(merged.run_to_completion()["x"])
+    assert got == want and generated_ids(plain.run_to_completion()["x"]) != want
+
+
+def test_merged_plan_fits_a_few_copies_only(tiny):
+    spec = ModelSpec.from_pretrained(make_model_folder("7b", tiny.parent / "7b"))
+    pages, reason = plan(spec, "7b", 5, 140 << 30, 0.9, 16384)
+    assert pages * 16 >= 16384 and not reason
+    pages, reason = plan(spec, "7b", 100, 140 << 30, 0.9, 16384)
+    assert pages == 0 and "100 copies" in reason
+
+
+def test_roofline_orders_settings_and_adapter_counts():
+    trace = generate_trace(2000, 1.0, 50.0, 1.0, 15.0)
+    s1 = {n: estimate(SETTINGS["S1"], trace, n)["throughput_req_s"] for n in (0, 5, 2000, 10000)}
+    assert s1[0] >= s1[5] >= s1[2000] >= s1[10000] and 35 < s1[2000] < 60
+    s2 = estimate(SETTINGS["S2"], trace, 2000)["throughput_req_s"]
+    s4 = estimate(SETTINGS["S4"], trace, 2000)["throughput_req_s"]
+    assert s4 < s2 < s1[2000]
+    assert Shape.named("7b").weight_bytes == pytest.approx(13.5e9, rel=0.02)
+
+
+def test_summary_marks_targets(tmp_path, monkeypatch):
+    def rec(mode, n, rps):
+        return {"setting": "S1", "mode": mode, "n": n, "throughput_req_s": rps, "ttft_p50_s": 1.0,
+                "ttft_p90_s": 2.0, "ttft_p99_s": 3.0}
+
+    env = {"commit": "abc", "gpu": "H200", "date": "now", "command": "x"}
+    records = [rec("lora", 5, 40.0), rec("lora", 2000, 31.0), rec("lora", 10000, 30.0), rec("base-only", 0, 40.0),
+               rec("roofline", 2000, 45.0), {"setting": "S1", "mode": "merged", "n": 100, "fits": False, "reason": "too big"}]
+    (tmp_path / "engine-S1.json").write_text(json.dumps({"environment": env, "records": records}))
+    monkeypatch.setattr("sys.argv", ["summary", "--dir", str(tmp_path), "--settings", "S1"])
+    summary_main()
+    text = (tmp_path / "SUMMARY.md").read_text()
+    assert "31.00 req/s, 103% of 30 (**pass**)" in text
+    assert "78% of base-only (**miss**)" in text and "75% of n = 5 (**miss**)" in text
+    assert "does not fit: too big" in text and "| lora | 2000 | 31.00 |" in text and "69% |" in text
