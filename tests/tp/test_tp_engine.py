@@ -149,3 +149,19 @@ def test_engine_flags_pass_tp_settings_through(monkeypatch):
     monkeypatch.setenv("LORAFLEET_TP_LORA_SCHEME", "slora")
     assert (_engine_config([]).tp_size, _engine_config([]).tp_lora_scheme) == (2, "slora")
     assert _engine_config(["--tp-size", "4"]).tp_size == 4  # the flag wins over the environment
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("scheme", ["fused", "slora"])
+def test_tp_runtime_of_one_rank_matches_single_process(zoo, scheme, monkeypatch):
+    """The TP code path with W = 1 (no worker, a gloo group of one): what the GPU test runs at W = 1."""
+    import services.engine.engine as engine_module
+    from services.engine.tp.engine_runtime import build_tp_runtime
+
+    want = _single(zoo, "gqa", 24)
+    monkeypatch.setattr(engine_module, "build_runtime", build_tp_runtime)
+    with LLMEngine(_config(zoo, "gqa", 24, tp_lora_scheme=scheme)) as eng:
+        assert eng.model.group.world == 1
+        rids = _add_mixed(eng, zoo, "gqa")
+        got = {rid: generated_ids(outs) for rid, outs in eng.run_to_completion().items()}
+    assert {rid: got[rid] for rid in rids} == {rid: want[rid] for rid in rids}

@@ -74,11 +74,16 @@ def build_runner(start: wire.WorkerStart, spec: ModelSpec) -> RankRunner:
         weights = _to_device(shard_model(full, spec, plan), device)
     else:  # made on the device exactly as the single-GPU engine makes them, then sharded
         weights = shard_model(random_weights(spec, dtype, device, start.random_weights_seed), spec, plan)
+    if device.type == "cuda":
+        # The full random model (or its host copy) is garbage now; hand its cached blocks back so
+        # the pool, sized for the shard only, gets them (the allocator would otherwise hold them).
+        torch.cuda.empty_cache()
     geom = PoolGeometry.for_model(local_spec(spec, start.world), start.num_pages, start.block_size)
     pool = torch.zeros(spec.num_layers, start.num_pages, geom.page_elems, dtype=dtype, device=device)
-    _lora_ops, attn_ops = select_ops(start.attn_ops, device)
+    shrink_ops, attn_ops = select_ops(start.attn_ops, device)
+    expand_ops = select_ops(start.attn_ops, device)[0]  # its own instance: its own cached table checks
     comm = TpComm.from_group()
-    return RankRunner(spec, plan, weights, attn_ops, comm, pool, Scheme(start.scheme))
+    return RankRunner(spec, plan, weights, attn_ops, comm, pool, Scheme(start.scheme), (shrink_ops, expand_ops))
 
 
 def _to_device(w: ModelWeights, device: torch.device) -> ModelWeights:
@@ -163,9 +168,10 @@ class TpWorkerGroup:
         """start: rank 0's WorkerStart (workers get the same with their rank)."""
         self.world, self.timeout_s = start.world, start.timeout_s
         ctx = mp.get_context("spawn")
-        # NVLink SHARP multicast stays off under our NCCL groups (see the device notes); spawned
-        # workers inherit the driver's environment. This writes the variable, it reads nothing.
+        # NVLink SHARP / symmetric-memory multicast stays off under our NCCL groups (see the device
+        # notes); spawned workers inherit the driver's environment. This writes, it reads nothing.
         os.environ["NCCL_NVLS_ENABLE"] = "0"
+        os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
         self._procs, self._conns = [], []
         for rank in range(1, start.world):
             ours, theirs = ctx.Pipe(duplex=True)

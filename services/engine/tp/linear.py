@@ -33,16 +33,14 @@ import torch
 import torch.nn.functional as F
 
 from .collectives import TpComm
-from .lora_math import TpLoraBatch, expand, shrink
+from .lora_math import TpLoraBatch
+from .paged_lora import PagedLoraBatch
 from .partition import TpPlan, piece_width
 from .shard_adapters import Scheme
 
 
-def batch_scheme(lora: TpLoraBatch) -> Scheme:
-    schemes = {ad.scheme for ad, _ in lora.groups()}
-    if len(schemes) != 1:
-        raise ValueError(f"a batch mixes adapters sharded for different schemes: {sorted(s.value for s in schemes)}")
-    return schemes.pop()
+def batch_scheme(lora: TpLoraBatch | PagedLoraBatch) -> Scheme:
+    return lora.scheme
 
 
 def column_parallel(
@@ -52,7 +50,7 @@ def column_parallel(
     layer: int,
     modules: tuple[str, ...],
     out_offsets: tuple[int, ...],  # each module's first column in the rank's fused output
-    lora: TpLoraBatch | None,
+    lora: TpLoraBatch | PagedLoraBatch | None,
     comm: TpComm,
 ) -> torch.Tensor:
     """The rank's output columns [T, N_loc]."""
@@ -61,11 +59,11 @@ def column_parallel(
         return y
     R = lora.max_rank
     if batch_scheme(lora).splits_column_rank:
-        u_loc = shrink(x, layer, modules, lora, piece_width(R, comm.world))  # [T, M, p]
+        u_loc = lora.shrink(x, layer, modules, piece_width(R, comm.world))  # [T, M, p]
         u = comm.gather_rank_pieces(u_loc)  # [T, M, p*W]: rows past each adapter's rank are 0
     else:
-        u = shrink(x, layer, modules, lora, R)  # [T, M, R]: whole A on this rank
-    expand(y, u, layer, modules, out_offsets, lora)
+        u = lora.shrink(x, layer, modules, R)  # [T, M, R]: whole A on this rank
+    lora.expand(y, u, layer, modules, out_offsets)
     return y
 
 
@@ -75,7 +73,7 @@ def row_parallel(
     layer: int,
     module: str,
     plan: TpPlan,
-    lora: TpLoraBatch | None,
+    lora: TpLoraBatch | PagedLoraBatch | None,
     comm: TpComm,
 ) -> torch.Tensor:
     """The full output [T, H], the same on every rank."""
@@ -85,18 +83,18 @@ def row_parallel(
     modules, R, scheme = (module,), lora.max_rank, batch_scheme(lora)
     if scheme == Scheme.FUSED:
         T, H = y.shape
-        u_part = shrink(x_loc, layer, modules, lora, R, dtype=y.dtype).view(T, R)  # [T, R] partial
+        u_part = lora.shrink(x_loc, layer, modules, R, dtype=y.dtype).view(T, R)  # [T, R] partial
         both = comm.all_reduce_(torch.cat([y, u_part], dim=1))  # [T, H + R]: one collective
         y, u = both[:, :H], both[:, H:].view(T, 1, R)
-        expand(y, u, layer, modules, (0,), lora)
+        lora.expand(y, u, layer, modules, (0,))
         return y
     if scheme == Scheme.GATHER_OUTPUTS:
         comm.all_reduce_(y)
         x = comm.gather_columns(x_loc)  # [T, in]
-        u = shrink(x, layer, modules, lora, R)  # [T, 1, R]
-        expand(y, u, layer, modules, (0,), lora)
+        u = lora.shrink(x, layer, modules, R)  # [T, 1, R]
+        lora.expand(y, u, layer, modules, (0,))
         return y
     # fp32: the partial intermediates are summed, and at [T, R] the extra bytes cost nothing.
-    u = comm.all_reduce_(shrink(x_loc, layer, modules, lora, R, dtype=torch.float32))  # [T, 1, R]
-    expand(y, u, layer, modules, (plan.hidden_cols.start,), lora)
+    u = comm.all_reduce_(lora.shrink(x_loc, layer, modules, R, dtype=torch.float32))  # [T, 1, R]
+    lora.expand(y, u, layer, modules, (plan.hidden_cols.start,))
     return comm.all_reduce_(y)

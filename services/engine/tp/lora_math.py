@@ -1,7 +1,8 @@
 """Plain-torch LoRA shrink/expand over one rank's adapter shares, for a batch mixing adapters.
 
 Same semantics as the engine's LoraOps (ops/base.py), but reading LoraShard tensors instead of
-pool pages (the Triton kernels will read the rank's pages; see docs/tp.md)::
+pool pages. The engine's ranks use paged_lora.PagedLoraBatch instead (the same interface:
+scheme, max_rank, empty, shrink, expand), which runs the engine's LoraOps on the pages::
 
     shrink:  u[t, i, :n] = x[t] @ A_i^T          A_i: this rank's A share of modules[i], n rows
     expand:  y[t, off_i : off_i + out_i] += scale_i * u[t, i, :r] @ B_i^T      B_i: [out_i, r]
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .shard_adapters import LoraShard
+from .shard_adapters import LoraShard, Scheme
 
 
 @dataclass
@@ -37,6 +38,21 @@ class TpLoraBatch:
     def max_rank(self) -> int:
         """R: the largest rank of any module of any adapter used by the batch."""
         return max((ad.max_rank for ad, _ in self.groups()), default=0)
+
+    @property
+    def scheme(self) -> Scheme:
+        schemes = {ad.scheme for ad, _ in self.groups()}
+        if len(schemes) != 1:
+            raise ValueError(f"a batch mixes adapters sharded for different schemes: {sorted(s.value for s in schemes)}")
+        return schemes.pop()
+
+    def shrink(self, x: torch.Tensor, layer: int, modules: tuple[str, ...], width: int,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+        return shrink(x, layer, modules, self, width, dtype)
+
+    def expand(self, y: torch.Tensor, u: torch.Tensor, layer: int, modules: tuple[str, ...],
+               out_offsets: tuple[int, ...]) -> None:
+        expand(y, u, layer, modules, out_offsets, self)
 
     def groups(self) -> list[tuple[LoraShard, torch.Tensor]]:
         """(adapter, its token indices [n] int64) for each adapter the batch uses."""

@@ -1,0 +1,115 @@
+"""One rank's LoRA read straight from its pool pages (RankRunner.load_adapter + PagedLoraBatch,
+the engine's LoraOps on rank-local tables) equals the plain-torch math over the same rank's shares
+(lora_math over shard_lora), for every scheme, rank and module group. No collectives are made
+here: shrink and expand are checked on their own, as each rank runs them between collectives.
+
+Ops: the torch reference ops, and the Triton kernels (on the GPU when there is one, else under
+the Triton interpreter on the CPU), so the GPU path's table and page arithmetic is tested in CI.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+from services.engine.memory.layout import PoolGeometry
+from services.engine.ops.torch_ref import TorchAttentionOps, TorchLoraOps
+from services.engine.tp.collectives import TpComm
+from services.engine.tp.lora_math import TpLoraBatch
+from services.engine.tp.paged_lora import PagedLoraBatch, segments
+from services.engine.tp.partition import local_spec, make_plan, piece_width
+from services.engine.tp.rank_runner import RankRunner, adapter_pages
+from services.engine.tp.shard_adapters import Scheme, shard_lora
+from services.engine.tp.shard_weights import shard_model
+from services.engine.weights_loader import random_weights
+from tests.tp.cases import ADAPTER_RANKS, SCHEMES, TOKEN_ADAPTER, make_adapter, make_spec
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+def _triton_ops():
+    if not HAS_CUDA:  # read when a kernel is decorated: reload the kernel modules if already imported
+        os.environ["TRITON_INTERPRET"] = "1"
+        for name in ("kernels.lora_kernels", "kernels.attention_kernels"):
+            if name in sys.modules:
+                importlib.reload(sys.modules[name])
+        if "kernels.lora_ops" in sys.modules:
+            importlib.reload(sys.modules["kernels.lora_ops"])
+    from kernels.lora_ops import TritonLoraOps
+
+    return TritonLoraOps(), TritonLoraOps()
+
+
+def _runner(name: str, world: int, rank: int, scheme: str, ops: str, dtype: torch.dtype):
+    spec = make_spec(name)
+    plan = make_plan(spec, world, rank)
+    weights = shard_model(random_weights(spec, dtype, DEVICE, seed=3), spec, plan)
+    page_elems = PoolGeometry.for_model(local_spec(spec, world), 1, 16).page_elems
+    pool = torch.zeros(spec.num_layers, 96, page_elems, dtype=dtype, device=DEVICE)
+    lora_ops = (TorchLoraOps(), TorchLoraOps()) if ops == "torch" else _triton_ops()
+    runner = RankRunner(spec, plan, weights, TorchAttentionOps(), TpComm(world, rank), pool, Scheme(scheme), lora_ops)
+    adapters = [make_adapter(spec, ranks, seed=20 + i) for i, ranks in enumerate(ADAPTER_RANKS)]
+    slots, next_page = [], 5
+    for i, ad in enumerate(adapters):  # slots and pages out of order, as the driver hands them out
+        n = adapter_pages(spec, ad.config.ranks_by_module(), world, Scheme(scheme), page_elems)
+        slot = 70 - 3 * i  # > 64: the tables grow
+        runner.load_adapter(slot, list(range(next_page + n - 1, next_page - 1, -1)), ad.config.ranks_by_module(),
+                            list(ad.config.targets), {k: v.to(DEVICE) for k, v in ad.a.items()},
+                            {k: v.to(DEVICE) for k, v in ad.b.items()})
+        slots.append(slot)
+        next_page += n + 1
+    return spec, plan, runner, adapters, slots
+
+
+# Every rank under the torch ops; the Triton kernels (slow under the interpreter) on a last rank
+# each: W = 2 of mha, and W = 4 of gqa (replicated KV heads; rank-1 adapters leave it no A rows).
+CASES = [(n, w, r, s, "torch") for n in ("mha", "gqa") for w in (2, 4) for r in range(w) for s in SCHEMES]
+CASES += [(n, w, w - 1, s, "triton") for n, w in (("mha", 2), ("gqa", 4)) for s in SCHEMES]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name,world,rank,scheme,ops", CASES, ids=[f"{n}-W{w}r{r}-{s}-{o}" for n, w, r, s, o in CASES])
+def test_paged_lora_equals_share_math(name, world, rank, scheme, ops):
+    dtype = torch.float32
+    spec, plan, runner, adapters, slots = _runner(name, world, rank, scheme, ops, dtype)
+    token_adapter = torch.tensor(TOKEN_ADAPTER, device=DEVICE)
+    token_slot = torch.tensor([slots[a] if a >= 0 else -1 for a in TOKEN_ADAPTER], dtype=torch.int32, device=DEVICE)
+    paged = PagedLoraBatch.build(token_slot, runner.pool, runner.tables, runner.shrink_ops, runner.expand_ops)
+    ref = TpLoraBatch(token_adapter, [shard_lora(ad, plan, scheme) for ad in adapters])
+    assert (paged.scheme, paged.max_rank, paged.empty) == (ref.scheme, ref.max_rank, False)
+    g = torch.Generator(device=DEVICE).manual_seed(5)
+    T, R, sch = len(TOKEN_ADAPTER), ref.max_rank, Scheme(scheme)
+    q_loc, kv_loc, i_loc = plan.heads_per_rank * spec.head_dim, plan.kv_heads_per_rank * spec.head_dim, \
+        spec.intermediate_size // world
+    groups = [  # (modules, shrink input width, shrink width, expand width, y width, out offsets)
+        (("q_proj", "k_proj", "v_proj"), spec.hidden_size, None, None, q_loc + 2 * kv_loc, (0, q_loc, q_loc + kv_loc)),
+        (("gate_proj", "up_proj"), spec.hidden_size, None, None, 2 * i_loc, (0, i_loc)),
+    ]
+    for module, full_in in (("o_proj", spec.q_width), ("down_proj", spec.intermediate_size)):
+        k = full_in if sch.whole_row_a else full_in // world
+        off = 0 if sch.whole_row_b else plan.hidden_cols.start
+        groups.append(((module,), k, R, R, spec.hidden_size, (off,)))
+    for modules, k, w_shrink, w_expand, n_out, offsets in groups:
+        if w_shrink is None:  # column-parallel: slora holds strided rank rows, padded to p
+            w_shrink = piece_width(R, world) if sch.splits_column_rank else R
+            w_expand = w_shrink * world if sch.splits_column_rank else R
+        x = torch.randn(T, k, generator=g, device=DEVICE, dtype=dtype)
+        got, want = paged.shrink(x, 0, modules, w_shrink), ref.shrink(x, 0, modules, w_shrink)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"shrink {modules}")
+        u = torch.randn(T, len(modules), w_expand, generator=g, device=DEVICE, dtype=dtype)
+        y0 = torch.randn(T, n_out, generator=g, device=DEVICE, dtype=dtype)
+        y_got, y_want = y0.clone(), y0.clone()
+        paged.expand(y_got, u, 0, modules, offsets)
+        ref.expand(y_want, u, 0, modules, offsets)
+        torch.testing.assert_close(y_got, y_want, rtol=1e-4, atol=1e-4, msg=f"expand {modules}")
+        assert not torch.equal(y_got, y0), f"{modules}: expand changed nothing"
+
+
+def test_segments_are_runs_of_one_slot_skipping_base_tokens():
+    assert segments([3, 3, -1, 3, 5, 5, -1, -1, 2]) == ([0, 3, 4, 8], [2, 1, 2, 1], [3, 3, 5, 2])
+    assert segments([-1, -1]) == ([], [], [])

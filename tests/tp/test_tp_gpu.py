@@ -1,0 +1,99 @@
+"""On W GPUs (NCCL, bf16, Triton ops on the rank's pages): the TP engine's greedy tokens equal the
+single-GPU engine's (tp_size=1), for both LoRA schemes, W = 1 (the TP code path in one process),
+2 and 4. Skips when fewer than W GPUs are visible.
+
+bf16 sums in another order (sharded matmuls, all-reduces) may flip a near-tie, so a request is
+compared token by token up to its first difference, which must sit where the reference's top-2
+logit margin (HF PEFT, teacher-forced on the reference's own tokens) is below MARGIN; most tokens
+must be compared. A wrong shard, page or table gives differences at clear margins and fails.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import services.engine.engine as engine_module
+from services.engine.adapters.weights import load_peft_adapter_dir
+from services.engine.engine import EngineConfig, LLMEngine, SamplingParams, generated_ids
+from services.engine.tp.engine_runtime import build_tp_runtime
+from tests.zoo import ADAPTERS
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+MAX_TOKENS = 12
+MARGIN = 0.1  # top-2 logit gaps below this may flip under bf16 rounding
+PROMPT_LENGTHS = (5, 29)
+_reference: dict[str, tuple[dict, dict]] = {}
+
+
+def _jobs():
+    for salt, n in enumerate(PROMPT_LENGTHS):
+        for i, name in enumerate((None, *ADAPTERS)):
+            yield f"{name}-{n}", name, [(17 * i + 3 * j + 11 * salt) % 500 + 4 for j in range(n)]
+
+
+def _run(zoo, model: str, **cfg) -> dict[str, list[int]]:
+    config = EngineConfig(model_dir=str(zoo.model(model)), device="cuda", dtype="bfloat16", num_pages=256, ops="triton",
+                          max_num_seqs=16, **cfg)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+    with LLMEngine(config) as eng:
+        for rid, name, prompt in _jobs():
+            w = None if name is None else load_peft_adapter_dir(zoo.adapter(model, name), eng.spec)
+            eng.add_request(rid, prompt_token_ids=prompt, params=params, adapter_id=name, adapter=w)
+        return {rid: generated_ids(outs) for rid, outs in eng.run_to_completion().items()}
+
+
+@torch.inference_mode()
+def _margins(model_dir, adapter_dir, prompt: list[int], generated: list[int]) -> list[float]:
+    """Top-2 logit gap (HF PEFT, bf16) at each generated position, fed the reference's tokens."""
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda()
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        m = PeftModel.from_pretrained(m, adapter_dir)
+    ids = torch.tensor([prompt + generated], device="cuda")
+    top = m(ids).logits[0, len(prompt) - 1 : -1].float().topk(2, dim=-1).values  # [n, 2]
+    return (top[:, 0] - top[:, 1]).tolist()
+
+
+def _single(zoo, model: str):
+    """The single-GPU engine's tokens (CUDA graphs as deployed) and their margins, once per model."""
+    if model not in _reference:
+        tokens = _run(zoo, model)
+        margins = {rid: _margins(zoo.model(model), name and zoo.adapter(model, name), prompt, tokens[rid])
+                   for rid, name, prompt in _jobs()}
+        _reference[model] = tokens, margins
+    return _reference[model]
+
+
+# (model, world, scheme): mha has 4 heads, gqa 8 heads over 2 KV heads (replicated at W = 4).
+CASES = [("mha", 1, "fused"), ("mha", 1, "slora"), ("mha", 2, "fused"), ("mha", 2, "slora"),
+         ("mha", 4, "fused"), ("mha", 4, "slora"), ("gqa", 2, "fused"), ("gqa", 4, "slora")]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("model,world,scheme", CASES, ids=[f"{m}-W{w}-{s}" for m, w, s in CASES])
+def test_tp_engine_on_gpus_matches_single_gpu(zoo, model, world, scheme, monkeypatch):
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} GPUs, {torch.cuda.device_count()} visible")
+    want, margins = _single(zoo, model)
+    if world == 1:  # the TP runtime itself (shards of one, pages read by rank-local tables, NCCL of one)
+        monkeypatch.setattr(engine_module, "build_runtime", build_tp_runtime)
+    got = _run(zoo, model, tp_size=world, tp_lora_scheme=scheme)
+    assert sorted(got) == sorted(want)
+    compared = total = 0
+    for rid in want:
+        total += len(want[rid])
+        for t, (g, w) in enumerate(zip(got[rid], want[rid])):
+            if g != w:
+                assert margins[rid][t] < MARGIN, (
+                    f"{model} W={world} {scheme} {rid} token {t}: TP {g} != single {w} at a clear margin "
+                    f"{margins[rid][t]:.3f} (TP {got[rid]}, single {want[rid]})")
+                break
+            compared += 1
+    assert compared >= 3 * total // 4, f"only {compared} of {total} tokens equal before a near-tie"
