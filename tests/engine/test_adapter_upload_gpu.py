@@ -117,3 +117,17 @@ def test_ops_on_the_main_stream_read_an_adapter_loaded_meanwhile(ops):
             b = w.b[(layer, "q_proj")].to(DEV, torch.bfloat16).float()
             want = (x.float() @ a.T).to(torch.bfloat16).float() @ b.T * w.config.targets[0].scale
             torch.testing.assert_close(y.float(), want, rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("model,num_pages", [("mha", 10), ("gqa", 20)])
+def test_engine_with_evictions_and_reloads_on_the_side_stream_matches_hf_peft(zoo, reference, model, num_pages):
+    # test_equivalence's small-pool test on CUDA: every adapter load is a
+    # side-stream copy, many are reloads after eviction. float32 and torch ops: no rounding margin.
+    from tests.engine.test_equivalence import _check, _run_mixed
+    from tests.zoo import ADAPTERS
+
+    eng, results, jobs = _run_mixed(zoo, model, device="cuda", dtype="float32", ops="torch", cuda_graphs=False,
+                                    num_pages=num_pages, max_batched_tokens=24)
+    _check(zoo, reference, model, results, jobs)
+    assert eng.adapters.num_evictions > 0 and eng.adapters.num_loads > len(ADAPTERS)
+    assert eng.adapters.host.num_packs == len(ADAPTERS), "reloads copy the packed form; nothing is packed twice"

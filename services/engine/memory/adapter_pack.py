@@ -35,7 +35,14 @@ class PackedAdapter:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.buf, self.ranks, self.scales, self.offsets))
+        return sum(_footprint(t) for t in (self.buf, self.ranks, self.scales, self.offsets))
+
+
+def _footprint(t: torch.Tensor) -> int:
+    """Host bytes a tensor holds. PyTorch's pinned (caching host) allocator hands out blocks
+    rounded up to a power of two, so a pinned tensor is counted at that size."""
+    n = t.numel() * t.element_size()
+    return 1 << (n - 1).bit_length() if t.is_pinned() and n > 0 else n
 
 
 def _empty(shape, dtype: torch.dtype, pin: bool) -> torch.Tensor:
