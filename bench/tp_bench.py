@@ -1,0 +1,166 @@
+"""Tensor-parallel engine benchmark (issue 7): S1 / S2 throughput at W = 1, 2, 4 GPUs, LoRA under
+each scheme against the base model alone at the same W. One JSON record per run, written after
+every run (a run cut short by a timeout keeps the ones before it).
+
+    python -m bench.tp_bench --worlds 1 2 4 --settings S1 S2 --schemes fused slora --n 100 \
+        --rate 40 --duration 6 --budget-s 300 --out bench/results/tp
+
+One engine per (W, mode): the base-only engine runs the trace once without adapters, a LoRA
+engine runs every setting's trace in turn (adapter numbers offset per setting, so S2's rank-64
+adapters never hit S1's cached ones). W = 1 is the one-process engine; it runs eagerly unless
+--w1-graphs, like the TP engine (no CUDA graphs under TP yet), so the scaling is like for like.
+Before each engine and run the script checks its remaining --budget-s against the times measured
+so far and skips what would not fit (listed as skipped in the JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from bench.adapters import AdapterBank
+from bench.engine_bench import run_once
+from bench.report import environment
+from bench.shapes import make_model_folder
+from bench.tp_report import write_tp_results
+from bench.workload import SETTINGS, generate_trace
+from services.engine.engine import EngineConfig, LLMEngine
+
+SETTING_OFFSET = 1_000_000  # adapter numbers of setting i start at i * this (a multiple of every rank count)
+
+
+@dataclasses.dataclass(frozen=True)
+class EnginePlan:
+    world: int
+    mode: str  # "lora" | "base-only"
+    scheme: str  # the TP LoRA scheme ("-" at W = 1 and for base-only)
+
+
+def plan_engines(worlds: list[int], schemes: list[str]) -> list[EnginePlan]:
+    """Most useful first: per W the base bound, then the first scheme; the other schemes last."""
+    first = []
+    for w in worlds:
+        first.append(EnginePlan(w, "base-only", "-"))
+        first.append(EnginePlan(w, "lora", "-" if w == 1 else schemes[0]))
+    rest = [EnginePlan(w, "lora", s) for s in schemes[1:] for w in worlds if w > 1]
+    return first + rest
+
+
+def offset_trace(trace, setting_index: int):
+    return [dataclasses.replace(r, adapter=r.adapter + setting_index * SETTING_OFFSET) for r in trace]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=["S1", "S2"])
+    p.add_argument("--schemes", nargs="+", choices=["fused", "slora", "replicated_a", "gather_outputs"],
+                   default=["fused", "slora"])
+    p.add_argument("--n", type=int, default=100, help="adapters in the trace")
+    p.add_argument("--rate", type=float, default=40.0)
+    p.add_argument("--duration", type=float, default=6.0)
+    p.add_argument("--cv", type=float, default=1.0)
+    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--max-len", type=int, default=512, help="input and output lengths drawn in [8, max-len)")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-batched-tokens", type=int, default=4096)
+    p.add_argument("--decode-steps-per-prefill", type=int, default=0, help="the same scheduling at every W")
+    p.add_argument("--w1-graphs", action="store_true", help="CUDA graphs for W = 1 (not like for like)")
+    p.add_argument("--budget-s", type=float, default=1e9, help="skip engines and runs that would not fit")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--num-pages", type=int, default=0, help="0: from free GPU memory (512 on the CPU)")
+    p.add_argument("--out", type=Path, default=Path("bench/results/tp"))
+    p.add_argument("--commit", default=None, help="git commit of the code (read from git when omitted)")
+    args = p.parse_args(argv)
+    shapes = {SETTINGS[s].shape for s in args.settings}
+    if len(shapes) != 1:
+        p.error(f"settings of one model shape only, got {sorted(shapes)}")
+    if args.device == "cuda" and max(args.worlds) > torch.cuda.device_count():
+        p.error(f"--worlds needs {max(args.worlds)} GPUs, {torch.cuda.device_count()} visible")
+    return args
+
+
+def _config(args, model_dir: Path, plan: EnginePlan, max_rank: int) -> EngineConfig:
+    cuda = args.device == "cuda"
+    return EngineConfig(
+        model_dir=str(model_dir), device=args.device, random_weights_seed=0, max_num_seqs=args.max_num_seqs,
+        max_batched_tokens=args.max_batched_tokens, max_adapter_rank=max_rank,
+        num_pages=args.num_pages or (0 if cuda else 512), decode_steps_per_prefill=args.decode_steps_per_prefill,
+        cuda_graphs=bool(args.w1_graphs and plan.world == 1), tp_size=plan.world,
+        tp_lora_scheme=plan.scheme if plan.scheme != "-" else "fused",
+    )
+
+
+def _log(msg: str) -> None:
+    print(f"[tp_bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    t_start = time.monotonic()
+    settings = [SETTINGS[s] for s in args.settings]
+    model_dir = make_model_folder(settings[0].shape, Path("/tmp/lorafleet-bench") / settings[0].shape)
+    max_rank = max(r for s in settings for r in s.ranks)
+    trace = generate_trace(args.n, args.alpha, args.rate, args.cv, args.duration,
+                           input_range=(8, args.max_len), output_range=(8, args.max_len))
+    records, skipped, est_start, est_run = [], [], 0.0, 0.0
+    banks: dict[str, AdapterBank] = {}  # host copies, made once and shared by every engine
+    payload_args = {**vars(args), "env": environment(args.commit)}
+
+    def left() -> float:
+        return args.budget_s - (time.monotonic() - t_start)
+
+    for plan in plan_engines(args.worlds, args.schemes):
+        runs = [(i, s) for i, s in enumerate(settings)] if plan.mode == "lora" else [(0, None)]
+        if left() < est_start + est_run:
+            skipped.append({**dataclasses.asdict(plan), "why": f"budget ({left():.0f} s left)"})
+            _log(f"skip {plan}: {left():.0f} s left")
+            continue
+        _log(f"start {plan}")
+        t = time.monotonic()
+        engine = LLMEngine(_config(args, model_dir, plan, max_rank))
+        start_s = time.monotonic() - t
+        est_start = max(est_start, start_s)
+        _log(f"engine up in {start_s:.1f} s ({engine.pool.shape[1]} pages)")
+        try:
+            for index, setting in runs:
+                if records and left() < est_run:
+                    skipped.append({**dataclasses.asdict(plan), "setting": setting and setting.name, "why": "budget"})
+                    continue
+                bank = None
+                if setting is not None:
+                    bank = banks.get(setting.name) or banks.setdefault(
+                        setting.name, AdapterBank(engine.spec, setting.ranks, setting.modules, engine.device))
+                t = time.monotonic()
+                result = run_once(engine, bank, offset_trace(trace, index), engine.spec.vocab_size)
+                wall = time.monotonic() - t
+                est_run = max(est_run, wall)
+                rec = {"setting": setting.name if setting else "base", "mode": plan.mode, "world": plan.world,
+                       "scheme": plan.scheme, "n": args.n if setting else 0, "rate": args.rate,
+                       "duration": args.duration, "ranks": list(setting.ranks) if setting else [],
+                       "engine_start_s": start_s, "wall_s": wall, **result}
+                records.append(rec)
+                _log(f"W={plan.world} {plan.mode} {plan.scheme} {rec['setting']}: {rec['throughput_req_s']:.2f} req/s, "
+                     f"{rec['throughput_tok_s']:.0f} tok/s, {rec['steps']} steps in {wall:.1f} s")
+                write_tp_results(args.out, records, skipped, payload_args)
+        finally:
+            engine.close()
+            del engine
+            gc.collect()
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+    write_tp_results(args.out, records, skipped, payload_args)
+    _log(f"done: {len(records)} runs, {len(skipped)} skipped, {time.monotonic() - t_start:.0f} s")
+    print(json.dumps([{k: r[k] for k in ("world", "mode", "scheme", "setting", "throughput_req_s")} for r in records]),
+          flush=True)
+    return records
+
+
+if __name__ == "__main__":
+    main()
