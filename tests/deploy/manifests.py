@@ -23,6 +23,7 @@ OVERLAYS = {
     "base": K8S / "base",
     "single-gpu-node": K8S / "overlays" / "single-gpu-node",
     "production": K8S / "overlays" / "production",
+    "tensor-parallel": K8S / "overlays" / "tensor-parallel",
 }
 SECRET_EXAMPLE = K8S / "secret.example.yaml"
 WORKLOAD_KINDS = {"Deployment", "DaemonSet", "StatefulSet", "Job"}
