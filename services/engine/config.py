@@ -12,7 +12,7 @@ from .memory.adapter_cache import AdapterCache
 from .memory.allocator import PageAllocator
 from .memory.kv_cache import KVCacheManager
 from .memory.layout import PoolGeometry
-from .model import LlamaModel
+from .model import LlamaModel, TorchElementwiseOps
 from .model_spec import ModelSpec
 from .scheduler import SchedulerConfig
 from .weights_loader import load_weights, random_weights
@@ -35,6 +35,10 @@ class EngineConfig:
     gpu_memory_fraction: float = 0.90
     cpu_pool_bytes: int = 1 << 30
     ops: str = "auto"  # auto (triton on CUDA when available) | torch | triton
+    # RMSNorm / RoPE / SiLU-and-mul / residual adds: auto follows `ops` (fused Triton kernels where
+    # the Triton ops run); torch runs the torch sequence, eagerly (no decode CUDA graphs, which
+    # replay the fused kernels). Ignored when tp_size > 1 (the TP model runs the torch sequence).
+    elementwise_ops: str = "auto"  # auto | torch | triton
     random_weights_seed: int | None = None  # benchmarks: random weights made on the device, no checkpoint
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs (CUDA with the Triton ops only)
     # Decode-only steps between prefill steps; None: 4 when CUDA graphs replay decodes, else 0
@@ -52,6 +56,8 @@ class EngineConfig:
             raise ValueError("max_batched_tokens and max_num_seqs must be >= 1")
         if self.ops not in ("auto", "torch", "triton"):
             raise ValueError(f"ops must be auto, torch or triton, got {self.ops!r}")
+        if self.elementwise_ops not in ("auto", "torch", "triton"):
+            raise ValueError(f"elementwise_ops must be auto, torch or triton, got {self.elementwise_ops!r}")
         if self.tp_size < 1:
             raise ValueError(f"tp_size must be >= 1, got {self.tp_size}")
         if self.tp_lora_scheme not in _TP_SCHEMES:
@@ -106,6 +112,24 @@ def select_ops(kind: str, device: torch.device):
     return TritonLoraOps(), TritonAttentionOps()
 
 
+def select_elementwise_ops(kind: str, ops_kind: str, device: torch.device):
+    """TritonElementwiseOps or TorchElementwiseOps, chosen like select_ops (kind auto: as ops_kind)."""
+    if kind == "auto":
+        kind = ops_kind
+    if kind == "torch" or (kind == "auto" and device.type != "cuda"):
+        return TorchElementwiseOps()
+    try:
+        from kernels.fused_ops import TritonElementwiseOps
+    except ImportError as exc:
+        if kind == "triton":
+            raise
+        import structlog
+
+        structlog.get_logger().warning("triton_elementwise_ops_unavailable", error=str(exc))
+        return TorchElementwiseOps()
+    return TritonElementwiseOps()
+
+
 def _num_pages(cfg: EngineConfig, geom_one: PoolGeometry, dtype: torch.dtype, device: torch.device) -> int:
     if cfg.num_pages:
         return cfg.num_pages
@@ -142,9 +166,11 @@ def build_runtime(cfg: EngineConfig) -> Runtime:
     adapters = AdapterCache(pool, allocator, spec, slots, cfg.max_adapter_rank)
     kv = KVCacheManager(allocator, adapters, cfg.block_size)
     lora_ops, attn_ops = select_ops(cfg.ops, device)
-    model = LlamaModel(spec, weights, lora_ops, attn_ops)
+    elementwise = select_elementwise_ops(cfg.elementwise_ops, cfg.ops, device)
+    model = LlamaModel(spec, weights, lora_ops, attn_ops, elementwise)
     graphs = None
-    if cfg.cuda_graphs and device.type == "cuda" and type(lora_ops).__name__ == "TritonLoraOps":
+    fused = type(elementwise).__name__ == "TritonElementwiseOps"  # what the graphs' model replays
+    if cfg.cuda_graphs and device.type == "cuda" and type(lora_ops).__name__ == "TritonLoraOps" and fused:
         from .cuda_graphs import DecodeGraphs
 
         graphs = DecodeGraphs(spec, weights, pool, adapters.tables, max_batch=min(cfg.max_num_seqs, cfg.max_batched_tokens),

@@ -46,3 +46,11 @@ class RotaryEmbedding:
         half = x.shape[-1] // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
+
+    def apply_qk_(self, qkv: torch.Tensor, positions: torch.Tensor, num_heads: int, num_kv_heads: int) -> None:
+        """Rotate q and k in place inside qkv [T, (nh + 2 nkv) * D] (the columns q, then k, then v)."""
+        d = self.cos.shape[1]
+        q = qkv[:, : num_heads * d].view(-1, num_heads, d)  # views: copy_ writes into qkv
+        k = qkv[:, num_heads * d : (num_heads + num_kv_heads) * d].view(-1, num_kv_heads, d)
+        q.copy_(self.apply(q, positions))
+        k.copy_(self.apply(k, positions))
