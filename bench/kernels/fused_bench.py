@@ -6,9 +6,11 @@ Ops: add_rms_norm (residual add + RMSNorm), rope_qk (q and k in place), silu_mul
 one decoder layer's elementwise work as the model runs it (rope_qk + 2 x add_rms_norm +
 silu_mul). Shapes: Llama-2-7B (MHA, I 11008) and Llama-3-8B (GQA 32/8, I 14336), T tokens.
 
-Columns per (op, model, T): GPU time replayed from a CUDA graph (`graph`, the decode path), the
-eager call (`eager`, do_bench: host launch cost included when it exceeds the GPU time), and the
-host time to enqueue one call (`host_us`, perf_counter over many calls, no sync in between).
+Columns per (op, model, T): GPU time replayed from a CUDA graph (`graph`, the decode path); the
+eager call (`eager`, do_bench: CUDA events around one call after an L2 flush, so the gaps between
+the call's own launches count where the host is slower than the GPU, but not the first launch's
+cost); and `host_us`, wall time per call of 100 back-to-back eager calls measured on the host
+(about max(host launch cost, GPU time): what an eager prefill step pays per op).
 Writes DIR/fused.json (rows as bench/kernels/common.Row) and DIR/fused.md.
 """
 
@@ -99,9 +101,9 @@ def markdown(meta: dict, rows: list[Row]) -> str:
     lines = [
         f"# Fused elementwise ops vs the torch sequence ({meta['gpu']}, {meta['dtype']})", "",
         f"commit {meta['commit']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}", "",
-        "Times in microseconds. graph: GPU time of a CUDA-graph replay; eager: the plain call (host launch",
-        "cost included when it dominates); host: enqueue time of one call; BW %: fused graph bytes/s vs the",
-        "measured copy bandwidth.", "",
+        "Times in microseconds. graph: GPU time of a CUDA-graph replay; eager: CUDA events around one plain",
+        "call (launch gaps inside the call count); host: wall time per call of back-to-back eager calls",
+        "(about max(launch cost, GPU time)); BW %: fused graph bytes/s vs the measured copy bandwidth.", "",
         "| op | model | T | fused graph | torch graph | speedup | fused eager | torch eager | speedup | host fused | host torch | BW % |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]  # fmt: skip
