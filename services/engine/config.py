@@ -32,6 +32,9 @@ class EngineConfig:
     max_batched_tokens: int = 2048
     max_adapter_rank: int = 256
     max_adapter_slots: int = 0  # 0: 2 * max_num_seqs, at least 64
+    # Host bytes of packed adapters ready for one copy to the pool (pinned on CUDA; LRU): a
+    # reload after eviction costs one DMA, not a repack (memory/adapter_pack.py).
+    packed_adapter_bytes: int = 2 << 30
     gpu_memory_fraction: float = 0.90
     cpu_pool_bytes: int = 1 << 30
     ops: str = "auto"  # auto (triton on CUDA when available) | torch | triton
@@ -163,7 +166,7 @@ def build_runtime(cfg: EngineConfig) -> Runtime:
     pool = torch.zeros(spec.num_layers, num_pages, geom.page_elems, dtype=dtype, device=device)
     allocator = PageAllocator(num_pages)
     slots = cfg.max_adapter_slots or max(64, 2 * cfg.max_num_seqs)
-    adapters = AdapterCache(pool, allocator, spec, slots, cfg.max_adapter_rank)
+    adapters = AdapterCache(pool, allocator, spec, slots, cfg.max_adapter_rank, packed_bytes=cfg.packed_adapter_bytes)
     kv = KVCacheManager(allocator, adapters, cfg.block_size)
     lora_ops, attn_ops = select_ops(cfg.ops, device)
     elementwise = select_elementwise_ops(cfg.elementwise_ops, cfg.ops, device)
