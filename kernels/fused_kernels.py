@@ -53,7 +53,7 @@ def rms_norm_kernel(
 
 @triton.jit
 def rope_qk_kernel(
-    qkv_ptr, pos_ptr, cos_ptr, sin_ptr, stride_t, stride_cache, n_rot_heads,
+    qkv_ptr, pos_ptr, cos_ptr, sin_ptr, stride_t, stride_pos, stride_cache, n_rot_heads,
     HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
     """Rotate-half RoPE, in place, on the q and k heads of one token (a block of BLOCK_H heads).
@@ -74,7 +74,7 @@ def rope_qk_kernel(
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
     d_mask = d < HALF
-    pos = tl.load(pos_ptr + t).to(tl.int64)
+    pos = tl.load(pos_ptr + t * stride_pos).to(tl.int64)
     cache = pos * stride_cache + d
     c1 = tl.load(cos_ptr + cache, mask=d_mask, other=0.0).to(tl.float32)[None, :]
     c2 = tl.load(cos_ptr + cache + HALF, mask=d_mask, other=0.0).to(tl.float32)[None, :]

@@ -55,6 +55,8 @@ class TritonElementwiseOps:
         require(0 < hidden <= MAX_NORM_COLS, f"hidden size {hidden} out of range 1..{MAX_NORM_COLS}")
         require(weight.shape == (hidden,) and weight.is_contiguous(), f"weight must be contiguous [{hidden}]")
         require(weight.dtype == x.dtype and weight.device == x.device, "weight must match x's dtype and device")
+        if delta is not None:  # x is written: its rows must not overlap (no broadcast views)
+            require(num_tokens <= 1 or x.stride(0) >= hidden, "x rows overlap; add_rms_norm writes x in place")
         out = torch.empty((num_tokens, hidden), dtype=x.dtype, device=x.device)
         if num_tokens == 0:
             return out
@@ -91,7 +93,7 @@ class TritonElementwiseOps:
         rot_heads = num_heads + num_kv_heads  # q's heads then k's: contiguous at the row's start
         block_h = min(next_pow2(rot_heads), max(1, ROPE_TILE // block_d))
         K.rope_qk_kernel[(num_tokens, cdiv(rot_heads, block_h))](
-            qkv, positions, cos, sin, qkv.stride(0), cos.stride(0), rot_heads,
+            qkv, positions, cos, sin, qkv.stride(0), positions.stride(0), cos.stride(0), rot_heads,
             HALF=half, BLOCK_D=block_d, BLOCK_H=block_h, num_warps=4,
         )  # fmt: skip
 

@@ -69,7 +69,7 @@ def run_rope_case(tokens: int, heads: int, kv_heads: int, head_dim: int, dtype, 
     qkv = _rows(tokens, (heads + 2 * kv_heads) * head_dim, dtype, gen, 2.0)
     positions = torch.randint(0, max_pos, (tokens,), generator=gen)
     positions[0] = max_pos - 1  # the cache's last row
-    positions = positions.to(DEVICE)
+    positions = torch.stack([positions, -positions], 1).to(DEVICE)[:, 0]  # a strided view, as a staging slice may be
     fused, ref = qkv.clone(), qkv.clone()
     FUSED.rope_qk(fused, positions, rope, heads, kv_heads)
     REF.rope_qk(ref, positions, rope, heads, kv_heads)
@@ -126,6 +126,8 @@ def test_preconditions_are_checked():
         FUSED.rms_norm(x, torch.ones(32, device=DEVICE), 1e-5)
     with pytest.raises(ValueError, match="unit stride"):
         FUSED.rms_norm(x.t(), torch.ones(2, device=DEVICE), 1e-5)
+    with pytest.raises(ValueError, match="overlap"):
+        FUSED.add_rms_norm(x[:1].expand(2, 64), x, torch.ones(64, device=DEVICE), 1e-5)
     with pytest.raises(ValueError, match="delta"):
         FUSED.add_rms_norm(x, x.half(), torch.ones(64, device=DEVICE), 1e-5)
     rope = RotaryEmbedding(RopeSpec(theta=10000.0), 16, 32, torch.float32, torch.device(DEVICE))
