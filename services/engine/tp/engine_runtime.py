@@ -31,7 +31,11 @@ from .partition import check_world, local_spec
 from .rank_runner import RankRunner, adapter_pages
 from .shard_adapters import Scheme
 
-COLLECTIVE_TIMEOUT_S = 60.0  # a collective (or a worker's start) waiting longer fails instead of hanging
+# A collective (or a worker's start) waiting longer fails instead of hanging. Generous on purpose:
+# on CUDA the first steps JIT-compile the Triton kernels on every rank (tens of seconds with a
+# cold cache) while a rank that finished first waits at the next collective, and a worker's
+# start includes CUDA, NCCL and its weight shard. A dead worker is caught at once regardless.
+COLLECTIVE_TIMEOUT_S = 180.0
 
 
 @dataclass(frozen=True)
