@@ -3,7 +3,10 @@ at its arrival times, replies read from the Redis streams, against `lorafleet up
 redis-server, adapter store over a file:// root, ingest, one engine). Same workload and figures
 as bench/engine_bench.py, so the two tables show what Kafka + Redis + the store cost.
 
-    python -m bench.e2e_bench --setting S1 --n 5 100 --rate 50 --duration 20 --out bench/results/e2e
+    python -m bench.e2e_bench --setting S1 --n 5 100 --warmup 2 --rate 50 --duration 15 --out bench/results/h200
+
+One stack serves every run (each run's adapters are its own folders, bench/n{n}-a{k}); results are
+written after every run. On a machine without redis-server, bench/devkit.sh's kit is used.
 """
 
 from __future__ import annotations
@@ -30,14 +33,27 @@ from bench.workload import SETTINGS, generate_trace
 from services.engine.model_spec import ModelSpec
 
 
-def start_stack(model_dir: Path, root: Path, device: str, max_num_seqs: int, workdir: Path) -> tuple[subprocess.Popen, dict]:
-    ready_file = workdir / "ready.json"
+KIT = Path(".devkit")  # bench/devkit.sh: redis-server (+ libs) and wheels for a GPU machine that lacks them
+
+
+def stack_env(max_num_seqs: int, max_rank: int, kit: Path = KIT) -> dict[str, str]:
+    """The environment of `lorafleet up`: random weights, the engine's limits, and the kit's
+    redis-server when the machine has none (an explicit LORAFLEET_REDIS_SERVER_BIN wins)."""
     env = dict(os.environ, LORAFLEET_RANDOM_WEIGHTS_SEED="0", LORAFLEET_MAX_NUM_SEQS=str(max_num_seqs),
-               LORAFLEET_MAX_ADAPTER_RANK="64", LORAFLEET_MAX_BATCHED_TOKENS="4096")
+               LORAFLEET_MAX_ADAPTER_RANK=str(max_rank), LORAFLEET_MAX_BATCHED_TOKENS="4096")
+    if not env.get("LORAFLEET_REDIS_SERVER_BIN") and (kit / "redis-server").exists():
+        env["LORAFLEET_REDIS_SERVER_BIN"] = str((kit / "redis-server").resolve())
+    return env
+
+
+def start_stack(model_dir: Path, root: Path, device: str, max_num_seqs: int, max_rank: int,
+                workdir: Path) -> tuple[subprocess.Popen, dict]:
+    ready_file = workdir / "ready.json"
+    env = stack_env(max_num_seqs, max_rank)
     proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--model", str(model_dir), "--adapters", str(root),
                              "--device", device, "--ready-file", str(ready_file)], env=env,
                             stdout=subprocess.DEVNULL, stderr=open(workdir / "up.log", "wb"))
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 300
     while not ready_file.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"lorafleet up did not get ready; see {workdir / 'up.log'}")
@@ -45,7 +61,7 @@ def start_stack(model_dir: Path, root: Path, device: str, max_num_seqs: int, wor
     return proc, json.loads(ready_file.read_text())
 
 
-async def drive(ready: dict, trace, prompts: list[list[int]], run: str) -> dict:
+async def drive(ready: dict, trace, prompts: list[list[int]], run: str, adapter_prefix: str) -> dict:
     """Produce at arrival times; one XREAD over every open stream per poll, 20 ms apart."""
     from services.client import LorafleetClient
     from services.common.messages import DoneReply, ErrorReply, TokenReply, parse_entry
@@ -58,7 +74,7 @@ async def drive(ready: dict, trace, prompts: list[list[int]], run: str) -> dict:
             for r in trace:
                 await asyncio.sleep(max(0.0, r.arrival - (time.perf_counter() - t0)))
                 rid = f"{run}-{r.index}"
-                await client.submit({"id": rid, "adapter": f"bench/a{r.adapter}", "prompt_token_ids": prompts[r.index],
+                await client.submit({"id": rid, "adapter": f"bench/{adapter_prefix}a{r.adapter}", "prompt_token_ids": prompts[r.index],
                                      "max_tokens": r.output_len, "temperature": 0, "ignore_eos": True})
                 arrival[rid], last_id[f"lorafleet:out:{rid}"] = r.arrival, "0-0"
 
@@ -86,39 +102,66 @@ async def drive(ready: dict, trace, prompts: list[list[int]], run: str) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setting", choices=sorted(SETTINGS), default="S1")
     p.add_argument("--n", type=int, nargs="+", default=[5, 100])
     p.add_argument("--rate", type=float, default=50.0)
-    p.add_argument("--duration", type=float, default=20.0)
+    p.add_argument("--duration", type=float, default=15.0)
+    p.add_argument("--warmup", type=float, default=0.0, help="seconds of the trace (5 adapters) served first, not recorded")
+    p.add_argument("--max-len", type=int, default=512, help="lengths uniform in [8, max-len) (CPU smoke runs: less)")
     p.add_argument("--max-num-seqs", type=int, default=512)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--run-timeout", type=float, default=300.0, help="seconds one run may take before it is abandoned")
     p.add_argument("--commit", default=None)
     p.add_argument("--out", type=Path, default=Path("bench/results/e2e"))
     args = p.parse_args()
+    # SIGTERM (a stage's `timeout`) unwinds like Ctrl-C, so `finally` stops the stack it started
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     setting = SETTINGS[args.setting]
     model_dir = make_model_folder(setting.shape, Path("/tmp/lorafleet-bench") / setting.shape)
     spec = ModelSpec.from_pretrained(model_dir)
+    lengths = ((8, args.max_len), (8, args.max_len))
+    runs = [("warm", 5, generate_trace(5, 1.0, args.rate, 1.0, args.warmup, *lengths))] if args.warmup > 0 else []
+    runs += [(f"n{n}", n, generate_trace(n, 1.0, args.rate, 1.0, args.duration, *lengths)) for n in args.n]
     records = []
-    for n in args.n:
-        trace = generate_trace(n, 1.0, args.rate, 1.0, args.duration)
-        rng = np.random.default_rng(7)
-        prompts = [rng.integers(3, spec.vocab_size, r.input_len).tolist() for r in trace]
-        with tempfile.TemporaryDirectory() as tmp:
-            workdir = Path(tmp)
-            bank = AdapterBank(spec, setting.ranks, setting.modules, torch.device(args.device))
-            for number in sorted({r.adapter for r in trace}):  # the adapter root, as a user would have it
-                save_peft(bank.get(number), workdir / "adapters" / "bench" / f"a{number}", setting.modules)
-            proc, ready = start_stack(model_dir, workdir / "adapters", args.device, args.max_num_seqs, workdir)
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        t = time.time()
+        bank = AdapterBank(spec, setting.ranks, setting.modules, torch.device(args.device))
+        for tag, _n, trace in runs:  # the adapter root, as a user would have it: one folder per run's adapter
+            for number in sorted({r.adapter for r in trace}):
+                save_peft(bank.get(number), workdir / "adapters" / "bench" / f"{tag}-a{number}", setting.modules)
+            bank.forget()
+        del bank
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        print(f"[e2e] adapters written in {time.time() - t:.1f}s", flush=True)
+        t = time.time()
+        proc, ready = start_stack(model_dir, workdir / "adapters", args.device, args.max_num_seqs, max(setting.ranks), workdir)
+        print(f"[e2e] lorafleet up ready in {time.time() - t:.1f}s", flush=True)
+        try:  # one stack serves every run, as one engine serves every engine-level run
+            for tag, n, trace in runs:
+                rng = np.random.default_rng(7)
+                prompts = [rng.integers(3, spec.vocab_size, r.input_len).tolist() for r in trace]
+                t = time.time()
+                result = asyncio.run(asyncio.wait_for(drive(ready, trace, prompts, run=f"{tag}-{int(time.time())}",
+                                                            adapter_prefix=f"{tag}-"), args.run_timeout))
+                if tag == "warm":
+                    print(f"[e2e] warmup: {len(trace)} requests in {time.time() - t:.1f}s", flush=True)
+                    continue
+                rec = {"setting": setting.name, "mode": "e2e", "n": n, "rate": args.rate, "duration": args.duration,
+                       "max_num_seqs": args.max_num_seqs, "wall_s": time.time() - t, **result}
+                print(f"[e2e] {rec}", flush=True)
+                records.append(rec)
+                write_results(args.out, f"e2e-{setting.name}", records, vars(args))  # after every run
+        finally:
+            proc.send_signal(signal.SIGINT)
             try:
-                result = asyncio.run(drive(ready, trace, prompts, run=f"n{n}-{int(time.time())}"))
-            finally:
-                proc.send_signal(signal.SIGINT)
-                proc.wait(120)
-        rec = {"setting": setting.name, "mode": "e2e", "n": n, "rate": args.rate, "duration": args.duration, **result}
-        print(rec, flush=True)
-        records.append(rec)
-    write_results(args.out, f"e2e-{setting.name}", records, vars(args))
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / f"e2e-{setting.name}-up.log").write_bytes((workdir / "up.log").read_bytes()[-200_000:])
 
 
 if __name__ == "__main__":

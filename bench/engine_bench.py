@@ -113,7 +113,8 @@ def main() -> None:
     p.add_argument("--cv", type=float, default=1.0)
     p.add_argument("--alpha", type=float, default=1.0)
     p.add_argument("--max-len", type=int, default=512, help="lengths uniform in [8, max-len); 512 is S-LoRA's (CPU smoke runs: less)")
-    p.add_argument("--base-only", action="store_true", help="also run the trace with no adapters (upper bound)")
+    p.add_argument("--base-only", action="store_true", help="also run the trace with no adapters (upper bound); "
+                   "or give n = 0 in --n to place that run")
     p.add_argument("--warmup", type=float, default=0.0,
                    help="seconds of the trace (5 adapters) served before the first run and not recorded: "
                         "compiles every kernel so the first run's first tokens do not pay for it")
@@ -138,7 +139,10 @@ def main() -> None:
         print(f"[engine_bench] warmup: {len(warm)} requests in {time.time() - t:.1f}s", flush=True)
     records = []
     name = f"engine-{setting.name}"
-    modes = [("lora", n) for n in args.n] + ([("base-only", 0)] if args.base_only else [])
+    # n = 0 in --n is the base-only run at that position (the device scripts run the runs the
+    # targets need first, so a stage cut short by its timeout loses the least useful ones)
+    ns = list(args.n) + ([0] if args.base_only and 0 not in args.n else [])
+    modes = [("base-only" if n == 0 else "lora", n) for n in ns]
     for mode, n in modes:
         trace = generate_trace(max(n, 1), args.alpha, args.rate, args.cv, args.duration, *lengths)
         bank = None if mode == "base-only" else AdapterBank(engine.spec, setting.ranks, setting.modules, engine.device)

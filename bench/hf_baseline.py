@@ -25,12 +25,13 @@ from bench.workload import SETTINGS, generate_trace
 from services.engine.model_spec import ModelSpec
 
 
-def build_peft_model(model_dir: Path, bank: AdapterBank, numbers: list[int]):
+def build_peft_model(model_dir: Path, bank: AdapterBank, numbers: list[int], device: str = "cuda"):
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch.bfloat16)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir),
+                                                 dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32)
     peft_model = None
     for k in numbers:
         w = bank.get(k)
@@ -40,13 +41,13 @@ def build_peft_model(model_dir: Path, bank: AdapterBank, numbers: list[int]):
             peft_model = get_peft_model(model, cfg, adapter_name=name)
         else:
             peft_model.add_adapter(name, cfg)
-        state = {k: v.cuda() for k, v in peft_state_dict(w).items()}
+        state = {k: v.to(device) for k, v in peft_state_dict(w).items()}
         set_peft_model_state_dict(peft_model, state, adapter_name=name)
     return peft_model.eval()
 
 
 @torch.inference_mode()
-def serve(model, trace, batch: int, vocab: int) -> dict:
+def serve(model, trace, batch: int, vocab: int, device: str = "cuda") -> dict:
     rng = np.random.default_rng(7)
     arrival, first, finish, out_tokens = {}, {}, {}, {}
     queue = list(trace)
@@ -65,7 +66,7 @@ def serve(model, trace, batch: int, vocab: int) -> dict:
             ids[i, longest - r.input_len :] = torch.from_numpy(rng.integers(3, vocab, r.input_len))
             mask[i, longest - r.input_len :] = 1
         new = max(r.output_len for r in ready)
-        model.generate(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=new, min_new_tokens=new,
+        model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new, min_new_tokens=new,
                        do_sample=False, adapter_names=[f"a{r.adapter}" for r in ready], pad_token_id=0)
         t = time.perf_counter() - t0
         for r in ready:  # static batching: nothing streams before the batch ends
@@ -76,13 +77,15 @@ def serve(model, trace, batch: int, vocab: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--setting", default="S1")
+    p.add_argument("--setting", choices=sorted(SETTINGS), default="S1")
     p.add_argument("--n", type=int, nargs="+", default=[5, 100])
     p.add_argument("--rate", type=float, default=50.0)
     p.add_argument("--duration", type=float, default=20.0)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--max-requests", type=int, default=96)
     p.add_argument("--out", type=Path, default=Path("bench/results/engine"))
+    p.add_argument("--max-len", type=int, default=512, help="lengths uniform in [8, max-len) (CPU smoke runs: less)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--commit", default=None, help="git commit of the code (read from git when omitted)")
     args = p.parse_args()
     setting = SETTINGS[args.setting]
@@ -90,16 +93,22 @@ def main() -> None:
     spec = ModelSpec.from_pretrained(model_dir)
     records = []
     for n in args.n:
-        trace = generate_trace(n, 1.0, args.rate, 1.0, args.duration)[: args.max_requests]
-        bank = AdapterBank(spec, setting.ranks, setting.modules, torch.device("cuda"))
-        model = build_peft_model(model_dir, bank, sorted({r.adapter for r in trace}))
+        lengths = ((8, args.max_len), (8, args.max_len))
+        trace = generate_trace(n, 1.0, args.rate, 1.0, args.duration, *lengths)[: args.max_requests]
+        bank = AdapterBank(spec, setting.ranks, setting.modules, torch.device(args.device))
+        t = time.time()
+        model = build_peft_model(model_dir, bank, sorted({r.adapter for r in trace}), args.device)
+        build_s = time.time() - t
+        t = time.time()
         rec = {"setting": setting.name, "mode": "hf-peft", "n": n, "rate": args.rate, "batch": args.batch,
-               **serve(model, trace, args.batch, spec.vocab_size)}
-        print(rec, flush=True)
+               "build_s": build_s, **serve(model, trace, args.batch, spec.vocab_size, args.device),
+               "wall_s": time.time() - t}
+        print(f"[hf-peft] {rec}", flush=True)
         records.append(rec)
+        write_results(args.out, f"hf-peft-{setting.name}", records, vars(args))  # after every n
         del model, bank
-        torch.cuda.empty_cache()
-    write_results(args.out, f"hf-peft-{setting.name}", records, vars(args))
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -101,6 +101,7 @@ def main() -> None:
     p.add_argument("--rate", type=float, default=50.0)
     p.add_argument("--duration", type=float, default=15.0)
     p.add_argument("--warmup", type=float, default=0.0, help="seconds of the trace served first, not recorded")
+    p.add_argument("--max-len", type=int, default=512, help="lengths uniform in [8, max-len) (CPU smoke runs: less)")
     p.add_argument("--max-num-seqs", type=int, default=512)
     p.add_argument("--max-batched-tokens", type=int, default=4096)
     p.add_argument("--memory-fraction", type=float, default=0.90)
@@ -115,10 +116,12 @@ def main() -> None:
     cuda = args.device.startswith("cuda")
     records = []
     for n in args.n:
-        trace = generate_trace(n, 1.0, args.rate, 1.0, args.duration)
+        lengths = ((8, args.max_len), (8, args.max_len))
+        trace = generate_trace(n, 1.0, args.rate, 1.0, args.duration, *lengths)
         used = sorted({r.adapter for r in trace})
-        free = torch.cuda.mem_get_info()[0] if cuda else 8 << 30
+        free = torch.cuda.mem_get_info()[0] if cuda else 64 << 30
         pages, reason = plan(spec, setting.shape, len(used), free, args.memory_fraction, args.min_kv_tokens)
+        pages = pages if cuda else min(pages, 512)  # CPU smoke runs: small host pools
         rec = {"setting": setting.name, "mode": "merged", "n": n, "copies": len(used), "rate": args.rate,
                "duration": args.duration, "max_num_seqs": args.max_num_seqs}
         if not pages:
@@ -138,7 +141,8 @@ def main() -> None:
         build_s = time.time() - t
         print(f"[merged] n={n}: {len(used)} engines of {pages} pages built in {build_s:.1f}s", flush=True)
         if args.warmup > 0:
-            warm = [r for r in generate_trace(n, 1.0, args.rate, 1.0, args.warmup) if r.adapter in engines]
+            warm = [r for r in generate_trace(n, 1.0, args.rate, 1.0, args.warmup, *lengths)
+                    if r.adapter in engines]
             serve(engines, warm, make_prompts(warm, spec.vocab_size), "warm")
         t = time.time()
         result = serve(engines, trace, make_prompts(trace, spec.vocab_size), f"n{n}")
