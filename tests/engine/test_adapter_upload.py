@@ -89,6 +89,21 @@ def test_host_lru_keeps_packed_adapters_within_the_byte_budget():
     assert host.ids() == ["d"] and host.num_packs == 5
 
 
+def test_background_packing_hands_out_each_pack_once_and_keeps_the_budget():
+    w = {name: make_weights(4, seed=i) for i, name in enumerate("abc")}
+    one = pack_adapter(w["a"], SPEC, P, torch.float32, pin=False).nbytes
+    host = HostAdapterCache(SPEC, P, torch.float32, pin=False, budget_bytes=2 * one, background=True)
+    for name in "abc":
+        host.stage(name, w[name])  # returns at once: packed in the worker
+    host.stage("a", w["a"])  # staged twice: still one pack
+    assert all(name in host for name in "abc")
+    got = {name: host.get(name, w[name]) for name in "abc"}  # each waits for its own pack only
+    for name, packed in got.items():
+        assert torch.equal(packed.buf, reference_pack(w[name], torch.float32)[0])
+    assert host.num_packs == 3 and host.used_bytes <= 2 * one and host.ids()[-1] == "c"
+    assert host.get("c", w["c"]) is got["c"] and host.num_packs == 3
+
+
 def adapter_contents(cache: AdapterCache, adapter_id: str, n_pages: int):
     """What the ops read for one adapter: its pages' contents (page-table order) and table rows."""
     t, slot = cache.tables, cache.slot_of(adapter_id)

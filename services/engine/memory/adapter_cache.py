@@ -70,7 +70,8 @@ class AdapterCache:
         self.num_loads = 0  # adapters copied into the pool (counters for tests and metrics)
         self.num_evictions = 0
         on_cuda = dev.type == "cuda"
-        self.host = HostAdapterCache(spec, page_elems, pool.dtype, pin=on_cuda, budget_bytes=packed_bytes)
+        self.host = HostAdapterCache(spec, page_elems, pool.dtype, pin=on_cuda, budget_bytes=packed_bytes,
+                                     background=on_cuda)
         self.uploader = AdapterUploader(pool, self.tables)
         # A subclass that overrides `_write` places adapters its own way (TpAdapterCache: every
         # rank writes its share) and gets neither the packed host form nor the side stream.
@@ -144,10 +145,10 @@ class AdapterCache:
         return True
 
     def stage(self, adapter_id: str, weights: LoraWeights) -> None:
-        """Pack the adapter's host form now (host work, e.g. when its request arrives), so that
-        loading it later only issues copies."""
+        """Start packing the adapter's host form (when its request arrives; on CUDA in a worker
+        thread), so that loading it later only issues copies."""
         if self._packs:
-            self.host.get(adapter_id, weights)
+            self.host.stage(adapter_id, weights)
 
     def release(self, adapter_id: str) -> None:
         res = self._resident[adapter_id]

@@ -16,6 +16,7 @@ its own reference to them until that copy's event completed (adapter_upload.py).
 from __future__ import annotations
 
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -84,19 +85,29 @@ def pack_adapter(weights: LoraWeights, spec: ModelSpec, page_elems: int, dtype: 
 
 
 class HostAdapterCache:
-    """Packed adapters by id, LRU within `budget_bytes` (the newest one is kept even if larger)."""
+    """Packed adapters by id, LRU within `budget_bytes` (the newest one is kept even if larger).
 
-    def __init__(self, spec: ModelSpec, page_elems: int, dtype: torch.dtype, pin: bool, budget_bytes: int):
+    background: `stage` packs in a worker thread (torch copies release the GIL), so a request's
+    arrival costs the caller nothing and the pack overlaps the engine's steps; `get` waits only
+    for a pack still running. Only the caller's thread touches the LRU and the pending map; the
+    worker runs the pure `pack_adapter`. Packs in flight are not counted in the budget until
+    they are settled (bounded by the distinct adapters of requests not yet admitted).
+    """
+
+    def __init__(self, spec: ModelSpec, page_elems: int, dtype: torch.dtype, pin: bool, budget_bytes: int,
+                 background: bool = False):
         if budget_bytes < 0:
             raise ValueError(f"the packed adapter budget must be >= 0 bytes, got {budget_bytes}")
         self.spec, self.page_elems, self.dtype, self.pin = spec, page_elems, dtype, pin
         self.budget_bytes = budget_bytes
         self._packed: OrderedDict[str, PackedAdapter] = OrderedDict()  # least recently used first
+        self._pending: dict[str, Future] = {}  # adapter id -> pack running in the worker
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="adapter-pack") if background else None
         self.used_bytes = 0
         self.num_packs = 0  # adapters packed (a hit packs nothing; counters for tests and metrics)
 
     def __contains__(self, adapter_id: str) -> bool:
-        return adapter_id in self._packed
+        return adapter_id in self._packed or adapter_id in self._pending
 
     def __len__(self) -> int:
         return len(self._packed)
@@ -104,16 +115,42 @@ class HostAdapterCache:
     def ids(self) -> list[str]:
         return list(self._packed)
 
+    def stage(self, adapter_id: str, weights: LoraWeights) -> None:
+        """Have the adapter packed soon (now, or in the worker); a packed one becomes most recent."""
+        self._settle()
+        if adapter_id in self._packed:
+            self._packed.move_to_end(adapter_id)
+        elif adapter_id not in self._pending:
+            if self._worker is None:
+                self._admit(adapter_id, self._pack(weights))
+            else:
+                self._pending[adapter_id] = self._worker.submit(self._pack, weights)
+
     def get(self, adapter_id: str, weights: LoraWeights) -> PackedAdapter:
+        self._settle()
         packed = self._packed.get(adapter_id)
         if packed is not None:
             self._packed.move_to_end(adapter_id)
             return packed
-        packed = pack_adapter(weights, self.spec, self.page_elems, self.dtype, self.pin)
+        pending = self._pending.pop(adapter_id, None)
+        packed = pending.result() if pending is not None else self._pack(weights)  # waits only for a running pack
+        self._admit(adapter_id, packed)
+        return packed
+
+    def _pack(self, weights: LoraWeights) -> PackedAdapter:
+        return pack_adapter(weights, self.spec, self.page_elems, self.dtype, self.pin)
+
+    def _settle(self) -> None:
+        """Admit packs the worker finished (a failed one is dropped: `get` packs again and raises)."""
+        for adapter_id in [k for k, f in self._pending.items() if f.done()]:
+            done = self._pending.pop(adapter_id)
+            if done.exception() is None:
+                self._admit(adapter_id, done.result())
+
+    def _admit(self, adapter_id: str, packed: PackedAdapter) -> None:
         self.num_packs += 1
         self._packed[adapter_id] = packed
         self.used_bytes += packed.nbytes
         while self.used_bytes > self.budget_bytes and len(self._packed) > 1:
             _, old = self._packed.popitem(last=False)
             self.used_bytes -= old.nbytes
-        return packed
