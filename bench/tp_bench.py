@@ -6,9 +6,11 @@ every run (a run cut short by a timeout keeps the ones before it).
         --rate 40 --duration 6 --budget-s 300 --out bench/results/tp
 
 One engine per (W, mode): the base-only engine runs the trace once without adapters, a LoRA
-engine runs every setting's trace in turn (adapter numbers offset per setting, so S2's rank-64
-adapters never hit S1's cached ones). W = 1 is the one-process engine; it runs eagerly unless
---w1-graphs, like the TP engine (no CUDA graphs under TP yet), so the scaling is like for like.
+engine runs every setting's trace in turn (adapter numbers offset per setting; run_once starts
+each run with no cached adapter). Each engine first serves --warmup seconds of a short trace per
+setting, unrecorded, so that no rank JIT-compiles a kernel on the clock (engine_start_s
+includes it). W = 1 is the one-process engine; it runs eagerly unless --w1-graphs, like the TP
+engine (no CUDA graphs under TP yet), so the scaling is like for like.
 Before each engine and run the script checks its remaining --budget-s against the times measured
 so far and skips what would not fit (listed as skipped in the JSON).
 """
@@ -68,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cv", type=float, default=1.0)
     p.add_argument("--alpha", type=float, default=1.0)
     p.add_argument("--max-len", type=int, default=512, help="input and output lengths drawn in [8, max-len)")
+    p.add_argument("--warmup", type=float, default=1.0,
+                   help="seconds of a short trace per engine and setting, not recorded: every rank compiles its "
+                        "kernels (and the engine reaches steady state) before the clock starts; 0: none")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-batched-tokens", type=int, default=4096)
     p.add_argument("--decode-steps-per-prefill", type=int, default=0, help="the same scheduling at every W")
@@ -95,6 +100,16 @@ def _config(args, model_dir: Path, plan: EnginePlan, max_rank: int) -> EngineCon
         cuda_graphs=bool(args.w1_graphs and plan.world == 1), tp_size=plan.world,
         tp_lora_scheme=plan.scheme if plan.scheme != "-" else "fused",
     )
+
+
+def _bank(banks: dict, engine: LLMEngine, setting) -> AdapterBank:
+    if setting.name not in banks:
+        banks[setting.name] = AdapterBank(engine.spec, setting.ranks, setting.modules, engine.device)
+    return banks[setting.name]
+
+
+def rec_tag(plan: EnginePlan, setting) -> str:
+    return f"W{plan.world}-{plan.mode}-{plan.scheme}-{setting.name if setting else 'base'}"
 
 
 def _log(msg: str) -> None:
@@ -125,20 +140,24 @@ def main(argv=None) -> list[dict]:
         _log(f"start {plan}")
         t = time.monotonic()
         engine = LLMEngine(_config(args, model_dir, plan, max_rank))
+        if args.warmup > 0:
+            warm = generate_trace(4, args.alpha, args.rate, args.cv, args.warmup, input_range=(8, 64),
+                                  output_range=(8, 24), seed=7)
+            for index, setting in runs:
+                bank = None if setting is None else _bank(banks, engine, setting)
+                run_once(engine, bank, offset_trace(warm, index), engine.spec.vocab_size, tag=f"warm{index}")
         start_s = time.monotonic() - t
         est_start = max(est_start, start_s)
-        _log(f"engine up in {start_s:.1f} s ({engine.pool.shape[1]} pages)")
+        _log(f"engine up and warm in {start_s:.1f} s ({engine.pool.shape[1]} pages)")
         try:
             for index, setting in runs:
                 if records and left() < est_run:
                     skipped.append({**dataclasses.asdict(plan), "setting": setting and setting.name, "why": "budget"})
                     continue
-                bank = None
-                if setting is not None:
-                    bank = banks.get(setting.name) or banks.setdefault(
-                        setting.name, AdapterBank(engine.spec, setting.ranks, setting.modules, engine.device))
+                bank = None if setting is None else _bank(banks, engine, setting)
                 t = time.monotonic()
-                result = run_once(engine, bank, offset_trace(trace, index), engine.spec.vocab_size)
+                result = run_once(engine, bank, offset_trace(trace, index), engine.spec.vocab_size,
+                                  tag=rec_tag(plan, setting))
                 wall = time.monotonic() - t
                 est_run = max(est_run, wall)
                 rec = {"setting": setting.name if setting else "base", "mode": plan.mode, "world": plan.world,
