@@ -24,6 +24,10 @@ WHEELS=(.whl/*.whl .devkit/*.whl)
   --target /tmp/site "${WHEELS[@]}" 2>&1 | tail -2
 shopt -u nullglob
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+if [[ -e .devkit/redis-server ]]; then  # modes may not survive the copy; the e2e stage needs it to run
+  chmod +x .devkit/redis-server .devkit/redis/redis-server 2>/dev/null
+  .devkit/redis-server --version 2>&1 | head -2
+fi
 python3 -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, \
 'transformers', transformers.__version__, 'peft', peft.__version__, \
 torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU', flush=True)"
