@@ -147,10 +147,15 @@ def main() -> None:
         trace = generate_trace(max(n, 1), args.alpha, args.rate, args.cv, args.duration, *lengths)
         bank = None if mode == "base-only" else AdapterBank(engine.spec, setting.ranks, setting.modules, engine.device)
         t = time.time()
-        result = run_once(engine, bank, trace, engine.spec.vocab_size, tag=f"n{n}" if bank else "base")
         rec = {"setting": setting.name, "mode": mode, "n": n, "rate": args.rate, "duration": args.duration,
-               "cv": args.cv, "alpha": args.alpha, "ranks": list(setting.ranks), "max_num_seqs": args.max_num_seqs,
-               "wall_s": time.time() - t, **result}
+               "cv": args.cv, "alpha": args.alpha, "ranks": list(setting.ranks), "max_num_seqs": args.max_num_seqs}
+        try:
+            result = run_once(engine, bank, trace, engine.spec.vocab_size, tag=f"n{n}" if bank else "base")
+        except Exception as exc:  # recorded, and no further run: the engine's state is unknown now
+            records.append({**rec, "error": f"{type(exc).__name__}: {exc}"[:500]})
+            write_results(args.out, name, records, vars(args))
+            raise
+        rec.update(wall_s=time.time() - t, **result)
         print(f"[engine_bench] {rec}", flush=True)
         roof = estimate(setting, trace, n, args.max_num_seqs, args.max_batched_tokens) if setting.shape != "tiny" else None
         records += [rec] + ([roof] if roof else [])

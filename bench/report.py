@@ -43,6 +43,8 @@ def write_results(out: Path, name: str, records: list[dict], args: dict) -> None
         lines.append("| " + " | ".join(fmt.format(r[c]) if r.get(c) is not None else "-" for c, fmt in COLUMNS) + " |")
         if r.get("fits") is False:
             lines[-1] += f" does not fit: {r['reason']}"
+        if "error" in r:
+            lines[-1] += f" failed: {r['error'][:200]}"
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     _plot(out / f"{name}.png", name, records)
 

@@ -45,6 +45,8 @@ def _row(r: dict, base: dict | None, roof: dict | None) -> str:
     def f(key: str, fmt: str) -> str:
         return fmt.format(r[key]) if r.get(key) is not None else "-"
 
+    if "error" in r:
+        return f"| {r['mode']} | {r['n']} | failed: {r['error'][:200]} |" + " |" * (len(COLUMNS) - 3)
     if r.get("fits") is False:
         return f"| {r['mode']} | {r['n']} | does not fit: {r['reason']} |" + " |" * (len(COLUMNS) - 3)
     counters = " / ".join(str(r.get(k, "-")) for k in ("adapter_loads", "adapter_evictions", "preemptions"))

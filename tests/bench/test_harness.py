@@ -120,3 +120,19 @@ def test_summary_marks_targets(tmp_path, monkeypatch):
     assert "31.00 req/s, 103% of 30 (**pass**)" in text
     assert "78% of base-only (**miss**)" in text and "75% of n = 5 (**miss**)" in text
     assert "does not fit: too big" in text and "| lora | 2000 | 31.00 |" in text and "69% |" in text
+
+
+def test_a_failed_run_is_recorded_before_the_error_propagates(tmp_path, monkeypatch):
+    import bench.engine_bench as eb
+
+    def boom(*_a, **_k):
+        raise RuntimeError("out of pages")
+
+    monkeypatch.setattr(eb, "run_once", boom)
+    monkeypatch.setattr("sys.argv", ["eb", "--setting", "tiny", "--n", "5", "--duration", "0.1", "--max-len", "12",
+                                     "--device", "cpu", "--out", str(tmp_path)])
+    with pytest.raises(RuntimeError):
+        eb.main()
+    records = json.loads((tmp_path / "engine-tiny.json").read_text())["records"]
+    assert records == [{**records[0], "error": "RuntimeError: out of pages"}] and records[0]["n"] == 5
+    assert "failed: RuntimeError: out of pages" in (tmp_path / "engine-tiny.md").read_text()
