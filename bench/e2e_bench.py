@@ -56,6 +56,8 @@ def start_stack(model_dir: Path, root: Path, device: str, max_num_seqs: int, max
     deadline = time.monotonic() + 300
     while not ready_file.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
+            proc.send_signal(signal.SIGINT)  # it stops what it started (broker, redis, services)
+            proc.wait(60)
             raise RuntimeError(f"lorafleet up did not get ready; see {workdir / 'up.log'}")
         time.sleep(0.5)
     return proc, json.loads(ready_file.read_text())
@@ -136,10 +138,11 @@ def main() -> None:
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
         print(f"[e2e] adapters written in {time.time() - t:.1f}s", flush=True)
-        t = time.time()
-        proc, ready = start_stack(model_dir, workdir / "adapters", args.device, args.max_num_seqs, max(setting.ranks), workdir)
-        print(f"[e2e] lorafleet up ready in {time.time() - t:.1f}s", flush=True)
+        t, proc = time.time(), None
         try:  # one stack serves every run, as one engine serves every engine-level run
+            proc, ready = start_stack(model_dir, workdir / "adapters", args.device, args.max_num_seqs,
+                                      max(setting.ranks), workdir)
+            print(f"[e2e] lorafleet up ready in {time.time() - t:.1f}s", flush=True)
             for tag, n, trace in runs:
                 rng = np.random.default_rng(7)
                 prompts = [rng.integers(3, spec.vocab_size, r.input_len).tolist() for r in trace]
@@ -155,13 +158,15 @@ def main() -> None:
                 records.append(rec)
                 write_results(args.out, f"e2e-{setting.name}", records, vars(args))  # after every run
         finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
             args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / f"e2e-{setting.name}-up.log").write_bytes((workdir / "up.log").read_bytes()[-200_000:])
+            if (workdir / "up.log").exists():  # the service log, for what went wrong or slow
+                (args.out / f"e2e-{setting.name}-up.log").write_bytes((workdir / "up.log").read_bytes()[-200_000:])
 
 
 if __name__ == "__main__":
