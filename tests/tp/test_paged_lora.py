@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from services.engine.adapters.weights import LoraWeights
 from services.engine.memory.layout import PoolGeometry
 from services.engine.ops.torch_ref import TorchAttentionOps, TorchLoraOps
 from services.engine.tp.collectives import TpComm
@@ -42,6 +43,10 @@ def _triton_ops():
     return TritonLoraOps(), TritonLoraOps()
 
 
+def _on_device(w: LoraWeights) -> LoraWeights:
+    return LoraWeights(w.config, {k: v.to(DEVICE) for k, v in w.a.items()}, {k: v.to(DEVICE) for k, v in w.b.items()})
+
+
 def _runner(name: str, world: int, rank: int, scheme: str, ops: str, dtype: torch.dtype):
     spec = make_spec(name)
     plan = make_plan(spec, world, rank)
@@ -50,14 +55,13 @@ def _runner(name: str, world: int, rank: int, scheme: str, ops: str, dtype: torc
     pool = torch.zeros(spec.num_layers, 96, page_elems, dtype=dtype, device=DEVICE)
     lora_ops = (TorchLoraOps(), TorchLoraOps()) if ops == "torch" else _triton_ops()
     runner = RankRunner(spec, plan, weights, TorchAttentionOps(), TpComm(world, rank), pool, Scheme(scheme), lora_ops)
-    adapters = [make_adapter(spec, ranks, seed=20 + i) for i, ranks in enumerate(ADAPTER_RANKS)]
+    adapters = [_on_device(make_adapter(spec, ranks, seed=20 + i)) for i, ranks in enumerate(ADAPTER_RANKS)]
     slots, next_page = [], 5
     for i, ad in enumerate(adapters):  # slots and pages out of order, as the driver hands them out
         n = adapter_pages(spec, ad.config.ranks_by_module(), world, Scheme(scheme), page_elems)
         slot = 70 - 3 * i  # > 64: the tables grow
         runner.load_adapter(slot, list(range(next_page + n - 1, next_page - 1, -1)), ad.config.ranks_by_module(),
-                            list(ad.config.targets), {k: v.to(DEVICE) for k, v in ad.a.items()},
-                            {k: v.to(DEVICE) for k, v in ad.b.items()})
+                            list(ad.config.targets), ad.a, ad.b)
         slots.append(slot)
         next_page += n + 1
     return spec, plan, runner, adapters, slots
