@@ -7,6 +7,8 @@ right) to compare against.
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -162,3 +164,23 @@ def test_chunked_uploads_equal_one_shot_uploads():
     assert torch.equal(pools[0][0], pools[1][0]) and torch.equal(pools[0][1], pools[1][1])
     with pytest.raises(ValueError, match="pages"):
         up.load(0, [0], packed)
+
+
+def test_a_prefetch_whose_pack_is_still_running_is_loaded_by_poll_once_packed():
+    weights = make_weights(4)
+    n = pack_adapter(weights, SPEC, P, torch.float32, pin=False).n_pages
+    pool = torch.zeros(SPEC.num_layers, n + 2, P)
+    cache = AdapterCache(pool, PageAllocator(pool.shape[1]), SPEC, max_slots=4, max_rank=64)
+    cache.host = HostAdapterCache(SPEC, P, torch.float32, pin=False, budget_bytes=1 << 30, background=True)  # as on CUDA
+    gate = threading.Event()
+    cache.host._worker.submit(gate.wait)  # the worker is busy: a's pack waits behind this
+    assert cache.prefetch("a", weights) is False  # returns at once, load deferred
+    cache.poll()
+    assert not cache.is_resident("a") and cache.host.packing("a")
+    gate.set()
+    cache.host._pending["a"].result()
+    cache.poll()
+    assert cache.is_resident("a") and cache.cached_ids() == ["a"] and cache.pins("a") == 0
+    assert torch.equal(adapter_contents(cache, "a", n)[0], reference_pack(weights, torch.float32)[0].view(SPEC.num_layers, n, P))
+    cache.poll()  # nothing deferred any more: a no-op
+    assert cache.num_loads == 1 and cache.host.num_packs == 1

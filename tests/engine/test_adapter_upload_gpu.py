@@ -73,7 +73,7 @@ def test_a_load_lands_after_earlier_main_stream_writes_to_its_pages():
 def test_an_eviction_before_the_load_completed_orders_kv_writes_after_it():
     cache = make_cache()
     w = make_weights(8, modules=LORA_MODULES)
-    cache.stage("a", w)
+    cache.host.get("a", w)  # packed (a prefetch during a pack would be deferred to poll)
     torch.cuda._sleep(SLEEP_CYCLES)
     assert cache.prefetch("a", w)  # load queued, waiting for the sleep
     pages = pages_of(cache, "a")
@@ -100,6 +100,7 @@ def test_ops_on_the_main_stream_read_an_adapter_loaded_meanwhile(ops):
     adapters = {f"x{i}": make_weights(16, modules=LORA_MODULES, seed=10 + i) for i in range(3)}
     for name, w in adapters.items():
         cache.stage(name, w)
+        cache.host.get(name, w)  # wait for the worker: the host must not wait inside the timed part
     T, q = 8, LORA_MODULES.index("q_proj")
     in_f, out_f = SPEC.module_shape("q_proj")
     x = torch.randn(T, in_f, generator=torch.Generator().manual_seed(0)).to(DEV, torch.bfloat16)
@@ -131,3 +132,15 @@ def test_engine_with_evictions_and_reloads_on_the_side_stream_matches_hf_peft(zo
     _check(zoo, reference, model, results, jobs)
     assert eng.adapters.num_evictions > 0 and eng.adapters.num_loads > len(ADAPTERS)
     assert eng.adapters.host.num_packs == len(ADAPTERS), "reloads copy the packed form; nothing is packed twice"
+
+
+def test_a_prefetch_during_its_pack_is_deferred_then_loaded_by_poll():
+    cache = make_cache()
+    w = make_weights(8, modules=LORA_MODULES)
+    assert cache.host._worker is not None, "on CUDA packs run in the worker"
+    loaded = cache.prefetch("a", w)  # either the pack already finished (loaded) or the load is deferred
+    cache.host.get("a", w)
+    cache.poll()
+    assert cache.is_resident("a") and (loaded or cache.cached_ids() == ["a"])
+    torch.cuda.synchronize()
+    assert torch.equal(cache.pool[:, pages_of(cache, "a")], expected_pages(w))

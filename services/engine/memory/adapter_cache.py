@@ -76,6 +76,9 @@ class AdapterCache:
         # A subclass that overrides `_write` places adapters its own way (TpAdapterCache: every
         # rank writes its share) and gets neither the packed host form nor the side stream.
         self._packs = type(self)._write is AdapterCache._write
+        # Prefetches whose pack was still running (CUDA): loaded by `poll` once packed, so that
+        # add_request never waits for a pack.
+        self._deferred: OrderedDict[str, LoraWeights] = OrderedDict()
 
     # --- queries -------------------------------------------------------------------------
     def slot_of(self, adapter_id: str) -> int | None:
@@ -133,10 +136,31 @@ class AdapterCache:
     def prefetch(self, adapter_id: str, weights: LoraWeights) -> bool:
         """Load an adapter into free pages as soon as a request for it is seen, long before the
         request is scheduled; never evicts anything (it only uses what is free right now). The
-        adapter stays cached (unpinned, LRU) until admission pins it. True when it is resident."""
+        adapter stays cached (unpinned, LRU) until admission pins it. True when it is resident.
+        While its pack is still running (CUDA: packs run in a worker) the load is deferred to
+        `poll`, so the caller never waits for a pack."""
+        self.poll()
         if adapter_id in self._resident:
             return True
         self.stage(adapter_id, weights)
+        if self._packs and self.host.packing(adapter_id):
+            self._deferred[adapter_id] = weights
+            return False
+        return self._prefetch_into_free_pages(adapter_id, weights)
+
+    def poll(self) -> None:
+        """Load deferred prefetches whose packs have finished, into free pages only (as prefetch).
+        Cheap; meant for the start of each engine step (and run by every prefetch)."""
+        if not self._deferred:
+            return
+        for adapter_id, weights in list(self._deferred.items()):
+            if self.host.packing(adapter_id):
+                continue
+            del self._deferred[adapter_id]
+            if adapter_id not in self._resident and adapter_id in self.host:  # (dropped by the host LRU: skip)
+                self._prefetch_into_free_pages(adapter_id, weights)
+
+    def _prefetch_into_free_pages(self, adapter_id: str, weights: LoraWeights) -> bool:
         if not self._free_slots or self.pages_to_load(weights) > self.allocator.num_free:
             return False
         self._load(adapter_id, weights)

@@ -115,6 +115,11 @@ class HostAdapterCache:
     def ids(self) -> list[str]:
         return list(self._packed)
 
+    def packing(self, adapter_id: str) -> bool:
+        """Is the adapter's pack still running in the worker?"""
+        self._settle()
+        return adapter_id in self._pending
+
     def stage(self, adapter_id: str, weights: LoraWeights) -> None:
         """Have the adapter packed soon (now, or in the worker); a packed one becomes most recent."""
         self._settle()
