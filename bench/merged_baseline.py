@@ -64,7 +64,8 @@ def plan(spec: ModelSpec, shape: str, copies: int, free_bytes: int, fraction: fl
     return pages, ""
 
 
-def serve(engines: dict[int, LLMEngine], trace, prompts, tag: str) -> dict:
+def serve(engines: dict[int, LLMEngine], trace, vocab: int, tag: str) -> dict:
+    prompts = dict(zip((r.index for r in trace), make_prompts(trace, vocab)))  # by request index
     arrival, first, finish, out_tokens = {}, {}, {}, {}
     steps = peak_kv = 0
     pending = deque(trace)
@@ -143,9 +144,9 @@ def main() -> None:
         if args.warmup > 0:
             warm = [r for r in generate_trace(n, 1.0, args.rate, 1.0, args.warmup, *lengths)
                     if r.adapter in engines]
-            serve(engines, warm, make_prompts(warm, spec.vocab_size), "warm")
+            serve(engines, warm, spec.vocab_size, "warm")
         t = time.time()
-        result = serve(engines, trace, make_prompts(trace, spec.vocab_size), f"n{n}")
+        result = serve(engines, trace, spec.vocab_size, f"n{n}")
         rec = {**rec, "fits": True, "pages_per_copy": pages, "build_s": build_s, "wall_s": time.time() - t,
                "pool_gb": sum(e.pool.numel() * e.pool.element_size() for e in engines.values()) / 1e9, **result}
         print(f"[merged] {rec}", flush=True)

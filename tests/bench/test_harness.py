@@ -136,3 +136,14 @@ def test_a_failed_run_is_recorded_before_the_error_propagates(tmp_path, monkeypa
     records = json.loads((tmp_path / "engine-tiny.json").read_text())["records"]
     assert records == [{**records[0], "error": "RuntimeError: out of pages"}] and records[0]["n"] == 5
     assert "failed: RuntimeError: out of pages" in (tmp_path / "engine-tiny.md").read_text()
+
+
+def test_merged_serve_routes_requests_by_adapter(tiny):
+    from bench.merged_baseline import serve
+
+    cfg = EngineConfig(model_dir=str(tiny), random_weights_seed=0, num_pages=64)
+    engines = {0: LLMEngine(cfg), 2: LLMEngine(cfg)}
+    trace = [r for r in generate_trace(3, 1.0, 50.0, 1.0, 0.3, input_range=(8, 12), output_range=(3, 5)) if r.adapter != 1]
+    assert trace and trace[-1].index >= len(trace)  # indices with gaps, as a filtered trace has
+    result = serve(engines, trace, engines[0].spec.vocab_size, "t")
+    assert result["requests"] == len(trace) and not any(e.has_unfinished() for e in engines.values())
