@@ -103,7 +103,7 @@ def check_case(name: str, world: int, rank: int, scheme: str, ops: str) -> None:
     token_slot = torch.tensor([slots[a] if a >= 0 else -1 for a in TOKEN_ADAPTER], dtype=torch.int32, device=DEVICE)
     paged = PagedLoraBatch.build(token_slot, runner.pool, runner.tables, runner.shrink_ops, runner.expand_ops)
     ref = TpLoraBatch(token_adapter, [shard_lora(ad, plan, scheme) for ad in adapters])
-    assert (paged.scheme, paged.max_rank, paged.empty) == (ref.scheme, ref.max_rank, False)
+    assert (paged.scheme, paged.max_rank, paged.empty, paged.targets) == (ref.scheme, ref.max_rank, False, ref.targets)
     g = torch.Generator(device=DEVICE).manual_seed(5)
     T, R, sch = len(TOKEN_ADAPTER), ref.max_rank, Scheme(scheme)
     q_loc, kv_loc, i_loc = plan.heads_per_rank * spec.head_dim, plan.kv_heads_per_rank * spec.head_dim, \
@@ -137,3 +137,28 @@ def check_case(name: str, world: int, rank: int, scheme: str, ops: str) -> None:
 def test_segments_are_runs_of_one_slot_skipping_base_tokens():
     assert segments([3, 3, -1, 3, 5, 5, -1, -1, 2]) == ([0, 3, 4, 8], [2, 1, 2, 1], [3, 3, 5, 2])
     assert segments([-1, -1]) == ([], [], [])
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_groups_no_adapter_of_the_batch_targets_cost_no_lora_work(scheme):
+    """Attention-only adapters (S1 / S2): gate/up and down run the base model only, with no LoRA
+    collective (fused would otherwise widen down's all-reduce by R)."""
+    from services.engine.tp.collectives import CommLog
+    from services.engine.tp.linear import column_parallel, row_parallel
+
+    spec, plan, runner, adapters, slots = _runner("mha", 1, 0, scheme, "torch", torch.float32)
+    attn_only = [i for i, ranks in enumerate(ADAPTER_RANKS) if set(ranks) <= {"q_proj", "k_proj", "v_proj", "o_proj"}]
+    token_slot = torch.tensor([slots[attn_only[0]]] * 3 + [-1], dtype=torch.int32, device=DEVICE)
+    paged = PagedLoraBatch.build(token_slot, runner.pool, runner.tables, runner.shrink_ops, runner.expand_ops)
+    assert paged.targets == frozenset(ADAPTER_RANKS[attn_only[0]])
+    log = CommLog()
+    comm = TpComm(1, 0, log=log)
+    lw = runner.model.w.layers[0]
+    h = torch.randn(4, spec.hidden_size, device=DEVICE)
+    gu = column_parallel(h, lw.gate_up, None, 0, ("gate_proj", "up_proj"), (0, spec.intermediate_size), paged, comm)
+    torch.testing.assert_close(gu, h @ lw.gate_up.T)
+    x_down = torch.randn(4, spec.intermediate_size, device=DEVICE)
+    torch.testing.assert_close(row_parallel(x_down, lw.down, 0, "down_proj", plan, paged, comm), x_down @ lw.down.T)
+    assert [(c.op, c.elements) for c in log.calls] == [("all_reduce", 4 * spec.hidden_size)]
+    o = row_parallel(torch.randn(4, spec.q_width, device=DEVICE), lw.o, 0, "o_proj", plan, paged, comm)
+    assert o.shape == (4, spec.hidden_size) and len(log.calls) > 1  # o_proj is targeted: its LoRA runs

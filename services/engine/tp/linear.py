@@ -24,7 +24,9 @@ Shapes for rank i of W (T tokens, M fused modules, R the batch's largest rank, p
                         intermediate rides in the base model's all-reduce, no collective of its own
 
 NOTE: every rank must make the same collective calls in the same order: the decision to skip
-the LoRA part depends only on the batch (identical on every rank), never on a rank's share.
+the LoRA part depends only on the batch (identical on every rank), never on a rank's share. A
+module group no adapter of the batch targets (in any layer) is skipped whole: no kernels, and no
+LoRA collective (S1/S2 target q/k/v/o only, so gate/up and down cost nothing for LoRA).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def column_parallel(
 ) -> torch.Tensor:
     """The rank's output columns [T, N_loc]."""
     y = F.linear(x, weight, bias)  # [T, N_loc]
-    if lora is None or lora.empty:
+    if lora is None or lora.empty or lora.targets.isdisjoint(modules):
         return y
     R = lora.max_rank
     if batch_scheme(lora).splits_column_rank:
@@ -78,7 +80,7 @@ def row_parallel(
 ) -> torch.Tensor:
     """The full output [T, H], the same on every rank."""
     y = F.linear(x_loc, weight)  # [T, H] partial sum over this rank's input columns
-    if lora is None or lora.empty:
+    if lora is None or lora.empty or module not in lora.targets:
         return comm.all_reduce_(y)
     modules, R, scheme = (module,), lora.max_rank, batch_scheme(lora)
     if scheme == Scheme.FUSED:

@@ -40,6 +40,11 @@ class TpLoraBatch:
         return max((ad.max_rank for ad, _ in self.groups()), default=0)
 
     @property
+    def targets(self) -> frozenset[str]:
+        """Modules any adapter of the batch targets (in any layer)."""
+        return frozenset(m for ad, _ in self.groups() for (_, m), r in ad.ranks.items() if r > 0)
+
+    @property
     def scheme(self) -> Scheme:
         schemes = {ad.scheme for ad, _ in self.groups()}
         if len(schemes) != 1:

@@ -40,6 +40,7 @@ class RankAdapterTables:
         self.split = self.scheme.splits_column_rank
         self._alloc(slots, 1)
         self.max_rank: dict[int, int] = {}  # slot -> the adapter's largest full rank
+        self.modules: dict[int, frozenset[str]] = {}  # slot -> the modules it targets (any layer)
 
     def _alloc(self, slots: int, max_pages: int) -> None:
         old = getattr(self, "page_table", None)
@@ -81,6 +82,7 @@ class RankAdapterTables:
         self.a_off[slot] = torch.tensor(layout.a_off, dtype=torch.int64)
         self.b_off[slot] = torch.tensor(layout.b_off, dtype=torch.int64)
         self.max_rank[slot] = max((e[3] for e in entries), default=0)
+        self.modules[slot] = frozenset(e[1] for e in entries if e[3] > 0)
 
 
 def segments(token_slot: list[int]) -> tuple[list[int], list[int], list[int]]:
@@ -106,6 +108,7 @@ class PagedLoraBatch:
     batch: LoraBatch
     shrink_ops: LoraOps
     expand_ops: LoraOps
+    targets: frozenset[str] = frozenset()  # modules any adapter of the batch targets (same on every rank)
 
     @classmethod
     def build(cls, token_slot: torch.Tensor, pool: torch.Tensor, tables: RankAdapterTables,
@@ -120,7 +123,8 @@ class PagedLoraBatch:
         max_rank = max((tables.max_rank[s] for s in set(slots)), default=0)
         batch = LoraBatch(token_slot=token_slot, seg_start=i32(starts), seg_len=i32(lens), seg_slot=i32(slots),
                           max_rank=max_rank, max_seg_len=max(lens, default=0), num_segments=len(slots))
-        return cls(tables.scheme, pool, tables, batch, shrink_ops, expand_ops)
+        targets = frozenset().union(*(tables.modules[s] for s in set(slots)))
+        return cls(tables.scheme, pool, tables, batch, shrink_ops, expand_ops, targets)
 
     @property
     def empty(self) -> bool:
