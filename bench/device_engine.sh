@@ -55,17 +55,29 @@ if [[ ${SMOKE:-0} == 1 ]]; then
 else
   S1=S1 S2=S2 S4=S4 EXTRA=()
 fi
+# wait_gpu_free SECONDS: until no process holds GPU memory (a stage cut by its timeout leaves
+# `lorafleet up` draining for a while; the next stage needs the whole GPU)
+wait_gpu_free() {
+  command -v nvidia-smi > /dev/null || return 0
+  local end=$((SECONDS + $1))
+  while ((SECONDS < end)) && [[ -n $(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null) ]]; do
+    sleep 2
+  done
+}
+
 COMMON=(--rate "$RATE" --duration "$DUR" --max-num-seqs 512 "${EXTRA[@]}")
 case "$PART" in
   part1)
     # runs the targets need first: n = 5, 2000, base-only (n = 0), 10000, then 100 and 1000
     stage engine-S1 60 330 150 python3 -m bench.engine_bench --setting $S1 --n 5 2000 0 10000 100 1000 --warmup 2 "${COMMON[@]}"
     stage merged-S1 90 170 0 python3 -m bench.merged_baseline --setting $S1 --n 5 100 --warmup 1 "${COMMON[@]}"
+    wait_gpu_free 20
     stage engine-S4 120 200 0 python3 -m bench.engine_bench --setting $S4 --n 5 0 1000 --warmup 1 "${COMMON[@]}"
     ;;
   part2)
     stage engine-S2 60 290 250 python3 -m bench.engine_bench --setting $S2 --n 5 2000 0 100 1000 --warmup 2 "${COMMON[@]}"
     stage e2e-S1 90 170 90 python3 -m bench.e2e_bench --setting $S1 --n 5 100 --warmup 2 "${COMMON[@]}"
+    wait_gpu_free 40
     stage hf-peft-S1 60 110 0 python3 -m bench.hf_baseline --setting $S1 --n 5 100 --rate "$RATE" --duration "$DUR" "${EXTRA[@]}" --max-requests 64 --batch 32
     stage hf-peft-S2 50 80 0 python3 -m bench.hf_baseline --setting $S2 --n 5 --rate "$RATE" --duration "$DUR" "${EXTRA[@]}" --max-requests 32 --batch 32
     ;;
