@@ -132,6 +132,7 @@ class LLMEngine:
         token the request got in the meantime is dropped (update_from_output skips finished ones),
         so what is emitted is exactly what a non-overlapped loop would emit.
         """
+        self.adapters.poll()  # prefetches whose packing finished in the background go to free pages
         sched = self.scheduler.schedule()
         pending, self._pending = self._pending, []
         if sched.empty:
