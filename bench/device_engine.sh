@@ -60,7 +60,9 @@ fi
 wait_gpu_free() {
   command -v nvidia-smi > /dev/null || return 0
   local end=$((SECONDS + $1))
-  while ((SECONDS < end)) && [[ -n $(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null) ]]; do
+  local ids=()  # only this run's GPUs (bench/device_all.sh runs other parts on the other GPUs)
+  [[ -n ${CUDA_VISIBLE_DEVICES:-} ]] && ids=(--id="$CUDA_VISIBLE_DEVICES")
+  while ((SECONDS < end)) && [[ -n $(nvidia-smi "${ids[@]}" --query-compute-apps=pid --format=csv,noheader 2>/dev/null) ]]; do
     sleep 2
   done
 }
