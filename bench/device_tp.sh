@@ -19,7 +19,7 @@ fi
 LEFT=$(( BUDGET_S - ($(date +%s) - T0) - 15 ))
 LEFT=$(( LEFT < 30 ? 30 : LEFT ))
 echo "== benchmark, ${LEFT} s left ($(date +%T))"
-timeout $(( LEFT + 40 )) python3 -m bench.tp_bench --worlds 1 2 4 --settings S1 S2 --schemes fused slora --n 100 \
+timeout $(( LEFT + 40 )) python3 -m bench.tp_bench --worlds 1 2 4 --settings S1 S2 --schemes fused slora replicated_a --n 100 \
   --rate "${RATE:-40}" --duration "${DURATION:-6}" --budget-s "$LEFT" --out "$OUT" ${COMMIT:+--commit "$COMMIT"} 2>&1 \
   | grep -v -i warning | tee "$OUT/bench.log" | tail -40
 echo "== done in $(( $(date +%s) - T0 )) s"
