@@ -100,13 +100,15 @@ def build_engine(setting_name: str, args) -> LLMEngine:
     model_dir = make_model_folder(setting.shape, Path("/tmp/lorafleet-bench") / setting.shape)
     return LLMEngine(EngineConfig(model_dir=str(model_dir), device=args.device, random_weights_seed=0,
                                   max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
-                                  max_adapter_rank=max(setting.ranks),
+                                  max_adapter_rank=max(setting.ranks), packed_adapter_bytes=args.packed_adapter_gb << 30,
                                   num_pages=args.num_pages or (0 if args.device.startswith("cuda") else 512)))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setting", choices=sorted(SETTINGS), default="S1")
+    p.add_argument("--packed-adapter-gb", type=int, default=8,
+                   help="host memory for packed adapters (the engine's LRU; LORAFLEET_ENGINE_PACKED_ADAPTER_BYTES in the service)")
     p.add_argument("--n", type=int, nargs="*", default=[5, 100, 2000])
     p.add_argument("--rate", type=float, default=50.0)
     p.add_argument("--duration", type=float, default=15.0)

@@ -32,8 +32,8 @@ class EngineConfig:
     max_batched_tokens: int = 2048
     max_adapter_rank: int = 256
     max_adapter_slots: int = 0  # 0: 2 * max_num_seqs, at least 64
-    # Host bytes of packed adapters ready for one copy to the pool (pinned on CUDA; LRU): a
-    # reload after eviction costs one DMA, not a repack (memory/adapter_pack.py).
+    # Host bytes of packed adapters ready for one copy to the pool (LRU): a reload after
+    # eviction costs one memcpy + DMA, not a repack (memory/adapter_pack.py).
     packed_adapter_bytes: int = 2 << 30
     gpu_memory_fraction: float = 0.90
     cpu_pool_bytes: int = 1 << 30

@@ -13,6 +13,7 @@ tokens while the GPU works -> wait for the sampled ids -> update (see step()).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import islice
 
 import torch
 
@@ -24,6 +25,9 @@ from .ops.base import LoraContext
 from .request import Request, SamplingParams
 from .sampling import sample
 from .scheduler import Scheduler
+
+
+PREFETCH_AHEAD = 64  # waiting requests (queue order) whose adapters are prefetched before admission
 
 
 @dataclass
@@ -95,8 +99,8 @@ class LLMEngine:
             )
         req = Request(request_id, ids, params, adapter_id, adapter, arrival)
         self.scheduler.add_request(req)
-        if adapter_id is not None:
-            self.adapters.prefetch(adapter_id, adapter)  # into free pages now, if there are any
+        if adapter_id is not None and len(self.scheduler.waiting) <= PREFETCH_AHEAD:
+            self.adapters.prefetch(adapter_id, adapter)  # packed now, into free pages now if there are any
         self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, ids, params.stop)
 
     def abort_request(self, request_id: str) -> bool:
@@ -133,6 +137,10 @@ class LLMEngine:
         so what is emitted is exactly what a non-overlapped loop would emit.
         """
         self.adapters.poll()  # prefetches whose packing finished in the background go to free pages
+        # Requests deeper in the queue than PREFETCH_AHEAD at arrival get their adapters packed
+        # (and loaded into free pages) as they come near admission.
+        self.adapters.prefetch_ahead((r.adapter_id, r.adapter_weights)
+                                     for r in islice(self.scheduler.waiting, PREFETCH_AHEAD) if r.adapter_id is not None)
         sched = self.scheduler.schedule()
         pending, self._pending = self._pending, []
         if sched.empty:

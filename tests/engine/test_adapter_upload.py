@@ -184,3 +184,17 @@ def test_a_prefetch_whose_pack_is_still_running_is_loaded_by_poll_once_packed():
     assert torch.equal(adapter_contents(cache, "a", n)[0], reference_pack(weights, torch.float32)[0].view(SPEC.num_layers, n, P))
     cache.poll()  # nothing deferred any more: a no-op
     assert cache.num_loads == 1 and cache.host.num_packs == 1
+
+
+def test_prefetch_ahead_packs_only_what_half_the_host_budget_holds_in_queue_order():
+    """Adapters deeper in the queue are not packed yet: the host LRU would drop them before use."""
+    ws = {f"a{i}": make_weights(4, seed=i) for i in range(6)}
+    one = pack_adapter(ws["a0"], SPEC, P, torch.float32, pin=False).nbytes
+    pool = torch.zeros(SPEC.num_layers, 2, P)  # no room in the pool: prefetch only packs
+    cache = AdapterCache(pool, PageAllocator(2), SPEC, max_slots=4, max_rank=64, packed_bytes=6 * one + one // 2)
+    cache.allocator.allocate(2, ("kv", "r0"))
+    queue = [("a0", ws["a0"]), ("a1", ws["a1"]), ("a0", ws["a0"]), ("a2", ws["a2"]), ("a3", ws["a3"]), ("a4", ws["a4"])]
+    cache.prefetch_ahead(iter(queue))
+    assert cache.host.ids() == ["a0", "a1", "a2"]  # 3 packs = half the budget; a repeat costs nothing
+    cache.prefetch_ahead(iter(queue[3:]))  # the queue moved on
+    assert cache.host.ids() == ["a0", "a1", "a2", "a3", "a4"]

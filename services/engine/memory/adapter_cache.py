@@ -70,7 +70,8 @@ class AdapterCache:
         self.num_loads = 0  # adapters copied into the pool (counters for tests and metrics)
         self.num_evictions = 0
         on_cuda = dev.type == "cuda"
-        self.host = HostAdapterCache(spec, page_elems, pool.dtype, pin=on_cuda, budget_bytes=packed_bytes,
+        # Packs are pageable (the uploader's pinned ring is the only pinned memory): see adapter_upload.py.
+        self.host = HostAdapterCache(spec, page_elems, pool.dtype, pin=False, budget_bytes=packed_bytes,
                                      background=on_cuda)
         self.uploader = AdapterUploader(pool, self.tables)
         # A subclass that overrides `_write` places adapters its own way (TpAdapterCache: every
@@ -147,6 +148,23 @@ class AdapterCache:
             self._deferred[adapter_id] = weights
             return False
         return self._prefetch_into_free_pages(adapter_id, weights)
+
+    def prefetch_ahead(self, upcoming) -> None:
+        """Prefetch the adapters of the requests next in line, (adapter_id, weights) in queue
+        order, while their packs fit in half the host budget of packed adapters: deeper in the
+        queue, a pack made now would be dropped by the host LRU before its request is admitted
+        (and packed again, on the step's critical path)."""
+        room = self.host.budget_bytes // 2
+        page_bytes = self.spec.num_layers * self.pool.shape[2] * self.pool.element_size()
+        seen: set[str] = set()
+        for adapter_id, weights in upcoming:
+            if adapter_id in seen or adapter_id in self._resident:
+                continue
+            seen.add(adapter_id)
+            room -= self.pages_to_load(weights) * page_bytes
+            if room < 0:
+                break
+            self.prefetch(adapter_id, weights)
 
     def poll(self) -> None:
         """Load deferred prefetches whose packs have finished, into free pages only (as prefetch).

@@ -116,9 +116,9 @@ class HostAdapterCache:
         return list(self._packed)
 
     def packing(self, adapter_id: str) -> bool:
-        """Is the adapter's pack still running in the worker?"""
-        self._settle()
-        return adapter_id in self._pending
+        """Is the adapter's pack still running in the worker? (O(1): called per deferred adapter)"""
+        pending = self._pending.get(adapter_id)
+        return pending is not None and not pending.done()
 
     def stage(self, adapter_id: str, weights: LoraWeights) -> None:
         """Have the adapter packed soon (now, or in the worker); a packed one becomes most recent."""
