@@ -46,18 +46,30 @@ def _run(zoo, model: str, **cfg) -> dict[str, list[int]]:
         return {rid: generated_ids(outs) for rid, outs in eng.run_to_completion().items()}
 
 
+_hf: dict[str, torch.nn.Module] = {}
+
+
 @torch.inference_mode()
 def _margins(model_dir, adapter_dir, prompt: list[int], generated: list[int]) -> list[float]:
-    """Top-2 logit gap (HF PEFT, bf16) at each generated position, fed the reference's tokens."""
+    """Top-2 logit gap (HF PEFT, bf16) at each generated position, fed the reference's tokens.
+    The base model is loaded once per model (a load per request cost most of a device run's
+    budget); an adapter is attached for the call and removed again (unload, no merge)."""
     from transformers import AutoModelForCausalLM
 
-    m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda()
+    key = str(model_dir)
+    if key not in _hf:
+        _hf[key] = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda()
+    m = _hf[key]
     if adapter_dir is not None:
         from peft import PeftModel
 
         m = PeftModel.from_pretrained(m, adapter_dir)
-    ids = torch.tensor([prompt + generated], device="cuda")
-    top = m(ids).logits[0, len(prompt) - 1 : -1].float().topk(2, dim=-1).values  # [n, 2]
+    try:
+        ids = torch.tensor([prompt + generated], device="cuda")
+        top = m(ids).logits[0, len(prompt) - 1 : -1].float().topk(2, dim=-1).values  # [n, 2]
+    finally:
+        if adapter_dir is not None:
+            _hf[key] = m.unload()  # the base model again, without LoRA layers
     return (top[:, 0] - top[:, 1]).tolist()
 
 
