@@ -6,7 +6,7 @@
 #   GPU 2: the engine's GPU tests (fused elementwise kernels, side-stream adapter loads, greedy
 #          equality with HF PEFT), then the host-overhead profile
 #   GPU 3: S1 headline with a longer trace (DUR3 s) at n = 2000, base-only and n = 5
-# Results into $OUT/part1, part2, tests, headline.   bash bench/device_all.sh COMMIT
+# Results in $OUT/results.tgz (part1/, part2/, tests/, headline/).   bash bench/device_all.sh COMMIT
 # Carry: .whl and .devkit (see device_engine.sh).
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -34,3 +34,6 @@ CUDA_VISIBLE_DEVICES=1 OUT=$OUT/part2 BUDGET=$BUDGET bash bench/device_engine.sh
 wait
 for f in part1 part2 headline; do echo "== $f"; tail -6 "$OUT/$f/run.log"; done
 echo "== tests"; grep -E "passed|failed|error" "$OUT/tests/run.log" | tail -5
+# The device tool returns only a few files per call: everything goes back as one archive.
+tar czf "$OUT/results.tgz" -C "$OUT" part1 part2 tests headline && rm -rf "$OUT"/{part1,part2,tests,headline}
+ls -la "$OUT"
