@@ -29,7 +29,7 @@ from bench.adapters import AdapterBank, save_peft
 from bench.metrics import summarize
 from bench.report import write_results
 from bench.shapes import make_model_folder
-from bench.workload import SETTINGS, generate_trace
+from bench.workload import SETTINGS, add_trace_arguments, generate_trace
 from services.engine.model_spec import ModelSpec
 
 
@@ -105,13 +105,7 @@ async def drive(ready: dict, trace, prompts: list[list[int]], run: str, adapter_
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--setting", choices=sorted(SETTINGS), default="S1")
-    p.add_argument("--n", type=int, nargs="+", default=[5, 100])
-    p.add_argument("--rate", type=float, default=50.0)
-    p.add_argument("--duration", type=float, default=15.0)
-    p.add_argument("--warmup", type=float, default=0.0, help="seconds of the trace (5 adapters) served first, not recorded")
-    p.add_argument("--max-len", type=int, default=512, help="lengths uniform in [8, max-len) (CPU smoke runs: less)")
-    p.add_argument("--max-num-seqs", type=int, default=512)
+    add_trace_arguments(p, warmup_help="seconds of the trace (5 adapters) served first, not recorded")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--run-timeout", type=float, default=300.0, help="seconds one run may take before it is abandoned")
     p.add_argument("--commit", default=None)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from bench.adapters import AdapterBank
-from bench.metrics import summarize
+from bench.metrics import Timeline
 from bench.report import write_results
 from bench.roofline import estimate
 from bench.shapes import make_model_folder
@@ -57,7 +57,7 @@ def run_once(engine: LLMEngine, bank: AdapterBank | None, trace, vocab: int, tag
     make_s = time.perf_counter() - t
     clear_cached_adapters(engine)
     before = _counters(engine)
-    arrival, first, finish, out_tokens = {}, {}, {}, {}
+    times = Timeline()
     peak_kv = peak_adapter = steps = 0
     pending = deque(trace)
     t0 = time.perf_counter()
@@ -70,24 +70,20 @@ def run_once(engine: LLMEngine, bank: AdapterBank | None, trace, vocab: int, tag
                                adapter_id=None if bank is None else f"{tag}-a{r.adapter}",
                                adapter=None if bank is None else bank.get(r.adapter),
                                params=SamplingParams(max_tokens=r.output_len, temperature=0, ignore_eos=True))
-            arrival[rid] = r.arrival
+            times.arrival[rid] = r.arrival
         if not engine.has_unfinished():
             time.sleep(max(0.0, min(0.01, pending[0].arrival - now)))
             continue
         outs = engine.step()
         steps += 1
-        t = time.perf_counter() - t0
-        for o in outs:
-            first.setdefault(o.request_id, t)
-            if o.finished:
-                finish[o.request_id], out_tokens[o.request_id] = t, o.num_output_tokens
+        times.record(outs, time.perf_counter() - t0)
         peak_kv = max(peak_kv, engine.kv.used_pages())
         peak_adapter = max(peak_adapter, engine.adapters.resident_pages())
     after = _counters(engine)
     page_bytes = engine.pool[:, 0].numel() * engine.pool.element_size()
     host_bytes = sum(bank.get(k).nbytes for k in distinct) if bank is not None else 0
     return {
-        **summarize(arrival, first, finish, out_tokens), "steps": steps,
+        **times.summary(), "steps": steps,
         "pool_gb": engine.pool.numel() * engine.pool.element_size() / 1e9,
         "peak_kv_gb": peak_kv * page_bytes / 1e9, "peak_adapter_gb": peak_adapter * page_bytes / 1e9,
         "distinct_adapters": len(distinct), "adapter_host_gb": host_bytes / 1e9, "make_adapters_s": make_s,

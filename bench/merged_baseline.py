@@ -21,11 +21,11 @@ import torch
 
 from bench.adapters import AdapterBank
 from bench.engine_bench import make_prompts
-from bench.metrics import summarize
+from bench.metrics import Timeline
 from bench.report import write_results
 from bench.roofline import Shape
 from bench.shapes import make_model_folder
-from bench.workload import SETTINGS, generate_trace
+from bench.workload import SETTINGS, add_trace_arguments, generate_trace
 from services.engine.adapters.weights import LoraWeights
 from services.engine.engine import EngineConfig, LLMEngine, SamplingParams
 from services.engine.memory.layout import PoolGeometry
@@ -66,7 +66,7 @@ def plan(spec: ModelSpec, shape: str, copies: int, free_bytes: int, fraction: fl
 
 def serve(engines: dict[int, LLMEngine], trace, vocab: int, tag: str) -> dict:
     prompts = dict(zip((r.index for r in trace), make_prompts(trace, vocab)))  # by request index
-    arrival, first, finish, out_tokens = {}, {}, {}, {}
+    times = Timeline()
     steps = peak_kv = 0
     pending = deque(trace)
     order = list(engines)
@@ -78,7 +78,7 @@ def serve(engines: dict[int, LLMEngine], trace, vocab: int, tag: str) -> dict:
             rid = f"{tag}-{r.index}"
             engines[r.adapter].add_request(rid, prompt_token_ids=prompts[r.index], params=SamplingParams(
                 max_tokens=r.output_len, temperature=0, ignore_eos=True))
-            arrival[rid] = r.arrival
+            times.arrival[rid] = r.arrival
         busy = [k for k in order if engines[k].has_unfinished()]
         if not busy:
             time.sleep(max(0.0, min(0.01, pending[0].arrival - now)))
@@ -86,24 +86,14 @@ def serve(engines: dict[int, LLMEngine], trace, vocab: int, tag: str) -> dict:
         for k in busy:  # round robin: one step of every engine with work
             outs = engines[k].step()
             steps += 1
-            t = time.perf_counter() - t0
-            for o in outs:
-                first.setdefault(o.request_id, t)
-                if o.finished:
-                    finish[o.request_id], out_tokens[o.request_id] = t, o.num_output_tokens
+            times.record(outs, time.perf_counter() - t0)
         peak_kv = max(peak_kv, sum(e.kv.used_pages() * e.pool[:, 0].numel() * e.pool.element_size() for e in engines.values()))
-    return {**summarize(arrival, first, finish, out_tokens), "steps": steps, "peak_kv_gb": peak_kv / 1e9}
+    return {**times.summary(), "steps": steps, "peak_kv_gb": peak_kv / 1e9}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--setting", choices=sorted(SETTINGS), default="S1")
-    p.add_argument("--n", type=int, nargs="+", default=[5, 100])
-    p.add_argument("--rate", type=float, default=50.0)
-    p.add_argument("--duration", type=float, default=15.0)
-    p.add_argument("--warmup", type=float, default=0.0, help="seconds of the trace served first, not recorded")
-    p.add_argument("--max-len", type=int, default=512, help="lengths uniform in [8, max-len) (CPU smoke runs: less)")
-    p.add_argument("--max-num-seqs", type=int, default=512)
+    add_trace_arguments(p, warmup_help="seconds of the trace served first, not recorded")
     p.add_argument("--max-batched-tokens", type=int, default=4096)
     p.add_argument("--memory-fraction", type=float, default=0.90)
     p.add_argument("--min-kv-tokens", type=int, default=16384, help="a copy needs at least this much KV to count as fitting")

@@ -7,6 +7,26 @@ import numpy as np
 SLO_FIRST_TOKEN_S = 6.0
 
 
+class Timeline:
+    """Per-request times of a run on one clock: arrival, first token, finish (+ output tokens)."""
+
+    def __init__(self) -> None:
+        self.arrival: dict[str, float] = {}
+        self.first: dict[str, float] = {}
+        self.finish: dict[str, float] = {}
+        self.out_tokens: dict[str, int] = {}
+
+    def record(self, outputs, t: float) -> None:
+        """Engine RequestOutputs seen at time t."""
+        for o in outputs:
+            self.first.setdefault(o.request_id, t)
+            if o.finished:
+                self.finish[o.request_id], self.out_tokens[o.request_id] = t, o.num_output_tokens
+
+    def summary(self) -> dict:
+        return summarize(self.arrival, self.first, self.finish, self.out_tokens)
+
+
 def summarize(arrival: dict[str, float], first: dict[str, float], finish: dict[str, float],
               out_tokens: dict[str, int]) -> dict:
     """Times in seconds on one clock; throughput over first arrival -> last completion."""

@@ -47,3 +47,14 @@ def generate_trace(n_adapters: int, alpha: float, rate: float, cv: float, durati
     intervals = np.random.gamma(shape, scale, total)
     arrivals = np.cumsum(intervals)
     return [TraceRequest(i, int(adapters[i]), int(inputs[i]), int(outputs[i]), float(arrivals[i])) for i in range(total)]
+
+
+def add_trace_arguments(p, warmup_help: str) -> None:
+    """The trace options shared by the baselines' command lines (merged models, end to end)."""
+    p.add_argument("--setting", choices=sorted(SETTINGS), default="S1")
+    p.add_argument("--n", type=int, nargs="+", default=[5, 100])
+    p.add_argument("--rate", type=float, default=50.0)
+    p.add_argument("--duration", type=float, default=15.0)
+    p.add_argument("--warmup", type=float, default=0.0, help=warmup_help)
+    p.add_argument("--max-len", type=int, default=512, help="lengths uniform in [8, max-len) (CPU smoke runs: less)")
+    p.add_argument("--max-num-seqs", type=int, default=512)
