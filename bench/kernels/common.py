@@ -9,6 +9,7 @@ host launch path included.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -81,3 +82,11 @@ def write_json(path: Path, meta: dict, rows: list[Row]) -> None:
 
 def gb(x: float) -> str:
     return f"{x / 1e9:.0f}"
+
+
+def git_commit() -> str:
+    """The checkout's commit, or "unknown" where there is no git (the device: pass --commit)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"

@@ -17,7 +17,6 @@ Writes DIR/fused.json (rows as bench/kernels/common.Row) and DIR/fused.md.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from bench.kernels.common import Row, measure_ceilings, time_graph_ms, time_ms, write_json  # noqa: E402
+from bench.kernels.common import Row, git_commit, measure_ceilings, time_graph_ms, time_ms, write_json  # noqa: E402
 from kernels.fused_ops import TritonElementwiseOps  # noqa: E402
 from services.engine.model import TorchElementwiseOps  # noqa: E402
 from services.engine.model_spec import RopeSpec  # noqa: E402
@@ -125,7 +124,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("the fused-op benchmark needs a CUDA GPU")
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"commit": _git_commit(), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+    meta = {"commit": git_commit(), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": __import__("triton").__version__, "dtype": args.dtype, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "command": "python " + " ".join(sys.argv)}  # fmt: skip
     meta["ceilings"] = measure_ceilings()
@@ -134,13 +133,6 @@ def main() -> None:
     text = markdown(meta, rows)
     (args.out / "fused.md").write_text(text)
     print(text)
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
 from bench.kernels import bench_attention, bench_lora  # noqa: E402
-from bench.kernels.common import measure_ceilings, write_json  # noqa: E402
+from bench.kernels.common import git_commit, measure_ceilings, write_json  # noqa: E402
 from bench.kernels.report import plot, summary_markdown  # noqa: E402
 
 
@@ -31,7 +30,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("the kernel benchmarks need a CUDA GPU")
     args.out.mkdir(parents=True, exist_ok=True)
-    commit = args.commit or _git_commit()
+    commit = args.commit or git_commit()
     meta = {
         "commit": commit,
         "gpu": torch.cuda.get_device_name(),
@@ -54,13 +53,6 @@ def main() -> None:
     (args.out / "kernels.md").write_text(text)
     plot(rows, args.out / "kernels.png")
     print(text)
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":
