@@ -55,6 +55,20 @@ def test_abort(engine):
     assert engine.kv.used_pages() == 0
 
 
+def test_outputs_trail_the_gpu_by_one_step_and_the_last_one_is_never_lost(engine):
+    """step() returns the tokens sampled by the previous step (detokenized while this step runs).
+    A request that finished in the last step still gets its final output, even if the caller
+    aborts it meanwhile (abort says False: it was already finished)."""
+    engine.add_request("lag", prompt="Hello", params=SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    assert engine.step() == []  # prefill: its token is sampled, not yet detokenized
+    first = engine.step()  # decode of token 2; outputs: token 1
+    assert [(o.index, o.finished) for o in first] == [(0, False)]
+    assert not engine.abort_request("lag") and engine.has_unfinished()
+    last = engine.step()  # nothing left to compute: the pending final output comes out
+    assert [(o.index, o.finished, o.finish_reason) for o in last] == [(1, True, "length")]
+    assert not engine.has_unfinished() and engine.kv.used_pages() == 0
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
