@@ -141,6 +141,9 @@ class AdapterCache:
         While its pack is still running (CUDA: packs run in a worker) the load is deferred to
         `poll`, so the caller never waits for a pack."""
         self.poll()
+        return self._prefetch_one(adapter_id, weights)
+
+    def _prefetch_one(self, adapter_id: str, weights: LoraWeights) -> bool:
         if adapter_id in self._resident:
             return True
         self.stage(adapter_id, weights)
@@ -164,11 +167,13 @@ class AdapterCache:
             room -= self.pages_to_load(weights) * page_bytes
             if room < 0:
                 break
-            self.prefetch(adapter_id, weights)
+            self._prefetch_one(adapter_id, weights)  # (the engine step polled just before)
 
     def poll(self) -> None:
         """Load deferred prefetches whose packs have finished, into free pages only (as prefetch).
         Cheap; meant for the start of each engine step (and run by every prefetch)."""
+        if self._packs:
+            self.host.settle()  # admit packs the worker finished (into the host LRU)
         if not self._deferred:
             return
         for adapter_id, weights in list(self._deferred.items()):

@@ -121,8 +121,8 @@ class HostAdapterCache:
         return pending is not None and not pending.done()
 
     def stage(self, adapter_id: str, weights: LoraWeights) -> None:
-        """Have the adapter packed soon (now, or in the worker); a packed one becomes most recent."""
-        self._settle()
+        """Have the adapter packed soon (now, or in the worker); a packed one becomes most recent.
+        O(1): finished packs are admitted by `settle` (each engine step) or `get`."""
         if adapter_id in self._packed:
             self._packed.move_to_end(adapter_id)
         elif adapter_id not in self._pending:
@@ -132,7 +132,7 @@ class HostAdapterCache:
                 self._pending[adapter_id] = self._worker.submit(self._pack, weights)
 
     def get(self, adapter_id: str, weights: LoraWeights) -> PackedAdapter:
-        self._settle()
+        self.settle()
         packed = self._packed.get(adapter_id)
         if packed is not None:
             self._packed.move_to_end(adapter_id)
@@ -145,7 +145,7 @@ class HostAdapterCache:
     def _pack(self, weights: LoraWeights) -> PackedAdapter:
         return pack_adapter(weights, self.spec, self.page_elems, self.dtype, self.pin)
 
-    def _settle(self) -> None:
+    def settle(self) -> None:
         """Admit packs the worker finished (a failed one is dropped: `get` packs again and raises)."""
         for adapter_id in [k for k, f in self._pending.items() if f.done()]:
             done = self._pending.pop(adapter_id)
