@@ -10,8 +10,8 @@ engine runs every setting's trace in turn (adapter numbers offset per setting; r
 each run with no cached adapter). Each engine first serves --warmup seconds of a short trace per
 setting, unrecorded, so that no rank JIT-compiles a kernel on the clock (engine_start_s
 includes it). W = 1 is the one-process engine; like the TP ranks it runs eagerly (no CUDA graphs
-under TP yet) and with the torch elementwise sequence, unless --w1-graphs / --w1-elementwise
-auto, so the scaling is like for like.
+under TP yet, unless --w1-graphs), and every W uses the same elementwise ops (--elementwise: the
+fused kernels by default), so the scaling is like for like.
 Before each engine and run the script checks its remaining --budget-s against the times measured
 so far and skips what would not fit (listed as skipped in the JSON).
 """
@@ -78,8 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-batched-tokens", type=int, default=4096)
     p.add_argument("--decode-steps-per-prefill", type=int, default=0, help="the same scheduling at every W")
     p.add_argument("--w1-graphs", action="store_true", help="CUDA graphs for W = 1 (not like for like)")
-    p.add_argument("--w1-elementwise", choices=["torch", "auto"], default="torch",
-                   help="W = 1's elementwise ops; torch: the sequence the TP ranks run (like for like)")
+    p.add_argument("--elementwise", choices=["torch", "auto"], default="auto",
+                   help="elementwise ops at every W; auto: the fused kernels on CUDA")
     p.add_argument("--budget-s", type=float, default=1e9, help="skip engines and runs that would not fit")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--num-pages", type=int, default=0, help="0: from free GPU memory (512 on the CPU)")
@@ -101,7 +101,7 @@ def _config(args, model_dir: Path, plan: EnginePlan, max_rank: int) -> EngineCon
         max_batched_tokens=args.max_batched_tokens, max_adapter_rank=max_rank,
         num_pages=args.num_pages or (0 if cuda else 512), decode_steps_per_prefill=args.decode_steps_per_prefill,
         cuda_graphs=bool(args.w1_graphs and plan.world == 1), tp_size=plan.world,
-        elementwise_ops=args.w1_elementwise if plan.world == 1 else "torch",
+        elementwise_ops=args.elementwise,
         tp_lora_scheme=plan.scheme if plan.scheme != "-" else "fused",
     )
 

@@ -40,7 +40,7 @@ class EngineConfig:
     ops: str = "auto"  # auto (triton on CUDA when available) | torch | triton
     # RMSNorm / RoPE / SiLU-and-mul / residual adds: auto follows `ops` (fused Triton kernels where
     # the Triton ops run); torch runs the torch sequence, eagerly (no decode CUDA graphs, which
-    # replay the fused kernels). Ignored when tp_size > 1 (the TP model runs the torch sequence).
+    # replay the fused kernels). Under tp_size > 1 every rank's model follows the same choice.
     elementwise_ops: str = "auto"  # auto | torch | triton
     random_weights_seed: int | None = None  # benchmarks: random weights made on the device, no checkpoint
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs (CUDA with the Triton ops only)

@@ -96,7 +96,7 @@ class TpDriverModel:
 def build_tp_runtime(cfg: EngineConfig) -> Runtime:
     from transformers import AutoTokenizer
 
-    from ..config import select_ops
+    from ..config import select_elementwise_ops, select_ops
 
     model_dir = Path(cfg.model_dir)
     spec = ModelSpec.from_pretrained(model_dir)
@@ -117,12 +117,16 @@ def build_tp_runtime(cfg: EngineConfig) -> Runtime:
     attn_kind = "torch" if device.type != "cuda" or cfg.ops == "torch" else "triton"
     if attn_kind == "triton":  # fall back to torch ops when the kernels cannot be imported
         attn_kind = "triton" if type(select_ops(cfg.ops, device)[1]).__name__.startswith("Triton") else "torch"
+    # The fused elementwise kernels where the Triton ops run (elementwise_ops auto), as in one process.
+    ew_kind = "torch" if cfg.elementwise_ops == "torch" or attn_kind == "torch" else "triton"
+    if ew_kind == "triton":  # (torch when the kernels cannot be imported here)
+        ew_kind = "triton" if type(select_elementwise_ops(cfg.elementwise_ops, "triton", device)).__name__.startswith("Triton") else "torch"
     start = wire.WorkerStart(
         model_dir=str(model_dir), spec_json=msgspec.json.encode(spec), world=cfg.tp_size, rank=0,
         init_method=f"tcp://127.0.0.1:{free_port()}", backend="nccl" if device.type == "cuda" else "gloo",
         device=device.type, dtype=str(dtype).removeprefix("torch."), attn_ops=attn_kind,
         scheme=cfg.tp_lora_scheme, num_pages=num_pages, block_size=cfg.block_size,
-        random_weights_seed=cfg.random_weights_seed, timeout_s=COLLECTIVE_TIMEOUT_S,
+        random_weights_seed=cfg.random_weights_seed, timeout_s=COLLECTIVE_TIMEOUT_S, elementwise_ops=ew_kind,
     )
     group = TpWorkerGroup(start)  # workers load their shards while rank 0 loads its own
     try:

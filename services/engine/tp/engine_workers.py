@@ -83,7 +83,18 @@ def build_runner(start: wire.WorkerStart, spec: ModelSpec) -> RankRunner:
     shrink_ops, attn_ops = select_ops(start.attn_ops, device)
     expand_ops = select_ops(start.attn_ops, device)[0]  # its own instance: its own cached table checks
     comm = TpComm.from_group()
-    return RankRunner(spec, plan, weights, attn_ops, comm, pool, Scheme(start.scheme), (shrink_ops, expand_ops))
+    return RankRunner(spec, plan, weights, attn_ops, comm, pool, Scheme(start.scheme), (shrink_ops, expand_ops),
+                      _elementwise_ops(start.elementwise_ops))
+
+
+def _elementwise_ops(kind: str):
+    if kind == "triton":
+        from kernels.fused_ops import TritonElementwiseOps
+
+        return TritonElementwiseOps()
+    from ..model import TorchElementwiseOps
+
+    return TorchElementwiseOps()
 
 
 def _to_device(w: ModelWeights, device: torch.device) -> ModelWeights:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..model import rms_norm
+from ..model import ElementwiseOps, TorchElementwiseOps
 from ..model_spec import ModelSpec
 from ..ops.base import AttentionMeta, AttentionOps
 from ..rope import RotaryEmbedding
@@ -26,11 +26,14 @@ GATE_UP = ("gate_proj", "up_proj")
 
 
 class TpLlamaModel:
-    def __init__(self, spec: ModelSpec, plan: TpPlan, weights: ModelWeights, attn_ops: AttentionOps, comm: TpComm):
-        """`weights`: this rank's shard (shard_model); `comm`: the group of the plan's ranks."""
+    def __init__(self, spec: ModelSpec, plan: TpPlan, weights: ModelWeights, attn_ops: AttentionOps, comm: TpComm,
+                 elementwise_ops: ElementwiseOps | None = None):  # fmt: skip
+        """`weights`: this rank's shard (shard_model); `comm`: the group of the plan's ranks;
+        `elementwise_ops`: the torch sequence by default, the fused kernels when the engine asks."""
         if (comm.world, comm.rank) != (plan.world, plan.rank):
             raise ValueError(f"plan is rank {plan.rank} of {plan.world}, the group rank {comm.rank} of {comm.world}")
         self.spec, self.plan, self.w, self.attn_ops, self.comm = spec, plan, weights, attn_ops, comm
+        self.ew = elementwise_ops if elementwise_ops is not None else TorchElementwiseOps()
         self.dtype, self.device = weights.embed.dtype, weights.embed.device
         self.rope = RotaryEmbedding(spec.rope, spec.head_dim, spec.max_position, self.dtype, self.device)
         self.scale = spec.head_dim ** -0.5
@@ -52,23 +55,27 @@ class TpLlamaModel:
         lora: TpLoraBatch | None,
     ) -> torch.Tensor:
         """Hidden states after the final norm: [T, H], the same on every rank."""
-        s, D, comm, plan = self.spec, self.spec.head_dim, self.comm, self.plan
-        x = self.w.embed[input_ids]  # [T, H]
-        for i, lw in enumerate(self.w.layers):
-            h = rms_norm(x, lw.input_norm, s.rms_norm_eps)
+        s, D, comm, plan, ew, eps = self.spec, self.spec.head_dim, self.comm, self.plan, self.ew, self.spec.rms_norm_eps
+        layers = self.w.layers
+        x = self.w.embed[input_ids]  # [T, H], a fresh tensor: the residual stream, updated in place
+        h = ew.rms_norm(x, layers[0].input_norm, eps) if layers else x
+        for i, lw in enumerate(layers):
             qkv = column_parallel(h, lw.qkv, lw.qkv_bias, i, QKV, self._qkv_offsets, lora, comm)  # [T, q/W + 2 kv_loc]
+            ew.rope_qk(qkv, positions, self.rope, self.heads, self.kv_heads)  # this rank's q, k rotated in place
             q, k, v = qkv.split(self._qkv_split, dim=-1)
-            q = self.rope.apply(q.reshape(-1, self.heads, D), positions)  # [T, nh/W, D]
-            k = self.rope.apply(k.reshape(-1, self.kv_heads, D), positions)  # [T, kv_loc, D]
+            q = q.reshape(-1, self.heads, D)  # [T, nh/W, D] (a view of qkv)
+            k = k.reshape(-1, self.kv_heads, D)  # [T, kv_loc, D]
             v = v.reshape(-1, self.kv_heads, D)
             self.attn_ops.write_kv(pool, i, k, v, attn)
             o = self.attn_ops.attend(q, pool, i, attn, self.scale).reshape(-1, self._qkv_split[0])  # [T, q/W]
-            x = x + row_parallel(o, lw.o, i, "o_proj", plan, lora, comm)  # [T, H]
-            h = rms_norm(x, lw.post_norm, s.rms_norm_eps)
+            # x += o W_o^T (all-reduced: the same on every rank), then the post-attention norm
+            h = ew.add_rms_norm(x, row_parallel(o, lw.o, i, "o_proj", plan, lora, comm), lw.post_norm, eps)
             gu = column_parallel(h, lw.gate_up, None, i, GATE_UP, self._gate_up_offsets, lora, comm)  # [T, 2I/W]
-            gate, up = gu.chunk(2, dim=-1)
-            x = x + row_parallel(F.silu(gate) * up, lw.down, i, "down_proj", plan, lora, comm)
-        return rms_norm(x, self.w.final_norm, s.rms_norm_eps)
+            down = row_parallel(ew.silu_mul(gu), lw.down, i, "down_proj", plan, lora, comm)  # [T, H]
+            # This layer's residual add fused with the next layer's input norm (or the final norm).
+            next_norm = layers[i + 1].input_norm if i + 1 < len(layers) else self.w.final_norm
+            h = ew.add_rms_norm(x, down, next_norm, eps)
+        return h if layers else ew.rms_norm(x, self.w.final_norm, eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, H] -> logits [N, V] float32 (lm_head replicated: no collective)."""

@@ -20,6 +20,7 @@ import torch
 
 from ..adapters.peft_config import PeftLoraConfig, TargetEntry
 from ..adapters.weights import LoraWeights
+from ..model import ElementwiseOps
 from ..model_spec import MODULE_INDEX, ModelSpec
 from ..ops.base import AttentionMeta, AttentionOps, LoraOps
 from ..ops.torch_ref import TorchLoraOps
@@ -40,12 +41,13 @@ def adapter_pages(spec: ModelSpec, ranks_by_module: dict[str, int], world: int, 
 
 class RankRunner:
     def __init__(self, spec: ModelSpec, plan: TpPlan, weights: ModelWeights, attn_ops: AttentionOps, comm: TpComm,
-                 pool: torch.Tensor, scheme: Scheme, lora_ops: tuple[LoraOps, LoraOps] | None = None):
+                 pool: torch.Tensor, scheme: Scheme, lora_ops: tuple[LoraOps, LoraOps] | None = None,
+                 elementwise_ops: ElementwiseOps | None = None):  # fmt: skip
         """lora_ops: (shrink ops, expand ops), two instances so that each caches its own table checks
         under slora; default: the torch reference ops."""
         self.spec, self.plan, self.scheme = spec, plan, Scheme(scheme)
         self.pool = pool  # [L, num_pages, P_loc]
-        self.model = TpLlamaModel(spec, plan, weights, attn_ops, comm)
+        self.model = TpLlamaModel(spec, plan, weights, attn_ops, comm, elementwise_ops)
         self.tables = RankAdapterTables(spec, plan, self.scheme, pool.device)
         self.shrink_ops, self.expand_ops = lora_ops or (TorchLoraOps(), TorchLoraOps())
 

@@ -35,6 +35,7 @@ class WorkerStart(msgspec.Struct, frozen=True):
     block_size: int
     random_weights_seed: int | None
     timeout_s: float
+    elementwise_ops: str = "torch"  # torch | triton (the fused kernels)
 
 
 class AdapterLoad(msgspec.Struct, frozen=True):
