@@ -43,6 +43,29 @@ def _profiled_step(eng: LLMEngine) -> tuple[float, float, str]:
     return wall, gpu_us / 1e3, table
 
 
+def _adapter_loads(eng: LLMEngine, bank: AdapterBank, first: int, count: int) -> dict:
+    """What one adapter costs the host: its pack (worker thread), then a load (acquire) into free
+    pages, and the GPU time of `count` loads together. Adapters never seen before."""
+    cache, ms = eng.adapters, lambda t: (time.perf_counter() - t) * 1e3
+    ids = [(f"load{k}", bank.get(first + k)) for k in range(count)]
+    t = time.perf_counter()
+    for aid, w in ids:
+        cache.stage(aid, w)
+        cache.host.get(aid, w)  # waits for the worker's pack
+    pack_ms = ms(t) / count
+    _sync()
+    t = time.perf_counter()
+    for aid, w in ids:
+        cache.acquire(aid, w)
+    acquire_ms = ms(t) / count
+    _sync()
+    total_ms = ms(t)
+    for aid, _ in ids:
+        cache.release(aid)
+    return {"adapters": count, "mb_each": ids[0][1].nbytes / 1e6, "pack_ms_each": pack_ms,
+            "acquire_host_ms_each": acquire_ms, "loads_total_ms_incl_gpu": total_ms}
+
+
 def _add(eng: LLMEngine, bank: AdapterBank, rid: str, n_tokens: int, adapter: int, max_tokens: int, rng) -> None:
     eng.add_request(rid, prompt_token_ids=rng.integers(3, 32000, n_tokens).tolist(), adapter_id=f"a{adapter}",
                     adapter=bank.get(adapter), params=SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
@@ -82,6 +105,8 @@ def main() -> None:
         wall, gpu, table = _profiled_step(eng)
         result["steps"].append({"kind": f"decode {args.decode_batch}", "wall_ms": wall, "gpu_kernel_ms": gpu})
     tables.append(f"## decode {args.decode_batch}: wall {wall:.1f} ms, GPU kernels {gpu:.1f} ms\n{table}")
+    eng.run_to_completion()
+    result["adapter_loads"] = _adapter_loads(eng, bank, first=1000, count=16)
     print(json.dumps(result, indent=1))
     print("\n\n".join(tables))
     args.out.mkdir(parents=True, exist_ok=True)
