@@ -70,7 +70,7 @@ class AdapterCache:
         self.num_loads = 0  # adapters copied into the pool (counters for tests and metrics)
         self.num_evictions = 0
         on_cuda = dev.type == "cuda"
-        # Packs are pageable (the uploader's pinned ring is the only pinned memory): see adapter_upload.py.
+        # Packs are pageable (the uploader pins its ring and rows once, never per load): adapter_upload.py.
         self.host = HostAdapterCache(spec, page_elems, pool.dtype, pin=False, budget_bytes=packed_bytes,
                                      background=on_cuda)
         self.uploader = AdapterUploader(pool, self.tables)
