@@ -88,3 +88,24 @@ def test_sampling_params_validation():
                       (dict(top_p=0), "top_p"), (dict(top_k=-2), "top_k"), (dict(stop=("",)), "stop")]:
         with pytest.raises(ValueError, match=match):
             SamplingParams(**kw)
+
+
+def test_adapters_deep_in_the_queue_are_packed_as_they_come_near_admission(zoo):
+    """At arrival only requests within PREFETCH_AHEAD of the queue head get their adapter packed;
+    the others are packed by a later step's lookahead, before admission needs them."""
+    from services.engine.adapters.weights import load_peft_adapter_dir
+    from services.engine.engine import PREFETCH_AHEAD
+
+    eng = LLMEngine(EngineConfig(model_dir=str(zoo.model("mha")), num_pages=96, max_num_seqs=4))
+    w = load_peft_adapter_dir(zoo.adapter("mha", "r1-attn"), eng.spec)
+    n = PREFETCH_AHEAD + 6
+    for i in range(n):  # one weights object under n ids: n adapters as far as the engine knows
+        eng.add_request(f"q{i}", prompt_token_ids=[5, 6, 7], adapter_id=f"ad{i}", adapter=w,
+                        params=SamplingParams(max_tokens=1, temperature=0))
+    assert eng.adapters.host.num_packs == PREFETCH_AHEAD  # the deeper ones are not packed yet
+    done = {o.request_id for o in eng.step()}  # the lookahead (before scheduling) sees the first 64: packed
+    assert eng.adapters.host.num_packs == PREFETCH_AHEAD
+    done |= {o.request_id for o in eng.step()}  # the queue moved by 4: the 4 now within reach are packed
+    assert eng.adapters.host.num_packs == PREFETCH_AHEAD + 4
+    done |= set(eng.run_to_completion())
+    assert len(done) == n and eng.adapters.host.num_packs == n  # everyone served, nothing packed twice
