@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -78,3 +79,32 @@ def test_sharded_decoder_matches_hf_peft(group_run):
                 where = f"{model} W={world} rank {rank} {scheme}"
                 torch.testing.assert_close(got["prefill"], want_prefill, atol=1e-4, rtol=1e-4, msg=lambda m: f"{where}: {m}")
                 torch.testing.assert_close(got["decode"], want_decode, atol=1e-4, rtol=1e-4, msg=lambda m: f"{where}: {m}")
+
+
+def test_sharded_decoder_with_the_fused_elementwise_kernels_matches_hf_peft(zoo, tmp_path):
+    """The ranks' model with the fused Triton kernels (add + RMSNorm, RoPE on the rank's q/k heads,
+    SiLU * up) instead of the torch sequence, W = 2: the same logits as HF + PEFT. On the CPU the
+    spawned ranks run the kernels under the Triton interpreter (set for the children only)."""
+    world, model = 2, "mha"
+    adapters = [str(zoo.adapter(model, name)) for name in ADAPTERS]
+    job = dict(DECODER_JOB, adapters=adapters, elementwise="triton")
+    jobs = [{"name": model, "model_dir": str(zoo.model(model)), "job": job,
+             "spec": workers.spec_to_json(ModelSpec.from_pretrained(zoo.model(model)))}]
+    interpret = not torch.cuda.is_available()
+    saved = os.environ.get("TRITON_INTERPRET")
+    if interpret:
+        os.environ["TRITON_INTERPRET"] = "1"  # read by the spawned ranks when they import the kernels
+    try:
+        run_ranks(workers.decoder_worker, world, tmp_path, json.dumps(jobs))
+    finally:
+        if interpret and saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        elif interpret:
+            os.environ["TRITON_INTERPRET"] = saved
+    want_prefill, want_decode = reference_logits(str(zoo.model(model)), adapters, job)
+    for scheme in SCHEMES:
+        for rank in range(world):
+            got = load_file(str(tmp_path / model / f"{scheme}-rank{rank}.safetensors"))
+            where = f"fused {model} W={world} rank {rank} {scheme}"
+            torch.testing.assert_close(got["prefill"], want_prefill, atol=1e-4, rtol=1e-4, msg=lambda m: f"{where}: {m}")
+            torch.testing.assert_close(got["decode"], want_decode, atol=1e-4, rtol=1e-4, msg=lambda m: f"{where}: {m}")

@@ -67,6 +67,11 @@ def suite_worker(rank: int, world: int, out_dir: str, decoder_jobs_json: str) ->
     decoder_jobs: [{"name", "model_dir", "spec" (spec_to_json), "job"}]; each writes to out_dir/<name>/.
     """
     layer_worker(rank, world, out_dir)
+    decoder_worker(rank, world, out_dir, decoder_jobs_json)
+
+
+def decoder_worker(rank: int, world: int, out_dir: str, decoder_jobs_json: str) -> None:
+    """Each decoder job (see suite_worker) in one group, without the layer cases."""
     for d in json.loads(decoder_jobs_json):
         spec = spec_from_json(d["spec"])
         plan = make_plan(spec, world, rank)
@@ -87,7 +92,12 @@ def run_decoder_job(spec: ModelSpec, model_dir: str, job: dict, plan, comm: TpCo
     full_adapters = [load_peft_adapter_dir(d, spec) for d in job["adapters"]]
     prompts, seq_adapter = job["prompts"], job["seq_adapter"]
     geom = PoolGeometry.for_model(local_spec(spec, plan.world), paged.num_pages(len(prompts)), paged.BLOCK)
-    model = TpLlamaModel(spec, plan, weights, TorchAttentionOps(), comm)
+    elementwise = None  # the torch sequence; job "elementwise": "triton" runs the fused kernels
+    if job.get("elementwise") == "triton":
+        from kernels.fused_ops import TritonElementwiseOps
+
+        elementwise = TritonElementwiseOps()
+    model = TpLlamaModel(spec, plan, weights, TorchAttentionOps(), comm, elementwise)
     lens = [len(p) for p in prompts]
     results = {}
     for scheme in SCHEMES:
