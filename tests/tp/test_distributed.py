@@ -72,13 +72,18 @@ def test_sharded_decoder_matches_hf_peft(group_run):
     world, out, jobs = group_run
     assert sorted(jobs) == sorted(DECODERS[world])
     for model, d in jobs.items():
-        want_prefill, want_decode = reference_logits(d["model_dir"], d["job"]["adapters"], d["job"])
-        for scheme in SCHEMES:
-            for rank in range(world):
-                got = load_file(str(out / model / f"{scheme}-rank{rank}.safetensors"))
-                where = f"{model} W={world} rank {rank} {scheme}"
-                torch.testing.assert_close(got["prefill"], want_prefill, atol=1e-4, rtol=1e-4, msg=lambda m: f"{where}: {m}")
-                torch.testing.assert_close(got["decode"], want_decode, atol=1e-4, rtol=1e-4, msg=lambda m: f"{where}: {m}")
+        _check_decoder(out, model, world, reference_logits(d["model_dir"], d["job"]["adapters"], d["job"]), "")
+
+
+def _check_decoder(out, model: str, world: int, want: tuple, label: str) -> None:
+    """Every scheme's prefill and decode logits on every rank equal the reference's."""
+    want_prefill, want_decode = want
+    for scheme in SCHEMES:
+        for rank in range(world):
+            got = load_file(str(out / model / f"{scheme}-rank{rank}.safetensors"))
+            where = f"{label}{model} W={world} rank {rank} {scheme}"
+            torch.testing.assert_close(got["prefill"], want_prefill, atol=1e-4, rtol=1e-4, msg=lambda m: f"{where}: {m}")
+            torch.testing.assert_close(got["decode"], want_decode, atol=1e-4, rtol=1e-4, msg=lambda m: f"{where}: {m}")
 
 
 def test_sharded_decoder_with_the_fused_elementwise_kernels_matches_hf_peft(zoo, tmp_path):
@@ -101,10 +106,4 @@ def test_sharded_decoder_with_the_fused_elementwise_kernels_matches_hf_peft(zoo,
             os.environ.pop("TRITON_INTERPRET", None)
         elif interpret:
             os.environ["TRITON_INTERPRET"] = saved
-    want_prefill, want_decode = reference_logits(str(zoo.model(model)), adapters, job)
-    for scheme in SCHEMES:
-        for rank in range(world):
-            got = load_file(str(tmp_path / model / f"{scheme}-rank{rank}.safetensors"))
-            where = f"fused {model} W={world} rank {rank} {scheme}"
-            torch.testing.assert_close(got["prefill"], want_prefill, atol=1e-4, rtol=1e-4, msg=lambda m: f"{where}: {m}")
-            torch.testing.assert_close(got["decode"], want_decode, atol=1e-4, rtol=1e-4, msg=lambda m: f"{where}: {m}")
+    _check_decoder(tmp_path, model, world, reference_logits(str(zoo.model(model)), adapters, job), "fused ")
