@@ -66,7 +66,7 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_packed_form_equals_the_reference_layout(case, dtype):
     weights = CASES[case]()
-    packed = pack_adapter(weights, SPEC, P, dtype, pin=False)
+    packed = pack_adapter(weights, SPEC, P, dtype)
     buf, ranks, scales, offsets, n = reference_pack(weights, dtype)
     assert packed.n_pages == n and packed.buf.dtype == dtype and packed.buf.shape == buf.shape
     assert torch.equal(packed.buf, buf)
@@ -76,8 +76,8 @@ def test_packed_form_equals_the_reference_layout(case, dtype):
 
 
 def test_host_lru_keeps_packed_adapters_within_the_byte_budget():
-    one = pack_adapter(make_weights(4), SPEC, P, torch.float32, pin=False).nbytes
-    host = HostAdapterCache(SPEC, P, torch.float32, pin=False, budget_bytes=2 * one + one // 2)
+    one = pack_adapter(make_weights(4), SPEC, P, torch.float32).nbytes
+    host = HostAdapterCache(SPEC, P, torch.float32, budget_bytes=2 * one + one // 2)
     w = {name: make_weights(4, seed=i) for i, name in enumerate("abcd")}
     first = host.get("a", w["a"])
     host.get("b", w["b"])
@@ -93,8 +93,8 @@ def test_host_lru_keeps_packed_adapters_within_the_byte_budget():
 
 def test_background_packing_hands_out_each_pack_once_and_keeps_the_budget():
     w = {name: make_weights(4, seed=i) for i, name in enumerate("abc")}
-    one = pack_adapter(w["a"], SPEC, P, torch.float32, pin=False).nbytes
-    host = HostAdapterCache(SPEC, P, torch.float32, pin=False, budget_bytes=2 * one, background=True)
+    one = pack_adapter(w["a"], SPEC, P, torch.float32).nbytes
+    host = HostAdapterCache(SPEC, P, torch.float32, budget_bytes=2 * one, background=True)
     for name in "abc":
         host.stage(name, w[name])  # returns at once: packed in the worker
     host.stage("a", w["a"])  # staged twice: still one pack
@@ -115,7 +115,7 @@ def adapter_contents(cache: AdapterCache, adapter_id: str, n_pages: int):
 
 def test_evict_and_reload_round_trips_give_identical_pool_contents_without_a_repack():
     w = {"a": make_weights(8, modules=LORA_MODULES, seed=5), "b": make_weights(16, seed=6), "c": ragged_weights()}
-    n = {k: pack_adapter(v, SPEC, P, torch.float32, pin=False).n_pages for k, v in w.items()}
+    n = {k: pack_adapter(v, SPEC, P, torch.float32).n_pages for k, v in w.items()}
     assert n["c"] <= n["a"]
     pool = torch.zeros(SPEC.num_layers, n["a"] + n["b"], P)
     cache = AdapterCache(pool, PageAllocator(pool.shape[1]), SPEC, max_slots=4, max_rank=64)
@@ -150,7 +150,7 @@ def test_prefetch_packs_at_once_even_when_no_pages_are_free():
 
 def test_chunked_uploads_equal_one_shot_uploads():
     weights = make_weights(16, modules=LORA_MODULES, seed=9)
-    packed = pack_adapter(weights, SPEC, P, torch.float32, pin=False)
+    packed = pack_adapter(weights, SPEC, P, torch.float32)
     pools = []
     for staging in (1, 1 << 30):  # one layer per chunk, then all layers at once
         pool = torch.zeros(SPEC.num_layers, 3 + packed.n_pages, P)
@@ -168,10 +168,10 @@ def test_chunked_uploads_equal_one_shot_uploads():
 
 def test_a_prefetch_whose_pack_is_still_running_is_loaded_by_poll_once_packed():
     weights = make_weights(4)
-    n = pack_adapter(weights, SPEC, P, torch.float32, pin=False).n_pages
+    n = pack_adapter(weights, SPEC, P, torch.float32).n_pages
     pool = torch.zeros(SPEC.num_layers, n + 2, P)
     cache = AdapterCache(pool, PageAllocator(pool.shape[1]), SPEC, max_slots=4, max_rank=64)
-    cache.host = HostAdapterCache(SPEC, P, torch.float32, pin=False, budget_bytes=1 << 30, background=True)  # as on CUDA
+    cache.host = HostAdapterCache(SPEC, P, torch.float32, budget_bytes=1 << 30, background=True)  # as on CUDA
     gate = threading.Event()
     cache.host._worker.submit(gate.wait)  # the worker is busy: a's pack waits behind this
     assert cache.prefetch("a", weights) is False  # returns at once, load deferred
@@ -189,7 +189,7 @@ def test_a_prefetch_whose_pack_is_still_running_is_loaded_by_poll_once_packed():
 def test_prefetch_ahead_packs_only_what_half_the_host_budget_holds_in_queue_order():
     """Adapters deeper in the queue are not packed yet: the host LRU would drop them before use."""
     ws = {f"a{i}": make_weights(4, seed=i) for i in range(6)}
-    one = pack_adapter(ws["a0"], SPEC, P, torch.float32, pin=False).nbytes
+    one = pack_adapter(ws["a0"], SPEC, P, torch.float32).nbytes
     pool = torch.zeros(SPEC.num_layers, 2, P)  # no room in the pool: prefetch only packs
     cache = AdapterCache(pool, PageAllocator(2), SPEC, max_slots=4, max_rank=64, packed_bytes=6 * one + one // 2)
     cache.allocator.allocate(2, ("kv", "r0"))

@@ -71,7 +71,7 @@ class AdapterCache:
         self.num_evictions = 0
         on_cuda = dev.type == "cuda"
         # Packs are pageable (the uploader pins its ring and rows once, never per load): adapter_upload.py.
-        self.host = HostAdapterCache(spec, page_elems, pool.dtype, pin=False, budget_bytes=packed_bytes,
+        self.host = HostAdapterCache(spec, page_elems, pool.dtype, budget_bytes=packed_bytes,
                                      background=on_cuda)
         self.uploader = AdapterUploader(pool, self.tables)
         # A subclass that overrides `_write` places adapters its own way (TpAdapterCache: every

@@ -3,14 +3,12 @@
 A packed adapter is exactly what one load into the unified pool copies: the page buffer
 `buf: [L, n_pages * P]` (every layer's virtual buffer, laid out as layout.py describes, zero
 between matrices and past the end) and the rows of the device tables (ranks, scales, offsets).
-On CUDA every tensor is in pinned (page-locked) host memory, so a load is one asynchronous DMA
-per chunk and no host work; on the CPU they are plain tensors.
+Packs are plain (pageable) host tensors: the uploader copies them through its own pinned ring,
+allocated once (adapter_upload.py), so packing never allocates pinned memory.
 
 The HostAdapterCache keeps packed adapters by id, least recently used first, within a byte
 budget: an adapter evicted from the pool and needed again costs one copy, not a repack.
 NOTE: an adapter id names immutable weights (as in AdapterCache); a changed adapter needs a new id.
-NOTE: pinned buffers dropped here may still be the source of a copy in flight; the uploader holds
-its own reference to them until that copy's event completed (adapter_upload.py).
 """
 
 from __future__ import annotations
@@ -36,27 +34,16 @@ class PackedAdapter:
 
     @property
     def nbytes(self) -> int:
-        return sum(_footprint(t) for t in (self.buf, self.ranks, self.scales, self.offsets))
+        return sum(t.numel() * t.element_size() for t in (self.buf, self.ranks, self.scales, self.offsets))
 
 
-def _footprint(t: torch.Tensor) -> int:
-    """Host bytes a tensor holds. PyTorch's pinned (caching host) allocator hands out blocks
-    rounded up to a power of two, so a pinned tensor is counted at that size."""
-    n = t.numel() * t.element_size()
-    return 1 << (n - 1).bit_length() if t.is_pinned() and n > 0 else n
-
-
-def _empty(shape, dtype: torch.dtype, pin: bool) -> torch.Tensor:
-    return torch.zeros(shape, dtype=dtype, pin_memory=pin)
-
-
-def pack_adapter(weights: LoraWeights, spec: ModelSpec, page_elems: int, dtype: torch.dtype, pin: bool) -> PackedAdapter:
+def pack_adapter(weights: LoraWeights, spec: ModelSpec, page_elems: int, dtype: torch.dtype) -> PackedAdapter:
     """Lay the adapter out as the pool holds it. Vectorized per (module, rank) group: the A
     matrices of all layers of one group are stacked and written with one copy (one more for the
     B^T), instead of two slice copies per (layer, module) target."""
     layout = weights.layout(spec)
     L, n_pages = spec.num_layers, layout.num_pages(page_elems)
-    buf = _empty((L, n_pages * page_elems), dtype, pin)
+    buf = torch.zeros(L, n_pages * page_elems, dtype=dtype)
     ranks = torch.zeros(L, len(LORA_MODULES), dtype=torch.int32)
     scales = torch.zeros(L, len(LORA_MODULES), dtype=torch.float32)
     groups: dict[tuple[str, int], list[int]] = {}  # (module, rank) -> layers, in target order
@@ -79,8 +66,6 @@ def pack_adapter(weights: LoraWeights, spec: ModelSpec, page_elems: int, dtype: 
             a_region[idx] = a.reshape(len(layers), -1).to(dtype)
             b_region[idx] = bt.reshape(len(layers), -1).to(dtype)
     offsets = torch.tensor([layout.a_off, layout.b_off], dtype=torch.int64)
-    if pin:
-        ranks, scales, offsets = ranks.pin_memory(), scales.pin_memory(), offsets.pin_memory()
     return PackedAdapter(buf, ranks, scales, offsets, n_pages, max(layout.ranks))
 
 
@@ -94,11 +79,11 @@ class HostAdapterCache:
     they are settled (bounded by the distinct adapters of requests not yet admitted).
     """
 
-    def __init__(self, spec: ModelSpec, page_elems: int, dtype: torch.dtype, pin: bool, budget_bytes: int,
+    def __init__(self, spec: ModelSpec, page_elems: int, dtype: torch.dtype, budget_bytes: int,
                  background: bool = False):
         if budget_bytes < 0:
             raise ValueError(f"the packed adapter budget must be >= 0 bytes, got {budget_bytes}")
-        self.spec, self.page_elems, self.dtype, self.pin = spec, page_elems, dtype, pin
+        self.spec, self.page_elems, self.dtype = spec, page_elems, dtype
         self.budget_bytes = budget_bytes
         self._packed: OrderedDict[str, PackedAdapter] = OrderedDict()  # least recently used first
         self._pending: dict[str, Future] = {}  # adapter id -> pack running in the worker
@@ -143,7 +128,7 @@ class HostAdapterCache:
         return packed
 
     def _pack(self, weights: LoraWeights) -> PackedAdapter:
-        return pack_adapter(weights, self.spec, self.page_elems, self.dtype, self.pin)
+        return pack_adapter(weights, self.spec, self.page_elems, self.dtype)
 
     def settle(self) -> None:
         """Admit packs the worker finished (a failed one is dropped: `get` packs again and raises)."""
