@@ -10,21 +10,16 @@ boto3 clients sign requests without looking for real ones; clients must be point
 from __future__ import annotations
 
 import itertools
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
+from services.common.embedded import free_port  # (also imported from here by the store tests)
+
 REGION = "us-east-1"
 _bucket_numbers = itertools.count()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,7 @@ def build_batch(out: SchedulerOutput, kv: KVCacheManager, adapters: AdapterCache
     run_slot = slot[run_start]
     keep = run_slot >= 0
     seg_start = starts[run_start][keep]
-    seg_end = np.append(starts[run_start][1:], T)[keep]
+    seg_lens = np.append(starts[run_start][1:], T)[keep] - seg_start
     seg_slot = run_slot[keep]
     samples = [e.samples for e in entries]
     sampled = [e for e in entries if e.samples]
@@ -116,14 +116,13 @@ def build_batch(out: SchedulerOutput, kv: KVCacheManager, adapters: AdapterCache
     seq_lens = c + n
     (d_ids, d_pos, d_slots, d_qs, d_sl, d_bt, d_tslot, d_ss, d_sn, d_sslot, d_li, d_topk, d_seeds, d_steps) = _staging.send(
         [ids, positions, slot_mapping, query_start, seq_lens, block_tables.reshape(-1), token_slot,
-         seg_start, seg_end - seg_start, seg_slot, logits_index, top_k, seeds, steps], device)
+         seg_start, seg_lens, seg_slot, logits_index, top_k, seeds, steps], device)
     i32 = torch.int32
     attn = AttentionMeta(
         query_start=d_qs.to(i32), seq_lens=d_sl.to(i32), block_tables=d_bt.view(B, max_blocks).to(i32),
         slot_mapping=d_slots, num_decodes=int((n == 1).sum()), max_query_len=int(n.max()),
         max_seq_len=int(seq_lens.max()), block_size=bs,
     )
-    seg_lens = seg_end - seg_start
     max_rank = max((adapters.max_rank_of(r.adapter_id) for r in reqs if r.adapter_id is not None), default=0)
     lora = LoraBatch(
         token_slot=d_tslot.to(i32), seg_start=d_ss.to(i32), seg_len=d_sn.to(i32), seg_slot=d_sslot.to(i32),

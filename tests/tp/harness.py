@@ -7,7 +7,6 @@ Workers get only plain arguments (ints, strings) and hand back results as files 
 from __future__ import annotations
 
 import datetime
-import socket
 import time
 import traceback
 from pathlib import Path
@@ -15,13 +14,10 @@ from pathlib import Path
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from services.common.embedded import free_port
+from services.engine.tp.engine_workers import end_process
+
 GROUP_TIMEOUT_S = 60  # a collective waiting longer than this fails instead of hanging
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(target, rank: int, world: int, port: int, out_dir: str, *args) -> None:
@@ -53,12 +49,7 @@ def run_ranks(target, world: int, out_dir: Path, *args, timeout_s: float = 120) 
     finally:
         hung = [i for i, p in enumerate(procs) if p.is_alive()]
         for p in procs:
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+            end_process(p)
     errors = "\n".join(f.read_text() for f in sorted(out_dir.glob("error-rank*.txt")))
     if hung:
         raise AssertionError(f"ranks {hung} of {world} did not finish within {timeout_s} s\n{errors}")

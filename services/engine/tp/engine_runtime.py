@@ -16,6 +16,8 @@ from pathlib import Path
 import msgspec
 import torch
 
+from services.common.embedded import free_port
+
 from ..adapters.weights import LoraWeights
 from ..config import EngineConfig, Runtime, _num_pages, resolve_device, resolve_dtype
 from ..memory.adapter_cache import AdapterCache
@@ -26,7 +28,7 @@ from ..model_spec import ModelSpec
 from ..ops.base import AttentionMeta, LoraContext
 from ..scheduler import SchedulerConfig
 from . import wire
-from .engine_workers import TpWorkerGroup, build_runner, free_port, run_step
+from .engine_workers import TpWorkerGroup, build_runner, run_step
 from .partition import check_world, local_spec
 from .rank_runner import RankRunner, adapter_pages
 from .shard_adapters import Scheme

@@ -19,7 +19,6 @@ import atexit
 import dataclasses
 import datetime
 import os
-import socket
 import traceback
 
 import msgspec
@@ -43,10 +42,12 @@ class TensorParallelWorkerError(RuntimeError):
     """A worker rank failed to start, died, or stopped answering."""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def end_process(p) -> None:
+    """Stop a process still alive after its join: SIGTERM, then SIGKILL, 5 s for each."""
+    for stop in (p.terminate, p.kill):
+        if p.is_alive():
+            stop()
+            p.join(5)
 
 
 def rank_device(start: wire.WorkerStart) -> torch.device:
@@ -232,12 +233,7 @@ class TpWorkerGroup:
                 pass  # that worker is already gone
         for p in self._procs:
             p.join(self.timeout_s)
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+            end_process(p)
         for conn in self._conns:
             conn.close()
         _leave()
