@@ -30,6 +30,7 @@ from bench.metrics import summarize
 from bench.report import write_results
 from bench.shapes import make_model_folder
 from bench.workload import SETTINGS, add_trace_arguments, generate_trace
+from services.common.signals import stop_subprocess
 from services.engine.model_spec import ModelSpec
 
 
@@ -152,12 +153,8 @@ def main() -> None:
                 records.append(rec)
                 write_results(args.out, f"e2e-{setting.name}", records, vars(args))  # after every run
         finally:
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            if proc is not None:
+                stop_subprocess(proc, signal.SIGINT, 60)
             args.out.mkdir(parents=True, exist_ok=True)
             if (workdir / "up.log").exists():  # the service log, for what went wrong or slow
                 (args.out / f"e2e-{setting.name}-up.log").write_bytes((workdir / "up.log").read_bytes()[-200_000:])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.common import settings
+from services.common.signals import stop_subprocess
 
 _STARTED: list["EmbeddedProcess"] = []  # stopped at interpreter exit if the owner forgot
 
@@ -51,13 +53,7 @@ class EmbeddedProcess:
         if self._stopped:
             return
         self._stopped = True
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_subprocess(self.process, signal.SIGTERM, timeout_s)
         if self in _STARTED:
             _STARTED.remove(self)
 

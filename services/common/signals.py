@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
 from contextlib import suppress
 
 
@@ -19,3 +20,15 @@ def install_signal_stop(stop: asyncio.Event | None) -> tuple[asyncio.Event, list
             loop.add_signal_handler(sig, stop.set)
             installed.append(sig)
     return stop, installed
+
+
+def stop_subprocess(proc: subprocess.Popen, sig: int, timeout_s: float) -> None:
+    """Send `sig` to a child still running, wait up to `timeout_s` for it, then SIGKILL and reap it."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from services.common import settings
+from services.common.signals import stop_subprocess
 
 
 def _start_stack(device: str, ready_file: Path) -> subprocess.Popen:
@@ -87,8 +88,4 @@ def run_demo(args: argparse.Namespace) -> int:
                 print(f"[{label}]\n  prompt: {prompt!r}\n  reply:  {text}")
             return 0
         finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_subprocess(proc, signal.SIGINT, 60)

@@ -15,6 +15,7 @@ import pytest
 
 from services.client import LorafleetClient
 from services.common.messages import DoneReply, ErrorReply, TokenReply
+from services.common.signals import stop_subprocess
 from tests.infra_fixtures import unique_name
 
 from .test_service_end_to_end import _adapter_root, running_stack
@@ -80,9 +81,5 @@ async def test_killed_engine_requests_are_served_by_a_restarted_one(kafka_bootst
                     assert isinstance(entries[-1], DoneReply)
         finally:
             for proc in (first, second):
-                if proc is not None and proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-                    try:
-                        proc.wait(30)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
+                if proc is not None:
+                    stop_subprocess(proc, signal.SIGTERM, 30)
