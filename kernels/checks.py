@@ -48,6 +48,18 @@ def check_same_device(t: torch.Tensor, name: str, device: torch.device) -> None:
 
 
 @lru_cache(maxsize=None)
+def check_pool_operand(t: torch.Tensor, name: str, cols: str, pool: torch.Tensor) -> None:
+    """A [T, cols] activation the LoRA kernels read or write next to the pool: 2-D, the pool's dtype
+    and device, unit stride along its last dim."""
+    if not (t.dim() == 2):
+        raise ValueError(f"{name} must be [T, {cols}], got shape {tuple(t.shape)}")
+    if not (t.dtype == pool.dtype):
+        raise ValueError(f"{name} dtype {t.dtype} differs from the pool's {pool.dtype}")
+    check_same_device(t, name, pool.device)
+    if not (t.stride(1) == 1):
+        raise ValueError(f"{name} must have unit stride along {cols}")
+
+
 def _device_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 

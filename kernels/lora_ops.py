@@ -29,6 +29,7 @@ from .checks import (
     check_int_tensor,
     check_kernel_runnable,
     check_pool,
+    check_pool_operand,
     check_same_device,
     floor_pow2,
     next_pow2,
@@ -105,13 +106,7 @@ class TritonLoraOps:
         """u[t, i, :r] = x[t] @ A_{modules[i]}^T of token t's adapter (see lora_shrink_kernel)."""
         pool, tables, batch = ctx.pool, ctx.tables, ctx.batch
         self._check_common(pool, layer, modules, ctx)
-        if not (x.dim() == 2):
-            raise ValueError(f"x must be [T, K], got shape {tuple(x.shape)}")
-        if not (x.dtype == pool.dtype):
-            raise ValueError(f"x dtype {x.dtype} differs from the pool's {pool.dtype}")
-        check_same_device(x, "x", pool.device)
-        if not (x.stride(1) == 1):
-            raise ValueError("x must have unit stride along K")
+        check_pool_operand(x, "x", "K", pool)
         num_tokens, k = x.shape
         for m in modules:
             if not (tables.module_shapes[m][0] == k):
@@ -153,13 +148,7 @@ class TritonLoraOps:
         """y[t, off_i : off_i + out_i] += scale_i * u[t, i, :r_i] @ B_i^T in place (lora_expand_kernel)."""
         pool, tables, batch = ctx.pool, ctx.tables, ctx.batch
         self._check_common(pool, layer, modules, ctx)
-        if not (y.dim() == 2):
-            raise ValueError(f"y must be [T, N], got shape {tuple(y.shape)}")
-        if not (y.dtype == pool.dtype):
-            raise ValueError(f"y dtype {y.dtype} differs from the pool's {pool.dtype}")
-        if not (y.stride(1) == 1):
-            raise ValueError("y must have unit stride along N")
-        check_same_device(y, "y", pool.device)
+        check_pool_operand(y, "y", "N", pool)
         check_same_device(u, "u", pool.device)
         num_tokens = y.shape[0]
         if not (u.dim() == 3 and u.shape[0] == num_tokens and u.shape[1] == len(modules)):
