@@ -21,9 +21,12 @@ CUDA_VISIBLE_DEVICES=0 OUT=$OUT/part1 BUDGET=$BUDGET bash bench/device_engine.sh
 CUDA_VISIBLE_DEVICES=1 OUT=$OUT/part2 BUDGET=$BUDGET bash bench/device_engine.sh part2 "$COMMIT" > "$OUT/part2/run.log" 2>&1 &
 (
   export CUDA_VISIBLE_DEVICES=2
-  timeout 300 python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfs tests/kernels/test_fused_kernels.py \
-    tests/kernels/test_fused_model.py tests/engine/test_gpu_fused_ops.py tests/engine/test_gpu_engine.py \
-    tests/engine/test_adapter_upload_gpu.py 2>&1 | grep -v -i warn | tail -40
+  # the whole log (tracebacks included) goes back: a tail of FAILED lines says nothing of why
+  timeout 300 python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfs --tb=short -W ignore \
+    tests/kernels/test_fused_kernels.py tests/kernels/test_fused_model.py tests/kernels/test_lora_kernels.py \
+    tests/engine/test_gpu_fused_ops.py tests/engine/test_gpu_engine.py tests/engine/test_adapter_upload_gpu.py \
+    > "$OUT/tests/pytest.log" 2>&1
+  tail -3 "$OUT/tests/pytest.log"
   timeout 120 python3 -m bench.profile_host --setting S1 --commit "$COMMIT" --out "$OUT/tests"
 ) > "$OUT/tests/run.log" 2>&1 &
 (

@@ -80,7 +80,7 @@ case "$PART" in
     stage engine-S2 60 290 250 python3 -m bench.engine_bench --setting $S2 --n 5 2000 0 100 1000 --warmup 2 "${COMMON[@]}"
     stage e2e-S1 90 170 90 python3 -m bench.e2e_bench --setting $S1 --n 5 100 --warmup 2 "${COMMON[@]}"
     wait_gpu_free 40
-    stage hf-peft-S1 60 110 0 python3 -m bench.hf_baseline --setting $S1 --n 5 100 --rate "$RATE" --duration "$DUR" "${EXTRA[@]}" --max-requests 64 --batch 32
+    stage hf-peft-S1 60 110 0 python3 -m bench.hf_baseline --setting $S1 --n 5 100 --rate "$RATE" --duration "$DUR" "${EXTRA[@]}" --max-requests 32 --batch 32
     stage hf-peft-S2 50 80 0 python3 -m bench.hf_baseline --setting $S2 --n 5 --rate "$RATE" --duration "$DUR" "${EXTRA[@]}" --max-requests 32 --batch 32
     ;;
   *) echo "unknown part $PART (part1 | part2)"; exit 2 ;;

@@ -69,6 +69,7 @@ def serve(model, trace, batch: int, vocab: int, device: str = "cuda") -> dict:
         model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new, min_new_tokens=new,
                        do_sample=False, adapter_names=[f"a{r.adapter}" for r in ready], pad_token_id=0)
         t = time.perf_counter() - t0
+        print(f"[hf-peft] batch of {len(ready)} x {new} new tokens done at {t:.1f}s, {len(queue)} left", flush=True)
         for r in ready:  # static batching: nothing streams before the batch ends
             key = str(r.index)
             arrival[key], first[key], finish[key], out_tokens[key] = r.arrival, t, t, r.output_len
@@ -99,6 +100,7 @@ def main() -> None:
         t = time.time()
         model = build_peft_model(model_dir, bank, sorted({r.adapter for r in trace}), args.device)
         build_s = time.time() - t
+        print(f"[hf-peft] n={n}: model + {len({r.adapter for r in trace})} adapters built in {build_s:.1f}s", flush=True)
         t = time.time()
         rec = {"setting": setting.name, "mode": "hf-peft", "n": n, "rate": args.rate, "batch": args.batch,
                "build_s": build_s, **serve(model, trace, args.batch, spec.vocab_size, args.device),

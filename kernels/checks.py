@@ -47,7 +47,6 @@ def check_same_device(t: torch.Tensor, name: str, device: torch.device) -> None:
     require(t.device == device, f"{name} is on {t.device}, the pool on {device}")
 
 
-@lru_cache(maxsize=None)
 def check_pool_operand(t: torch.Tensor, name: str, cols: str, pool: torch.Tensor) -> None:
     """A [T, cols] activation the LoRA kernels read or write next to the pool: 2-D, the pool's dtype
     and device, unit stride along its last dim."""
@@ -60,6 +59,7 @@ def check_pool_operand(t: torch.Tensor, name: str, cols: str, pool: torch.Tensor
         raise ValueError(f"{name} must have unit stride along {cols}")
 
 
+@lru_cache(maxsize=None)
 def _device_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 

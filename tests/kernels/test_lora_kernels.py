@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -126,6 +129,25 @@ def test_preconditions_raise_clear_errors():
     with pytest.raises(ValueError, match="max_rank"):
         TritonLoraOps(capture=True)
 
+
+
+def test_ops_keep_no_reference_to_activations():
+    """The ops check their operands on every call and hold on to none of them: a cache keyed by
+    tensors kept every activation of a run alive (13 GiB at CUDA-graph capture of a 7B model)."""
+    ctx, num_tokens = make_lora_case(TINY, "uniform", "decode", (8,), num_slots=2, num_requests=4,
+                                     block_size=4, dtype=torch.float32, device=DEVICE, seed=8)  # fmt: skip
+    ops = TritonLoraOps()
+    x, y = torch.randn(num_tokens, 64, device=DEVICE), torch.randn(num_tokens, 128, device=DEVICE)
+    u = ops.shrink(x, 0, QKV, ctx)
+    ops.expand(y, u, 0, QKV, (0, 64, 96), ctx)
+    refs = [weakref.ref(t) for t in (x, y, u)]
+    del x, y, u
+    gc.collect()
+    assert all(r() is None for r in refs), "an activation passed to the LoRA ops is still referenced"
+    bad = torch.randn(num_tokens, 64, dtype=torch.float64, device=DEVICE)
+    for _ in range(2):  # the same tensor is checked again, not waved through from a cache
+        with pytest.raises(ValueError, match="dtype"):
+            ops.shrink(bad, 0, QKV, ctx)
 
 # --- the full grid (GPU) ---------------------------------------------------------------------
 
