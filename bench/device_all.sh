@@ -23,7 +23,7 @@ CUDA_VISIBLE_DEVICES=1 OUT=$OUT/part2 BUDGET=$BUDGET bash bench/device_engine.sh
   export CUDA_VISIBLE_DEVICES=2
   # the whole log (tracebacks included) goes back: a tail of FAILED lines says nothing of why
   timeout 300 python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfs --tb=short -W ignore \
-    tests/kernels/test_fused_kernels.py tests/kernels/test_fused_model.py tests/kernels/test_lora_kernels.py \
+    tests/kernels/test_fused_kernels.py tests/kernels/test_fused_model.py tests/kernels/test_lora_kernels.py::test_ops_keep_no_reference_to_activations \
     tests/engine/test_gpu_fused_ops.py tests/engine/test_gpu_engine.py tests/engine/test_adapter_upload_gpu.py \
     > "$OUT/tests/pytest.log" 2>&1
   tail -3 "$OUT/tests/pytest.log"
