@@ -42,8 +42,11 @@ def check_close(out: torch.Tensor, ref: torch.Tensor, *, bitwise: bool = False, 
         assert differ == 0, f"{differ} of {out.numel()} elements differ ({_ulps(out, ref)})"
         return
     rtol, atol = TOL[out.dtype]
-    if out.dtype == torch.float16:
-        rtol *= 2  # a 1-ulp flip in an intermediate rounding (GPU exp is ex2.approx) can reach 2 ulp
+    if out.dtype != torch.float32:
+        # A 1-ulp flip in an intermediate rounding (the mean's fp32 sum order, GPU exp being
+        # ex2.approx) can reach 2 ulp of the result: the H200 run at 73ad260 saw 2 ulp in 8 of
+        # 33M RMSNorm outputs (bf16).
+        rtol *= 2
     torch.testing.assert_close(out, ref, rtol=rtol, atol=atol, msg=lambda m: f"{m}\n{_ulps(out, ref)}")
     if out.dtype != torch.float32:
         mismatch = differ / max(out.numel(), 1)
@@ -87,10 +90,21 @@ def run_rope_case(tokens: int, heads: int, kv_heads: int, head_dim: int, dtype, 
     REF.rope_qk(ref, positions, rope, heads, kv_heads)
     v_cols = slice((heads + kv_heads) * head_dim, None)
     assert torch.equal(fused[:, v_cols], qkv[:, v_cols]), "v was modified"
-    # Products and the sum are rounded exactly where torch rounds them (fp32 may fuse into FMAs):
-    # bit-identical under the interpreter. The GPU build at 80aed36 was not bit-identical in
-    # bf16/fp16 (the log that would say by how much was cut), so there it must be within 1 ulp.
-    check_close(fused, ref, bitwise=dtype != torch.float32 and INTERPRETED)
+    check_rope_close(fused, ref, qkv)
+
+
+def check_rope_close(out: torch.Tensor, ref: torch.Tensor, before: torch.Tensor) -> None:
+    """The kernel writes x*c - y*s with torch's roundings (each product rounded to the dtype, then
+    the sum): bit-identical under the interpreter. The GPU build keeps the products in fp32 (one
+    rounding, measured on an H200 at 73ad260: 1-2% of bf16/fp16 outputs differ), so where the two
+    products nearly cancel the results differ by up to ~1 ulp of the *products*, not of the result:
+    the bound is two unit roundoffs of the input's scale."""
+    if INTERPRETED or out.dtype == torch.float32:
+        check_close(out, ref, bitwise=out.dtype != torch.float32)
+        return
+    unit = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[out.dtype]
+    scale = float(before.float().abs().max())
+    torch.testing.assert_close(out.float(), ref.float(), rtol=4 * unit, atol=2 * unit * scale)
 
 
 def run_silu_case(tokens: int, inter: int, dtype, seed: int) -> None:
@@ -216,11 +230,11 @@ def test_gpu_capture_and_replay_with_new_inputs():
         for t in (x, delta, qkv, gate_up):
             t.copy_(torch.randn(t.shape, generator=gen).to(dtype))
         positions.copy_(torch.randint(0, 4096, (tokens,), generator=gen))
-        x_ref, qkv_ref = x.clone(), qkv.clone()
+        x_ref, qkv_ref, qkv_before = x.clone(), qkv.clone(), qkv.clone()
         refs = step(REF, x_ref, qkv_ref)
         graph.replay()
         torch.cuda.synchronize()
         for out, ref in zip(outs, refs):
             check_close(out, ref)
         check_close(x, x_ref, bitwise=True)
-        check_close(qkv, qkv_ref, bitwise=INTERPRETED)  # see run_rope_case
+        check_rope_close(qkv, qkv_ref, qkv_before)
