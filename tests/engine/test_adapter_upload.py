@@ -148,6 +148,22 @@ def test_prefetch_packs_at_once_even_when_no_pages_are_free():
     assert "a" in cache.host and cache.host.num_packs == 1 and not cache.is_resident("a")
 
 
+def test_prefetch_leaves_the_reserve_of_free_pages_to_kv():
+    """A prefetch into the last free pages would be evicted by the next KV growth and loaded again."""
+    weights = make_weights(4)
+    n = pack_adapter(weights, SPEC, P, torch.float32).n_pages
+    num_pages = 32 + n
+    pool = torch.zeros(SPEC.num_layers, num_pages, P)
+    cache = AdapterCache(pool, PageAllocator(num_pages), SPEC, max_slots=4, max_rank=64)
+    reserve = cache.prefetch_reserve_pages
+    assert reserve == num_pages // 16 > 0
+    kv = cache.allocator.allocate(num_pages - (n + reserve - 1), ("kv", "r0"))  # one page short of n + reserve
+    assert cache.prefetch("a", weights) is False and not cache.is_resident("a") and "a" in cache.host
+    cache.allocator.free(kv[:1], ("kv", "r0"))
+    assert cache.prefetch("a", weights) is True and cache.allocator.num_free == reserve
+    assert cache.num_loads == 1 and cache.num_evictions == 0
+
+
 def test_chunked_uploads_equal_one_shot_uploads():
     weights = make_weights(16, modules=LORA_MODULES, seed=9)
     packed = pack_adapter(weights, SPEC, P, torch.float32)
