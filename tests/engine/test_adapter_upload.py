@@ -91,6 +91,24 @@ def test_host_lru_keeps_packed_adapters_within_the_byte_budget():
     assert host.ids() == ["d"] and host.num_packs == 5
 
 
+def test_packs_reuse_the_buffers_of_evicted_packs_and_clear_them():
+    """A new pack goes into an evicted pack's buffer of the same shape; nothing of the old adapter
+    survives (the buffer is zero between matrices and past the end, as a fresh one)."""
+    one = pack_adapter(make_weights(4), SPEC, P, torch.float32).nbytes
+    host = HostAdapterCache(SPEC, P, torch.float32, budget_bytes=16 * one)
+    host.budget_bytes = one  # keep one pack: each new one evicts the previous
+    ws = [make_weights(4, seed=i) for i in range(4)] + [make_weights(4, modules=("q_proj",), seed=9)]
+    bufs = []
+    for i, w in enumerate(ws):
+        packed = host.get(f"a{i}", w)
+        bufs.append(packed.buf.data_ptr())
+        assert torch.equal(packed.buf, reference_pack(w, torch.float32)[0])
+    # a0, a1 fresh; a2 into a0's buffer (evicted when a1 came), a3 into a1's; a4 has another shape
+    assert bufs[2] == bufs[0] and bufs[3] == bufs[1] and host.spares.reused == 2
+    with pytest.raises(ValueError, match="out must be"):
+        pack_adapter(ws[0], SPEC, P, torch.float32, out=torch.zeros(1, P))
+
+
 def test_background_packing_hands_out_each_pack_once_and_keeps_the_budget():
     w = {name: make_weights(4, seed=i) for i, name in enumerate("abc")}
     one = pack_adapter(w["a"], SPEC, P, torch.float32).nbytes
