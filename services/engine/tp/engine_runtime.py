@@ -54,20 +54,31 @@ class TpAdapterCache(AdapterCache):
         super().__init__(pool, allocator, spec, max_slots, max_rank)
         self.world, self.scheme = world, scheme
         self.pending: list[_PendingLoad] = []  # loads not yet sent to the ranks (flushed by the next forward)
+        self.slot_modules: dict[int, frozenset[str]] = {}
+        self._pages: dict[tuple, int] = {}  # ranks_by_module -> pages (W ShardLayouts each, asked every step)
 
     def pages_to_load(self, weights: LoraWeights) -> int:
-        return adapter_pages(self.spec, weights.config.ranks_by_module(), self.world, self.scheme, self.pool.shape[2])
+        # Asked by the scheduler for waiting requests on every step: memoized per rank pattern.
+        key = tuple(weights.layout(self.spec).ranks)  # per module; the layout is memoized on the weights
+        n = self._pages.get(key)
+        if n is None:
+            ranks = weights.config.ranks_by_module()
+            n = self._pages[key] = adapter_pages(self.spec, ranks, self.world, self.scheme, self.pool.shape[2])
+        return n
 
     def _write(self, slot: int, pages: list[int], layout: AdapterLayout, weights: LoraWeights) -> None:
         # Applied by every rank before the next forward. Safe to defer: no forward runs until then,
         # and the pages are this adapter's from now on (if it is evicted and its pages reused before
         # the flush, the later writes, KV or another load, land after this one).
         targets = list(weights.config.targets)
-        a_shapes, b_shapes, flat = wire.pack_adapter(targets, weights.a, weights.b)
+        a_shapes, b_shapes, flat = wire.pack_adapter(targets, weights.a, weights.b, self.pool.dtype)
         msg = wire.AdapterLoad(slot=slot, pages=list(pages), ranks_by_module=weights.config.ranks_by_module(),
                                targets=[(t.layer, t.module, t.rank, t.scale) for t in targets],
                                a_shapes=a_shapes, b_shapes=b_shapes)
         self.pending.append(_PendingLoad(msg, flat.to(self.pool.device)))
+        # What the slot's adapter targets, on the host (as each rank's RankAdapterTables.modules):
+        # the step header's LoRA targets come from here, never from a device read.
+        self.slot_modules[slot] = frozenset(t.module for t in targets if t.rank > 0)
 
 
 class TpDriverModel:
@@ -79,15 +90,22 @@ class TpDriverModel:
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, pool: torch.Tensor, attn: AttentionMeta,
                 lora: LoraContext | None) -> torch.Tensor:
         loads, self.adapters.pending = self.adapters.pending, []
-        token_slot = None if lora is None or lora.batch.empty else lora.batch.token_slot  # [T] int32
+        batch = None if lora is None or lora.batch.empty else lora.batch
+        step_lora = None
+        if batch is not None:
+            # The step's distinct slots: G ints read back at the start of the step (the GPU only has
+            # build_batch's copies queued), the driver's only read; the ranks get the result.
+            slots = set(batch.seg_slot.tolist())
+            targets = frozenset().union(*(self.adapters.slot_modules[s] for s in slots))
+            step_lora = wire.StepLora(num_segments=batch.num_segments, max_rank=batch.max_rank,
+                                      max_seg_len=batch.max_seg_len, targets=sorted(targets))
         step = wire.Step(
             num_tokens=input_ids.shape[0], num_seqs=attn.num_seqs, max_blocks=attn.block_tables.shape[1],
             num_decodes=attn.num_decodes, max_query_len=attn.max_query_len, max_seq_len=attn.max_seq_len,
-            block_size=attn.block_size, has_lora=token_slot is not None, loads=[p.msg for p in loads],
+            block_size=attn.block_size, lora=step_lora, loads=[p.msg for p in loads],
         )
-        slots = token_slot if token_slot is not None else torch.full_like(input_ids, -1)
-        ints = wire.pack_ints(input_ids, positions, slots, attn)
-        flat = torch.cat([p.flat for p in loads]) if loads else None
+        ints = wire.pack_ints(input_ids, positions, attn, batch)
+        flat = torch.cat([p.flat for p in loads]) if len(loads) > 1 else (loads[0].flat if loads else None)
         self.group.send(step)
         return run_step(self.runner, step, ints, flat)  # hidden [T, H], the same on every rank
 

@@ -114,22 +114,23 @@ def _to_device(w: ModelWeights, device: torch.device) -> ModelWeights:
 def run_step(runner: RankRunner, step: wire.Step, ints: torch.Tensor | None = None,
              adapter_flat: torch.Tensor | None = None) -> torch.Tensor:
     """One step on this rank: receive (or, on rank 0, send) the step's tensors, apply the adapter
-    loads, run the forward. Every rank calls this with the same header. -> hidden [T, H]."""
+    loads, run the forward. Every rank calls this with the same header. -> hidden [T, H].
+
+    Nothing here reads a device tensor back: the header carries every host-side number."""
     device = runner.pool.device
-    n_ints = 4 * step.num_tokens + 2 * step.num_seqs + 1 + step.num_seqs * step.max_blocks
     if ints is None:
-        ints = torch.empty(n_ints, dtype=torch.int64, device=device)
+        ints = torch.empty(wire.num_ints(step), dtype=torch.int64, device=device)
     dist.broadcast(ints, src=0)
-    sizes = [wire.adapter_numel(load) for load in step.loads]
     if step.loads:
+        sizes = [wire.adapter_numel(load) for load in step.loads]
         if adapter_flat is None:
-            adapter_flat = torch.empty(sum(sizes), dtype=torch.float32, device=device)
+            adapter_flat = torch.empty(sum(sizes), dtype=runner.pool.dtype, device=device)
         dist.broadcast(adapter_flat, src=0)
         for load, piece in zip(step.loads, adapter_flat.split(sizes)):
             targets, a, b = wire.unpack_adapter(piece, load)
             runner.load_adapter(load.slot, load.pages, load.ranks_by_module, targets, a, b)
-    ids, pos, token_slot, attn = wire.unpack_ints(ints, step)
-    return runner.forward(ids, pos, attn, token_slot if step.has_lora else None)
+    ids, pos, attn, lora = wire.unpack_ints(ints, step)
+    return runner.forward(ids, pos, attn, lora, frozenset(step.lora.targets) if step.lora is not None else frozenset())
 
 
 # --- the worker process ----------------------------------------------------------------------

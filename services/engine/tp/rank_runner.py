@@ -22,7 +22,7 @@ from ..adapters.peft_config import PeftLoraConfig, TargetEntry
 from ..adapters.weights import LoraWeights
 from ..model import ElementwiseOps
 from ..model_spec import MODULE_INDEX, ModelSpec
-from ..ops.base import AttentionMeta, AttentionOps, LoraOps
+from ..ops.base import AttentionMeta, AttentionOps, LoraBatch, LoraOps
 from ..ops.torch_ref import TorchLoraOps
 from ..weights_loader import ModelWeights
 from .collectives import TpComm
@@ -78,12 +78,13 @@ class RankRunner:
 
     # --- the step ------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMeta,
-                token_slot: torch.Tensor | None) -> torch.Tensor:
-        """token_slot: [T] driver slots (-1: base only) or None -> hidden [T, H], the same on every rank."""
-        lora = None
-        if token_slot is not None:
-            lora = PagedLoraBatch.build(token_slot, self.pool, self.tables, self.shrink_ops, self.expand_ops)
-        return self.model.forward(input_ids, positions, self.pool, attn, lora)
+                lora: LoraBatch | None, targets: frozenset[str] = frozenset()) -> torch.Tensor:
+        """lora: the step's segments (driver slots) or None; targets: the modules its adapters target
+        (from the header) -> hidden [T, H], the same on every rank."""
+        paged = None
+        if lora is not None:
+            paged = PagedLoraBatch(self.scheme, self.pool, self.tables, lora, self.shrink_ops, self.expand_ops, targets)
+        return self.model.forward(input_ids, positions, self.pool, attn, paged)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.logits(hidden)

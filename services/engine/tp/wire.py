@@ -2,11 +2,17 @@
 
 Each command is a msgspec-encoded header sent over the worker's pipe (plain bytes: never a
 pickle), followed, for a step, by ONE int64 broadcast holding every index tensor of the step and,
-when adapters are loaded, ONE float32 broadcast holding their full A and B tensors::
+when adapters are loaded, ONE broadcast in the pool's dtype holding their full A and B tensors::
 
     ints  = [ids (T) | positions (T) | token_slot (T) | slot_mapping (T) | query_start (B+1)
-             | seq_lens (B) | block_tables (B * max_blocks)]
+             | seq_lens (B) | block_tables (B * max_blocks) | seg_start (G) | seg_len (G) | seg_slot (G)]
     float = [load0: A(t0), B(t0), A(t1), B(t1), ... | load1: ...]    (targets in header order)
+
+The step's LoRA segments are the driver's (build_batch made them); their host-side numbers (G,
+largest rank, longest segment, modules targeted) ride in the header, so no rank reads a device
+tensor back (no host sync) or loops over tokens to rebuild them. Adapters travel in the pool's
+dtype: a rank only slices them and casts to that dtype, so casting first is the same values at
+half the bytes of float32 on a bf16 pool.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import msgspec
 import torch
 
 from ..adapters.peft_config import TargetEntry
-from ..ops.base import AttentionMeta
+from ..ops.base import AttentionMeta, LoraBatch
 
 
 class WorkerStart(msgspec.Struct, frozen=True):
@@ -47,6 +53,15 @@ class AdapterLoad(msgspec.Struct, frozen=True):
     b_shapes: list[tuple[int, int]]  # [out, r] per target
 
 
+class StepLora(msgspec.Struct, frozen=True):
+    """The host-side numbers of the step's LoRA batch (its tensors are in the ints broadcast)."""
+
+    num_segments: int
+    max_rank: int
+    max_seg_len: int
+    targets: list[str]  # modules any adapter of the batch targets (the same decision on every rank)
+
+
 class Step(msgspec.Struct, frozen=True, tag="step"):
     num_tokens: int
     num_seqs: int
@@ -55,7 +70,7 @@ class Step(msgspec.Struct, frozen=True, tag="step"):
     max_query_len: int
     max_seq_len: int
     block_size: int
-    has_lora: bool
+    lora: StepLora | None  # None: no adapter in the step
     loads: list[AdapterLoad]
 
 
@@ -78,33 +93,50 @@ def decode(raw: bytes) -> Command:
 # --- tensors <-> one flat buffer -----------------------------------------------------------
 
 
-def pack_ints(input_ids, positions, token_slot, attn: AttentionMeta) -> torch.Tensor:
-    parts = [input_ids, positions, token_slot, attn.slot_mapping, attn.query_start, attn.seq_lens,
-             attn.block_tables.reshape(-1)]
+def num_ints(step: Step) -> int:
+    G = step.lora.num_segments if step.lora is not None else 0
+    return 4 * step.num_tokens + 2 * step.num_seqs + 1 + step.num_seqs * step.max_blocks + 3 * G
+
+
+def pack_ints(input_ids, positions, attn: AttentionMeta, lora: LoraBatch | None) -> torch.Tensor:
+    """Device tensors in, one device tensor out: no host copy, no sync."""
+    parts = [input_ids, positions, lora.token_slot if lora is not None else torch.full_like(input_ids, -1),
+             attn.slot_mapping, attn.query_start, attn.seq_lens, attn.block_tables.reshape(-1)]
+    if lora is not None:
+        parts += [lora.seg_start, lora.seg_len, lora.seg_slot]
     return torch.cat([p.to(torch.int64) for p in parts])
 
 
 def unpack_ints(flat: torch.Tensor, step: Step):
-    """-> input_ids [T], positions [T], token_slot [T] int32, AttentionMeta (as build_batch makes it)."""
+    """-> input_ids [T], positions [T], AttentionMeta, LoraBatch | None (as build_batch makes them)."""
     T, B, mb = step.num_tokens, step.num_seqs, step.max_blocks
-    ids, pos, slot, slot_map, qs, sl, bt = flat.split((T, T, T, T, B + 1, B, B * mb))
+    G = step.lora.num_segments if step.lora is not None else 0
+    ids, pos, slot, slot_map, qs, sl, bt, ss, sn, sslot = flat.split((T, T, T, T, B + 1, B, B * mb, G, G, G))
     i32 = torch.int32
     attn = AttentionMeta(
         query_start=qs.to(i32), seq_lens=sl.to(i32), block_tables=bt.view(B, mb).to(i32), slot_mapping=slot_map,
         num_decodes=step.num_decodes, max_query_len=step.max_query_len, max_seq_len=step.max_seq_len,
         block_size=step.block_size,
     )
-    return ids, pos, slot.to(i32), attn
+    lora = None
+    if step.lora is not None:
+        lora = LoraBatch(token_slot=slot.to(i32), seg_start=ss.to(i32), seg_len=sn.to(i32), seg_slot=sslot.to(i32),
+                         max_rank=step.lora.max_rank, max_seg_len=step.lora.max_seg_len, num_segments=G)
+    return ids, pos, attn, lora
 
 
-def pack_adapter(targets: list[TargetEntry], a: dict, b: dict) -> tuple[list, list, torch.Tensor]:
-    """-> a_shapes, b_shapes, flat float32 [sum of A and B sizes] in target order."""
+def pack_adapter(targets: list[TargetEntry], a: dict, b: dict, dtype: torch.dtype) -> tuple[list, list, torch.Tensor]:
+    """-> a_shapes, b_shapes, flat [sum of A and B sizes] in `dtype` (the pool's), target order.
+    One cat (it casts as it copies), no per-tensor conversion."""
     a_shapes, b_shapes, parts = [], [], []
     for t in targets:
         at, bt = a[(t.layer, t.module)], b[(t.layer, t.module)]
         a_shapes.append(tuple(at.shape)), b_shapes.append(tuple(bt.shape))
-        parts += [at.reshape(-1).float(), bt.reshape(-1).float()]
-    return a_shapes, b_shapes, torch.cat(parts) if parts else torch.zeros(0)
+        parts += [at.reshape(-1), bt.reshape(-1)]
+    if not parts:
+        return a_shapes, b_shapes, torch.zeros(0, dtype=dtype)
+    out = torch.empty(sum(p.numel() for p in parts), dtype=dtype)
+    return a_shapes, b_shapes, torch.cat(parts, out=out)
 
 
 def adapter_numel(load: AdapterLoad) -> int:
