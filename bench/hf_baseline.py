@@ -105,9 +105,10 @@ def main() -> None:
         trace = generate_trace(n, 1.0, args.rate, 1.0, args.duration, *lengths)[: args.max_requests]
         bank = AdapterBank(spec, setting.ranks, setting.modules, torch.device(args.device))
         t = time.time()
-        model = build_peft_model(model_dir, bank, sorted({r.adapter for r in trace}), args.device)
+        numbers = sorted({r.adapter for r in trace})
+        model = build_peft_model(model_dir, bank, numbers, args.device)
         build_s = time.time() - t
-        print(f"[hf-peft] n={n}: model + {len({r.adapter for r in trace})} adapters built in {build_s:.1f}s", flush=True)
+        print(f"[hf-peft] n={n}: model + {len(numbers)} adapters built in {build_s:.1f}s", flush=True)
         t = time.time()
         rec = {"setting": setting.name, "mode": "hf-peft", "n": n, "rate": args.rate, "batch": args.batch,
                "build_s": build_s, **serve(model, trace, args.batch, spec.vocab_size, args.device, args.budget_s),
