@@ -38,6 +38,11 @@ class PackedAdapter:
         return sum(t.numel() * t.element_size() for t in (self.buf, self.ranks, self.scales, self.offsets))
 
 
+def page_buffer_shape(weights: LoraWeights, spec: ModelSpec, page_elems: int) -> tuple[int, int]:
+    """[L, n_pages * P]: the shape of the adapter's packed page buffer."""
+    return spec.num_layers, weights.layout(spec).num_pages(page_elems) * page_elems
+
+
 def pack_adapter(weights: LoraWeights, spec: ModelSpec, page_elems: int, dtype: torch.dtype,
                  out: torch.Tensor | None = None) -> PackedAdapter:
     """Lay the adapter out as the pool holds it. Vectorized per (module, rank) group: the A
@@ -45,12 +50,13 @@ def pack_adapter(weights: LoraWeights, spec: ModelSpec, page_elems: int, dtype: 
     B^T), instead of two slice copies per (layer, module) target. `out`: a page buffer of the
     right shape and dtype to reuse (its old contents are cleared)."""
     layout = weights.layout(spec)
-    L, n_pages = spec.num_layers, layout.num_pages(page_elems)
+    shape = page_buffer_shape(weights, spec, page_elems)
+    L, n_pages = shape[0], shape[1] // page_elems
     if out is None:
-        buf = torch.zeros(L, n_pages * page_elems, dtype=dtype)
+        buf = torch.zeros(shape, dtype=dtype)
     else:
-        if out.shape != (L, n_pages * page_elems) or out.dtype != dtype:
-            raise ValueError(f"out must be [{L}, {n_pages * page_elems}] {dtype}, got {tuple(out.shape)} {out.dtype}")
+        if out.shape != shape or out.dtype != dtype:
+            raise ValueError(f"out must be {list(shape)} {dtype}, got {tuple(out.shape)} {out.dtype}")
         buf = out.zero_()
     ranks = torch.zeros(L, len(LORA_MODULES), dtype=torch.int32)
     scales = torch.zeros(L, len(LORA_MODULES), dtype=torch.float32)
@@ -101,7 +107,7 @@ class SpareBuffers:
 
     def take(self, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor | None:
         with self._lock:
-            free = self._by_key.get((tuple(shape), dtype))
+            free = self._by_key.get((shape, dtype))
             if not free:
                 return None
             buf = free.pop()
@@ -171,8 +177,7 @@ class HostAdapterCache:
 
     def _pack(self, weights: LoraWeights) -> PackedAdapter:
         """(Worker thread.) Into a recycled page buffer of the right shape when there is one."""
-        n_pages = weights.layout(self.spec).num_pages(self.page_elems)
-        out = self.spares.take((self.spec.num_layers, n_pages * self.page_elems), self.dtype)
+        out = self.spares.take(page_buffer_shape(weights, self.spec, self.page_elems), self.dtype)
         return pack_adapter(weights, self.spec, self.page_elems, self.dtype, out=out)
 
     def settle(self) -> None:
