@@ -84,6 +84,7 @@ _DECLARED: list[EnvVar] = [
     EnvVar("MAX_ADAPTER_RANK", int, 256, "largest LoRA rank the engine accepts"),
     EnvVar("ENGINE_HOST_ADAPTER_BYTES", int, 4 << 30, "validated adapters an engine keeps in its own memory (LRU, bytes)"),
     EnvVar("ENGINE_PACKED_ADAPTER_BYTES", int, 2 << 30, "adapters an engine keeps packed for one copy to the GPU (host memory, LRU, bytes)"),
+    EnvVar("ENGINE_ADAPTER_PACK_THREADS", int, 4, "threads of an engine that pack adapters for the GPU copy, beside the engine loop"),
     EnvVar("ENGINE_GROUP", str, "lorafleet-engines", "consumer group of the engines on the work topic"),
     EnvVar("ENGINE_ID", str, "", "name of this engine in logs and the consumer group; empty: hostname-pid"),
     EnvVar("RANDOM_WEIGHTS_SEED", int, -1, "benchmarks only: random weights made on the device instead of the checkpoint's (-1: off)"),

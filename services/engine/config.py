@@ -35,6 +35,7 @@ class EngineConfig:
     # Host bytes of packed adapters ready for one copy to the pool (LRU): a reload after
     # eviction costs one memcpy + DMA, not a repack (memory/adapter_pack.py).
     packed_adapter_bytes: int = 2 << 30
+    adapter_pack_threads: int = 4  # CUDA: threads packing adapters beside the engine loop
     gpu_memory_fraction: float = 0.90
     cpu_pool_bytes: int = 1 << 30
     ops: str = "auto"  # auto (triton on CUDA when available) | torch | triton
@@ -55,6 +56,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.adapter_pack_threads < 1:
+            raise ValueError(f"adapter_pack_threads must be >= 1, got {self.adapter_pack_threads}")
         if self.max_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_batched_tokens and max_num_seqs must be >= 1")
         if self.ops not in ("auto", "torch", "triton"):
@@ -166,7 +169,8 @@ def build_runtime(cfg: EngineConfig) -> Runtime:
     pool = torch.zeros(spec.num_layers, num_pages, geom.page_elems, dtype=dtype, device=device)
     allocator = PageAllocator(num_pages)
     slots = cfg.max_adapter_slots or max(64, 2 * cfg.max_num_seqs)
-    adapters = AdapterCache(pool, allocator, spec, slots, cfg.max_adapter_rank, packed_bytes=cfg.packed_adapter_bytes)
+    adapters = AdapterCache(pool, allocator, spec, slots, cfg.max_adapter_rank, packed_bytes=cfg.packed_adapter_bytes,
+                             pack_threads=cfg.adapter_pack_threads)
     kv = KVCacheManager(allocator, adapters, cfg.block_size)
     lora_ops, attn_ops = select_ops(cfg.ops, device)
     elementwise = select_elementwise_ops(cfg.elementwise_ops, cfg.ops, device)

@@ -8,8 +8,10 @@ right) to compare against.
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
+
 import torch
 
 from services.engine.adapters.peft_config import PeftLoraConfig, TargetEntry
@@ -112,7 +114,7 @@ def test_packs_reuse_the_buffers_of_evicted_packs_and_clear_them():
 def test_background_packing_hands_out_each_pack_once_and_keeps_the_budget():
     w = {name: make_weights(4, seed=i) for i, name in enumerate("abc")}
     one = pack_adapter(w["a"], SPEC, P, torch.float32).nbytes
-    host = HostAdapterCache(SPEC, P, torch.float32, budget_bytes=2 * one, background=True)
+    host = HostAdapterCache(SPEC, P, torch.float32, budget_bytes=3 * one, background=True)
     for name in "abc":
         host.stage(name, w[name])  # returns at once: packed in the worker
     host.stage("a", w["a"])  # staged twice: still one pack
@@ -120,8 +122,44 @@ def test_background_packing_hands_out_each_pack_once_and_keeps_the_budget():
     got = {name: host.get(name, w[name]) for name in "abc"}  # each waits for its own pack only
     for name, packed in got.items():
         assert torch.equal(packed.buf, reference_pack(w[name], torch.float32)[0])
-    assert host.num_packs == 3 and host.used_bytes <= 2 * one and host.ids()[-1] == "c"
+    assert host.num_packs == 3 and host.used_bytes <= 3 * one and host.ids()[-1] == "c"
     assert host.get("c", w["c"]) is got["c"] and host.num_packs == 3
+
+
+def test_packs_taken_by_a_load_are_evicted_before_staged_ones():
+    """Parallel packs settle together: the budget drops a pack a load already took, not one
+    staged for a request still waiting (the oldest staged, which LRU order alone would drop)."""
+    w = {name: make_weights(4, seed=i) for i, name in enumerate("abc")}
+    one = pack_adapter(w["a"], SPEC, P, torch.float32).nbytes
+    host = HostAdapterCache(SPEC, P, torch.float32, budget_bytes=2 * one, background=True, workers=2)
+    def staged_and_packed(name):
+        host.stage(name, w[name])
+        while host.packing(name):
+            time.sleep(0.001)
+
+    staged_and_packed("b")
+    host.get("a", w["a"])  # settles b first, then packs a for a load: LRU order b, a
+    staged_and_packed("c")
+    host.settle()  # c in: over budget; a goes, although b is older in LRU order
+    assert host.ids() == ["b", "c"]
+    assert host.get("b", w["b"]) is not None and host.get("c", w["c"]) is not None and host.num_packs == 3
+
+
+def test_parallel_pack_workers_recycle_buffers_without_mixing_adapters():
+    """Several workers pack at once into recycled buffers of several shapes (as on CUDA with
+    mixed ranks): every pack handed out is exactly its own adapter's."""
+    ws = [make_weights(4 << (i % 3), seed=i) for i in range(24)]  # ranks 4, 8, 16: three buffer shapes
+    one = pack_adapter(ws[0], SPEC, P, torch.float32).nbytes
+    host = HostAdapterCache(SPEC, P, torch.float32, budget_bytes=64 * one, background=True, workers=3)
+    host.budget_bytes = 3 * one  # tight: most admissions evict, and spares get reused
+    for start in range(0, len(ws), 6):
+        for i in range(start, start + 6):
+            host.stage(f"a{i}", ws[i])
+        for i in range(start, start + 6):
+            assert torch.equal(host.get(f"a{i}", ws[i]).buf, reference_pack(ws[i], torch.float32)[0]), i
+    assert host.num_packs >= len(ws) and host.spares.reused > 0  # (a staged pack evicted before its get is repacked)
+    with pytest.raises(ValueError, match="pack threads"):
+        HostAdapterCache(SPEC, P, torch.float32, budget_bytes=one, background=True, workers=0)
 
 
 def adapter_contents(cache: AdapterCache, adapter_id: str, n_pages: int):
@@ -205,9 +243,9 @@ def test_a_prefetch_whose_pack_is_still_running_is_loaded_by_poll_once_packed():
     n = pack_adapter(weights, SPEC, P, torch.float32).n_pages
     pool = torch.zeros(SPEC.num_layers, n + 2, P)
     cache = AdapterCache(pool, PageAllocator(pool.shape[1]), SPEC, max_slots=4, max_rank=64)
-    cache.host = HostAdapterCache(SPEC, P, torch.float32, budget_bytes=1 << 30, background=True)  # as on CUDA
+    cache.host = HostAdapterCache(SPEC, P, torch.float32, budget_bytes=1 << 30, background=True, workers=1)  # as on CUDA
     gate = threading.Event()
-    cache.host._worker.submit(gate.wait)  # the worker is busy: a's pack waits behind this
+    cache.host._worker.submit(gate.wait)  # the one worker is busy: a's pack waits behind this
     assert cache.prefetch("a", weights) is False  # returns at once, load deferred
     cache.poll()
     assert not cache.is_resident("a") and cache.host.packing("a")

@@ -46,7 +46,8 @@ class _Resident:
 
 class AdapterCache:
     def __init__(self, pool: torch.Tensor, allocator: PageAllocator, spec: ModelSpec, max_slots: int, max_rank: int,
-                 packed_bytes: int = DEFAULT_PACKED_BYTES, prefetch_reserve_pages: int | None = None):
+                 packed_bytes: int = DEFAULT_PACKED_BYTES, prefetch_reserve_pages: int | None = None,
+                 pack_threads: int = 4):
         self.pool = pool  # [L, num_pages, P]
         self.allocator = allocator
         # Prefetches leave this many pages free for KV growth. Without it, a pool full of KV
@@ -76,7 +77,7 @@ class AdapterCache:
         on_cuda = dev.type == "cuda"
         # Packs are pageable (the uploader pins its ring and rows once, never per load): adapter_upload.py.
         self.host = HostAdapterCache(spec, page_elems, pool.dtype, budget_bytes=packed_bytes,
-                                     background=on_cuda)
+                                     background=on_cuda, workers=pack_threads)
         self.uploader = AdapterUploader(pool, self.tables)
         # A subclass that overrides `_write` places adapters its own way (TpAdapterCache: every
         # rank writes its share) and gets neither the packed host form nor the side stream.

@@ -83,7 +83,7 @@ def pack_adapter(weights: LoraWeights, spec: ModelSpec, page_elems: int, dtype: 
     return PackedAdapter(buf, ranks, scales, offsets, n_pages, max(layout.ranks))
 
 
-SPARE_BYTES = 512 << 20  # page buffers of evicted packs kept for reuse, at most
+SPARE_BYTES = 2 << 30  # page buffers of evicted packs kept for reuse, at most (and a quarter of the budget)
 
 
 class SpareBuffers:
@@ -119,23 +119,27 @@ class SpareBuffers:
 class HostAdapterCache:
     """Packed adapters by id, LRU within `budget_bytes` (the newest one is kept even if larger).
 
-    background: `stage` packs in a worker thread (torch copies release the GIL), so a request's
-    arrival costs the caller nothing and the pack overlaps the engine's steps; `get` waits only
-    for a pack still running. Only the caller's thread touches the LRU and the pending map; the
-    worker runs the pure `pack_adapter`. Packs in flight are not counted in the budget until
+    background: `stage` packs in `workers` threads (torch copies release the GIL), so a request's
+    arrival costs the caller nothing and the packs overlap the engine's steps and each other;
+    `get` waits only for a pack still running. Only the caller's thread touches the LRU and the
+    pending map; the workers run the pure `pack_adapter` (and take spares, which lock). One
+    worker was the S2 bottleneck: 128 MB rank-64 packs came ~100 ms apart. Packs in flight are not counted in the budget until
     they are settled (bounded by the distinct adapters of requests not yet admitted).
     """
 
     def __init__(self, spec: ModelSpec, page_elems: int, dtype: torch.dtype, budget_bytes: int,
-                 background: bool = False):
+                 background: bool = False, workers: int = 4):
         if budget_bytes < 0:
             raise ValueError(f"the packed adapter budget must be >= 0 bytes, got {budget_bytes}")
         self.spec, self.page_elems, self.dtype = spec, page_elems, dtype
         self.budget_bytes = budget_bytes
-        self.spares = SpareBuffers(min(budget_bytes // 8, SPARE_BYTES))
+        if workers < 1:
+            raise ValueError(f"adapter pack threads must be >= 1, got {workers}")
+        self.spares = SpareBuffers(min(budget_bytes // 4, SPARE_BYTES))
         self._packed: OrderedDict[str, PackedAdapter] = OrderedDict()  # least recently used first
-        self._pending: dict[str, Future] = {}  # adapter id -> pack running in the worker
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="adapter-pack") if background else None
+        self._pending: dict[str, Future] = {}  # adapter id -> pack running in a worker
+        self._unclaimed: set[str] = set()  # packed in the background and not yet taken by `get`
+        self._worker = ThreadPoolExecutor(workers, thread_name_prefix="adapter-pack") if background else None
         self.used_bytes = 0
         self.num_packs = 0  # adapters packed (a hit packs nothing; counters for tests and metrics)
 
@@ -167,6 +171,7 @@ class HostAdapterCache:
     def get(self, adapter_id: str, weights: LoraWeights) -> PackedAdapter:
         self.settle()
         packed = self._packed.get(adapter_id)
+        self._unclaimed.discard(adapter_id)
         if packed is not None:
             self._packed.move_to_end(adapter_id)
             return packed
@@ -185,6 +190,7 @@ class HostAdapterCache:
         for adapter_id in [k for k, f in self._pending.items() if f.done()]:
             done = self._pending.pop(adapter_id)
             if done.exception() is None:
+                self._unclaimed.add(adapter_id)
                 self._admit(adapter_id, done.result())
 
     def _admit(self, adapter_id: str, packed: PackedAdapter) -> None:
@@ -192,7 +198,14 @@ class HostAdapterCache:
         self._packed[adapter_id] = packed
         self.used_bytes += packed.nbytes
         while self.used_bytes > self.budget_bytes and len(self._packed) > 1:
-            _, old = self._packed.popitem(last=False)
+            # Packs a load has taken go first (least recent first), then unclaimed ones (staged
+            # for a waiting request; the oldest staged is the soonest needed, so LRU order alone
+            # would drop exactly it when parallel packs settle together).
+            victim = next((k for k in self._packed if k not in self._unclaimed and k != adapter_id), None)
+            if victim is None:
+                victim = next(iter(self._packed))
+            self._unclaimed.discard(victim)
+            old = self._packed.pop(victim)
             self.used_bytes -= old.nbytes
             # Invariant: nothing else holds an evicted pack. `get` hands a pack to a load that
             # reads it synchronously (copy into the pinned ring, or into the pool on the CPU)
