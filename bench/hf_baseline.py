@@ -1,9 +1,13 @@
 """Baseline: HF transformers + PEFT serving the same trace with mixed-adapter batches.
 
-Static batching as HF `generate` allows: the requests that have arrived (up to --batch) form a
-batch, each row with its own adapter (PEFT's `adapter_names`), generated until the longest output
-of the batch. Same model shape, same random adapters, same GPU. Only the first --max-requests of
-the trace are served (HF is slow; the rate is what is compared).
+Static batching as HF `generate` allows: a batch of up to --batch requests, each row with its own
+adapter (PEFT's `adapter_names`), generated until the longest output of the batch. A batch waits
+to fill (until --batch requests have arrived, at most --max-wait-s after its oldest one): a batch
+of whatever arrived by the time the GPU is free would start with the one request of t = 0 and run
+for its whole output. Same model shape, same random adapters, same GPU. Only the first
+--max-requests of the trace are offered, and no batch starts after --budget-s: the rate reported
+is the requests served over the time to the last one's finish (HF is slow; the rate is what is
+compared).
 
     python -m bench.hf_baseline --setting S1 --n 5 100 --out bench/results/engine
 """
@@ -46,23 +50,45 @@ def build_peft_model(model_dir: Path, bank: AdapterBank, numbers: list[int], dev
     return peft_model.eval()
 
 
+class StepClock:
+    """A transformers StoppingCriteria: the time of each generated token (times[k]: token k + 1 of
+    every row), and a stop at the deadline, so that one slow static batch cannot run past it."""
+
+    def __init__(self, t0: float, deadline_s: float):
+        self.t0, self.deadline_s, self.times = t0, deadline_s, []
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        now = time.perf_counter() - self.t0
+        self.times.append(now)
+        return torch.full((input_ids.shape[0],), now > self.deadline_s, dtype=torch.bool, device=input_ids.device)
+
+
 @torch.inference_mode()
-def serve(model, trace, batch: int, vocab: int, device: str = "cuda", budget_s: float = float("inf")) -> dict:
-    """Throughput and latencies of the requests served; no new batch starts after budget_s (HF is
-    slow: a static batch runs to its longest output), so `served` may be less than the trace."""
+def serve(model, trace, batch: int, vocab: int, device: str = "cuda", budget_s: float = float("inf"),
+          max_wait_s: float = 2.0) -> dict:
+    """Throughput and latencies of the requests served within budget_s (no batch starts, and no
+    token is generated, after it): HF is slow, so `served` may be less than `offered`. Timing is
+    as a streaming server's: a row's first token comes with the batch's first step, and a request
+    is done at the step of its own last token (the batch goes on to its longest output)."""
+    from transformers import StoppingCriteriaList
+
     rng = np.random.default_rng(7)
     warm = torch.full((1, 8), 5, dtype=torch.long, device=device)  # CUDA / cuBLAS set-up is not billed to the trace
     model.generate(input_ids=warm, max_new_tokens=2, do_sample=False, adapter_names=[f"a{trace[0].adapter}"], pad_token_id=0)
     arrival, first, finish, out_tokens = {}, {}, {}, {}
+    batch_sizes, generated = [], 0
     queue = list(trace)
     t0 = time.perf_counter()
     while queue:
         now = time.perf_counter() - t0
-        if now > budget_s:
+        # Start when the batch is full or its oldest request has waited max_wait_s (queue is in arrival order).
+        start = min(queue[min(batch, len(queue)) - 1].arrival, queue[0].arrival + max_wait_s)
+        if max(start, now) > budget_s:
             break
-        ready = [r for r in queue if r.arrival <= now][:batch] or [queue[0]]
-        if ready[0].arrival > now:
-            time.sleep(ready[0].arrival - now)
+        if start > now:
+            time.sleep(start - now)
+        ready = [r for r in queue[:batch] if r.arrival <= max(start, now)]
+        batch_sizes.append(len(ready))
         for r in ready:
             queue.remove(r)
         longest = max(r.input_len for r in ready)
@@ -72,14 +98,24 @@ def serve(model, trace, batch: int, vocab: int, device: str = "cuda", budget_s: 
             ids[i, longest - r.input_len :] = torch.from_numpy(rng.integers(3, vocab, r.input_len))
             mask[i, longest - r.input_len :] = 1
         new = max(r.output_len for r in ready)
+        clock = StepClock(t0, budget_s)
         model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new, min_new_tokens=new,
-                       do_sample=False, adapter_names=[f"a{r.adapter}" for r in ready], pad_token_id=0)
-        t = time.perf_counter() - t0
-        print(f"[hf-peft] batch of {len(ready)} x {new} new tokens done at {t:.1f}s, {len(queue)} left", flush=True)
-        for r in ready:  # static batching: nothing streams before the batch ends
-            key = str(r.index)
-            arrival[key], first[key], finish[key], out_tokens[key] = r.arrival, t, t, r.output_len
-    return {**summarize(arrival, first, finish, out_tokens), "served": len(finish), "offered": len(trace)}
+                       do_sample=False, adapter_names=[f"a{r.adapter}" for r in ready], pad_token_id=0,
+                       stopping_criteria=StoppingCriteriaList([clock]))
+        steps = len(clock.times)
+        generated += steps * len(ready)
+        print(f"[hf-peft] batch of {len(ready)}: {steps} of {new} tokens by {clock.times[-1]:.1f}s, {len(queue)} left", flush=True)
+        for r in ready:
+            if r.output_len <= steps:  # its last token came before the deadline
+                key = str(r.index)
+                arrival[key], first[key], finish[key] = r.arrival, clock.times[0], clock.times[r.output_len - 1]
+                out_tokens[key] = r.output_len
+        if steps < new:
+            break  # the deadline stopped this batch
+    if not finish:
+        return {"requests": 0, "served": 0, "offered": len(trace), "batch_sizes": batch_sizes, "generated_tokens": generated}
+    return {**summarize(arrival, first, finish, out_tokens), "served": len(finish), "offered": len(trace),
+            "batch_sizes": batch_sizes, "generated_tokens": generated}
 
 
 def main() -> None:
@@ -90,7 +126,9 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=20.0)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--max-requests", type=int, default=96)
-    p.add_argument("--budget-s", type=float, default=float("inf"), help="start no batch after this many seconds per n")
+    p.add_argument("--max-wait-s", type=float, default=2.0, help="a batch starts when full or this long after its oldest request")
+    p.add_argument("--budget-s", type=float, default=float("inf"),
+                   help="seconds of the trace per n after which no batch starts and no token is generated")
     p.add_argument("--out", type=Path, default=Path("bench/results/engine"))
     p.add_argument("--max-len", type=int, default=512, help="lengths uniform in [8, max-len) (CPU smoke runs: less)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -111,7 +149,7 @@ def main() -> None:
         print(f"[hf-peft] n={n}: model + {len(numbers)} adapters built in {build_s:.1f}s", flush=True)
         t = time.time()
         rec = {"setting": setting.name, "mode": "hf-peft", "n": n, "rate": args.rate, "batch": args.batch,
-               "build_s": build_s, **serve(model, trace, args.batch, spec.vocab_size, args.device, args.budget_s),
+               "build_s": build_s, **serve(model, trace, args.batch, spec.vocab_size, args.device, args.budget_s, args.max_wait_s),
                "wall_s": time.time() - t}
         print(f"[hf-peft] {rec}", flush=True)
         records.append(rec)

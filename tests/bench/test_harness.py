@@ -4,6 +4,7 @@ engine reused across runs), the merged-model baseline's math, the roofline bound
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 from bench.adapters import AdapterBank
 from bench.engine_bench import run_once
+from bench.hf_baseline import StepClock, build_peft_model, serve as hf_serve
 from bench.merged_baseline import merge_adapter, plan
 from bench.roofline import Shape, estimate
 from bench.shapes import make_model_folder
@@ -147,3 +149,27 @@ def test_merged_serve_routes_requests_by_adapter(tiny):
     assert trace and trace[-1].index >= len(trace)  # indices with gaps, as a filtered trace has
     result = serve(engines, trace, engines[0].spec.vocab_size, "t")
     assert result["requests"] == len(trace) and not any(e.has_unfinished() for e in engines.values())
+
+
+def test_hf_baseline_batches_wait_to_fill_and_every_offered_request_is_served(tiny):
+    """HF's static batches start full (or after max_wait_s), not with the lone request of t = 0."""
+    setting = SETTINGS["tiny"]
+    spec = ModelSpec.from_pretrained(tiny)
+    bank = AdapterBank(spec, setting.ranks, setting.modules, torch.device("cpu"))
+    trace = generate_trace(3, 1.0, 200.0, 1.0, 0.05, input_range=(8, 16), output_range=(4, 8))[:6]
+    assert len(trace) == 6 and trace[3].arrival < 1.0
+    model = build_peft_model(tiny, bank, sorted({r.adapter for r in trace}), device="cpu")
+    full = hf_serve(model, trace, batch=4, vocab=spec.vocab_size, device="cpu", max_wait_s=5.0)
+    assert full["batch_sizes"] == [4, 2] and full["served"] == full["offered"] == 6
+    assert full["span_s"] >= trace[3].arrival - trace[0].arrival  # the first batch waited for its 4th request
+    assert full["generated_tokens"] == 4 * max(r.output_len for r in trace[:4]) + 2 * max(r.output_len for r in trace[4:])
+    eager = hf_serve(model, trace, batch=4, vocab=spec.vocab_size, device="cpu", max_wait_s=0.0)
+    assert eager["batch_sizes"][0] == 1 and sum(eager["batch_sizes"]) == 6
+    cut = hf_serve(model, trace, batch=6, vocab=spec.vocab_size, device="cpu", budget_s=0.0)  # deadline at once
+    assert cut["batch_sizes"] == [] and cut["served"] == 0 and cut["offered"] == 6
+    clock = StepClock(time.perf_counter(), deadline_s=-1.0)  # past: a running batch stops after its next token
+    ids = torch.full((2, 8), 5, dtype=torch.long)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
+                             adapter_names=[f"a{trace[0].adapter}"] * 2, stopping_criteria=[clock])
+    assert len(clock.times) == 1 and out.shape == (2, 9)
