@@ -42,8 +42,11 @@ def clear_cached_adapters(engine: LLMEngine) -> None:
 
 
 def _counters(engine: LLMEngine) -> dict[str, int]:
-    return {"adapter_loads": engine.adapters.num_loads, "adapter_evictions": engine.adapters.num_evictions,
-            "preemptions": engine.scheduler.num_preemptions}
+    a = engine.adapters
+    return {"adapter_loads": a.num_loads, "adapter_packs": a.host.num_packs, "adapter_evictions": a.num_evictions,
+            "preemptions": engine.scheduler.num_preemptions,
+            # engine-thread seconds: waiting for (or doing) packs, and issuing the copies of loads
+            "pack_wait_s": a.host.wait_s, "load_host_s": a.uploader.host_s}
 
 
 def run_once(engine: LLMEngine, bank: AdapterBank | None, trace, vocab: int, tag: str = "run") -> dict:
@@ -97,6 +100,7 @@ def build_engine(setting_name: str, args) -> LLMEngine:
     return LLMEngine(EngineConfig(model_dir=str(model_dir), device=args.device, random_weights_seed=0,
                                   max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
                                   max_adapter_rank=max(setting.ranks), packed_adapter_bytes=args.packed_adapter_gb << 30,
+                                  adapter_pack_threads=args.pack_threads,
                                   num_pages=args.num_pages or (0 if args.device.startswith("cuda") else 512)))
 
 
@@ -105,6 +109,8 @@ def main() -> None:
     p.add_argument("--setting", choices=sorted(SETTINGS), default="S1")
     p.add_argument("--packed-adapter-gb", type=int, default=2,
                    help="host memory for packed adapters (the engine's LRU; LORAFLEET_ENGINE_PACKED_ADAPTER_BYTES in the service)")
+    p.add_argument("--pack-threads", type=int, default=EngineConfig.adapter_pack_threads,
+                   help="threads packing adapters (LORAFLEET_ENGINE_ADAPTER_PACK_THREADS in the service)")
     p.add_argument("--n", type=int, nargs="*", default=[5, 100, 2000])
     p.add_argument("--rate", type=float, default=50.0)
     p.add_argument("--duration", type=float, default=15.0)

@@ -100,7 +100,7 @@ class LLMEngine:
         req = Request(request_id, ids, params, adapter_id, adapter, arrival)
         self.scheduler.add_request(req)
         if adapter_id is not None and len(self.scheduler.waiting) <= PREFETCH_AHEAD:
-            self.adapters.prefetch(adapter_id, adapter)  # packed now, into free pages now if there are any
+            self._prefetch_queue_front()  # its adapter packed now, into free pages now if there are any
         self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, ids, params.stop)
 
     def abort_request(self, request_id: str) -> bool:
@@ -126,6 +126,16 @@ class LLMEngine:
             "free_pages": self.kv.allocator.num_free,
         }
 
+    def _prefetch_queue_front(self) -> None:
+        """Packs finished in the background go to free pages, then the adapters of the next
+        waiting requests are prefetched in queue order, as far as half the packed-host budget
+        goes (AdapterCache.prefetch_ahead). At arrival too: prefetching every arrival's adapter
+        packed more than the budget holds (S2: 64 x up to 128 MB), and the host LRU dropped
+        packs before their requests were admitted, which then packed again on this thread."""
+        self.adapters.poll()
+        self.adapters.prefetch_ahead((r.adapter_id, r.adapter_weights)
+                                     for r in islice(self.scheduler.waiting, PREFETCH_AHEAD) if r.adapter_id is not None)
+
     # --- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One step: schedule, build, launch the forward and sampling, then (while the GPU works)
@@ -136,11 +146,9 @@ class LLMEngine:
         token the request got in the meantime is dropped (update_from_output skips finished ones),
         so what is emitted is exactly what a non-overlapped loop would emit.
         """
-        self.adapters.poll()  # prefetches whose packing finished in the background go to free pages
         # Requests deeper in the queue than PREFETCH_AHEAD at arrival get their adapters packed
         # (and loaded into free pages) as they come near admission.
-        self.adapters.prefetch_ahead((r.adapter_id, r.adapter_weights)
-                                     for r in islice(self.scheduler.waiting, PREFETCH_AHEAD) if r.adapter_id is not None)
+        self._prefetch_queue_front()
         sched = self.scheduler.schedule()
         pending, self._pending = self._pending, []
         if sched.empty:

@@ -109,3 +109,22 @@ def test_adapters_deep_in_the_queue_are_packed_as_they_come_near_admission(zoo):
     assert eng.adapters.host.num_packs == PREFETCH_AHEAD + 4
     done |= set(eng.run_to_completion())
     assert len(done) == n and eng.adapters.host.num_packs == n  # everyone served, nothing packed twice
+
+
+def test_arrivals_pack_only_what_half_the_host_budget_holds_so_nothing_is_packed_twice(zoo):
+    """Packing every arrival's adapter overran a small host budget: the LRU dropped the packs of the
+    oldest waiting requests (the next admitted), which were then packed again on the engine
+    thread. Arrivals now follow the lookahead's rule (half the budget, queue order)."""
+    from services.engine.adapters.weights import load_peft_adapter_dir
+    from services.engine.memory.adapter_pack import pack_adapter
+
+    eng = LLMEngine(EngineConfig(model_dir=str(zoo.model("mha")), num_pages=96, max_num_seqs=1))
+    w = load_peft_adapter_dir(zoo.adapter("mha", "r1-attn"), eng.spec)
+    one = pack_adapter(w, eng.spec, eng.pool.shape[2], eng.pool.dtype).nbytes
+    eng.adapters.host.budget_bytes = 4 * one
+    eng.adapters.prefetch_reserve_pages = eng.kv.allocator.num_free  # no prefetch into pages: packs wait on the host
+    for i in range(10):
+        eng.add_request(f"q{i}", prompt_token_ids=[5, 6, 7], adapter_id=f"ad{i}", adapter=w,
+                        params=SamplingParams(max_tokens=1, temperature=0))
+    assert eng.adapters.host.num_packs == 2  # half the budget, from the queue head
+    assert len(eng.run_to_completion()) == 10 and eng.adapters.host.num_packs == 10
