@@ -8,11 +8,12 @@
 #   PART=baselines  GPU 0 (2): HF PEFT S1 n = 5, 100 (HF_S seconds each), merged-model S1 n = 5
 #                   GPU 1 (3): HF PEFT S2 n = 5, 100, merged-model S2 n = 5, then the fused-kernel
 #                          GPU tests (their full log)
+#   PART=ab         the tables on GPUs 0-1 and again on 2-3 with --pack-threads $AB_PACK_THREADS (1)
 # Runs are ordered so that a part cut by BUDGET loses the least needed ones.
 #   PART=all COMMIT=<sha> bash bench/device_tables.sh        (carry .whl; results in $OUT/results.tgz)
 set -o pipefail
 export PYTHONUNBUFFERED=1
-PART=${PART:?set PART to tables, baselines or all}
+PART=${PART:?set PART to tables, baselines, all or ab}
 COMMIT=${COMMIT:?set COMMIT to the commit under test (git on the device copy may be stale)}
 OUT=${OUT:-bench/results/h200}
 BUDGET=${BUDGET:-540}
@@ -29,10 +30,12 @@ run_on() {
   ((left < 20)) && { echo "$name skipped: ${left}s left" >> "$OUT/gpu$gpu/skipped.txt"; return; }
   CUDA_VISIBLE_DEVICES=$gpu timeout -k 5 "$left" "$@" --out "$OUT/gpu$gpu" > "$OUT/gpu$gpu/$name.log" 2>&1
 }
-tables() {
-  run_on 0 engine-S1 python3 -m bench.engine_bench --setting S1 --n 2000 5 10000 100 1000 0 --warmup 2 --duration 12 "${B[@]}" &
-  ( run_on 1 profile-S2 python3 -m bench.profile_host --setting S2 --commit "$COMMIT"
-    run_on 1 engine-S2 python3 -m bench.engine_bench --setting S2 --n 2000 5 0 100 1000 10000 --warmup 2 --duration 12 "${B[@]}" ) &
+tables() {  # on GPUs $1 and $2, engine flags after them (an A/B pair runs the runs that matter most)
+  local g1=$1 g2=$2 tag=${3:+-ab}
+  shift 2
+  run_on "$g1" engine-S1$tag python3 -m bench.engine_bench --setting S1 --n 2000 5 10000 100 1000 0 --warmup 2 --duration 12 "${B[@]}" "$@" &
+  ( [ -z "$tag" ] && run_on "$g2" profile-S2 python3 -m bench.profile_host --setting S2 --commit "$COMMIT"
+    run_on "$g2" engine-S2$tag python3 -m bench.engine_bench --setting S2 --n 2000 5 0 100 1000 10000 --warmup 2 --duration 12 "${B[@]}" "$@" ) &
 }
 baselines() {  # on GPUs $1 and $2
   ( run_on "$1" hf-S1 python3 -m bench.hf_baseline --setting S1 --n 5 100 "${HF[@]}"
@@ -44,10 +47,11 @@ baselines() {  # on GPUs $1 and $2
       -rfs --tb=short -W ignore tests/kernels/test_fused_kernels.py > "$OUT/gpu$2/pytest-fused.log" 2>&1 ) &
 }
 case $PART in
-tables) tables ;;
+tables) tables 0 1 ;;
 baselines) baselines 0 1 ;;
-all) tables; baselines 2 3 ;;
-*) echo "PART must be tables, baselines or all, got $PART"; exit 2 ;;
+all) tables 0 1; baselines 2 3 ;;
+ab) tables 0 1; tables 2 3 --pack-threads "${AB_PACK_THREADS:-1}" ;;  # the tables beside a variant of them
+*) echo "PART must be tables, baselines, all or ab, got $PART"; exit 2 ;;
 esac
 wait
 for g in 0 1 2 3; do echo "== gpu$g"; grep -h -E '^\[(engine_bench|merged|hf-peft)\] \{' "$OUT"/gpu$g/*.log | cut -c1-300; cat "$OUT/gpu$g/skipped.txt" 2>/dev/null; done
