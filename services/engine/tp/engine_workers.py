@@ -18,7 +18,10 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import datetime
+import faulthandler
 import os
+import signal
+import sys
 import traceback
 
 import msgspec
@@ -139,6 +142,7 @@ def run_step(runner: RankRunner, step: wire.Step, ints: torch.Tensor | None = No
 def worker_main(start_raw: bytes, conn) -> None:
     """Entry point of a spawned worker rank (start_raw: wire.WorkerStart, msgspec bytes)."""
     start = msgspec.msgpack.decode(start_raw, type=wire.WorkerStart)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: this rank's stacks to stderr
     try:
         init_group(start)
         runner = build_runner(start, msgspec.json.decode(start.spec_json, type=ModelSpec))
@@ -162,8 +166,16 @@ def _serve(runner: RankRunner, conn) -> None:
         cmd = wire.decode(conn.recv_bytes())
         if isinstance(cmd, wire.Shutdown):
             return
-        with torch.inference_mode():
-            run_step(runner, cmd)
+        try:
+            with torch.inference_mode():
+                run_step(runner, cmd)
+        except BaseException:
+            # Print first and leave at once: destroying the group (the `finally` above) waits for
+            # the collectives the other ranks are blocked in, so the traceback never came out
+            # (an H200 run at 897744e showed only the driver's all-reduce timing out).
+            traceback.print_exc()
+            sys.stderr.flush()
+            os._exit(1)
 
 
 def _leave() -> None:
