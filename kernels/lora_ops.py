@@ -208,12 +208,15 @@ class TritonLoraOps:
 
         Keyed on the LoraBatch object and the version counter of seg_len (bumped by any in-place
         write), and on whether a graph is being captured (a capture must record its own plan launch).
+        An inference tensor has no version counter (the TP workers build their batches under
+        inference_mode): its batch is taken as unchanged while the LoraBatch object is the same.
         """
         batch = ctx.batch
         if self._plan_batch is not batch:
             self._plan_batch, self._plans = batch, {}
         capturing = ctx.pool.is_cuda and torch.cuda.is_current_stream_capturing()
-        key = (batch.seg_len._version, batch.seg_len.data_ptr(), num_tokens, block_t, capturing)
+        version = None if batch.seg_len.is_inference() else batch.seg_len._version
+        key = (version, batch.seg_len.data_ptr(), num_tokens, block_t, capturing)
         plan = self._plans.get(key)
         if plan is None:
             num_segs = batch.seg_len.shape[0]

@@ -149,6 +149,28 @@ def test_ops_keep_no_reference_to_activations():
         with pytest.raises(ValueError, match="dtype"):
             ops.shrink(bad, 0, QKV, ctx)
 
+
+def test_ops_take_a_batch_made_under_inference_mode():
+    """The TP workers build each step's LoraBatch under torch.inference_mode: inference tensors
+    have no version counter, and reading it raised (the W = 2 engine on H200s at 897744e)."""
+    ctx, num_tokens = make_lora_case(TINY, "uniform", "prefill", (8,), num_slots=2, num_requests=3,
+                                     block_size=4, dtype=torch.float32, device=DEVICE, seed=9)  # fmt: skip
+    x, y = torch.randn(num_tokens, 64, device=DEVICE), torch.randn(num_tokens, 128, device=DEVICE)
+    expected_u = TritonLoraOps().shrink(x, 0, QKV, ctx)
+    expected_y = y.clone()
+    TritonLoraOps().expand(expected_y, expected_u, 0, QKV, (0, 64, 96), ctx)
+    with torch.inference_mode():
+        b = ctx.batch
+        batch = LoraBatch(*(t.clone() for t in (b.token_slot, b.seg_start, b.seg_len, b.seg_slot)),
+                          max_rank=b.max_rank, max_seg_len=b.max_seg_len, num_segments=b.num_segments)
+        assert batch.seg_len.is_inference()
+        inf_ctx = LoraContext(ctx.pool, ctx.tables, batch)
+        ops, got_y = TritonLoraOps(), y.clone()
+        u = ops.shrink(x, 0, QKV, inf_ctx)
+        ops.expand(got_y, u, 0, QKV, (0, 64, 96), inf_ctx)
+    assert torch.equal(u, expected_u) and torch.equal(got_y, expected_y)
+
+
 # --- the full grid (GPU) ---------------------------------------------------------------------
 
 GPU_SHAPES = {
