@@ -18,15 +18,17 @@ COLUMNS = ("mode", "n", "req/s", "tok/s", "vs base-only", "vs roofline", "TTFT m
            "SLO 6 s", "KV GB", "adapters GB", "loads / evictions / preemptions")
 
 
-def load(folder: Path, setting: str) -> tuple[list[dict], list[dict]]:
-    """(records, environments) of every result file of `setting` in `folder`."""
+def load(folders: list[Path], setting: str) -> tuple[list[dict], list[dict]]:
+    """(records, environments) of every result file of `setting` in `folders` (the first is the
+    summary's own folder: its files are named plainly, the others' by their path)."""
     records, envs = [], []
-    for prefix in PREFIXES:
-        path = folder / f"{prefix}-{setting}.json"
-        if path.exists():
-            payload = json.loads(path.read_text())
-            envs.append({"file": path.name, **payload["environment"]})
-            records += payload["records"]
+    for i, folder in enumerate(folders):
+        for prefix in PREFIXES:
+            path = folder / f"{prefix}-{setting}.json"
+            if path.exists():
+                payload = json.loads(path.read_text())
+                envs.append({"file": path.name if i == 0 else str(path), **payload["environment"]})
+                records += payload["records"]
     return records, envs
 
 
@@ -122,10 +124,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", type=Path, default=Path("bench/results/h200"))
     p.add_argument("--settings", nargs="+", default=["S1", "S2", "S4"])
+    p.add_argument("--also", type=Path, nargs="*", default=[],
+                   help="more folders whose result files join the tables (e.g. another call's baselines)")
     args = p.parse_args()
     by_setting, sections = {}, []
     for s in args.settings:
-        records, envs = load(args.dir, s)
+        records, envs = load([args.dir, *args.also], s)
         if not records:
             continue
         by_setting[s] = records

@@ -122,6 +122,16 @@ def test_summary_marks_targets(tmp_path, monkeypatch):
     assert "31.00 req/s, 103% of 30 (**pass**)" in text
     assert "78% of base-only (**miss**)" in text and "75% of n = 5 (**miss**)" in text
     assert "does not fit: too big" in text and "| lora | 2000 | 31.00 |" in text and "69% |" in text
+    # --also: another call's results (an S2 run here) join the tables; the summary's own folder is untouched
+    other = tmp_path / "other"
+    other.mkdir()
+    s2 = [{**rec("lora", 2000, 27.0), "setting": "S2"}]
+    (other / "engine-S2.json").write_text(json.dumps({"environment": env, "records": s2}))
+    monkeypatch.setattr("sys.argv", ["summary", "--dir", str(tmp_path), "--settings", "S1", "S2", "--also", str(other)])
+    summary_main()
+    text = (tmp_path / "SUMMARY.md").read_text()
+    assert "S2 within 15% of S1 at n = 2000: 87% of S1 (**pass**)" in text and f"`{other / 'engine-S2.json'}`" in text
+    assert not (other / "SUMMARY.md").exists()
 
 
 def test_a_failed_run_is_recorded_before_the_error_propagates(tmp_path, monkeypatch):
