@@ -5,7 +5,8 @@
 # while time is left. Results into $OUT (default bench/results/tp).
 #   bash bench/device_tp.sh
 # env: BUDGET_S (300: the whole script), TEST_TIMEOUT (120: the GPU tests), SKIP_TESTS, RATE (40),
-#      DURATION (4: seconds of arrivals per run), SETTINGS (S1), COMMIT, OUT.
+#      DURATION (4: seconds of arrivals per run), SETTINGS (S1), COMMIT, OUT, GRAPHS (1: decode CUDA
+#      graphs at every W, tp_cuda_graphs, with split phases).
 # The tests' full log (pytest -v --tb=short, per-case durations) goes to $OUT/gpu_tests.log; the
 # benchmark gets what is left of BUDGET_S and skips the engines and runs that would not fit.
 set -o pipefail
@@ -29,5 +30,5 @@ LEFT=$(( LEFT < 30 ? 30 : LEFT ))
 echo "== benchmark, ${LEFT} s left ($(date +%T))"
 timeout -k 5 $(( LEFT + 30 )) python3 -m bench.tp_bench --worlds 1 2 4 --settings ${SETTINGS:-S1} \
   --schemes fused slora replicated_a --n 100 --rate "${RATE:-40}" --duration "${DURATION:-4}" --budget-s "$LEFT" \
-  --out "$OUT" ${COMMIT:+--commit "$COMMIT"} 2>&1 | grep -v -i warning | tee "$OUT/bench.log" | tail -30
+  --out "$OUT" ${COMMIT:+--commit "$COMMIT"} ${GRAPHS:+--graphs --decode-steps-per-prefill 4} 2>&1 | grep -v -i warning | tee "$OUT/bench.log" | tail -30
 echo "== done in $(( $(date +%s) - T0 )) s"

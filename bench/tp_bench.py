@@ -78,6 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-batched-tokens", type=int, default=4096)
     p.add_argument("--decode-steps-per-prefill", type=int, default=0, help="the same scheduling at every W")
     p.add_argument("--w1-graphs", action="store_true", help="CUDA graphs for W = 1 (not like for like)")
+    p.add_argument("--graphs", action="store_true",
+                   help="decode CUDA graphs at every W (W > 1: tp_cuda_graphs); pair with --decode-steps-per-prefill 4")
     p.add_argument("--elementwise", choices=["torch", "auto"], default="auto",
                    help="elementwise ops at every W; auto: the fused kernels on CUDA")
     p.add_argument("--budget-s", type=float, default=1e9, help="skip engines and runs that would not fit")
@@ -100,7 +102,8 @@ def _config(args, model_dir: Path, plan: EnginePlan, max_rank: int) -> EngineCon
         model_dir=str(model_dir), device=args.device, random_weights_seed=0, max_num_seqs=args.max_num_seqs,
         max_batched_tokens=args.max_batched_tokens, max_adapter_rank=max_rank,
         num_pages=args.num_pages or (0 if cuda else 512), decode_steps_per_prefill=args.decode_steps_per_prefill,
-        cuda_graphs=bool(args.w1_graphs and plan.world == 1), tp_size=plan.world,
+        cuda_graphs=bool(args.graphs or (args.w1_graphs and plan.world == 1)), tp_cuda_graphs=args.graphs,
+        tp_size=plan.world,
         elementwise_ops=args.elementwise,
         tp_lora_scheme=plan.scheme if plan.scheme != "-" else "fused",
     )

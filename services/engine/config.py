@@ -52,6 +52,10 @@ class EngineConfig:
     # driver (this process) is rank 0. CUDA graphs are not used when tp_size > 1 (yet).
     tp_size: int = 1
     tp_lora_scheme: str = "fused"  # fused | slora | replicated_a | gather_outputs (docs/tp.md)
+    # Decode CUDA graphs under tp_size > 1 (tp/graphs.py; with cuda_graphs and the Triton ops).
+    # Off by default until a GPU run has checked them (docs/tp.md); on the CPU the same padded
+    # steps run eagerly (what the CPU tests check).
+    tp_cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -75,6 +75,7 @@ class EngineServiceConfig:
             max_batched_tokens=args.max_batched_tokens, max_adapter_rank=args.max_adapter_rank,
             gpu_memory_fraction=args.gpu_memory_fraction, ops=args.ops,
             tp_size=args.tp_size, tp_lora_scheme=args.tp_lora_scheme,
+            tp_cuda_graphs=settings.read("TP_CUDA_GRAPHS"),
             packed_adapter_bytes=settings.read("ENGINE_PACKED_ADAPTER_BYTES"),
             adapter_pack_threads=settings.read("ENGINE_ADAPTER_PACK_THREADS"),
             random_weights_seed=None if (seed := settings.read("RANDOM_WEIGHTS_SEED")) < 0 else seed,

@@ -22,6 +22,15 @@ def test_engine_plan_puts_each_worlds_base_and_first_scheme_before_the_other_sch
 
 def test_arguments_are_checked():
     assert parse_args([]).settings == ["S1", "S2"]
+    from pathlib import Path
+
+    from bench.tp_bench import _config
+
+    # (flags, world) -> (cuda_graphs, tp_cuda_graphs): --w1-graphs only at W = 1, --graphs at every W
+    for flags, world, want in (([], 2, (False, False)), (["--w1-graphs"], 1, (True, False)),
+                               (["--w1-graphs"], 2, (False, False)), (["--graphs"], 2, (True, True))):
+        cfg = _config(parse_args(flags), Path("m"), EnginePlan(world=world, mode="lora", scheme="fused"), 8)
+        assert (cfg.cuda_graphs, cfg.tp_cuda_graphs) == want, (flags, world)
     with pytest.raises(SystemExit):
         parse_args(["--settings", "S1", "S4"])  # two model shapes in one run
 

@@ -99,8 +99,9 @@ def _single(zoo, model: str) -> dict[str, list[int]]:
 
 # (model, world, scheme): mha has 4 heads, gqa 8 heads over 2 KV heads (replicated at W = 4).
 # Cheapest first (W = 1 runs in this process, no spawn), so a short budget loses the least.
-CASES = [("mha", 1, "fused"), ("mha", 1, "slora"), ("mha", 2, "fused"), ("mha", 2, "slora"), ("mha", 4, "fused"),
-         ("mha", 4, "slora"), ("gqa", 4, "slora")]
+# "+graphs": decode steps replayed from CUDA graphs on every rank (tp_cuda_graphs).
+CASES = [("mha", 1, "fused"), ("mha", 1, "slora"), ("mha", 2, "fused"), ("mha", 2, "fused+graphs"),
+         ("mha", 2, "slora"), ("mha", 4, "fused"), ("mha", 4, "slora+graphs"), ("mha", 4, "slora"), ("gqa", 4, "slora")]
 
 
 @pytest.mark.timeout(CASE_TIMEOUT_S)
@@ -112,7 +113,8 @@ def test_tp_engine_on_gpus_matches_single_gpu(zoo, model, world, scheme, monkeyp
     if world == 1:  # the TP runtime itself (shards of one, pages read by rank-local tables, NCCL of one)
         monkeypatch.setattr(engine_module, "build_runtime", build_tp_runtime)
     monkeypatch.setattr(tp_runtime, "COLLECTIVE_TIMEOUT_S", WAIT_S)
-    got = _run(zoo, model, tp_size=world, tp_lora_scheme=scheme)
+    scheme, _, graphs = scheme.partition("+")
+    got = _run(zoo, model, tp_size=world, tp_lora_scheme=scheme, tp_cuda_graphs=bool(graphs))
     assert sorted(got) == sorted(want)
     compared = total = 0
     for rid, name, prompt in _jobs():

@@ -24,11 +24,13 @@ from ..memory.adapter_cache import AdapterCache
 from ..memory.allocator import PageAllocator
 from ..memory.kv_cache import KVCacheManager
 from ..memory.layout import AdapterLayout, PoolGeometry
-from ..model_spec import ModelSpec
-from ..ops.base import AttentionMeta, LoraContext
+from ..model_spec import LORA_MODULES, ModelSpec
+from ..batch import ModelBatch
+from ..ops.base import AttentionMeta, LoraBatch, LoraContext
 from ..scheduler import SchedulerConfig
 from . import wire
-from .engine_workers import TpWorkerGroup, build_runner, run_step
+from .engine_workers import TpWorkerGroup, build_graphs, build_runner, run_step
+from .graphs import TpDecodeGraphs
 from .partition import check_world, local_spec
 from .rank_runner import RankRunner, adapter_pages
 from .shard_adapters import Scheme
@@ -82,15 +84,30 @@ class TpAdapterCache(AdapterCache):
 
 
 class TpDriverModel:
-    """model.forward / model.logits for LLMEngine.step, over all ranks (rank 0 runs here)."""
+    """model.forward / model.logits for LLMEngine.step, over all ranks (rank 0 runs here); with
+    decode graphs also the engine's `decode_graphs` (can_run / run, as cuda_graphs.DecodeGraphs)."""
 
-    def __init__(self, runner: RankRunner, group: TpWorkerGroup, adapters: TpAdapterCache):
-        self.runner, self.group, self.adapters = runner, group, adapters
+    def __init__(self, runner: RankRunner, group: TpWorkerGroup, adapters: TpAdapterCache,
+                 graphs: TpDecodeGraphs | None = None):
+        self.runner, self.group, self.adapters, self.graphs = runner, group, adapters, graphs
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, pool: torch.Tensor, attn: AttentionMeta,
                 lora: LoraContext | None) -> torch.Tensor:
+        return self._step(input_ids, positions, attn, None if lora is None else lora.batch, graph=False)
+
+    def can_run(self, batch: ModelBatch) -> bool:
+        n = batch.input_ids.shape[0]
+        return (self.graphs is not None and n <= self.graphs.max_batch and batch.attn.num_decodes == n
+                and len(batch.sampled) == n)
+
+    def run(self, batch: ModelBatch) -> torch.Tensor:
+        """Logits [n, V] of an all-decode batch, every rank replaying its graph of the bucket."""
+        return self._step(batch.input_ids, batch.positions, batch.attn, batch.lora, graph=True)
+
+    def _step(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMeta,
+              batch: LoraBatch | None, graph: bool) -> torch.Tensor:
         loads, self.adapters.pending = self.adapters.pending, []
-        batch = None if lora is None or lora.batch.empty else lora.batch
+        batch = None if batch is None or batch.empty else batch
         step_lora = None
         if batch is not None:
             # The step's distinct slots: G ints read back at the start of the step (the GPU only has
@@ -102,12 +119,12 @@ class TpDriverModel:
         step = wire.Step(
             num_tokens=input_ids.shape[0], num_seqs=attn.num_seqs, max_blocks=attn.block_tables.shape[1],
             num_decodes=attn.num_decodes, max_query_len=attn.max_query_len, max_seq_len=attn.max_seq_len,
-            block_size=attn.block_size, lora=step_lora, loads=[p.msg for p in loads],
+            block_size=attn.block_size, lora=step_lora, loads=[p.msg for p in loads], graph=graph,
         )
         ints = wire.pack_ints(input_ids, positions, attn, batch)
         flat = torch.cat([p.flat for p in loads]) if len(loads) > 1 else (loads[0].flat if loads else None)
         self.group.send(step)
-        return run_step(self.runner, step, ints, flat)  # hidden [T, H], the same on every rank
+        return run_step(self.runner, step, ints, flat, self.graphs)  # hidden [T, H] (graph: logits [T, V])
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.runner.logits(hidden)  # [N, V] float32: lm_head is replicated, rank 0 samples
@@ -134,38 +151,56 @@ def build_tp_runtime(cfg: EngineConfig) -> Runtime:
         # shard's bytes are taken off the free memory _num_pages saw.
         page_bytes = PoolGeometry.for_model(spec_loc, 1, cfg.block_size).page_bytes(dtype.itemsize)
         num_pages = max(1, num_pages - _shard_bytes(spec, cfg.tp_size, dtype.itemsize) // page_bytes)
-    attn_kind = "torch" if device.type != "cuda" or cfg.ops == "torch" else "triton"
+    # As select_ops: auto is Triton on CUDA; "triton" on the CPU runs the kernels under the interpreter.
+    attn_kind = "torch" if cfg.ops == "torch" or (cfg.ops == "auto" and device.type != "cuda") else "triton"
     if attn_kind == "triton":  # fall back to torch ops when the kernels cannot be imported
         attn_kind = "triton" if type(select_ops(cfg.ops, device)[1]).__name__.startswith("Triton") else "torch"
     # The fused elementwise kernels where the Triton ops run (elementwise_ops auto), as in one process.
     ew_kind = "torch" if cfg.elementwise_ops == "torch" or attn_kind == "torch" else "triton"
     if ew_kind == "triton":  # (torch when the kernels cannot be imported here)
         ew_kind = "triton" if type(select_elementwise_ops(cfg.elementwise_ops, "triton", device)).__name__.startswith("Triton") else "torch"
+    slots = cfg.max_adapter_slots or max(64, 2 * cfg.max_num_seqs)
+    graphs_on = cfg.cuda_graphs and cfg.tp_cuda_graphs and attn_kind == "triton" and ew_kind == "triton"
     start = wire.WorkerStart(
         model_dir=str(model_dir), spec_json=msgspec.json.encode(spec), world=cfg.tp_size, rank=0,
         init_method=f"tcp://127.0.0.1:{free_port()}", backend="nccl" if device.type == "cuda" else "gloo",
         device=device.type, dtype=str(dtype).removeprefix("torch."), attn_ops=attn_kind,
         scheme=cfg.tp_lora_scheme, num_pages=num_pages, block_size=cfg.block_size,
         random_weights_seed=cfg.random_weights_seed, timeout_s=COLLECTIVE_TIMEOUT_S, elementwise_ops=ew_kind,
+        max_slots=slots, max_adapter_pages=_max_adapter_pages(spec, spec_loc, cfg),
+        graph_max_batch=min(cfg.max_num_seqs, cfg.max_batched_tokens) if graphs_on else 0,
+        graph_max_rank=cfg.max_adapter_rank,
     )
     group = TpWorkerGroup(start)  # workers load their shards while rank 0 loads its own
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         runner = build_runner(start, spec)
         allocator = PageAllocator(num_pages)
-        slots = cfg.max_adapter_slots or max(64, 2 * cfg.max_num_seqs)
         adapters = TpAdapterCache(runner.pool, allocator, spec, slots, cfg.max_adapter_rank, cfg.tp_size,
                                   Scheme(cfg.tp_lora_scheme))
         kv = KVCacheManager(allocator, adapters, cfg.block_size)
         group.wait_ready()
+        graphs = build_graphs(runner, start)  # the workers capture theirs from when they are ready
     except BaseException:
         group.close()
         raise
-    # No CUDA graphs under TP yet (decode steps run eagerly): split phases only if asked for.
+    # As in one process: split phases (decode-only steps a graph replays) when there are graphs.
+    split = cfg.decode_steps_per_prefill
+    if split is None:
+        split = 4 if graphs is not None else 0
     sched = SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_batched_tokens=cfg.max_batched_tokens,
-                            decode_steps_per_prefill=cfg.decode_steps_per_prefill or 0)
-    model = TpDriverModel(runner, group, adapters)
-    return Runtime(spec, tokenizer, runner.pool.device, runner.pool, model, kv, adapters, sched, None, close=group.close)
+                            decode_steps_per_prefill=split)
+    model = TpDriverModel(runner, group, adapters, graphs)
+    return Runtime(spec, tokenizer, runner.pool.device, runner.pool, model, kv, adapters, sched,
+                   model if graphs is not None else None,
+                   close=group.close)
+
+
+def _max_adapter_pages(spec: ModelSpec, spec_loc: ModelSpec, cfg: EngineConfig) -> int:
+    """Pages of the widest adapter the driver accepts, in a rank's pages (AdapterCache's bound,
+    which every rank's share is within): the width of every rank's page table."""
+    page_elems = PoolGeometry.for_model(spec_loc, 1, cfg.block_size).page_elems
+    return AdapterLayout.build(spec, {m: cfg.max_adapter_rank for m in LORA_MODULES}).num_pages(page_elems)
 
 
 def _shard_bytes(spec: ModelSpec, world: int, elem_bytes: int) -> int:

@@ -33,6 +33,7 @@ from ..model_spec import ModelSpec
 from ..weights_loader import ModelWeights, load_weights, random_weights
 from . import wire
 from .collectives import TpComm
+from .graphs import TpDecodeGraphs
 from .partition import local_spec, make_plan
 from .rank_runner import RankRunner
 from .shard_adapters import Scheme
@@ -88,7 +89,16 @@ def build_runner(start: wire.WorkerStart, spec: ModelSpec) -> RankRunner:
     expand_ops = select_ops(start.attn_ops, device)[0]  # its own instance: its own cached table checks
     comm = TpComm.from_group()
     return RankRunner(spec, plan, weights, attn_ops, comm, pool, Scheme(start.scheme), (shrink_ops, expand_ops),
-                      _elementwise_ops(start.elementwise_ops))
+                      _elementwise_ops(start.elementwise_ops), start.max_slots, start.max_adapter_pages)
+
+
+def build_graphs(runner: RankRunner, start: wire.WorkerStart) -> TpDecodeGraphs | None:
+    """This rank's decode graphs when the driver asked for them (every rank in the same order:
+    the warm-up and captures run collectives). On the CPU: the same padded steps, run eagerly."""
+    if start.graph_max_batch <= 0:
+        return None
+    return TpDecodeGraphs(runner, start.graph_max_batch, start.graph_max_rank, start.block_size,
+                          capture=start.device == "cuda", with_logits=start.rank == 0)
 
 
 def _elementwise_ops(kind: str):
@@ -115,9 +125,10 @@ def _to_device(w: ModelWeights, device: torch.device) -> ModelWeights:
 
 
 def run_step(runner: RankRunner, step: wire.Step, ints: torch.Tensor | None = None,
-             adapter_flat: torch.Tensor | None = None) -> torch.Tensor:
+             adapter_flat: torch.Tensor | None = None, graphs: TpDecodeGraphs | None = None) -> torch.Tensor:
     """One step on this rank: receive (or, on rank 0, send) the step's tensors, apply the adapter
-    loads, run the forward. Every rank calls this with the same header. -> hidden [T, H].
+    loads, run the forward (or replay the decode graph: step.graph). Every rank calls this with the
+    same header. -> hidden [T, H] (a graph step: rank 0's logits [T, V], the others' hidden).
 
     Nothing here reads a device tensor back: the header carries every host-side number."""
     device = runner.pool.device
@@ -133,6 +144,10 @@ def run_step(runner: RankRunner, step: wire.Step, ints: torch.Tensor | None = No
             targets, a, b = wire.unpack_adapter(piece, load)
             runner.load_adapter(load.slot, load.pages, load.ranks_by_module, targets, a, b)
     ids, pos, attn, lora = wire.unpack_ints(ints, step)
+    if step.graph:
+        if graphs is None:
+            raise RuntimeError("a graph step reached a rank that captured no decode graphs")
+        return graphs.run(ids, pos, attn, lora)
     return runner.forward(ids, pos, attn, lora, frozenset(step.lora.targets) if step.lora is not None else frozenset())
 
 
@@ -152,12 +167,16 @@ def worker_main(start_raw: bytes, conn) -> None:
         _leave()
         raise
     try:
-        _serve(runner, conn)
+        graphs = build_graphs(runner, start)  # with the driver, which starts its own once all are ready
+    except BaseException:
+        _exit_on_error()
+    try:
+        _serve(runner, conn, graphs)
     finally:
         _leave()
 
 
-def _serve(runner: RankRunner, conn) -> None:
+def _serve(runner: RankRunner, conn, graphs: TpDecodeGraphs | None) -> None:
     parent = mp.parent_process()
     while True:
         while not conn.poll(1.0):
@@ -168,14 +187,18 @@ def _serve(runner: RankRunner, conn) -> None:
             return
         try:
             with torch.inference_mode():
-                run_step(runner, cmd)
+                run_step(runner, cmd, graphs=graphs)
         except BaseException:
-            # Print first and leave at once: destroying the group (the `finally` above) waits for
-            # the collectives the other ranks are blocked in, so the traceback never came out
-            # (an H200 run at 897744e showed only the driver's all-reduce timing out).
-            traceback.print_exc()
-            sys.stderr.flush()
-            os._exit(1)
+            _exit_on_error()
+
+
+def _exit_on_error() -> None:
+    """Print the error first and leave at once: destroying the group (worker_main's `finally`)
+    waits for the collectives the other ranks are blocked in, so the traceback never came out
+    (an H200 run at 897744e showed only the driver's all-reduce timing out)."""
+    traceback.print_exc()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def _leave() -> None:

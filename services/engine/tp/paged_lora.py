@@ -34,11 +34,12 @@ def share_module_shapes(spec: ModelSpec, plan: TpPlan, scheme: Scheme) -> tuple[
 class RankAdapterTables:
     """Device tables of the slots this rank holds; rows rewritten by each load, grown on demand."""
 
-    def __init__(self, spec: ModelSpec, plan: TpPlan, scheme: Scheme, device: torch.device, slots: int = 64):
+    def __init__(self, spec: ModelSpec, plan: TpPlan, scheme: Scheme, device: torch.device, slots: int = 64,
+                 max_pages: int = 1):
         self.scheme, self.device, self.L = Scheme(scheme), device, spec.num_layers
         self.module_shapes = share_module_shapes(spec, plan, self.scheme)
         self.split = self.scheme.splits_column_rank
-        self._alloc(slots, 1)
+        self._alloc(slots, max_pages)  # grown on demand, except under CUDA graphs (sized to the driver's capacity)
         self.max_rank: dict[int, int] = {}  # slot -> the adapter's largest full rank
         self.modules: dict[int, frozenset[str]] = {}  # slot -> the modules it targets (any layer)
 

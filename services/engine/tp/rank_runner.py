@@ -42,13 +42,13 @@ def adapter_pages(spec: ModelSpec, ranks_by_module: dict[str, int], world: int, 
 class RankRunner:
     def __init__(self, spec: ModelSpec, plan: TpPlan, weights: ModelWeights, attn_ops: AttentionOps, comm: TpComm,
                  pool: torch.Tensor, scheme: Scheme, lora_ops: tuple[LoraOps, LoraOps] | None = None,
-                 elementwise_ops: ElementwiseOps | None = None):  # fmt: skip
+                 elementwise_ops: ElementwiseOps | None = None, slots: int = 64, max_pages: int = 1):  # fmt: skip
         """lora_ops: (shrink ops, expand ops), two instances so that each caches its own table checks
-        under slora; default: the torch reference ops."""
+        under slora; default: the torch reference ops. slots, max_pages: the tables' first capacity."""
         self.spec, self.plan, self.scheme = spec, plan, Scheme(scheme)
         self.pool = pool  # [L, num_pages, P_loc]
         self.model = TpLlamaModel(spec, plan, weights, attn_ops, comm, elementwise_ops)
-        self.tables = RankAdapterTables(spec, plan, self.scheme, pool.device)
+        self.tables = RankAdapterTables(spec, plan, self.scheme, pool.device, slots, max_pages)
         self.shrink_ops, self.expand_ops = lora_ops or (TorchLoraOps(), TorchLoraOps())
 
     # --- adapters --------------------------------------------------------------------------

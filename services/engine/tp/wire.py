@@ -42,6 +42,12 @@ class WorkerStart(msgspec.Struct, frozen=True):
     random_weights_seed: int | None
     timeout_s: float
     elementwise_ops: str = "torch"  # torch | triton (the fused kernels)
+    # The driver's adapter capacity: every rank's tables are allocated at it once (graphs.py).
+    max_slots: int = 64
+    max_adapter_pages: int = 1
+    # Decode CUDA graphs (graphs.py): batch capacity (0: none) and rank capacity.
+    graph_max_batch: int = 0
+    graph_max_rank: int = 0
 
 
 class AdapterLoad(msgspec.Struct, frozen=True):
@@ -72,6 +78,7 @@ class Step(msgspec.Struct, frozen=True, tag="step"):
     block_size: int
     lora: StepLora | None  # None: no adapter in the step
     loads: list[AdapterLoad]
+    graph: bool = False  # a decode-only step every rank replays from its CUDA graph of this size's bucket
 
 
 class Shutdown(msgspec.Struct, frozen=True, tag="shutdown"):
