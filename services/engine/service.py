@@ -7,7 +7,8 @@
 NOTE invariants:
 - Only the step loop touches the LLMEngine (it runs each step in a worker thread and holds
   `engine_lock` meanwhile; rebalance aborts take the same lock).
-- One ReplyWriter.publish (one pipelined Redis round trip) per step for every request's entries.
+- One ReplyWriter.publish (one pipelined Redis round trip) per step for every request's entries,
+  made while the next step runs on the GPU (step_once).
 - An offset is committed only when every message up to it has its terminal entry (OffsetTracker).
   A request whose message is delivered again is de-duplicated by the writer (token `index`,
   terminal once), and generation is deterministic per request id (seeded), so a redelivered
@@ -172,11 +173,23 @@ class EngineService:
                 job.log.info("request done", finish_reason=out.finish_reason, completion_tokens=out.num_output_tokens)
 
     async def step_once(self) -> None:
+        """One engine step in a worker thread while the previous step's replies are published and
+        finished requests committed: the Redis and Kafka round trips overlap the GPU instead of
+        following it (replies go out as soon as before: right after the step that made them).
+        When nothing runs next, this step's replies are published at once."""
         async with self.engine_lock:
             self._admit_ready()
-            if self.engine.has_unfinished():
-                self._collect(await asyncio.to_thread(self.engine.step))
-        await self.flush()
+            step = asyncio.ensure_future(asyncio.to_thread(self.engine.step)) if self.engine.has_unfinished() else None
+            try:
+                await self.flush()
+            except BaseException:
+                if step is not None:  # the step's thread runs on; never leave its result unobserved
+                    await asyncio.gather(step, return_exceptions=True)
+                raise
+            if step is not None:
+                self._collect(await step)
+        if not self.engine.has_unfinished():
+            await self.flush()
 
     async def flush(self) -> None:
         """Publish the outbox in one round trip, then mark finished jobs done and commit."""
