@@ -114,6 +114,7 @@ def test_summary_marks_targets(tmp_path, monkeypatch):
 
     env = {"commit": "abc", "gpu": "H200", "date": "now", "command": "x"}
     records = [rec("lora", 5, 40.0), rec("lora", 2000, 31.0), rec("lora", 10000, 30.0), rec("base-only", 0, 40.0),
+               {**rec("hf-peft", 5, 0.1), "served": 9, "offered": 64},
                rec("roofline", 2000, 45.0), {"setting": "S1", "mode": "merged", "n": 100, "fits": False, "reason": "too big"}]
     (tmp_path / "engine-S1.json").write_text(json.dumps({"environment": env, "records": records}))
     monkeypatch.setattr("sys.argv", ["summary", "--dir", str(tmp_path), "--settings", "S1"])
@@ -122,6 +123,7 @@ def test_summary_marks_targets(tmp_path, monkeypatch):
     assert "31.00 req/s, 103% of 30 (**pass**)" in text
     assert "78% of base-only (**miss**)" in text and "75% of n = 5 (**miss**)" in text
     assert "does not fit: too big" in text and "| lora | 2000 | 31.00 |" in text and "69% |" in text
+    assert "| hf-peft (9 of 64 served) | 5 | 0.10 |" in text
     # --also: another call's results (an S2 run here) join the tables; the summary's own folder is untouched
     other = tmp_path / "other"
     other.mkdir()
