@@ -7,30 +7,17 @@ import pytest
 from services.engine.adapters.weights import load_peft_adapter_dir
 from services.engine.engine import EngineConfig, LLMEngine, SamplingParams, generated_ids
 
+from tests.mixed_requests import add_mixed_requests, prompt_ids
 from tests.zoo import ADAPTERS
 
 PROMPT_LENGTHS = (3, 9, 17, 33, 40)
 MAX_TOKENS = 10
 
 
-def _prompt(n: int, salt: int) -> list[int]:
-    return [(7 * i + 13 * salt) % 500 + 4 for i in range(n)]
-
-
 def _run_mixed(zoo, model: str, **cfg):
     eng = LLMEngine(EngineConfig(model_dir=str(zoo.model(model)), **cfg))
-    weights = {name: load_peft_adapter_dir(zoo.adapter(model, name), eng.spec) for name in ADAPTERS}
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
-    expected_jobs = []
-    for salt, n in enumerate(PROMPT_LENGTHS):
-        for name in (None, *ADAPTERS):
-            rid = f"{name}-{n}"
-            prompt = _prompt(n, salt + len(rid))
-            eng.add_request(rid, prompt_token_ids=prompt, params=params, adapter_id=name,
-                            adapter=None if name is None else weights[name])
-            expected_jobs.append((rid, name, prompt))
-    results = eng.run_to_completion()
-    return eng, results, expected_jobs
+    expected_jobs = add_mixed_requests(eng, zoo, model, PROMPT_LENGTHS, MAX_TOKENS)
+    return eng, eng.run_to_completion(), expected_jobs
 
 
 def _check(zoo, reference, model, results, jobs):
@@ -66,7 +53,7 @@ def test_small_pool_preempts_and_evicts_yet_matches(zoo, reference, model, num_p
 def test_other_architectures_match_hf(zoo, reference, model):
     eng = LLMEngine(EngineConfig(model_dir=str(zoo.model(model)), num_pages=64))
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
-    prompts = {f"p{n}": _prompt(n, n) for n in PROMPT_LENGTHS}
+    prompts = {f"p{n}": prompt_ids(n, n) for n in PROMPT_LENGTHS}
     for rid, prompt in prompts.items():
         eng.add_request(rid, prompt_token_ids=prompt, params=params)
     results = eng.run_to_completion()
@@ -83,7 +70,7 @@ def test_batch_invariance(zoo):
         "greedy": SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
         "seeded": SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=1234, ignore_eos=True),
     }
-    prompt = _prompt(21, 5)
+    prompt = prompt_ids(21, 5)
     alone = {}
     for kind, p in probes.items():
         eng_alone.add_request(kind, prompt_token_ids=prompt, params=p, adapter_id="a", adapter=w)
@@ -92,11 +79,11 @@ def test_batch_invariance(zoo):
     eng = LLMEngine(EngineConfig(model_dir=str(zoo.model(model)), num_pages=128, max_batched_tokens=40))
     others = {name: load_peft_adapter_dir(zoo.adapter(model, name), eng.spec) for name in ADAPTERS}
     for i, (name, weights) in enumerate(others.items()):
-        eng.add_request(f"noise{i}", prompt_token_ids=_prompt(5 + 7 * i, i), adapter_id=name, adapter=weights,
+        eng.add_request(f"noise{i}", prompt_token_ids=prompt_ids(5 + 7 * i, i), adapter_id=name, adapter=weights,
                         params=SamplingParams(max_tokens=8 + i, temperature=1.0, seed=i))
     for kind, p in probes.items():
         eng.add_request(kind, prompt_token_ids=prompt, params=p, adapter_id="a", adapter=w)
-    eng.add_request("base-noise", prompt_token_ids=_prompt(30, 9), params=SamplingParams(max_tokens=5))
+    eng.add_request("base-noise", prompt_token_ids=prompt_ids(30, 9), params=SamplingParams(max_tokens=5))
     results = eng.run_to_completion()
     for kind in probes:
         assert generated_ids(results[kind]) == alone[kind], kind

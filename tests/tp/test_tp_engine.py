@@ -10,34 +10,19 @@ import argparse
 
 import pytest
 
-from services.engine.adapters.weights import load_peft_adapter_dir
-from services.engine.engine import EngineConfig, LLMEngine, SamplingParams, generated_ids
+from services.engine.engine import EngineConfig, LLMEngine, generated_ids
 from services.engine.service_config import EngineServiceConfig
 from services.engine.tp import TensorParallelError
 from services.engine.tp.engine_workers import TensorParallelWorkerError
-from tests.zoo import ADAPTERS
+from tests.mixed_requests import add_mixed_requests
 
 PROMPT_LENGTHS = (3, 17, 33)
 MAX_TOKENS = 8
 _single_cache: dict[tuple, dict[str, list[int]]] = {}
 
 
-def _prompt(n: int, salt: int) -> list[int]:
-    return [(7 * i + 13 * salt) % 500 + 4 for i in range(n)]
-
-
 def _add_mixed(eng: LLMEngine, zoo, model: str) -> list[str]:
-    """Base-only requests and one per zoo adapter (ranks 1-16), for each prompt length."""
-    weights = {name: load_peft_adapter_dir(zoo.adapter(model, name), eng.spec) for name in ADAPTERS}
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
-    ids = []
-    for salt, n in enumerate(PROMPT_LENGTHS):
-        for name in (None, *ADAPTERS):
-            rid = f"{name}-{n}"
-            eng.add_request(rid, prompt_token_ids=_prompt(n, salt + len(rid)), params=params, adapter_id=name,
-                            adapter=None if name is None else weights[name])
-            ids.append(rid)
-    return ids
+    return [rid for rid, _, _ in add_mixed_requests(eng, zoo, model, PROMPT_LENGTHS, MAX_TOKENS)]
 
 
 def _config(zoo, model: str, num_pages: int, **extra) -> EngineConfig:
