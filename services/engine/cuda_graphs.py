@@ -22,16 +22,34 @@ from .weights_loader import ModelWeights
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
 
-class DecodeGraphs:
-    def __init__(self, spec: ModelSpec, weights: ModelWeights, pool: torch.Tensor, tables: AdapterTables,
-                 max_batch: int, max_rank: int, block_size: int):
-        from kernels import TritonAttentionOps, TritonLoraOps
+def capture_buckets(buckets: list[int], forward) -> tuple[dict[int, torch.cuda.CUDAGraph], dict[int, torch.Tensor]]:
+    """forward(b) run once per bucket outside capture (compiles every kernel; under TP also sets
+    up the collectives), then captured per bucket, largest first (smaller graphs reuse its memory).
+    -> (graph, output) per bucket. Under TP every rank calls this with the same buckets."""
+    mempool = torch.cuda.graph_pool_handle()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for b in buckets:
+            forward(b)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graphs, outputs = {}, {}
+    for b in reversed(buckets):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=mempool):
+            outputs[b] = forward(b)
+        graphs[b] = graph
+    return graphs, outputs
 
-        dev = pool.device
-        self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
-        cap = self.max_batch = max_batch
-        max_blocks = -(-spec.max_position // block_size)
-        i32, i64 = dict(dtype=torch.int32, device=dev), dict(dtype=torch.int64, device=dev)
+
+class DecodeBuffers:
+    """The static inputs of captured decode steps, `cap` rows: a step's n rows go into the first n
+    and the rest of its bucket b is made inert (slot -1: no KV write; seq_len 0: no attention;
+    adapter slot -1 and empty segments: no LoRA). Shared by DecodeGraphs and tp/graphs.py."""
+
+    def __init__(self, cap: int, max_blocks: int, device: torch.device):
+        i32, i64 = dict(dtype=torch.int32, device=device), dict(dtype=torch.int64, device=device)
         self.input_ids = torch.zeros(cap, **i64)
         self.positions = torch.zeros(cap, **i64)
         self.slot_mapping = torch.full((cap,), -1, **i64)
@@ -40,6 +58,44 @@ class DecodeGraphs:
         self.query_start = torch.arange(cap + 1, **i32)
         self.token_slot = torch.full((cap,), -1, **i32)
         self.seg_start, self.seg_len, self.seg_slot = (torch.zeros(cap, **i32) for _ in range(3))
+
+    def attention(self, b: int, max_seq_len: int, block_size: int) -> AttentionMeta:
+        return AttentionMeta(self.query_start[: b + 1], self.seq_lens[:b], self.block_tables[:b], self.slot_mapping[:b],
+                             num_decodes=b, max_query_len=1, max_seq_len=max_seq_len, block_size=block_size)
+
+    def lora(self, b: int, max_rank: int) -> LoraBatch:
+        return LoraBatch(self.token_slot[:b], self.seg_start[:b], self.seg_len[:b], self.seg_slot[:b],
+                         max_rank=max_rank, max_seg_len=b, num_segments=b)
+
+    def fill(self, b: int, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMeta,
+             lora: LoraBatch | None) -> None:
+        """Copy an all-decode step of n <= b tokens in; pad rows n..b-1 inert."""
+        n = input_ids.shape[0]
+        self.input_ids[:n] = input_ids
+        self.positions[:n] = positions
+        self.slot_mapping[:n] = attn.slot_mapping
+        self.slot_mapping[n:b] = -1
+        self.seq_lens[:n] = attn.seq_lens
+        self.seq_lens[n:b] = 0
+        self.block_tables[:n, : attn.block_tables.shape[1]] = attn.block_tables
+        g = 0 if lora is None else lora.num_segments
+        if lora is None:
+            self.token_slot[:n] = -1
+        else:
+            self.token_slot[:n] = lora.token_slot
+            self.seg_start[:g], self.seg_len[:g], self.seg_slot[:g] = lora.seg_start, lora.seg_len, lora.seg_slot
+        self.token_slot[n:b] = -1
+        self.seg_len[g:b] = 0
+
+
+class DecodeGraphs:
+    def __init__(self, spec: ModelSpec, weights: ModelWeights, pool: torch.Tensor, tables: AdapterTables,
+                 max_batch: int, max_rank: int, block_size: int):
+        from kernels import TritonAttentionOps, TritonLoraOps
+
+        self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
+        self.max_batch = max_batch
+        self.buf = DecodeBuffers(max_batch, -(-spec.max_position // block_size), pool.device)
         self.model = LlamaModel(spec, weights, TritonLoraOps(capture=True, max_rank=max_rank),
                                 TritonAttentionOps(capture=True, max_seq_len=spec.max_position))
         self.pool, self.tables, self.max_rank, self.block_size = pool, tables, max_rank, block_size
@@ -48,28 +104,13 @@ class DecodeGraphs:
         self._capture_all()
 
     def _forward(self, b: int) -> torch.Tensor:
-        meta = AttentionMeta(self.query_start[: b + 1], self.seq_lens[:b], self.block_tables[:b], self.slot_mapping[:b],
-                             num_decodes=b, max_query_len=1, max_seq_len=self.model.spec.max_position,
-                             block_size=self.block_size)
-        lora = LoraBatch(self.token_slot[:b], self.seg_start[:b], self.seg_len[:b], self.seg_slot[:b],
-                         max_rank=self.max_rank, max_seg_len=b, num_segments=b)
-        hidden = self.model.forward(self.input_ids[:b], self.positions[:b], self.pool, meta,
-                                    LoraContext(self.pool, self.tables, lora))
+        meta = self.buf.attention(b, self.model.spec.max_position, self.block_size)
+        hidden = self.model.forward(self.buf.input_ids[:b], self.buf.positions[:b], self.pool, meta,
+                                    LoraContext(self.pool, self.tables, self.buf.lora(b, self.max_rank)))
         return self.model.logits(hidden)
 
     def _capture_all(self) -> None:
-        mempool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # compile every kernel for every bucket outside capture
-            for b in self.buckets:
-                self._forward(b)
-        torch.cuda.current_stream().wait_stream(side)
-        for b in reversed(self.buckets):  # largest first: smaller graphs reuse its memory
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=mempool):
-                self.logits[b] = self._forward(b)
-            self.graphs[b] = graph
+        self.graphs, self.logits = capture_buckets(self.buckets, self._forward)
 
     def can_run(self, batch: ModelBatch) -> bool:
         n = batch.input_ids.shape[0]
@@ -79,18 +120,6 @@ class DecodeGraphs:
         """Logits [n, V] of an all-decode batch (every token sampled, in batch order)."""
         n = batch.input_ids.shape[0]
         b = next(size for size in self.buckets if size >= n)
-        self.input_ids[:n] = batch.input_ids
-        self.positions[:n] = batch.positions
-        self.slot_mapping[:n] = batch.attn.slot_mapping
-        self.slot_mapping[n:b] = -1
-        self.seq_lens[:n] = batch.attn.seq_lens
-        self.seq_lens[n:b] = 0
-        width = batch.attn.block_tables.shape[1]
-        self.block_tables[:n, :width] = batch.attn.block_tables
-        self.token_slot[:n] = batch.lora.token_slot
-        self.token_slot[n:b] = -1
-        g = batch.lora.num_segments
-        self.seg_start[:g], self.seg_len[:g], self.seg_slot[:g] = batch.lora.seg_start, batch.lora.seg_len, batch.lora.seg_slot
-        self.seg_len[g:b] = 0
+        self.buf.fill(b, batch.input_ids, batch.positions, batch.attn, batch.lora)
         self.graphs[b].replay()
         return self.logits[b][:n]

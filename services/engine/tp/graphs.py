@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from ..cuda_graphs import BUCKETS
+from ..cuda_graphs import BUCKETS, DecodeBuffers, capture_buckets
 from ..model_spec import LORA_MODULES
 from ..ops.base import AttentionMeta, LoraBatch
 from .model import TpLlamaModel
@@ -36,20 +36,11 @@ class TpDecodeGraphs:
                  capture: bool, with_logits: bool):
         from kernels import TritonAttentionOps, TritonLoraOps
 
-        spec, dev = runner.spec, runner.pool.device
+        spec = runner.spec
         self.runner, self.capture, self.with_logits = runner, capture, with_logits
         self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
         self.max_batch, self.max_rank, self.block_size = max_batch, max_rank, block_size
-        cap, max_blocks = max_batch, -(-spec.max_position // block_size)
-        i32, i64 = dict(dtype=torch.int32, device=dev), dict(dtype=torch.int64, device=dev)
-        self.input_ids = torch.zeros(cap, **i64)
-        self.positions = torch.zeros(cap, **i64)
-        self.slot_mapping = torch.full((cap,), -1, **i64)
-        self.seq_lens = torch.zeros(cap, **i32)
-        self.block_tables = torch.full((cap, max_blocks), -1, **i32)
-        self.query_start = torch.arange(cap + 1, **i32)
-        self.token_slot = torch.full((cap,), -1, **i32)
-        self.seg_start, self.seg_len, self.seg_slot = (torch.zeros(cap, **i32) for _ in range(3))
+        self.buf = DecodeBuffers(max_batch, -(-spec.max_position // block_size), runner.pool.device)
         rm = runner.model
         self.model = TpLlamaModel(spec, runner.plan, rm.w, TritonAttentionOps(capture=True, max_seq_len=spec.max_position),
                                   rm.comm, rm.ew)
@@ -60,35 +51,15 @@ class TpDecodeGraphs:
         self.out: dict[int, torch.Tensor] = {}  # bucket -> [b, V] logits (rank 0) or [b, H] hidden
         self.replays = 0  # graph steps run (tests and metrics)
         if capture:
-            self._capture_all()
+            self.graphs, self.out = capture_buckets(self.buckets, self._forward)
 
     def _forward(self, b: int) -> torch.Tensor:
-        meta = AttentionMeta(self.query_start[: b + 1], self.seq_lens[:b], self.block_tables[:b], self.slot_mapping[:b],
-                             num_decodes=b, max_query_len=1, max_seq_len=self.runner.spec.max_position,
-                             block_size=self.block_size)
-        batch = LoraBatch(self.token_slot[:b], self.seg_start[:b], self.seg_len[:b], self.seg_slot[:b],
-                          max_rank=self.max_rank, max_seg_len=b, num_segments=b)
+        meta = self.buf.attention(b, self.runner.spec.max_position, self.block_size)
+        batch = self.buf.lora(b, self.max_rank)
         r = self.runner
         lora = PagedLoraBatch(r.scheme, r.pool, r.tables, batch, *self.lora_ops, self.targets)
-        hidden = self.model.forward(self.input_ids[:b], self.positions[:b], r.pool, meta, lora)  # [b, H]
+        hidden = self.model.forward(self.buf.input_ids[:b], self.buf.positions[:b], r.pool, meta, lora)  # [b, H]
         return self.model.logits(hidden) if self.with_logits else hidden
-
-    def _capture_all(self) -> None:
-        """Warm-up (compiles every kernel, initialises the collectives' state), then one capture per
-        bucket, largest first (smaller graphs reuse its memory). Same order on every rank."""
-        mempool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for b in self.buckets:
-                self._forward(b)
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
-        for b in reversed(self.buckets):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=mempool):
-                self.out[b] = self._forward(b)
-            self.graphs[b] = graph
 
     def bucket(self, n: int) -> int:
         return next(size for size in self.buckets if size >= n)
@@ -102,22 +73,7 @@ class TpDecodeGraphs:
         if lora is not None and lora.max_rank > self.max_rank:
             raise ValueError(f"the step's rank {lora.max_rank} exceeds the graphs' capacity {self.max_rank}")
         b = self.bucket(n)
-        self.input_ids[:n] = input_ids
-        self.positions[:n] = positions
-        self.slot_mapping[:n] = attn.slot_mapping
-        self.slot_mapping[n:b] = -1
-        self.seq_lens[:n] = attn.seq_lens
-        self.seq_lens[n:b] = 0
-        self.block_tables[:n, : attn.block_tables.shape[1]] = attn.block_tables
-        g = 0
-        if lora is not None:
-            g = lora.num_segments
-            self.token_slot[:n] = lora.token_slot
-            self.seg_start[:g], self.seg_len[:g], self.seg_slot[:g] = lora.seg_start, lora.seg_len, lora.seg_slot
-        else:
-            self.token_slot[:n] = -1
-        self.token_slot[n:b] = -1
-        self.seg_len[g:b] = 0
+        self.buf.fill(b, input_ids, positions, attn, lora)
         self.replays += 1
         if not self.capture:
             return self._forward(b)[:n]
