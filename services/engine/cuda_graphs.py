@@ -22,6 +22,17 @@ from .weights_loader import ModelWeights
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
 
+def graph_buckets(max_batch: int) -> list[int]:
+    """The batch sizes a graph is captured for, up to max_batch (a step runs in the smallest >= its size)."""
+    return [b for b in BUCKETS if b < max_batch] + [max_batch]
+
+
+def replayable(batch: ModelBatch, max_batch: int) -> bool:
+    """Can a decode graph of up to max_batch rows run this step (all decodes, every token sampled)?"""
+    n = batch.input_ids.shape[0]
+    return n <= max_batch and batch.attn.num_decodes == n and len(batch.sampled) == n
+
+
 def capture_buckets(buckets: list[int], forward) -> tuple[dict[int, torch.cuda.CUDAGraph], dict[int, torch.Tensor]]:
     """forward(b) run once per bucket outside capture (compiles every kernel; under TP also sets
     up the collectives), then captured per bucket, largest first (smaller graphs reuse its memory).
@@ -93,7 +104,7 @@ class DecodeGraphs:
                  max_batch: int, max_rank: int, block_size: int):
         from kernels import TritonAttentionOps, TritonLoraOps
 
-        self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
+        self.buckets = graph_buckets(max_batch)
         self.max_batch = max_batch
         self.buf = DecodeBuffers(max_batch, -(-spec.max_position // block_size), pool.device)
         self.model = LlamaModel(spec, weights, TritonLoraOps(capture=True, max_rank=max_rank),
@@ -113,8 +124,7 @@ class DecodeGraphs:
         self.graphs, self.logits = capture_buckets(self.buckets, self._forward)
 
     def can_run(self, batch: ModelBatch) -> bool:
-        n = batch.input_ids.shape[0]
-        return n <= self.max_batch and batch.attn.num_decodes == n and len(batch.sampled) == n
+        return replayable(batch, self.max_batch)
 
     def run(self, batch: ModelBatch) -> torch.Tensor:
         """Logits [n, V] of an all-decode batch (every token sampled, in batch order)."""

@@ -44,6 +44,11 @@ class _Resident:
     ready: torch.cuda.Event | None = None
 
 
+def max_adapter_pages(spec: ModelSpec, max_rank: int, page_elems: int) -> int:
+    """Pages of the widest adapter accepted (every module at max_rank): the page tables' width."""
+    return AdapterLayout.build(spec, {m: max_rank for m in LORA_MODULES}).num_pages(page_elems)
+
+
 class AdapterCache:
     def __init__(self, pool: torch.Tensor, allocator: PageAllocator, spec: ModelSpec, max_slots: int, max_rank: int,
                  packed_bytes: int = DEFAULT_PACKED_BYTES, prefetch_reserve_pages: int | None = None,
@@ -56,8 +61,7 @@ class AdapterCache:
         self.prefetch_reserve_pages = pool.shape[1] // 16 if prefetch_reserve_pages is None else prefetch_reserve_pages
         self.spec = spec
         page_elems = pool.shape[2]
-        widest = AdapterLayout.build(spec, {m: max_rank for m in LORA_MODULES})
-        self.max_pages_per_adapter = widest.num_pages(page_elems)
+        self.max_pages_per_adapter = max_adapter_pages(spec, max_rank, page_elems)
         dev, L, S = pool.device, spec.num_layers, max_slots
         self.tables = AdapterTables(
             page_table=torch.zeros(S, self.max_pages_per_adapter, dtype=torch.int32, device=dev),

@@ -20,12 +20,13 @@ from services.common.embedded import free_port
 
 from ..adapters.weights import LoraWeights
 from ..config import EngineConfig, Runtime, _num_pages, resolve_device, resolve_dtype
-from ..memory.adapter_cache import AdapterCache
+from ..memory.adapter_cache import AdapterCache, max_adapter_pages
 from ..memory.allocator import PageAllocator
 from ..memory.kv_cache import KVCacheManager
 from ..memory.layout import AdapterLayout, PoolGeometry
-from ..model_spec import LORA_MODULES, ModelSpec
+from ..model_spec import ModelSpec
 from ..batch import ModelBatch
+from ..cuda_graphs import replayable
 from ..ops.base import AttentionMeta, LoraBatch, LoraContext
 from ..scheduler import SchedulerConfig
 from . import wire
@@ -96,9 +97,7 @@ class TpDriverModel:
         return self._step(input_ids, positions, attn, None if lora is None else lora.batch, graph=False)
 
     def can_run(self, batch: ModelBatch) -> bool:
-        n = batch.input_ids.shape[0]
-        return (self.graphs is not None and n <= self.graphs.max_batch and batch.attn.num_decodes == n
-                and len(batch.sampled) == n)
+        return self.graphs is not None and replayable(batch, self.graphs.max_batch)
 
     def run(self, batch: ModelBatch) -> torch.Tensor:
         """Logits [n, V] of an all-decode batch, every rank replaying its graph of the bucket."""
@@ -145,11 +144,12 @@ def build_tp_runtime(cfg: EngineConfig) -> Runtime:
         raise ValueError(f"tp_size {cfg.tp_size} needs {cfg.tp_size} GPUs, {torch.cuda.device_count()} are visible")
     dtype = resolve_dtype(cfg.dtype, device)
     spec_loc = local_spec(spec, cfg.tp_size)
-    num_pages = _num_pages(cfg, PoolGeometry.for_model(spec_loc, 1, cfg.block_size), dtype, device)
+    geom_loc = PoolGeometry.for_model(spec_loc, 1, cfg.block_size)  # one page of a rank's pool
+    num_pages = _num_pages(cfg, geom_loc, dtype, device)
     if device.type == "cuda" and not cfg.num_pages:
         # Sized before any rank loads its shard (every rank needs the number up front), so the
         # shard's bytes are taken off the free memory _num_pages saw.
-        page_bytes = PoolGeometry.for_model(spec_loc, 1, cfg.block_size).page_bytes(dtype.itemsize)
+        page_bytes = geom_loc.page_bytes(dtype.itemsize)
         num_pages = max(1, num_pages - _shard_bytes(spec, cfg.tp_size, dtype.itemsize) // page_bytes)
     # As select_ops: auto is Triton on CUDA; "triton" on the CPU runs the kernels under the interpreter.
     attn_kind = "torch" if cfg.ops == "torch" or (cfg.ops == "auto" and device.type != "cuda") else "triton"
@@ -167,7 +167,8 @@ def build_tp_runtime(cfg: EngineConfig) -> Runtime:
         device=device.type, dtype=str(dtype).removeprefix("torch."), attn_ops=attn_kind,
         scheme=cfg.tp_lora_scheme, num_pages=num_pages, block_size=cfg.block_size,
         random_weights_seed=cfg.random_weights_seed, timeout_s=COLLECTIVE_TIMEOUT_S, elementwise_ops=ew_kind,
-        max_slots=slots, max_adapter_pages=_max_adapter_pages(spec, spec_loc, cfg),
+        # Every rank's share of an adapter is within the driver AdapterCache's bound, in a rank's pages.
+        max_slots=slots, max_adapter_pages=max_adapter_pages(spec, cfg.max_adapter_rank, geom_loc.page_elems),
         graph_max_batch=min(cfg.max_num_seqs, cfg.max_batched_tokens) if graphs_on else 0,
         graph_max_rank=cfg.max_adapter_rank,
     )
@@ -194,13 +195,6 @@ def build_tp_runtime(cfg: EngineConfig) -> Runtime:
     return Runtime(spec, tokenizer, runner.pool.device, runner.pool, model, kv, adapters, sched,
                    model if graphs is not None else None,
                    close=group.close)
-
-
-def _max_adapter_pages(spec: ModelSpec, spec_loc: ModelSpec, cfg: EngineConfig) -> int:
-    """Pages of the widest adapter the driver accepts, in a rank's pages (AdapterCache's bound,
-    which every rank's share is within): the width of every rank's page table."""
-    page_elems = PoolGeometry.for_model(spec_loc, 1, cfg.block_size).page_elems
-    return AdapterLayout.build(spec, {m: cfg.max_adapter_rank for m in LORA_MODULES}).num_pages(page_elems)
 
 
 def _shard_bytes(spec: ModelSpec, world: int, elem_bytes: int) -> int:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from ..cuda_graphs import BUCKETS, DecodeBuffers, capture_buckets
+from ..cuda_graphs import DecodeBuffers, capture_buckets, graph_buckets
 from ..model_spec import LORA_MODULES
 from ..ops.base import AttentionMeta, LoraBatch
 from .model import TpLlamaModel
@@ -38,7 +38,7 @@ class TpDecodeGraphs:
 
         spec = runner.spec
         self.runner, self.capture, self.with_logits = runner, capture, with_logits
-        self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
+        self.buckets = graph_buckets(max_batch)
         self.max_batch, self.max_rank, self.block_size = max_batch, max_rank, block_size
         self.buf = DecodeBuffers(max_batch, -(-spec.max_position // block_size), runner.pool.device)
         rm = runner.model
