@@ -153,8 +153,9 @@ class HostAdapterCache:
     arrival costs the caller nothing and the packs overlap the engine's steps and each other;
     `get` waits only for a pack still running. Only the caller's thread touches the LRU and the
     pending map; the workers run the pure `pack_adapter` (and take spares, which lock). One
-    worker was the S2 bottleneck: 128 MB rank-64 packs came ~100 ms apart. Packs in flight are not counted in the budget until
-    they are settled (bounded by the distinct adapters of requests not yet admitted).
+    worker was the S2 bottleneck: 128 MB rank-64 packs came ~100 ms apart. Packs in flight are
+    not counted in the budget until they are settled (bounded by the distinct adapters of
+    requests not yet admitted).
     """
 
     def __init__(self, spec: ModelSpec, page_elems: int, dtype: torch.dtype, budget_bytes: int,
