@@ -6,7 +6,8 @@
 #   bash bench/device_tp.sh
 # env: BUDGET_S (300: the whole script), TEST_TIMEOUT (120: the GPU tests), SKIP_TESTS, RATE (40),
 #      DURATION (4: seconds of arrivals per run), SETTINGS (S1), COMMIT, OUT, GRAPHS (1: decode CUDA
-#      graphs at every W, tp_cuda_graphs, with split phases).
+#      graphs at every W, tp_cuda_graphs, with split phases), WORLDS ("1 2 4"), TESTS (the pytest files:
+#      tests/tp/test_tp_gpu.py), BENCH_ARGS (more tp_bench flags, e.g. --w1-tp).
 # The tests' full log (pytest -v --tb=short, per-case durations) goes to $OUT/gpu_tests.log; the
 # benchmark gets what is left of BUDGET_S and skips the engines and runs that would not fit.
 set -o pipefail
@@ -20,7 +21,7 @@ python3 -c "import torch, triton, transformers, msgspec; print('torch', torch.__
 if [ -z "${SKIP_TESTS:-}" ]; then
   echo "== GPU tests, at most ${TEST_TIMEOUT:-120} s ($(date +%T))"
   # -s: each engine prints its start-up and serving time; --durations: per case (setup = reference).
-  timeout -k 5 "${TEST_TIMEOUT:-120}" python3 -m pytest tests/tp/test_tp_gpu.py -v -s --tb=short --durations=0 \
+  timeout -k 5 "${TEST_TIMEOUT:-120}" python3 -m pytest ${TESTS:-tests/tp/test_tp_gpu.py} -v -s --tb=short --durations=0 \
     -p no:cacheprovider -o addopts="" -rs > "$OUT/gpu_tests.log" 2>&1
   echo "pytest exit $? (124: cut by the timeout)" | tee -a "$OUT/gpu_tests.log"
   grep -E "PASSED|FAILED|ERROR|SKIPPED|Timeout|engine up|passed|failed" "$OUT/gpu_tests.log" | tail -30
@@ -28,7 +29,7 @@ fi
 LEFT=$(( BUDGET_S - ($(date +%s) - T0) - 10 ))
 LEFT=$(( LEFT < 30 ? 30 : LEFT ))
 echo "== benchmark, ${LEFT} s left ($(date +%T))"
-timeout -k 5 $(( LEFT + 30 )) python3 -m bench.tp_bench --worlds 1 2 4 --settings ${SETTINGS:-S1} \
+timeout -k 5 $(( LEFT + 30 )) python3 -m bench.tp_bench --worlds ${WORLDS:-1 2 4} --settings ${SETTINGS:-S1} ${BENCH_ARGS:-} \
   --schemes fused slora replicated_a --n 100 --rate "${RATE:-40}" --duration "${DURATION:-4}" --budget-s "$LEFT" \
   --out "$OUT" ${COMMIT:+--commit "$COMMIT"} ${GRAPHS:+--graphs --decode-steps-per-prefill 4} 2>&1 | grep -v -i warning | tee "$OUT/bench.log" | tail -30
 echo "== done in $(( $(date +%s) - T0 )) s"

@@ -9,9 +9,9 @@ One engine per (W, mode): the base-only engine runs the trace once without adapt
 engine runs every setting's trace in turn (adapter numbers offset per setting; run_once starts
 each run with no cached adapter). Each engine first serves --warmup seconds of a short trace per
 setting, unrecorded, so that no rank JIT-compiles a kernel on the clock (engine_start_s
-includes it). W = 1 is the one-process engine; like the TP ranks it runs eagerly (no CUDA graphs
-under TP yet, unless --w1-graphs), and every W uses the same elementwise ops (--elementwise: the
-fused kernels by default), so the scaling is like for like.
+includes it). W = 1 is the one-process engine (the TP runtime alone with --w1-tp). Every W runs
+eagerly, or every W replays decode graphs (--graphs; --w1-graphs: W = 1 only), and every W uses the
+same elementwise ops (--elementwise: the fused kernels by default), so the scaling is like for like.
 Before each engine and run the script checks its remaining --budget-s against the times measured
 so far and skips what would not fit (listed as skipped in the JSON).
 """
@@ -78,6 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-batched-tokens", type=int, default=4096)
     p.add_argument("--decode-steps-per-prefill", type=int, default=0, help="the same scheduling at every W")
     p.add_argument("--w1-graphs", action="store_true", help="CUDA graphs for W = 1 (not like for like)")
+    p.add_argument("--w1-tp", action="store_true",
+                   help="W = 1 through the TP runtime (rank 0 alone, NCCL of one) instead of the one-process "
+                        "engine: the TP path's own cost on one GPU")
     p.add_argument("--graphs", action="store_true",
                    help="decode CUDA graphs at every W (W > 1: tp_cuda_graphs); pair with --decode-steps-per-prefill 4")
     p.add_argument("--elementwise", choices=["torch", "auto"], default="auto",
@@ -107,6 +110,20 @@ def _config(args, model_dir: Path, plan: EnginePlan, max_rank: int) -> EngineCon
         elementwise_ops=args.elementwise,
         tp_lora_scheme=plan.scheme if plan.scheme != "-" else "fused",
     )
+
+
+def open_engine(config: EngineConfig, tp_at_one: bool) -> LLMEngine:
+    """LLMEngine(config); tp_at_one: a tp_size 1 config gets the TP runtime (as tests/tp/test_tp_gpu.py)."""
+    if not (tp_at_one and config.tp_size == 1):
+        return LLMEngine(config)
+    import services.engine.engine as engine_module
+    from services.engine.tp.engine_runtime import build_tp_runtime
+
+    saved, engine_module.build_runtime = engine_module.build_runtime, build_tp_runtime
+    try:
+        return LLMEngine(config)
+    finally:
+        engine_module.build_runtime = saved
 
 
 def _bank(banks: dict, engine: LLMEngine, setting) -> AdapterBank:
@@ -146,7 +163,7 @@ def main(argv=None) -> list[dict]:
             continue
         _log(f"start {plan}")
         t = time.monotonic()
-        engine = LLMEngine(_config(args, model_dir, plan, max_rank))
+        engine = open_engine(_config(args, model_dir, plan, max_rank), args.w1_tp)
         if args.warmup > 0:
             warm = generate_trace(4, args.alpha, args.rate, args.cv, args.warmup, input_range=(8, 64),
                                   output_range=(8, 24), seed=7)
@@ -168,6 +185,7 @@ def main(argv=None) -> list[dict]:
                 wall = time.monotonic() - t
                 est_run = max(est_run, wall)
                 rec = {"setting": setting.name if setting else "base", "mode": plan.mode, "world": plan.world,
+                       "runtime": "tp" if plan.world > 1 or args.w1_tp else "one-process",
                        "scheme": plan.scheme, "n": args.n if setting else 0, "rate": args.rate,
                        "duration": args.duration, "ranks": list(setting.ranks) if setting else [],
                        "engine_start_s": start_s, "wall_s": wall, **result}

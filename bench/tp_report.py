@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-COLUMNS = [("world", "{}"), ("setting", "{}"), ("mode", "{}"), ("scheme", "{}"), ("n", "{}"),
+COLUMNS = [("world", "{}"), ("runtime", "{}"), ("setting", "{}"), ("mode", "{}"), ("scheme", "{}"), ("n", "{}"),
            ("throughput_req_s", "{:.2f}"), ("throughput_tok_s", "{:.0f}"), ("ttft_p50_s", "{:.2f}"),
-           ("ttft_p99_s", "{:.2f}"), ("steps", "{}"), ("adapter_loads", "{}"), ("preemptions", "{}"),
+           ("ttft_p99_s", "{:.2f}"), ("steps", "{}"), ("graph_steps", "{}"), ("adapter_loads", "{}"), ("preemptions", "{}"),
            ("engine_start_s", "{:.1f}"), ("wall_s", "{:.1f}")]
 
 

@@ -49,6 +49,7 @@ class LLMEngine:
         self.device, self.pool, self.model = rt.device, rt.pool, rt.model
         self.kv, self.adapters = rt.kv, rt.adapters
         self.decode_graphs = rt.decode_graphs  # None on the CPU or when disabled
+        self.graph_steps = 0  # steps replayed from decode graphs (benchmarks and metrics)
         self.scheduler = Scheduler(rt.scheduler_config, rt.kv, rt.adapters)
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self.eos_ids = rt.spec.eos_token_ids or ((self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ())
@@ -165,6 +166,7 @@ class LLMEngine:
         """Queue the forward pass and sampling; returns the sampled ids on the device (no sync)."""
         if self.decode_graphs is not None and self.decode_graphs.can_run(batch):
             logits = self.decode_graphs.run(batch)  # [N, V] float32, from a replayed CUDA graph
+            self.graph_steps += 1
         else:
             lora = None if batch.lora.empty else LoraContext(self.pool, self.adapters.tables, batch.lora)
             hidden = self.model.forward(batch.input_ids, batch.positions, self.pool, batch.attn, lora)

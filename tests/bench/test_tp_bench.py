@@ -46,7 +46,7 @@ def test_tp_bench_runs_on_cpu_and_writes_its_report(tmp_path):
     payload = json.loads((out / "tp-engine.json").read_text())
     assert payload["environment"]["commit"] == "abc" and len(payload["records"]) == 5 and not payload["skipped"]
     md = (out / "tp-engine.md").read_text()
-    assert "| 2 | tiny | lora | slora |" in md and "LoRA cost vs base" in md
+    assert "| 2 | tp | tiny | lora | slora |" in md and "LoRA cost vs base" in md
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -63,3 +63,25 @@ def test_a_spent_budget_skips_engines_and_still_writes_the_report(tmp_path):
     assert records == []
     payload = json.loads((tmp_path / "tp-engine.json").read_text())
     assert [s["mode"] for s in payload["skipped"]] == ["base-only", "lora"]
+
+
+@pytest.mark.timeout(300)
+def test_w1_tp_runs_world_one_through_the_tp_runtime(tmp_path):
+    from services.engine.tp.engine_runtime import TpDriverModel
+
+    import bench.tp_bench as tp_bench
+
+    seen = []
+    real = tp_bench.run_once
+
+    def spy(engine, *a, **k):
+        seen.append(type(engine.model).__name__)
+        return real(engine, *a, **k)
+
+    tp_bench.run_once = spy
+    try:
+        records = main([*TINY, "--worlds", "1", "--w1-tp", "--out", str(tmp_path), "--commit", "abc", "--warmup", "0"])
+    finally:
+        tp_bench.run_once = real
+    assert [(r["world"], r["mode"], r["runtime"]) for r in records] == [(1, "base-only", "tp"), (1, "lora", "tp")]
+    assert set(seen) == {TpDriverModel.__name__}

@@ -100,7 +100,7 @@ def _single(zoo, model: str) -> dict[str, list[int]]:
 # (model, world, scheme): mha has 4 heads, gqa 8 heads over 2 KV heads (replicated at W = 4).
 # Cheapest first (W = 1 runs in this process, no spawn), so a short budget loses the least.
 # "+graphs": decode steps replayed from CUDA graphs on every rank (tp_cuda_graphs).
-CASES = [("mha", 1, "fused"), ("mha", 1, "slora"), ("mha", 2, "fused"), ("mha", 2, "fused+graphs"),
+CASES = [("mha", 1, "fused"), ("mha", 1, "slora"), ("mha", 1, "slora+graphs"), ("mha", 2, "fused"), ("mha", 2, "fused+graphs"),
          ("mha", 2, "slora"), ("mha", 4, "fused"), ("mha", 4, "slora+graphs"), ("mha", 4, "slora"), ("gqa", 4, "slora")]
 
 
