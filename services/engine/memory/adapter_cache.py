@@ -52,7 +52,9 @@ def max_adapter_pages(spec: ModelSpec, max_rank: int, page_elems: int) -> int:
 class AdapterCache:
     def __init__(self, pool: torch.Tensor, allocator: PageAllocator, spec: ModelSpec, max_slots: int, max_rank: int,
                  packed_bytes: int = DEFAULT_PACKED_BYTES, prefetch_reserve_pages: int | None = None,
-                 pack_threads: int = 4):
+                 pack_threads: int = 4, packer=None):
+        """packer: the packed host form (adapter_pack.PagePacker by default); a subclass that
+        packs another form overrides `_upload` too (TpAdapterCache)."""
         self.pool = pool  # [L, num_pages, P]
         self.allocator = allocator
         # Prefetches leave this many pages free for KV growth. Without it, a pool full of KV
@@ -81,11 +83,8 @@ class AdapterCache:
         on_cuda = dev.type == "cuda"
         # Packs are pageable (the uploader pins its ring and rows once, never per load): adapter_upload.py.
         self.host = HostAdapterCache(spec, page_elems, pool.dtype, budget_bytes=packed_bytes,
-                                     background=on_cuda, workers=pack_threads)
+                                     background=on_cuda, workers=pack_threads, packer=packer)
         self.uploader = AdapterUploader(pool, self.tables)
-        # A subclass that overrides `_write` places adapters its own way (TpAdapterCache: every
-        # rank writes its share) and gets neither the packed host form nor the side stream.
-        self._packs = type(self)._write is AdapterCache._write
         # Prefetches whose pack was still running (CUDA): loaded by `poll` once packed, so that
         # add_request never waits for a pack.
         self._deferred: OrderedDict[str, LoraWeights] = OrderedDict()
@@ -156,7 +155,7 @@ class AdapterCache:
         if adapter_id in self._resident:
             return True
         self.stage(adapter_id, weights)
-        if self._packs and self.host.packing(adapter_id):
+        if self.host.packing(adapter_id):
             self._deferred[adapter_id] = weights
             return False
         return self._prefetch_into_free_pages(adapter_id, weights)
@@ -181,8 +180,7 @@ class AdapterCache:
     def poll(self) -> None:
         """Load deferred prefetches whose packs have finished, into free pages only (as prefetch).
         Cheap; meant for the start of each engine step (and run by every prefetch)."""
-        if self._packs:
-            self.host.settle()  # admit packs the worker finished (into the host LRU)
+        self.host.settle()  # admit packs the worker finished (into the host LRU)
         if not self._deferred:
             return
         for adapter_id, weights in list(self._deferred.items()):
@@ -203,8 +201,7 @@ class AdapterCache:
     def stage(self, adapter_id: str, weights: LoraWeights) -> None:
         """Start packing the adapter's host form (when its request arrives; on CUDA in a worker
         thread), so that loading it later only issues copies."""
-        if self._packs:
-            self.host.stage(adapter_id, weights)
+        self.host.stage(adapter_id, weights)
 
     def release(self, adapter_id: str) -> None:
         res = self._resident[adapter_id]
@@ -247,10 +244,7 @@ class AdapterCache:
         pages = self.allocator.allocate(n_pages, ("adapter", adapter_id))
         slot = self._free_slots.pop()
         res = _Resident(adapter_id, slot, pages, pins=0)
-        if self._packs:
-            res.ready = self.uploader.load(slot, pages, self.host.get(adapter_id, weights))
-        else:
-            self._write(slot, pages, layout, weights)
+        res.ready = self._upload(slot, pages, self.host.get(adapter_id, weights))
         self._resident[adapter_id] = res
         self._max_rank[adapter_id] = max(layout.ranks)
         self.num_loads += 1
@@ -262,7 +256,7 @@ class AdapterCache:
             self.uploader.wait(res.ready)
             res.ready = None
 
-    def _write(self, slot: int, pages: list[int], layout: AdapterLayout, weights: LoraWeights) -> None:
-        """Hook for subclasses that write adapters into the pool their own way (see __init__);
-        this class packs and uploads instead."""
-        raise NotImplementedError
+    def _upload(self, slot: int, pages: list[int], packed) -> torch.cuda.Event | None:
+        """Copy a pack into the slot's pages and table rows (CUDA: on the side stream; -> its event).
+        The pack must be read before this returns (HostAdapterCache may reuse its buffer after)."""
+        return self.uploader.load(slot, pages, packed)

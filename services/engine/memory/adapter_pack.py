@@ -113,6 +113,20 @@ def pack_adapter(weights: LoraWeights, spec: ModelSpec, page_elems: int, dtype: 
     return PackedAdapter(buf, ranks, scales, offsets, n_pages, max(layout.ranks))
 
 
+class PagePacker:
+    """What HostAdapterCache packs: the pool's page form (the TP driver has its own packer:
+    tp/grouped_adapter.GroupedPacker). shape: of the buffer a pack fills (spares are kept by it)."""
+
+    def __init__(self, spec: ModelSpec, page_elems: int, dtype: torch.dtype):
+        self.spec, self.page_elems, self.dtype = spec, page_elems, dtype
+
+    def shape(self, weights: LoraWeights) -> tuple[int, int]:
+        return page_buffer_shape(weights, self.spec, self.page_elems)
+
+    def pack(self, weights: LoraWeights, out: torch.Tensor | None) -> PackedAdapter:
+        return pack_adapter(weights, self.spec, self.page_elems, self.dtype, out=out)
+
+
 SPARE_BYTES = 2 << 30  # page buffers of evicted packs kept for reuse, at most (and a quarter of the budget)
 
 
@@ -159,15 +173,17 @@ class HostAdapterCache:
     """
 
     def __init__(self, spec: ModelSpec, page_elems: int, dtype: torch.dtype, budget_bytes: int,
-                 background: bool = False, workers: int = 4):
+                 background: bool = False, workers: int = 4, packer=None):
+        """packer: what a pack is (shape(weights), pack(weights, out) -> .buf, .nbytes); PagePacker by default."""
         if budget_bytes < 0:
             raise ValueError(f"the packed adapter budget must be >= 0 bytes, got {budget_bytes}")
-        self.spec, self.page_elems, self.dtype = spec, page_elems, dtype
+        self.dtype = dtype
+        self.packer = packer or PagePacker(spec, page_elems, dtype)
         self.budget_bytes = budget_bytes
         if workers < 1:
             raise ValueError(f"adapter pack threads must be >= 1, got {workers}")
         self.spares = SpareBuffers(min(budget_bytes // 4, SPARE_BYTES))
-        self._packed: OrderedDict[str, PackedAdapter] = OrderedDict()  # least recently used first
+        self._packed: OrderedDict = OrderedDict()  # id -> the packer's pack (PackedAdapter)  # least recently used first
         self._pending: dict[str, Future] = {}  # adapter id -> pack running in a worker
         self._unclaimed: set[str] = set()  # packed in the background and not yet taken by `get`
         self._worker = ThreadPoolExecutor(workers, thread_name_prefix="adapter-pack") if background else None
@@ -200,7 +216,7 @@ class HostAdapterCache:
             else:
                 self._pending[adapter_id] = self._worker.submit(self._pack, weights)
 
-    def get(self, adapter_id: str, weights: LoraWeights) -> PackedAdapter:
+    def get(self, adapter_id: str, weights: LoraWeights):
         self.settle()
         packed = self._packed.get(adapter_id)
         self._unclaimed.discard(adapter_id)
@@ -214,10 +230,10 @@ class HostAdapterCache:
         self._admit(adapter_id, packed)
         return packed
 
-    def _pack(self, weights: LoraWeights) -> PackedAdapter:
+    def _pack(self, weights: LoraWeights):
         """(Worker thread.) Into a recycled page buffer of the right shape when there is one."""
-        out = self.spares.take(page_buffer_shape(weights, self.spec, self.page_elems), self.dtype)
-        return pack_adapter(weights, self.spec, self.page_elems, self.dtype, out=out)
+        out = self.spares.take(self.packer.shape(weights), self.dtype)
+        return self.packer.pack(weights, out)
 
     def settle(self) -> None:
         """Admit packs the worker finished (a failed one is dropped: `get` packs again and raises)."""
@@ -227,7 +243,7 @@ class HostAdapterCache:
                 self._unclaimed.add(adapter_id)
                 self._admit(adapter_id, done.result())
 
-    def _admit(self, adapter_id: str, packed: PackedAdapter) -> None:
+    def _admit(self, adapter_id: str, packed) -> None:
         self.num_packs += 1
         self._packed[adapter_id] = packed
         self.used_bytes += packed.nbytes

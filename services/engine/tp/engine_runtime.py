@@ -4,8 +4,9 @@ LLMEngine's step is unchanged: it schedules, builds the batch and calls `model.f
 `model.logits(...)`. Here `model` is a TpDriverModel, which sends the step to the worker ranks
 and runs rank 0's shard; the scheduler, the page allocator and the AdapterCache exist once, in
 the driver. The AdapterCache is a TpAdapterCache: it counts an adapter's pages as the busiest
-rank's share needs, and instead of writing the adapter into the pool it queues a load that every
-rank applies (its own share, same pages, same slot) just before the next forward.
+rank's share needs, packs adapters in the grouped form (grouped_adapter.py, in the host cache's
+threads), and instead of writing an adapter into the pool it queues a load that every rank
+applies (its own share, same pages, same slot) just before the next forward.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ..config import EngineConfig, Runtime, _num_pages, resolve_device, resolve_
 from ..memory.adapter_cache import AdapterCache, max_adapter_pages
 from ..memory.allocator import PageAllocator
 from ..memory.kv_cache import KVCacheManager
-from ..memory.layout import AdapterLayout, PoolGeometry
+from ..memory.layout import PoolGeometry
 from ..model_spec import ModelSpec
 from ..batch import ModelBatch
 from ..cuda_graphs import replayable
@@ -32,6 +33,7 @@ from ..scheduler import SchedulerConfig
 from . import wire
 from .engine_workers import TpWorkerGroup, build_graphs, build_runner, run_step
 from .graphs import TpDecodeGraphs
+from .grouped_adapter import GroupedAdapter, GroupedPacker
 from .partition import check_world, local_spec
 from .rank_runner import RankRunner, adapter_pages
 from .shard_adapters import Scheme
@@ -46,15 +48,17 @@ COLLECTIVE_TIMEOUT_S = 180.0
 @dataclass(frozen=True)
 class _PendingLoad:
     msg: wire.AdapterLoad
-    flat: torch.Tensor  # [n] float32: the full adapter's A and B tensors, target order
+    flat: torch.Tensor  # [n] pool dtype, on the pool's device: the grouped adapter (grouped_adapter.py)
 
 
 class TpAdapterCache(AdapterCache):
     """The driver's AdapterCache: slots, pins and LRU as ever; pages and writes are per rank share."""
 
     def __init__(self, pool: torch.Tensor, allocator: PageAllocator, spec: ModelSpec, max_slots: int, max_rank: int,
-                 world: int, scheme: Scheme):
-        super().__init__(pool, allocator, spec, max_slots, max_rank)
+                 world: int, scheme: Scheme, **host_args):
+        """host_args: AdapterCache's packed_bytes and pack_threads."""
+        super().__init__(pool, allocator, spec, max_slots, max_rank, packer=GroupedPacker(spec, pool.dtype),
+                         **host_args)
         self.world, self.scheme = world, scheme
         self.pending: list[_PendingLoad] = []  # loads not yet sent to the ranks (flushed by the next forward)
         self.slot_modules: dict[int, frozenset[str]] = {}
@@ -69,19 +73,18 @@ class TpAdapterCache(AdapterCache):
             n = self._pages[key] = adapter_pages(self.spec, ranks, self.world, self.scheme, self.pool.shape[2])
         return n
 
-    def _write(self, slot: int, pages: list[int], layout: AdapterLayout, weights: LoraWeights) -> None:
+    def _upload(self, slot: int, pages: list[int], packed: GroupedAdapter) -> None:
         # Applied by every rank before the next forward. Safe to defer: no forward runs until then,
         # and the pages are this adapter's from now on (if it is evicted and its pages reused before
-        # the flush, the later writes, KV or another load, land after this one).
-        targets = list(weights.config.targets)
-        a_shapes, b_shapes, flat = wire.pack_adapter(targets, weights.a, weights.b, self.pool.dtype)
-        msg = wire.AdapterLoad(slot=slot, pages=list(pages), ranks_by_module=weights.config.ranks_by_module(),
-                               targets=[(t.layer, t.module, t.rank, t.scale) for t in targets],
-                               a_shapes=a_shapes, b_shapes=b_shapes)
-        self.pending.append(_PendingLoad(msg, flat.to(self.pool.device)))
+        # the flush, the later writes, KV or another load, land after this one). The copy is made
+        # now (copy=True also on the CPU): the host cache may reuse the pack's buffer after this.
+        msg = wire.AdapterLoad(slot=slot, pages=list(pages), ranks_by_module=packed.ranks_by_module,
+                               targets=packed.targets)
+        self.pending.append(_PendingLoad(msg, packed.buf.to(self.pool.device, copy=True)))
         # What the slot's adapter targets, on the host (as each rank's RankAdapterTables.modules):
         # the step header's LoRA targets come from here, never from a device read.
-        self.slot_modules[slot] = frozenset(t.module for t in targets if t.rank > 0)
+        self.slot_modules[slot] = frozenset(module for _, module, rank, _ in packed.targets if rank > 0)
+        return None
 
 
 class TpDriverModel:
@@ -178,7 +181,8 @@ def build_tp_runtime(cfg: EngineConfig) -> Runtime:
         runner = build_runner(start, spec)
         allocator = PageAllocator(num_pages)
         adapters = TpAdapterCache(runner.pool, allocator, spec, slots, cfg.max_adapter_rank, cfg.tp_size,
-                                  Scheme(cfg.tp_lora_scheme))
+                                  Scheme(cfg.tp_lora_scheme), packed_bytes=cfg.packed_adapter_bytes,
+                                  pack_threads=cfg.adapter_pack_threads)
         kv = KVCacheManager(allocator, adapters, cfg.block_size)
         group.wait_ready()
         graphs = build_graphs(runner, start)  # the workers capture theirs from when they are ready

@@ -34,6 +34,7 @@ from ..weights_loader import ModelWeights, load_weights, random_weights
 from . import wire
 from .collectives import TpComm
 from .graphs import TpDecodeGraphs
+from .grouped_adapter import grouped_numel
 from .partition import local_spec, make_plan
 from .rank_runner import RankRunner
 from .shard_adapters import Scheme
@@ -136,13 +137,12 @@ def run_step(runner: RankRunner, step: wire.Step, ints: torch.Tensor | None = No
         ints = torch.empty(wire.num_ints(step), dtype=torch.int64, device=device)
     dist.broadcast(ints, src=0)
     if step.loads:
-        sizes = [wire.adapter_numel(load) for load in step.loads]
+        sizes = [grouped_numel(runner.spec, load.targets) for load in step.loads]
         if adapter_flat is None:
             adapter_flat = torch.empty(sum(sizes), dtype=runner.pool.dtype, device=device)
         dist.broadcast(adapter_flat, src=0)
         for load, piece in zip(step.loads, adapter_flat.split(sizes)):
-            targets, a, b = wire.unpack_adapter(piece, load)
-            runner.load_adapter(load.slot, load.pages, load.ranks_by_module, targets, a, b)
+            runner.load_grouped(load.slot, load.pages, load.ranks_by_module, load.targets, piece)
     ids, pos, attn, lora = wire.unpack_ints(ints, step)
     if step.graph:
         if graphs is None:

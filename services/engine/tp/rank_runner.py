@@ -29,6 +29,7 @@ from .collectives import TpComm
 from .model import TpLlamaModel
 from .partition import TpPlan, make_plan
 from .paged_lora import PagedLoraBatch, RankAdapterTables
+from .grouped_adapter import Target, share_entries, write_share
 from .shard_adapters import Scheme, ShardLayout, shard_lora
 
 
@@ -54,7 +55,8 @@ class RankRunner:
     # --- adapters --------------------------------------------------------------------------
     def load_adapter(self, slot: int, pages: list[int], ranks_by_module: dict[str, int],
                      targets: list[TargetEntry], a: dict, b: dict) -> None:
-        """Write this rank's share of a full adapter (a[(l, m)]: [r, in], b: [out, r]) into `pages`."""
+        """Write this rank's share of a full adapter (a[(l, m)]: [r, in], b: [out, r]) into `pages`,
+        target by target: the reference load_grouped (what the engine runs) is tested against."""
         layout = ShardLayout.build(self.spec, ranks_by_module, self.plan, self.scheme)
         P, L = self.pool.shape[2], self.spec.num_layers
         if layout.num_pages(P) > len(pages):
@@ -75,6 +77,20 @@ class RankRunner:
         page_ids = torch.tensor(pages, dtype=torch.long, device=self.pool.device)
         self.pool[:, page_ids] = buf.view(L, len(pages), P)
         self.tables.set_slot(slot, pages, layout, entries)  # a reused slot's rows are rewritten
+
+    def load_grouped(self, slot: int, pages: list[int], ranks_by_module: dict[str, int], targets: list[Target],
+                     flat: torch.Tensor) -> None:
+        """As load_adapter, from the grouped flat form every rank receives (grouped_adapter.py):
+        a few whole-group copies on the pool's device instead of two per target."""
+        layout = ShardLayout.build(self.spec, ranks_by_module, self.plan, self.scheme)
+        P, L = self.pool.shape[2], self.spec.num_layers
+        if layout.num_pages(P) > len(pages):
+            raise ValueError(f"adapter share needs {layout.num_pages(P)} pages, the driver gave {len(pages)}")
+        buf = torch.zeros(L, len(pages) * P, dtype=self.pool.dtype, device=self.pool.device)  # [L, n * P]
+        write_share(buf, flat, targets, self.spec, self.plan, self.scheme, layout)
+        page_ids = torch.tensor(pages, dtype=torch.long, device=self.pool.device)
+        self.pool[:, page_ids] = buf.view(L, len(pages), P)
+        self.tables.set_slot(slot, pages, layout, share_entries(targets, self.plan, self.scheme))
 
     # --- the step ------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMeta,

@@ -75,18 +75,18 @@ class LoraShard:
         return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values()))
 
 
-def _a_part(a: torch.Tensor, module: str, plan: TpPlan, scheme: Scheme) -> torch.Tensor:
-    # a: [r, in]
+def a_part(a: torch.Tensor, module: str, plan: TpPlan, scheme: Scheme) -> torch.Tensor:
+    """This rank's part of lora_A: a [..., r, in] -> a view [..., a_rows, a_cols] (leading dims: layers)."""
     if module in COLUMN_PARALLEL:
-        return a[rank_rows(a.shape[0], plan.world, plan.rank)] if scheme.splits_column_rank else a
-    return a if scheme.whole_row_a else a[:, plan.in_cols(module)]
+        return a[..., rank_rows(a.shape[-2], plan.world, plan.rank), :] if scheme.splits_column_rank else a
+    return a if scheme.whole_row_a else a[..., plan.in_cols(module)]
 
 
-def _b_part(b: torch.Tensor, module: str, plan: TpPlan, scheme: Scheme) -> torch.Tensor:
-    # b: [out, r]
+def b_part(b: torch.Tensor, module: str, plan: TpPlan, scheme: Scheme) -> torch.Tensor:
+    """This rank's part of lora_B: b [..., out, r] -> a view [..., out_loc, r]."""
     if module not in COLUMN_PARALLEL and scheme.whole_row_b:
         return b
-    return b[plan.out_cols(module)]
+    return b[..., plan.out_cols(module), :]
 
 
 def shard_lora(weights: LoraWeights, plan: TpPlan, scheme: Scheme | str) -> LoraShard:
@@ -95,8 +95,8 @@ def shard_lora(weights: LoraWeights, plan: TpPlan, scheme: Scheme | str) -> Lora
     a, b, ranks, scales = {}, {}, {}, {}
     for t in weights.config.targets:
         key = (t.layer, t.module)
-        a[key] = _a_part(weights.a[key], t.module, plan, scheme).contiguous().clone()
-        b[key] = _b_part(weights.b[key], t.module, plan, scheme).contiguous().clone()
+        a[key] = a_part(weights.a[key], t.module, plan, scheme).contiguous().clone()
+        b[key] = b_part(weights.b[key], t.module, plan, scheme).contiguous().clone()
         ranks[key] = t.rank
         scales[key] = t.scale
     return LoraShard(scheme, a, b, ranks, scales)

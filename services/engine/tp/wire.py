@@ -6,13 +6,13 @@ when adapters are loaded, ONE broadcast in the pool's dtype holding their full A
 
     ints  = [ids (T) | positions (T) | token_slot (T) | slot_mapping (T) | query_start (B+1)
              | seq_lens (B) | block_tables (B * max_blocks) | seg_start (G) | seg_len (G) | seg_slot (G)]
-    float = [load0: A(t0), B(t0), A(t1), B(t1), ... | load1: ...]    (targets in header order)
+    float = [load0: grouped (module, rank): A of its layers, B of its layers, ... | load1: ...]
 
 The step's LoRA segments are the driver's (build_batch made them); their host-side numbers (G,
 largest rank, longest segment, modules targeted) ride in the header, so no rank reads a device
-tensor back (no host sync) or loops over tokens to rebuild them. Adapters travel in the pool's
-dtype: a rank only slices them and casts to that dtype, so casting first is the same values at
-half the bytes of float32 on a bf16 pool.
+tensor back (no host sync) or loops over tokens to rebuild them. Adapters travel whole, in the
+pool's dtype (grouped_adapter.py): every rank cuts its own share, so casting first is the same
+values at half the bytes of float32 on a bf16 pool.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import msgspec
 import torch
 
-from ..adapters.peft_config import TargetEntry
 from ..ops.base import AttentionMeta, LoraBatch
 
 
@@ -51,12 +50,12 @@ class WorkerStart(msgspec.Struct, frozen=True):
 
 
 class AdapterLoad(msgspec.Struct, frozen=True):
+    """One adapter into `slot` and `pages` on every rank; its tensors: grouped_adapter.py's flat form."""
+
     slot: int
     pages: list[int]
     ranks_by_module: dict[str, int]
     targets: list[tuple[int, str, int, float]]  # (layer, module, rank, scale)
-    a_shapes: list[tuple[int, int]]  # [r, in] per target
-    b_shapes: list[tuple[int, int]]  # [out, r] per target
 
 
 class StepLora(msgspec.Struct, frozen=True):
@@ -130,33 +129,3 @@ def unpack_ints(flat: torch.Tensor, step: Step):
         lora = LoraBatch(token_slot=slot.to(i32), seg_start=ss.to(i32), seg_len=sn.to(i32), seg_slot=sslot.to(i32),
                          max_rank=step.lora.max_rank, max_seg_len=step.lora.max_seg_len, num_segments=G)
     return ids, pos, attn, lora
-
-
-def pack_adapter(targets: list[TargetEntry], a: dict, b: dict, dtype: torch.dtype) -> tuple[list, list, torch.Tensor]:
-    """-> a_shapes, b_shapes, flat [sum of A and B sizes] in `dtype` (the pool's), target order.
-    One cat (it casts as it copies), no per-tensor conversion."""
-    a_shapes, b_shapes, parts = [], [], []
-    for t in targets:
-        at, bt = a[(t.layer, t.module)], b[(t.layer, t.module)]
-        a_shapes.append(tuple(at.shape)), b_shapes.append(tuple(bt.shape))
-        parts += [at.reshape(-1), bt.reshape(-1)]
-    if not parts:
-        return a_shapes, b_shapes, torch.zeros(0, dtype=dtype)
-    out = torch.empty(sum(p.numel() for p in parts), dtype=dtype)
-    return a_shapes, b_shapes, torch.cat(parts, out=out)
-
-
-def adapter_numel(load: AdapterLoad) -> int:
-    return sum(r * c for r, c in load.a_shapes) + sum(r * c for r, c in load.b_shapes)
-
-
-def unpack_adapter(flat: torch.Tensor, load: AdapterLoad):
-    """-> targets, a, b for RankRunner.load_adapter (views into `flat`)."""
-    targets = [TargetEntry(layer, module, rank, scale) for layer, module, rank, scale in load.targets]
-    sizes = [n for sa, sb in zip(load.a_shapes, load.b_shapes) for n in (sa[0] * sa[1], sb[0] * sb[1])]
-    pieces = flat.split(sizes) if sizes else []
-    a, b = {}, {}
-    for i, t in enumerate(targets):
-        a[(t.layer, t.module)] = pieces[2 * i].view(load.a_shapes[i])
-        b[(t.layer, t.module)] = pieces[2 * i + 1].view(load.b_shapes[i])
-    return targets, a, b
