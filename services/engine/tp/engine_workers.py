@@ -16,7 +16,6 @@ idle engine never times a collective out and a crashed driver never leaves worke
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import datetime
 import faulthandler
 import os
@@ -30,7 +29,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ..model_spec import ModelSpec
-from ..weights_loader import ModelWeights, load_weights, random_weights
+from ..weights_loader import load_weights, random_weights
 from . import wire
 from .collectives import TpComm
 from .graphs import TpDecodeGraphs
@@ -38,7 +37,7 @@ from .grouped_adapter import grouped_numel
 from .partition import local_spec, make_plan
 from .rank_runner import RankRunner
 from .shard_adapters import Scheme
-from .shard_weights import shard_model
+from .shard_weights import shard_layer
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -75,14 +74,14 @@ def build_runner(start: wire.WorkerStart, spec: ModelSpec) -> RankRunner:
 
     device, dtype = rank_device(start), _DTYPES[start.dtype]
     plan = make_plan(spec, start.world, start.rank)
-    if start.random_weights_seed is None:
-        full = load_weights(start.model_dir, spec, dtype, torch.device("cpu"))  # shard on the host, then move
-        weights = _to_device(shard_model(full, spec, plan), device)
-    else:  # made on the device exactly as the single-GPU engine makes them, then sharded
-        weights = shard_model(random_weights(spec, dtype, device, start.random_weights_seed), spec, plan)
+    if start.random_weights_seed is None:  # only this rank's slices are read from the files
+        weights = load_weights(start.model_dir, spec, dtype, device, slices=plan.weight_slices())
+    else:  # made on the device as the single-GPU engine makes them, each layer sharded as it is made
+        weights = random_weights(spec, dtype, device, start.random_weights_seed,
+                                 per_layer=lambda layer: shard_layer(layer, spec, plan))
     if device.type == "cuda":
-        # The full random model (or its host copy) is garbage now; hand its cached blocks back so
-        # the pool, sized for the shard only, gets them (the allocator would otherwise hold them).
+        # The full layers made (or read) on the way are garbage now; hand their cached blocks back
+        # so the pool, sized for the shard only, gets them (the allocator would otherwise hold them).
         torch.cuda.empty_cache()
     geom = PoolGeometry.for_model(local_spec(spec, start.world), start.num_pages, start.block_size)
     pool = torch.zeros(spec.num_layers, start.num_pages, geom.page_elems, dtype=dtype, device=device)
@@ -110,19 +109,6 @@ def _elementwise_ops(kind: str):
     from ..model import TorchElementwiseOps
 
     return TorchElementwiseOps()
-
-
-def _to_device(w: ModelWeights, device: torch.device) -> ModelWeights:
-    if device.type == "cpu":
-        return w
-
-    def move(obj):
-        return dataclasses.replace(obj, **{f.name: getattr(obj, f.name).to(device) for f in dataclasses.fields(obj)
-                                           if isinstance(getattr(obj, f.name), torch.Tensor)})
-
-    embed = w.embed.to(device)
-    return ModelWeights(embed=embed, layers=[move(lw) for lw in w.layers], final_norm=w.final_norm.to(device),
-                        lm_head=embed if w.lm_head is w.embed else w.lm_head.to(device))
 
 
 def run_step(runner: RankRunner, step: wire.Step, ints: torch.Tensor | None = None,

@@ -26,6 +26,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..model_spec import ModelSpec
+from ..weights_loader import WeightSlices
 
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 ROW_PARALLEL = ("o_proj", "down_proj")
@@ -78,6 +79,10 @@ class TpPlan:
         """This rank's columns of gate and of up (and input columns of down_proj)."""
         n = self.intermediate_size // self.world
         return slice(self.rank * n, (self.rank + 1) * n)
+
+    def weight_slices(self) -> WeightSlices:
+        """What this rank reads of a checkpoint (weights_loader.load_weights)."""
+        return WeightSlices(q=self.q_cols, kv=self.kv_cols, inter=self.inter_cols)
 
     @property
     def hidden_cols(self) -> slice:
