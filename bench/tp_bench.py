@@ -31,6 +31,7 @@ from bench.adapters import AdapterBank
 from bench.engine_bench import run_once
 from bench.report import environment
 from bench.shapes import make_model_folder
+from bench.step_probe import decode_step_ms
 from bench.tp_report import write_tp_results
 from bench.workload import SETTINGS, generate_trace
 from services.engine.engine import EngineConfig, LLMEngine
@@ -85,6 +86,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="decode CUDA graphs at every W (W > 1: tp_cuda_graphs); pair with --decode-steps-per-prefill 4")
     p.add_argument("--elementwise", choices=["torch", "auto"], default="auto",
                    help="elementwise ops at every W; auto: the fused kernels on CUDA")
+    p.add_argument("--probe-batch", type=int, default=64,
+                   help="after each run, time decode steps at this fixed batch (bench/step_probe.py); 0: no probe")
+    p.add_argument("--probe-adapters", type=int, default=32, help="distinct adapters in the probe's batch")
     p.add_argument("--budget-s", type=float, default=1e9, help="skip engines and runs that would not fit")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--num-pages", type=int, default=0, help="0: from free GPU memory (512 on the CPU)")
@@ -183,15 +187,21 @@ def main(argv=None) -> list[dict]:
                 result = run_once(engine, bank, offset_trace(trace, index), engine.spec.vocab_size,
                                   tag=rec_tag(plan, setting))
                 wall = time.monotonic() - t
-                est_run = max(est_run, wall)
+                probe = {}
+                if args.probe_batch > 0:  # the decode step at a fixed batch, the same engine and adapters
+                    probe = decode_step_ms(engine, bank, batch=args.probe_batch, adapters=args.probe_adapters,
+                                           tag=f"probe-{rec_tag(plan, setting)}")
+                est_run = max(est_run, time.monotonic() - t)
                 rec = {"setting": setting.name if setting else "base", "mode": plan.mode, "world": plan.world,
                        "runtime": "tp" if plan.world > 1 or args.w1_tp else "one-process",
                        "scheme": plan.scheme, "n": args.n if setting else 0, "rate": args.rate,
                        "duration": args.duration, "ranks": list(setting.ranks) if setting else [],
-                       "engine_start_s": start_s, "wall_s": wall, **result}
+                       "engine_start_s": start_s, "wall_s": wall, **result,
+                       **{f"probe_{k}": v for k, v in probe.items()}}
                 records.append(rec)
                 _log(f"W={plan.world} {plan.mode} {plan.scheme} {rec['setting']}: {rec['throughput_req_s']:.2f} req/s, "
-                     f"{rec['throughput_tok_s']:.0f} tok/s, {rec['steps']} steps in {wall:.1f} s")
+                     f"{rec['throughput_tok_s']:.0f} tok/s, {rec['steps']} steps in {wall:.1f} s"
+                     + (f"; decode step {probe['step_ms_p50']:.2f} ms at batch {probe['batch']}" if probe else ""))
                 write_tp_results(args.out, records, skipped, payload_args)
         finally:
             engine.close()

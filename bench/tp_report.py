@@ -9,7 +9,7 @@ from pathlib import Path
 
 COLUMNS = [("world", "{}"), ("runtime", "{}"), ("setting", "{}"), ("mode", "{}"), ("scheme", "{}"), ("n", "{}"),
            ("throughput_req_s", "{:.2f}"), ("throughput_tok_s", "{:.0f}"), ("ttft_p50_s", "{:.2f}"),
-           ("ttft_p99_s", "{:.2f}"), ("steps", "{}"), ("graph_steps", "{}"), ("adapter_loads", "{}"), ("preemptions", "{}"),
+           ("ttft_p99_s", "{:.2f}"), ("steps", "{}"), ("graph_steps", "{}"), ("probe_step_ms_p50", "{:.2f}"), ("adapter_loads", "{}"), ("preemptions", "{}"),
            ("engine_start_s", "{:.1f}"), ("wall_s", "{:.1f}")]
 
 
@@ -21,15 +21,19 @@ def scaling_rows(records: list[dict]) -> list[dict]:
     """Per (setting, scheme) and W: req/s, speed-up over W = 1 (its LoRA engine, or base-only for the
     base rows) and the LoRA cost against base-only at the same W: 1 - lora / base."""
     base = {r["world"]: r["throughput_req_s"] for r in records if r["mode"] == "base-only"}
+    base_step = {r["world"]: r.get("probe_step_ms_p50") for r in records if r["mode"] == "base-only"}
     w1 = {r["setting"]: r["throughput_req_s"] for r in records if r["world"] == 1}
     rows = []
     for r in records:
         one = w1.get(r["setting"])
-        b = base.get(r["world"])
+        b, step, b_step = base.get(r["world"]), r.get("probe_step_ms_p50"), base_step.get(r["world"])
         rows.append({
             "setting": r["setting"], "scheme": r["scheme"], "world": r["world"], "req_s": r["throughput_req_s"],
             "speedup_vs_w1": r["throughput_req_s"] / one if one else None,
             "lora_cost_vs_base": (1 - r["throughput_req_s"] / b) if (b and r["mode"] == "lora") else None,
+            # the probe's decode step at a fixed batch: the same ratio in step rates (1 - base / lora time)
+            "step_ms": step,
+            "step_lora_cost": (1 - b_step / step) if (step and b_step and r["mode"] == "lora") else None,
         })
     return sorted(rows, key=lambda x: (x["setting"], x["scheme"], x["world"]))
 
@@ -51,11 +55,13 @@ def write_tp_results(out: Path, records: list[dict], skipped: list[dict], args: 
              "| " + " | ".join(c for c, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in records:
         lines.append("| " + " | ".join(fmt.format(r[c]) if c in r else "-" for c, fmt in COLUMNS) + " |")
-    lines += ["", "## Scaling (speed-up over W = 1) and LoRA cost (1 - LoRA / base-only at the same W)", "",
-              "| setting | scheme | W | req/s | speed-up vs W=1 | LoRA cost vs base |", "|---|---|---|---|---|---|"]
+    lines += ["", "## Scaling (speed-up over W = 1) and LoRA cost (1 - LoRA / base-only at the same W; probe: a decode step at a fixed batch)", "",
+              "| setting | scheme | W | req/s | speed-up vs W=1 | LoRA cost vs base | decode step ms (probe) "
+              "| step LoRA cost |", "|---|---|---|---|---|---|---|---|"]
     for row in scaling_rows(records):
         lines.append(f"| {row['setting']} | {row['scheme']} | {row['world']} | {row['req_s']:.2f} | "
-                     f"{_fmt(row['speedup_vs_w1'], '{:.2f}x')} | {_fmt(row['lora_cost_vs_base'], '{:.1%}')} |")
+                     f"{_fmt(row['speedup_vs_w1'], '{:.2f}x')} | {_fmt(row['lora_cost_vs_base'], '{:.1%}')} | "
+                     f"{_fmt(row['step_ms'], '{:.2f}')} | {_fmt(row['step_lora_cost'], '{:.1%}')} |")
     if skipped:
         lines += ["", "Skipped (time budget): " + "; ".join(
             f"W={s['world']} {s['mode']} {s['scheme']} {s.get('setting') or ''} ({s['why']})" for s in skipped)]

@@ -10,7 +10,8 @@ import pytest
 from bench.tp_bench import EnginePlan, main, parse_args, plan_engines
 from bench.tp_report import scaling_rows
 
-TINY = ["--settings", "tiny", "--n", "3", "--rate", "50", "--duration", "0.2", "--max-len", "12", "--device", "cpu"]
+TINY = ["--settings", "tiny", "--n", "3", "--rate", "50", "--duration", "0.2", "--max-len", "12", "--device", "cpu",
+        "--probe-batch", "4", "--probe-adapters", "2"]
 
 
 def test_engine_plan_puts_each_worlds_base_and_first_scheme_before_the_other_schemes():
@@ -43,6 +44,7 @@ def test_tp_bench_runs_on_cpu_and_writes_its_report(tmp_path):
     assert got == [(1, "base-only", "-", "base"), (1, "lora", "-", "tiny"), (2, "base-only", "-", "base"),
                    (2, "lora", "fused", "tiny"), (2, "lora", "slora", "tiny")]
     assert all(r["requests"] == 10 and r["throughput_req_s"] > 0 for r in records)
+    assert all(r["probe_step_ms_p50"] > 0 and r["probe_full_batch_steps"] == r["probe_steps"] for r in records)
     payload = json.loads((out / "tp-engine.json").read_text())
     assert payload["environment"]["commit"] == "abc" and len(payload["records"]) == 5 and not payload["skipped"]
     md = (out / "tp-engine.md").read_text()
@@ -55,7 +57,7 @@ def test_tp_bench_runs_on_cpu_and_writes_its_report(tmp_path):
         assert (out / "tp-engine.png").stat().st_size > 0
     rows = {(r["scheme"], r["world"]): r for r in scaling_rows(records) if r["setting"] == "tiny"}
     assert rows[("-", 1)]["speedup_vs_w1"] == pytest.approx(1.0)
-    assert rows[("fused", 2)]["lora_cost_vs_base"] is not None
+    assert rows[("fused", 2)]["lora_cost_vs_base"] is not None and rows[("fused", 2)]["step_lora_cost"] is not None
 
 
 def test_a_spent_budget_skips_engines_and_still_writes_the_report(tmp_path):
