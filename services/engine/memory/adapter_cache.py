@@ -6,7 +6,7 @@ never evicted; an unpinned adapter stays cached in its pages until KV or another
 them (least recently used first).
 
 Loading: each adapter is packed once into its host form (adapter_pack.py: the page buffer and
-table rows, pinned on CUDA), kept in a byte-budgeted host LRU, and copied into the pool by the
+table rows; a TP driver packs its own form, see `_upload`), kept in a byte-budgeted host LRU, and copied into the pool by the
 AdapterUploader (adapter_upload.py): on CUDA on a side stream, so neither the host nor the forward
 passes wait for it. The main stream waits for a load's event when the adapter is pinned for a step
 (`acquire`) and when it is evicted (its pages and slot go to someone else), never before.

@@ -183,7 +183,7 @@ class HostAdapterCache:
         if workers < 1:
             raise ValueError(f"adapter pack threads must be >= 1, got {workers}")
         self.spares = SpareBuffers(min(budget_bytes // 4, SPARE_BYTES))
-        self._packed: OrderedDict = OrderedDict()  # id -> the packer's pack (PackedAdapter)  # least recently used first
+        self._packed: OrderedDict = OrderedDict()  # id -> the packer's pack, least recently used first
         self._pending: dict[str, Future] = {}  # adapter id -> pack running in a worker
         self._unclaimed: set[str] = set()  # packed in the background and not yet taken by `get`
         self._worker = ThreadPoolExecutor(workers, thread_name_prefix="adapter-pack") if background else None
