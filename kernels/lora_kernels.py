@@ -193,6 +193,47 @@ def lora_shrink_kernel(
         tl.store(u_ptrs, acc.to(u_ptr.dtype.element_ty), mask=u_mask)
 
 
+@triton.jit
+def _expand_columns(y_ptr, y_rows, u_rows, t_mask, pool_layer, pt_row, b_start, rank, scale, n_out, c_start, c_end,
+                    max_pages, page_elems, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr,
+                    ROW_IN_TWO_PAGES: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """y[rows, c_start:c_end] += scale * u[rows, :rank] @ Bt[:rank, c_start:c_end] in BLOCK_N chunks.
+
+    y_rows / u_rows: [BT] row pointers (y at the slice's offset, u at the slice); b_start: the
+    virtual start of B^T row 0 of the slice (rows of n_out elements); rank <= BLOCK_R.
+    """
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    cols = tl.arange(0, BLOCK_N)
+    ut = tl.load(u_rows[:, None] + offs_r[None, :], mask=t_mask[:, None] & r_mask[None, :], other=0.0)  # [BT, BR]
+    v_row = b_start + offs_r.to(tl.int64) * n_out + c_start  # [BR]
+    if ROW_IN_TWO_PAGES:  # N_i <= P for every slice: page ids loaded once
+        base0, base1, split = _row_two_pages(pt_row, v_row, r_mask, max_pages, page_elems)
+        for n0 in range(c_start, c_end, BLOCK_N):
+            n_mask = (n0 + cols) < c_end
+            b_ptrs = _two_page_tile(pool_layer, base0, base1, split, (n0 - c_start) + cols, ALIGNED)
+            bt = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # [BR, BN]
+            acc = tl.dot(ut, bt.to(ut.dtype), input_precision=DOT_PRECISION)  # [BT, BN]
+            y_mask = t_mask[:, None] & n_mask[None, :]
+            y_old = tl.load(y_rows[:, None] + (n0 + cols)[None, :], mask=y_mask, other=0.0).to(tl.float32)
+            tl.store(y_rows[:, None] + (n0 + cols)[None, :], (y_old + acc * scale).to(y_ptr.dtype.element_ty), mask=y_mask)
+    else:  # long rows: a (page, offset) cursor per row, advanced by BLOCK_N (<= P) per chunk
+        vpage = v_row // page_elems
+        voff = v_row - vpage * page_elems
+        for n0 in range(c_start, c_end, BLOCK_N):
+            n_mask = (n0 + cols) < c_end
+            b_ptrs = _paged_tile(pool_layer, pt_row, vpage, voff, cols, r_mask, max_pages, page_elems, ALIGNED)
+            bt = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = tl.dot(ut, bt.to(ut.dtype), input_precision=DOT_PRECISION)
+            y_mask = t_mask[:, None] & n_mask[None, :]
+            y_old = tl.load(y_rows[:, None] + (n0 + cols)[None, :], mask=y_mask, other=0.0).to(tl.float32)
+            tl.store(y_rows[:, None] + (n0 + cols)[None, :], (y_old + acc * scale).to(y_ptr.dtype.element_ty), mask=y_mask)
+            voff += BLOCK_N
+            wrapped = voff >= page_elems
+            voff = tl.where(wrapped, voff - page_elems, voff)
+            vpage += wrapped.to(tl.int64)
+
+
 @triton.jit(do_not_specialize=_NO_SPECIALIZE + ["num_col_splits"])
 def lora_expand_kernel(
     y_ptr, u_ptr, pool_layer, page_table_ptr, ranks_ptr, scales_ptr, b_off_ptr,
@@ -201,8 +242,8 @@ def lora_expand_kernel(
     stride_y_t, stride_u_t, stride_u_m,
     stride_pt_s, stride_rank_s, stride_rank_l, stride_off_s,
     M0, M1, M2, M3, N0, N1, N2, N3, O0, O1, O2, O3,
-    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr, Y_ALIGNED: tl.constexpr,
-    ROW_IN_TWO_PAGES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SMALL_R: tl.constexpr, SMALL_N: tl.constexpr,
+    ALIGNED: tl.constexpr, Y_ALIGNED: tl.constexpr, ROW_IN_TWO_PAGES: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """y[t, o_i : o_i + N_i] += scale * u[t, i, :r] @ B_{m_i}[slot]^T, in place.
 
@@ -217,6 +258,9 @@ def lora_expand_kernel(
     Grid: (n slices * num_col_splits, work items). A program owns columns
     [cs * cols_per_split, (cs + 1) * cols_per_split) of one slice for one token block and streams
     them in BLOCK_N chunks (u loaded once, page ids once): long programs keep loads in flight.
+    A segment whose rank is at most SMALL_R while the tile holds more (BLOCK_R > SMALL_R: a rank
+    capacity above the adapter's, as CUDA graphs capture) streams [SMALL_R, SMALL_N] tiles of the
+    same size instead: a rank-8 adapter under a rank-64 capacity needs a quarter of the chunks.
     """
     # Slices x column splits vary fastest: programs launched together share the u tile and B in L2.
     i = tl.program_id(0) // num_col_splits
@@ -240,41 +284,20 @@ def lora_expand_kernel(
     t_end = tl.load(seg_start_ptr + g) + tl.load(seg_len_ptr + g)
     offs_t = tl.load(seg_start_ptr + g) + tl.load(work_blk_ptr + w) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = offs_t < t_end
-    offs_r = tl.arange(0, BLOCK_R)
-    r_mask = offs_r < rank
-    cols = tl.arange(0, BLOCK_N)
-    ut = tl.load(
-        u_ptr + offs_t.to(tl.int64)[:, None] * stride_u_t + i * stride_u_m + offs_r[None, :],
-        mask=t_mask[:, None] & r_mask[None, :], other=0.0,
-    )  # [BT, BR]
+    u_rows = u_ptr + offs_t.to(tl.int64) * stride_u_t + i * stride_u_m  # [BT]
     o_i = _pick(i, O0, O1, O2, O3)
     if Y_ALIGNED:
         o_i = tl.multiple_of(o_i, 16)  # offsets and y's row stride are multiples of 16: vector y access
-    y_rows = y_ptr + offs_t.to(tl.int64)[:, None] * stride_y_t + o_i
+    y_rows = y_ptr + offs_t.to(tl.int64) * stride_y_t + o_i  # [BT]
     pt_row = page_table_ptr + slot.to(tl.int64) * stride_pt_s
-    v_row = tl.load(b_off_ptr + slot * stride_off_s + m) + offs_r.to(tl.int64) * n_out + c_start  # [BR]
-    if ROW_IN_TWO_PAGES:  # N_i <= P for every slice: page ids loaded once
-        base0, base1, split = _row_two_pages(pt_row, v_row, r_mask, max_pages, page_elems)
-        for n0 in range(c_start, c_end, BLOCK_N):
-            n_mask = (n0 + cols) < c_end
-            b_ptrs = _two_page_tile(pool_layer, base0, base1, split, (n0 - c_start) + cols, ALIGNED)
-            bt = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # [BR, BN]
-            acc = tl.dot(ut, bt.to(ut.dtype), input_precision=DOT_PRECISION)  # [BT, BN]
-            y_mask = t_mask[:, None] & n_mask[None, :]
-            y_old = tl.load(y_rows + (n0 + cols)[None, :], mask=y_mask, other=0.0).to(tl.float32)
-            tl.store(y_rows + (n0 + cols)[None, :], (y_old + acc * scale).to(y_ptr.dtype.element_ty), mask=y_mask)
-    else:  # long rows: a (page, offset) cursor per row, advanced by BLOCK_N (<= P) per chunk
-        vpage = v_row // page_elems
-        voff = v_row - vpage * page_elems
-        for n0 in range(c_start, c_end, BLOCK_N):
-            n_mask = (n0 + cols) < c_end
-            b_ptrs = _paged_tile(pool_layer, pt_row, vpage, voff, cols, r_mask, max_pages, page_elems, ALIGNED)
-            bt = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-            acc = tl.dot(ut, bt.to(ut.dtype), input_precision=DOT_PRECISION)
-            y_mask = t_mask[:, None] & n_mask[None, :]
-            y_old = tl.load(y_rows + (n0 + cols)[None, :], mask=y_mask, other=0.0).to(tl.float32)
-            tl.store(y_rows + (n0 + cols)[None, :], (y_old + acc * scale).to(y_ptr.dtype.element_ty), mask=y_mask)
-            voff += BLOCK_N
-            wrapped = voff >= page_elems
-            voff = tl.where(wrapped, voff - page_elems, voff)
-            vpage += wrapped.to(tl.int64)
+    b_start = tl.load(b_off_ptr + slot * stride_off_s + m)
+    if BLOCK_R > SMALL_R:
+        if rank <= SMALL_R:
+            _expand_columns(y_ptr, y_rows, u_rows, t_mask, pool_layer, pt_row, b_start, rank, scale, n_out, c_start,
+                            c_end, max_pages, page_elems, SMALL_R, SMALL_N, ALIGNED, ROW_IN_TWO_PAGES, DOT_PRECISION)  # fmt: skip
+        else:
+            _expand_columns(y_ptr, y_rows, u_rows, t_mask, pool_layer, pt_row, b_start, rank, scale, n_out, c_start,
+                            c_end, max_pages, page_elems, BLOCK_R, BLOCK_N, ALIGNED, ROW_IN_TWO_PAGES, DOT_PRECISION)  # fmt: skip
+    else:
+        _expand_columns(y_ptr, y_rows, u_rows, t_mask, pool_layer, pt_row, b_start, rank, scale, n_out, c_start,
+                        c_end, max_pages, page_elems, BLOCK_R, BLOCK_N, ALIGNED, ROW_IN_TWO_PAGES, DOT_PRECISION)  # fmt: skip

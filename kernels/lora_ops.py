@@ -50,6 +50,10 @@ class LoraTiles:
     expand_block_r: int  # >= the rank capacity: expand handles a whole rank per program
     expand_block_n: int
     expand_num_warps: int
+    # Segments of rank <= expand_small_r stream [small_r, small_n] B^T tiles instead (wider: fewer
+    # chunks) when the capacity is larger; small_r == block_r: no such path compiled.
+    expand_small_r: int = 16
+    expand_small_n: int = 256
 
 
 def choose_tiles(rank_cap: int, decode: bool, page_elems: int) -> LoraTiles:
@@ -58,7 +62,15 @@ def choose_tiles(rank_cap: int, decode: bool, page_elems: int) -> LoraTiles:
         raise ValueError(f"rank capacity {rank_cap} exceeds the largest supported rank {MAX_RANK}")
     pow2 = max(next_pow2(rank_cap), 16)
     expand_n = min(256, max(16, 8192 // pow2), floor_pow2(page_elems))  # B^T tile of about 8K elements
-    return LoraTiles("decode", 16, pow2, expand_n, 4) if decode else LoraTiles("prefill", 64, pow2, expand_n, 8)
+    if not decode:
+        return LoraTiles("prefill", 64, pow2, expand_n, 8, pow2, expand_n)
+    # Decode under a larger capacity (CUDA graphs capture at the largest rank): a segment of rank
+    # <= 16 streams 16 x 256 tiles, so a rank-8 adapter under capacity 64 walks half the chunks
+    # of 128 columns. (The [16, 256] float32 accumulator keeps to the registers the [64, 128]
+    # B^T tile of the capacity path already needs.)
+    small_n = min(256, floor_pow2(page_elems))
+    small_r = 16 if small_n > expand_n else pow2
+    return LoraTiles("decode", 16, pow2, expand_n, 4, small_r, small_n)
 
 
 def shrink_tile(tiles: LoraTiles, rows: int, page_elems: int, elem_size: int) -> tuple[int, int, int]:
@@ -179,7 +191,7 @@ class TritonLoraOps:
             tables.page_table.stride(0), tables.ranks.stride(0), tables.ranks.stride(1), tables.b_off.stride(0),
             *_padded(modules), *_padded(widths), *_padded(out_offsets),
             BLOCK_T=tiles.block_t, BLOCK_R=tiles.expand_block_r, BLOCK_N=tiles.expand_block_n,
-            ALIGNED=_aligned(pool, widths), Y_ALIGNED=y.stride(0) % 16 == 0 and all(o % 16 == 0 for o in out_offsets),
+            SMALL_R=tiles.expand_small_r, SMALL_N=tiles.expand_small_n, ALIGNED=_aligned(pool, widths), Y_ALIGNED=y.stride(0) % 16 == 0 and all(o % 16 == 0 for o in out_offsets),
             ROW_IN_TWO_PAGES=max(widths) <= pool.shape[2], DOT_PRECISION=_dot_precision(y.dtype), num_warps=tiles.expand_num_warps,
         )  # fmt: skip
 

@@ -92,6 +92,7 @@ def lora_cases(dtype: str):
         expand = {**common, "y_ptr": f"*{dtype}", "scales_ptr": "*fp32", "b_off_ptr": "*i64", "stride_y_t": "i32/16",
                   "N0": "i32/16", "N1": "i32/16", "N2": "i32/16", "N3": "i32/16", "O0": "i32/16", "O1": "i32/16", "O2": "i32/16",
                   "O3": "i32/16", "Y_ALIGNED": True, "BLOCK_T": bt, "BLOCK_R": ebr, "BLOCK_N": ebn,
+                  "SMALL_R": tiles.expand_small_r, "SMALL_N": tiles.expand_small_n,
                   "_warps": tiles.expand_num_warps}  # fmt: skip
         yield f"lora_expand {tiles_name}", L.lora_expand_kernel, expand
     yield "lora_plan", L.lora_plan_kernel, {"seg_len_ptr": "*i32", "work_seg_ptr": "*i32", "work_blk_ptr": "*i32", "G": "i32",

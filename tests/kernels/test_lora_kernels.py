@@ -75,6 +75,22 @@ def test_capture_mode_with_padded_segments():
     check_lora_case(ctx, num_tokens, torch.float32, seed=7, ops=_SameBatchOps(ops, padded))
 
 
+@pytest.mark.parametrize("spec,block_size", [(TINY, 4), (WIDE, 1)], ids=["rows-in-two-pages", "rows-span-pages"])
+def test_capture_capacity_above_small_ranks(spec, block_size):
+    """Capacity 64 (as graphs capture) over ranks 4 and 16 (expand's small-rank tiles) and 17 and
+    64 (the capacity's tiles) in one batch, both page-walk paths (P = 256: WIDE's 512-wide B^T
+    rows of o/down span pages)."""
+    from kernels.lora_ops import choose_tiles
+
+    tiles = choose_tiles(64, True, 256)
+    assert tiles.expand_small_r == 16 < tiles.expand_block_r and tiles.expand_small_n > tiles.expand_block_n
+    ctx, num_tokens = make_lora_case(spec, "uniform", "decode", (4, 16, 17, 64), num_slots=5, num_requests=12,
+                                     block_size=block_size, dtype=torch.float32, device=DEVICE, seed=31)  # fmt: skip
+    assert ctx.pool.shape[2] == 256
+    ops = TritonLoraOps(capture=True, max_rank=64)
+    check_lora_case(ctx, num_tokens, torch.float32, seed=32, ops=_SameBatchOps(ops, ctx.batch))
+
+
 class _SameBatchOps:
     """Runs `ops` on the padded static batch whatever context the check passes."""
 
