@@ -23,7 +23,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from kernels import attention_kernels as A  # noqa: E402
 from kernels import lora_kernels as L  # noqa: E402
-from kernels.lora_ops import choose_tiles, shrink_tile  # noqa: E402
+from kernels.lora_tiles import choose_tiles, shrink_tile  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 DIV16 = [["tt.divisibility", 16]]

@@ -80,7 +80,7 @@ def test_capture_capacity_above_small_ranks(spec, block_size):
     """Capacity 64 (as graphs capture) over ranks 4 and 16 (expand's small-rank tiles) and 17 and
     64 (the capacity's tiles) in one batch, both page-walk paths (P = 256: WIDE's 512-wide B^T
     rows of o/down span pages)."""
-    from kernels.lora_ops import choose_tiles
+    from kernels.lora_tiles import choose_tiles
 
     tiles = choose_tiles(64, True, 256)
     assert tiles.expand_small_r == 16 < tiles.expand_block_r and tiles.expand_small_n > tiles.expand_block_n
