@@ -20,7 +20,10 @@ MODELS = {
     ),
     "qwen2": dict(arch="qwen2", hidden_size=64, num_heads=4, num_kv_heads=2, tie_embeddings=True, seed=3),
     "mistral": dict(arch="mistral", hidden_size=64, num_heads=4, num_kv_heads=1, seed=4),
+    # 6 heads over 3 KV heads: tensor parallelism over 3 ranks (a world that is not a power of two)
+    "gqa6": dict(arch="llama", hidden_size=96, intermediate_size=192, num_heads=6, num_kv_heads=3, seed=5),
 }
+ADAPTER_MODELS = ("mha", "gqa", "gqa6")  # the models the zoo builds every adapter of ADAPTERS for
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -51,7 +54,7 @@ def zoo(tmp_path_factory) -> Zoo:
     root = tmp_path_factory.mktemp("zoo")
     for name, kwargs in MODELS.items():
         build_tiny_model(root / name, **kwargs)
-    for model in ("mha", "gqa"):
+    for model in ADAPTER_MODELS:
         for name, kwargs in ADAPTERS.items():
             build_peft_adapter(root / model, root / f"{model}-adapters" / name, **kwargs)
     return Zoo(root)

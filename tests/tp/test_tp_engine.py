@@ -47,6 +47,9 @@ CASES = [
     ("mha", 4, "fused", 14),
     ("gqa", 2, "fused", 24),
     ("gqa", 2, "slora", 20),
+    # any world that divides the heads: 3 ranks (6 heads, 3 KV heads), 8 ranks (8 heads, KV heads replicated 4x)
+    ("gqa6", 3, "slora", 24),
+    ("gqa", 8, "fused", 256),
 ]
 
 
