@@ -153,3 +153,20 @@ def test_tp_runtime_of_one_rank_matches_single_process(zoo, scheme, monkeypatch)
         rids = _add_mixed(eng, zoo, "gqa")
         got = {rid: generated_ids(outs) for rid, outs in eng.run_to_completion().items()}
     assert {rid: got[rid] for rid in rids} == {rid: want[rid] for rid in rids}
+
+
+def test_leaving_the_group_is_bounded_when_teardown_blocks(monkeypatch):
+    """A destroy_process_group that never returns (on GPUs: NCCL resources still referenced by
+    captured graphs, or a peer gone) must not keep a worker or the driver's close() alive."""
+    import threading
+    import time
+
+    import services.engine.tp.engine_workers as workers
+
+    never = threading.Event()
+    monkeypatch.setattr(workers.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(workers.dist, "destroy_process_group", lambda: never.wait(30))
+    t = time.monotonic()
+    workers._leave(timeout_s=0.3)
+    assert time.monotonic() - t < 5
+    never.set()

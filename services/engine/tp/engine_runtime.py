@@ -196,9 +196,14 @@ def build_tp_runtime(cfg: EngineConfig) -> Runtime:
     sched = SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_batched_tokens=cfg.max_batched_tokens,
                             decode_steps_per_prefill=split)
     model = TpDriverModel(runner, group, adapters, graphs)
+
+    def close() -> None:
+        if graphs is not None:
+            graphs.release()  # before the group is destroyed (TpDecodeGraphs.release)
+        group.close()
+
     return Runtime(spec, tokenizer, runner.pool.device, runner.pool, model, kv, adapters, sched,
-                   model if graphs is not None else None,
-                   close=group.close)
+                   model if graphs is not None else None, close=close)
 
 
 def _shard_bytes(spec: ModelSpec, world: int, elem_bytes: int) -> int:

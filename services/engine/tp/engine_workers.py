@@ -21,6 +21,7 @@ import faulthandler
 import os
 import signal
 import sys
+import threading
 import traceback
 
 import msgspec
@@ -159,6 +160,8 @@ def worker_main(start_raw: bytes, conn) -> None:
     try:
         _serve(runner, conn, graphs)
     finally:
+        if graphs is not None:
+            graphs.release()  # before the group (TpDecodeGraphs.release)
         _leave()
 
 
@@ -187,9 +190,24 @@ def _exit_on_error() -> None:
     os._exit(1)
 
 
-def _leave() -> None:
-    if dist.is_initialized():
+def _leave(timeout_s: float = 30.0) -> None:
+    """Destroy this process's group, waiting at most timeout_s: a teardown that blocks (a peer
+    gone, NCCL resources still referenced) must not keep a worker or the driver's close() alive."""
+    if not dist.is_initialized():
+        return
+    device = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+    def destroy() -> None:
+        if device is not None:
+            torch.cuda.set_device(device)  # the CUDA device is per thread: this rank's, not GPU 0
         dist.destroy_process_group()
+
+    done = threading.Thread(target=destroy, name="lorafleet-tp-leave", daemon=True)
+    done.start()
+    done.join(timeout_s)
+    if done.is_alive():
+        print(f"lorafleet TP: destroy_process_group did not return within {timeout_s} s; leaving it",
+              file=sys.stderr, flush=True)
 
 
 # --- the driver's side -----------------------------------------------------------------------

@@ -61,6 +61,16 @@ class TpDecodeGraphs:
         hidden = self.model.forward(self.buf.input_ids[:b], self.buf.positions[:b], r.pool, meta, lora)  # [b, H]
         return self.model.logits(hidden) if self.with_logits else hidden
 
+    def release(self) -> None:
+        """Free the captured graphs; idempotent. Must run before the process group is destroyed:
+        on an H200 pair (08bd423) a worker whose graphs were alive hung in destroy_process_group
+        at close (their captured NCCL calls hold the communicator), and the driver in its join."""
+        if self.capture and self.graphs:
+            torch.cuda.synchronize()
+            for graph in self.graphs.values():
+                graph.reset()
+        self.graphs, self.out = {}, {}
+
     def bucket(self, n: int) -> int:
         return next(size for size in self.buckets if size >= n)
 
