@@ -46,7 +46,7 @@ def _counters(engine: LLMEngine) -> dict[str, int]:
     return {"adapter_loads": a.num_loads, "adapter_packs": a.host.num_packs, "adapter_evictions": a.num_evictions,
             "preemptions": engine.scheduler.num_preemptions, "graph_steps": engine.graph_steps,
             # engine-thread seconds: waiting for (or doing) packs, and issuing the copies of loads
-            "pack_wait_s": a.host.wait_s, "load_host_s": a.uploader.host_s}
+            "pack_wait_s": a.host.wait_s, "load_host_s": a.upload_s}
 
 
 def run_once(engine: LLMEngine, bank: AdapterBank | None, trace, vocab: int, tag: str = "run") -> dict:

@@ -17,6 +17,7 @@ eviction, so ops must never keep a slot across steps.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -84,7 +85,8 @@ class AdapterCache:
         # Packs are pageable (the uploader pins its ring and rows once, never per load): adapter_upload.py.
         self.host = HostAdapterCache(spec, page_elems, pool.dtype, budget_bytes=packed_bytes,
                                      background=on_cuda, workers=pack_threads, packer=packer)
-        self.uploader = AdapterUploader(pool, self.tables)
+        self.uploader = self._new_uploader()
+        self.upload_s = 0.0  # the caller's time in `_upload` (copies issued or made; benchmarks)
         # Prefetches whose pack was still running (CUDA): loaded by `poll` once packed, so that
         # add_request never waits for a pack.
         self._deferred: OrderedDict[str, LoraWeights] = OrderedDict()
@@ -244,7 +246,10 @@ class AdapterCache:
         pages = self.allocator.allocate(n_pages, ("adapter", adapter_id))
         slot = self._free_slots.pop()
         res = _Resident(adapter_id, slot, pages, pins=0)
-        res.ready = self._upload(slot, pages, self.host.get(adapter_id, weights))
+        packed = self.host.get(adapter_id, weights)
+        t = time.perf_counter()
+        res.ready = self._upload(slot, pages, packed)
+        self.upload_s += time.perf_counter() - t
         self._resident[adapter_id] = res
         self._max_rank[adapter_id] = max(layout.ranks)
         self.num_loads += 1
@@ -255,6 +260,11 @@ class AdapterCache:
         if res.ready is not None:
             self.uploader.wait(res.ready)
             res.ready = None
+
+    def _new_uploader(self) -> AdapterUploader | None:
+        """What `_upload` copies with (its pinned ring and side stream are made here, once); a
+        subclass that uploads its own way (TpAdapterCache) makes none."""
+        return AdapterUploader(self.pool, self.tables)
 
     def _upload(self, slot: int, pages: list[int], packed) -> torch.cuda.Event | None:
         """Copy a pack into the slot's pages and table rows (CUDA: on the side stream; -> its event).

@@ -31,7 +31,6 @@ Invariants (CUDA):
 
 from __future__ import annotations
 
-import time
 from collections import deque
 
 import torch
@@ -65,7 +64,6 @@ class AdapterUploader:
         self._offsets = torch.zeros(S, 2, tables.a_off.shape[1], dtype=torch.int64, **pinned)
         self._row_reader: dict[int, torch.cuda.Event] = {}  # slot -> event of the last load that read its rows
         self._inflight: deque[torch.cuda.Event] = deque()  # loads not yet seen complete, oldest first
-        self.host_s = 0.0  # the caller's time in `load` (memcpy into the ring, queueing; benchmarks)
 
     @property
     def in_flight(self) -> int:
@@ -78,13 +76,6 @@ class AdapterUploader:
         stream, returns the event that completes with it; on the CPU: done on return, None."""
         if len(pages) != packed.n_pages:
             raise ValueError(f"the packed adapter fills {packed.n_pages} pages, {len(pages)} were given")
-        t = time.perf_counter()
-        try:
-            return self._load(slot, pages, packed)
-        finally:
-            self.host_s += time.perf_counter() - t
-
-    def _load(self, slot: int, pages: list[int], packed: PackedAdapter) -> torch.cuda.Event | None:
         last = self._row_reader.pop(slot, None)
         if last is not None:
             last.synchronize()  # invariant (b): the slot's pinned rows are free again (long done, in practice)

@@ -73,6 +73,9 @@ class TpAdapterCache(AdapterCache):
             n = self._pages[key] = adapter_pages(self.spec, ranks, self.world, self.scheme, self.pool.shape[2])
         return n
 
+    def _new_uploader(self) -> None:
+        return None  # loads go to the ranks with the next step (_upload), never through a pinned ring
+
     def _upload(self, slot: int, pages: list[int], packed: GroupedAdapter) -> None:
         # Applied by every rank before the next forward. Safe to defer: no forward runs until then,
         # and the pages are this adapter's from now on (if it is evicted and its pages reused before
@@ -84,7 +87,6 @@ class TpAdapterCache(AdapterCache):
         # What the slot's adapter targets, on the host (as each rank's RankAdapterTables.modules):
         # the step header's LoRA targets come from here, never from a device read.
         self.slot_modules[slot] = frozenset(module for _, module, rank, _ in packed.targets if rank > 0)
-        return None
 
 
 class TpDriverModel:
