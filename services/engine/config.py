@@ -49,12 +49,12 @@ class EngineConfig:
     # (0: every step mixes decodes with prefill chunks).
     decode_steps_per_prefill: int | None = None
     # Tensor parallelism (docs/tp.md): W processes, one per GPU (NCCL) or on the CPU (gloo); the
-    # driver (this process) is rank 0. CUDA graphs are not used when tp_size > 1 (yet).
+    # driver (this process) is rank 0. Decode CUDA graphs under TP only with tp_cuda_graphs (below).
     tp_size: int = 1
     tp_lora_scheme: str = "fused"  # fused | slora | replicated_a | gather_outputs (docs/tp.md)
     # Decode CUDA graphs under tp_size > 1 (tp/graphs.py; with cuda_graphs and the Triton ops).
-    # Off by default until a GPU run has checked them (docs/tp.md); on the CPU the same padded
-    # steps run eagerly (what the CPU tests check).
+    # Off by default until the W >= 2 equality with LoRA has passed on GPUs (docs/tp.md); on the
+    # CPU the same padded steps run eagerly (what the CPU tests check).
     tp_cuda_graphs: bool = False
 
     def __post_init__(self) -> None:

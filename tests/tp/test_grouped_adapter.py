@@ -15,7 +15,7 @@ from services.engine.memory.layout import PoolGeometry
 from services.engine.model_spec import LORA_MODULES
 from services.engine.ops.torch_ref import TorchAttentionOps
 from services.engine.tp.collectives import TpComm
-from services.engine.tp.grouped_adapter import GroupedPacker, group_targets, grouped_numel, pack_grouped
+from services.engine.tp.grouped_adapter import GroupedPacker, group_targets, grouped_numel, pack_grouped, targets_of
 from services.engine.tp.partition import local_spec, make_plan
 from services.engine.tp.rank_runner import RankRunner, adapter_pages
 from services.engine.tp.shard_adapters import Scheme
@@ -81,8 +81,7 @@ def test_grouped_load_writes_what_the_per_target_load_writes(name, world, rank, 
 def test_groups_follow_first_targets_and_the_packer_reuses_a_buffer():
     spec = make_spec("mha", num_layers=LAYERS)
     w = _adapter(spec, ADAPTERS["patterned"], seed=1)
-    targets = [(t.layer, t.module, t.rank, t.scale) for t in w.config.targets]
-    assert group_targets(targets) == [("q_proj", 8, [0, 2]), ("o_proj", 3, [0, 2]), ("down_proj", 1, [0, 1, 2]),
+    assert group_targets(targets_of(w)) == [("q_proj", 8, [0, 2]), ("o_proj", 3, [0, 2]), ("down_proj", 1, [0, 1, 2]),
                                       ("q_proj", 2, [1]), ("k_proj", 5, [1]), ("up_proj", 2, [2])]
     packer = GroupedPacker(spec, torch.bfloat16)
     out = torch.full(packer.shape(w), 3.0, dtype=torch.bfloat16)

@@ -20,14 +20,17 @@ from dataclasses import dataclass
 
 import torch
 
-from ..adapters.peft_config import TargetEntry
 from ..adapters.weights import LoraWeights
 from ..memory.adapter_pack import new_page_buffer
 from ..model_spec import MODULE_INDEX, ModelSpec
-from .partition import COLUMN_PARALLEL, TpPlan, local_rank
-from .shard_adapters import Scheme, ShardLayout, a_part, b_part
+from .partition import TpPlan
+from .shard_adapters import Scheme, ShardLayout, a_part, b_part, share_rows
 
 Target = tuple[int, str, int, float]  # (layer, module, rank, scale): wire.AdapterLoad.targets
+
+
+def targets_of(weights: LoraWeights) -> list[Target]:
+    return [(t.layer, t.module, t.rank, t.scale) for t in weights.config.targets]
 
 
 def group_targets(targets: list[Target]) -> list[tuple[str, int, list[int]]]:
@@ -63,7 +66,7 @@ class GroupedAdapter:
 def pack_grouped(weights: LoraWeights, spec: ModelSpec, dtype: torch.dtype,
                  out: torch.Tensor | None = None) -> GroupedAdapter:
     """One cat into `out` (or a fresh buffer advised huge pages): it casts as it copies."""
-    targets = [(t.layer, t.module, t.rank, t.scale) for t in weights.config.targets]
+    targets = targets_of(weights)
     n = grouped_numel(spec, targets)
     if out is None:
         out = new_page_buffer((n,), dtype)
@@ -85,18 +88,10 @@ class GroupedPacker:
         self.spec, self.dtype = spec, dtype
 
     def shape(self, weights: LoraWeights) -> tuple[int]:
-        targets = [(t.layer, t.module, t.rank, t.scale) for t in weights.config.targets]
-        return (grouped_numel(self.spec, targets),)
+        return (grouped_numel(self.spec, targets_of(weights)),)
 
     def pack(self, weights: LoraWeights, out: torch.Tensor | None) -> GroupedAdapter:
         return pack_grouped(weights, self.spec, self.dtype, out=out)
-
-
-def share_rows(module: str, rank: int, plan: TpPlan, scheme: Scheme) -> int:
-    """Rows of this rank's A share of a module of rank `rank` (slora column-parallel: strided rows)."""
-    if module in COLUMN_PARALLEL and scheme.splits_column_rank:
-        return local_rank(rank, plan.world, plan.rank)
-    return rank
 
 
 def write_share(buf: torch.Tensor, flat: torch.Tensor, targets: list[Target], spec: ModelSpec, plan: TpPlan,
@@ -131,7 +126,3 @@ def share_entries(targets: list[Target], plan: TpPlan, scheme: Scheme) -> list[t
     """RankAdapterTables.set_slot's entries: (layer, module, A share rows, full rank, scale)."""
     return [(layer, module, share_rows(module, rank, plan, scheme), rank, scale)
             for layer, module, rank, scale in targets]
-
-
-def as_target_entries(targets: list[Target]) -> list[TargetEntry]:
-    return [TargetEntry(layer, module, rank, scale) for layer, module, rank, scale in targets]

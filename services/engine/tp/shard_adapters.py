@@ -89,6 +89,13 @@ def b_part(b: torch.Tensor, module: str, plan: TpPlan, scheme: Scheme) -> torch.
     return b[..., plan.out_cols(module), :]
 
 
+def share_rows(module: str, rank: int, plan: TpPlan, scheme: Scheme) -> int:
+    """Rows of this rank's A share of a module of rank `rank` (slora column-parallel: strided rows)."""
+    if module in COLUMN_PARALLEL and scheme.splits_column_rank:
+        return local_rank(rank, plan.world, plan.rank)
+    return rank
+
+
 def shard_lora(weights: LoraWeights, plan: TpPlan, scheme: Scheme | str) -> LoraShard:
     """Rank plan.rank's share of a validated adapter (copies: the full adapter may be dropped)."""
     scheme = Scheme(scheme)
@@ -137,12 +144,8 @@ class ShardLayout:
                 a_shape.append((0, 0)), b_shape.append((0, 0)), a_off.append(0), b_off.append(0)
                 continue
             column = name in COLUMN_PARALLEL
-            if column:
-                a_rows = local_rank(r, plan.world, plan.rank) if scheme.splits_column_rank else r
-                a_cols = in_f
-            else:
-                a_rows = r
-                a_cols = in_f if scheme.whole_row_a else in_f // plan.world
+            a_rows = share_rows(name, r, plan, scheme)
+            a_cols = in_f if column or scheme.whole_row_a else in_f // plan.world
             whole_b = not column and scheme.whole_row_b
             out_loc = _span(plan.out_cols(name), out_f) if not whole_b else out_f
             a_off.append(pos)
