@@ -34,7 +34,9 @@ from bench.shapes import make_model_folder
 from bench.step_probe import decode_step_ms
 from bench.tp_report import write_tp_results
 from bench.workload import SETTINGS, generate_trace
+from services.engine.config import build_runtime
 from services.engine.engine import EngineConfig, LLMEngine
+from services.engine.tp.engine_runtime import build_tp_runtime
 
 SETTING_OFFSET = 1_000_000  # adapter numbers of setting i start at i * this (a multiple of every rank count)
 
@@ -116,20 +118,6 @@ def _config(args, model_dir: Path, plan: EnginePlan, max_rank: int) -> EngineCon
     )
 
 
-def open_engine(config: EngineConfig, tp_at_one: bool) -> LLMEngine:
-    """LLMEngine(config); tp_at_one: a tp_size 1 config gets the TP runtime (as tests/tp/test_tp_gpu.py)."""
-    if not (tp_at_one and config.tp_size == 1):
-        return LLMEngine(config)
-    import services.engine.engine as engine_module
-    from services.engine.tp.engine_runtime import build_tp_runtime
-
-    saved, engine_module.build_runtime = engine_module.build_runtime, build_tp_runtime
-    try:
-        return LLMEngine(config)
-    finally:
-        engine_module.build_runtime = saved
-
-
 def _bank(banks: dict, engine: LLMEngine, setting) -> AdapterBank:
     if setting.name not in banks:
         banks[setting.name] = AdapterBank(engine.spec, setting.ranks, setting.modules, engine.device)
@@ -167,7 +155,7 @@ def main(argv=None) -> list[dict]:
             continue
         _log(f"start {plan}")
         t = time.monotonic()
-        engine = open_engine(_config(args, model_dir, plan, max_rank), args.w1_tp)
+        engine = LLMEngine(_config(args, model_dir, plan, max_rank), build_tp_runtime if args.w1_tp else build_runtime)
         if args.warmup > 0:
             warm = generate_trace(4, args.alpha, args.rate, args.cv, args.warmup, input_range=(8, 64),
                                   output_range=(8, 24), seed=7)

@@ -12,6 +12,8 @@ tokens while the GPU works -> wait for the sampled ids -> update (see step()).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from dataclasses import dataclass
 from itertools import islice
 
@@ -19,7 +21,7 @@ import torch
 
 from .adapters.weights import LoraWeights
 from .batch import build_batch
-from .config import EngineConfig, build_runtime
+from .config import EngineConfig, Runtime, build_runtime
 from .detokenizer import IncrementalDetokenizer, decode_batch
 from .ops.base import LoraContext
 from .request import Request, SamplingParams
@@ -43,8 +45,10 @@ class RequestOutput:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
-        rt = build_runtime(config)
+    def __init__(self, config: EngineConfig, build: Callable[[EngineConfig], Runtime] = build_runtime):
+        """build: what assembles the runtime (config.build_runtime: tp_size > 1 gets the TP one);
+        tests and benchmarks pass tp.engine_runtime.build_tp_runtime to run the TP path at W = 1."""
+        rt = build(config)
         self.config, self.spec, self.tokenizer = config, rt.spec, rt.tokenizer
         self.device, self.pool, self.model = rt.device, rt.pool, rt.model
         self.kv, self.adapters = rt.kv, rt.adapters

@@ -141,14 +141,12 @@ def test_engine_flags_pass_tp_settings_through(monkeypatch):
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("scheme", ["fused", "slora"])
-def test_tp_runtime_of_one_rank_matches_single_process(zoo, scheme, monkeypatch):
+def test_tp_runtime_of_one_rank_matches_single_process(zoo, scheme):
     """The TP code path with W = 1 (no worker, a gloo group of one): what the GPU test runs at W = 1."""
-    import services.engine.engine as engine_module
     from services.engine.tp.engine_runtime import build_tp_runtime
 
     want = _single(zoo, "gqa", 24)
-    monkeypatch.setattr(engine_module, "build_runtime", build_tp_runtime)
-    with LLMEngine(_config(zoo, "gqa", 24, tp_lora_scheme=scheme)) as eng:
+    with LLMEngine(_config(zoo, "gqa", 24, tp_lora_scheme=scheme), build_tp_runtime) as eng:
         assert eng.model.group.world == 1
         rids = _add_mixed(eng, zoo, "gqa")
         got = {rid: generated_ids(outs) for rid, outs in eng.run_to_completion().items()}

@@ -25,9 +25,9 @@ import time
 import pytest
 import torch
 
-import services.engine.engine as engine_module
 import services.engine.tp.engine_runtime as tp_runtime
 from services.engine.adapters.weights import load_peft_adapter_dir
+from services.engine.config import build_runtime
 from services.engine.engine import EngineConfig, LLMEngine, SamplingParams, generated_ids
 from services.engine.tp.engine_runtime import build_tp_runtime
 from tests.zoo import ADAPTERS
@@ -52,12 +52,12 @@ def _jobs():
             yield f"{name}-{n}", name, [(17 * i + 3 * j + 11 * salt) % 500 + 4 for j in range(n)]
 
 
-def _run(zoo, model: str, **cfg) -> dict[str, list[int]]:
+def _run(zoo, model: str, build=build_runtime, **cfg) -> dict[str, list[int]]:
     config = EngineConfig(model_dir=str(zoo.model(model)), device="cuda", dtype="bfloat16", num_pages=256, ops="triton",
                           max_num_seqs=16, **cfg)
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
     t = time.monotonic()
-    with LLMEngine(config) as eng:
+    with LLMEngine(config, build) as eng:
         up = time.monotonic() - t
         for rid, name, prompt in _jobs():
             w = None if name is None else load_peft_adapter_dir(zoo.adapter(model, name), eng.spec)
@@ -111,11 +111,11 @@ def test_tp_engine_on_gpus_matches_single_gpu(zoo, model, world, scheme, monkeyp
     if torch.cuda.device_count() < world:
         pytest.skip(f"needs {world} GPUs, {torch.cuda.device_count()} visible")
     want = _single(zoo, model)
-    if world == 1:  # the TP runtime itself (shards of one, pages read by rank-local tables, NCCL of one)
-        monkeypatch.setattr(engine_module, "build_runtime", build_tp_runtime)
     monkeypatch.setattr(tp_runtime, "COLLECTIVE_TIMEOUT_S", WAIT_S)
     scheme, _, graphs = scheme.partition("+")
-    got = _run(zoo, model, tp_size=world, tp_lora_scheme=scheme, tp_cuda_graphs=bool(graphs))
+    # W = 1: the TP runtime itself (shards of one, pages read by rank-local tables, NCCL of one)
+    got = _run(zoo, model, build_tp_runtime if world == 1 else build_runtime, tp_size=world, tp_lora_scheme=scheme,
+               tp_cuda_graphs=bool(graphs))
     assert sorted(got) == sorted(want)
     compared = total = 0
     for rid, name, prompt in _jobs():
