@@ -102,7 +102,8 @@ def _single(zoo, model: str) -> dict[str, list[int]]:
 # Cheapest first (W = 1 runs in this process, no spawn), so a short budget loses the least.
 # "+graphs": decode steps replayed from CUDA graphs on every rank (tp_cuda_graphs).
 CASES = [("mha", 1, "fused"), ("mha", 1, "slora"), ("mha", 1, "slora+graphs"), ("mha", 2, "fused"), ("mha", 2, "fused+graphs"),
-         ("mha", 2, "slora"), ("mha", 4, "fused"), ("mha", 4, "slora+graphs"), ("mha", 4, "slora"), ("gqa", 4, "slora")]
+         ("mha", 2, "slora"), ("mha", 2, "slora+graphs"), ("gqa", 2, "replicated_a+graphs"),
+         ("mha", 4, "fused"), ("mha", 4, "slora+graphs"), ("mha", 4, "slora"), ("gqa", 4, "slora")]
 
 
 @pytest.mark.timeout(CASE_TIMEOUT_S)
