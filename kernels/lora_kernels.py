@@ -205,7 +205,9 @@ def _expand_columns(y_ptr, y_rows, u_rows, t_mask, pool_layer, pt_row, b_start, 
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
     cols = tl.arange(0, BLOCK_N)
+    # float32 u (split-K shrink) is rounded to y's dtype here, as a cast before the launch would.
     ut = tl.load(u_rows[:, None] + offs_r[None, :], mask=t_mask[:, None] & r_mask[None, :], other=0.0)  # [BT, BR]
+    ut = ut.to(y_ptr.dtype.element_ty)
     v_row = b_start + offs_r.to(tl.int64) * n_out + c_start  # [BR]
     if ROW_IN_TWO_PAGES:  # N_i <= P for every slice: page ids loaded once
         base0, base1, split = _row_two_pages(pt_row, v_row, r_mask, max_pages, page_elems)
@@ -254,7 +256,8 @@ def lora_expand_kernel(
         d = (u[rows, i, :r].float() @ Bt.float()) * scales[s, layer, m_i]
         y[rows, o_i:o_i+N_i] = (y[rows, o_i:o_i+N_i].float() + d).to(y.dtype)
 
-    y: [T, N] (fp16/bf16/fp32, row stride free, unit column stride), u: [T, n, R] with R <= BLOCK_R.
+    y: [T, N] (fp16/bf16/fp32, row stride free, unit column stride), u: [T, n, R] with R <= BLOCK_R,
+    in y's dtype or float32 (rounded to y's dtype on load: the same result as a cast before).
     Grid: (n slices * num_col_splits, work items). A program owns columns
     [cs * cols_per_split, (cs + 1) * cols_per_split) of one slice for one token block and streams
     them in BLOCK_N chunks (u loaded once, page ids once): long programs keep loads in flight.

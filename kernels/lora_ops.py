@@ -31,7 +31,7 @@ from .checks import (
     check_same_device,
     num_sms,
 )
-from .lora_tiles import MAX_RANK, LoraTiles, choose_tiles, shrink_tile
+from .lora_tiles import MAX_RANK, LoraLaunch, LoraTiles, choose_tiles, shrink_tile
 
 MAX_FUSED = 4  # slices per launch (q/k/v needs 3)
 DECODE_MAX_SEG_LEN = 16
@@ -42,13 +42,15 @@ class TritonLoraOps:
     """shrink/expand per LoraOps; see lora_kernels.py for the kernels' torch semantics.
 
     capture: static-capacity mode for CUDA graphs (requires max_rank, the rank capacity).
+    launch: how far decode grids are split (LoraLaunch; the default is the measured choice).
     """
 
-    def __init__(self, *, capture: bool = False, max_rank: int | None = None) -> None:
+    def __init__(self, *, capture: bool = False, max_rank: int | None = None, launch: LoraLaunch = LoraLaunch()) -> None:
         if capture and (max_rank is None or max_rank < 1):
             raise ValueError("capture=True needs max_rank (the largest rank any resident adapter may have)")
         self.capture = capture
         self.max_rank = max_rank
+        self.launch = launch
         self._plan_batch = None  # the LoraBatch whose work lists are cached in _plans
         self._plans: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._captured: list[tuple[torch.Tensor, torch.Tensor]] = []  # kept alive for graph replays
@@ -59,7 +61,11 @@ class TritonLoraOps:
     # -- interface -------------------------------------------------------------------------
 
     def shrink(self, x: torch.Tensor, layer: int, modules: tuple[int, ...], ctx: LoraContext) -> torch.Tensor:
-        """u[t, i, :r] = x[t] @ A_{modules[i]}^T of token t's adapter (see lora_shrink_kernel)."""
+        """u[t, i, :r] = x[t] @ A_{modules[i]}^T of token t's adapter (see lora_shrink_kernel).
+
+        u is float32 when K was split over programs (their partial sums meet there), else x's
+        dtype; expand takes either and rounds float32 u to y's dtype as it loads it, so no cast
+        runs in between (one graph node less per shrink)."""
         pool, tables, batch = ctx.pool, ctx.tables, ctx.batch
         self._check_common(pool, layer, modules, ctx)
         check_pool_operand(x, "x", "K", pool)
@@ -75,7 +81,8 @@ class TritonLoraOps:
         num_work = work_seg.shape[0]
         block_r, block_k, num_warps = shrink_tile(tiles, len(modules) * rank_cap, pool.shape[2], x.element_size())
         row_blocks = cdiv(len(modules) * rank_cap, block_r)
-        k_splits, k_per_split = _k_splits(k, block_k, row_blocks * num_work, pool.device) if tiles.name == "decode" else (1, k)
+        k_splits, k_per_split = (_splits(cdiv(k, block_k), block_k, row_blocks * num_work, self.launch.shrink_programs_per_sm,
+                                         pool.device) if tiles.name == "decode" else (1, k))
         # Split-K partial sums meet in a float32 u (cast once after); otherwise u is stored directly.
         u = torch.zeros(num_tokens, len(modules), rank_cap, dtype=torch.float32 if k_splits > 1 else x.dtype, device=x.device)
         widths = [k] + [tables.module_shapes[m][0] for m in modules]
@@ -90,7 +97,7 @@ class TritonLoraOps:
             ALIGNED=_aligned(pool, widths), ROW_IN_TWO_PAGES=k <= pool.shape[2], ATOMIC=k_splits > 1,
             DOT_PRECISION=_dot_precision(x.dtype), num_warps=num_warps,
         )  # fmt: skip
-        return u.to(x.dtype) if k_splits > 1 else u
+        return u
 
     def expand(
         self,
@@ -109,8 +116,8 @@ class TritonLoraOps:
         num_tokens = y.shape[0]
         if not (u.dim() == 3 and u.shape[0] == num_tokens and u.shape[1] == len(modules)):
             raise ValueError(f"u must be [T={num_tokens}, n={len(modules)}, R], got shape {tuple(u.shape)}")
-        if not (u.is_contiguous() and u.dtype == y.dtype):
-            raise ValueError(f"u must be contiguous with y's dtype {y.dtype}; got {u.dtype}, contiguous={u.is_contiguous()}")
+        if not (u.is_contiguous() and u.dtype in (y.dtype, torch.float32)):
+            raise ValueError(f"u must be contiguous in y's dtype {y.dtype} or float32; got {u.dtype}, contiguous={u.is_contiguous()}")
         if not (batch.max_rank <= u.shape[2]):
             raise ValueError(f"batch.max_rank {batch.max_rank} exceeds u's rank capacity {u.shape[2]}")
         if not (u.shape[2] <= MAX_RANK):
@@ -126,7 +133,8 @@ class TritonLoraOps:
         tiles = self._tiles(ctx, u.shape[2])
         work_seg, work_blk = self._work_list(ctx, num_tokens, tiles.block_t)
         num_work = work_seg.shape[0]
-        col_splits, cols_per_split = _column_splits(max(widths), tiles.expand_block_n, num_work * len(modules), pool.device)
+        col_splits, cols_per_split = _splits(cdiv(max(widths), tiles.expand_block_n), tiles.expand_block_n,
+                                             num_work * len(modules), self.launch.expand_programs_per_sm, pool.device)
         K.lora_expand_kernel[(len(modules) * col_splits, num_work)](
             y, u, self._layer_view(pool, layer), tables.page_table, tables.ranks, tables.scales, tables.b_off,
             work_seg, work_blk, batch.seg_start, batch.seg_len, batch.seg_slot,
@@ -233,22 +241,13 @@ class TritonLoraOps:
         self._validated = key
 
 
-def _k_splits(k: int, block_k: int, programs_per_split: int, device: torch.device) -> tuple[int, int]:
-    """(splits, columns of K per split) for decode shrink: about 4 programs per multiprocessor from
-    static sizes only, so a short grid does not walk all of K serially in few programs."""
-    k_blocks = cdiv(k, block_k)
-    want = cdiv(4 * num_sms(device), max(programs_per_split, 1))
-    blocks_per_split = cdiv(k_blocks, min(k_blocks, max(want, 1)))
-    return cdiv(k_blocks, blocks_per_split), blocks_per_split * block_k
-
-
-def _column_splits(max_width: int, block_n: int, programs_per_split: int, device: torch.device) -> tuple[int, int]:
-    """(splits, columns per split) of expand's output columns: about 4 programs per multiprocessor
-    from static sizes only; fewer, longer programs amortize their index loads and keep B streaming."""
-    col_blocks = cdiv(max_width, block_n)
-    want = cdiv(4 * num_sms(device), max(programs_per_split, 1))
-    blocks_per_split = cdiv(col_blocks, min(col_blocks, max(want, 1)))
-    return cdiv(col_blocks, blocks_per_split), blocks_per_split * block_n
+def _splits(blocks: int, block: int, programs_per_split: int, programs_per_sm: int, device: torch.device) -> tuple[int, int]:
+    """(splits, elements per split) of a loop over `blocks` chunks of `block` elements (shrink's K,
+    expand's output columns) in decode: about programs_per_sm programs per multiprocessor, from
+    static sizes only (a captured grid never depends on the batch's contents)."""
+    want = cdiv(programs_per_sm * num_sms(device), max(programs_per_split, 1))
+    blocks_per_split = cdiv(blocks, min(blocks, max(want, 1)))
+    return cdiv(blocks, blocks_per_split), blocks_per_split * block
 
 
 def _padded(values) -> list[int]:

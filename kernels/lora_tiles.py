@@ -15,6 +15,20 @@ SHRINK_SMEM_BUDGET = 200 * 1024  # bytes; the H100/H200 limit per block is 227 K
 
 
 @dataclass(frozen=True)
+class LoraLaunch:
+    """How far decode grids are split to fill the GPU (programs per multiprocessor aimed at).
+
+    Decode grids are small (tokens / 16 + segments work items): shrink splits K over programs
+    (float32 partial sums), expand splits each slice's output columns. More splits mean shorter
+    serial loops per program but more programs that each pay the chain of index loads at their
+    start. bench/kernels/launch_sweep.py measures the trade on a GPU.
+    """
+
+    shrink_programs_per_sm: int = 4
+    expand_programs_per_sm: int = 4
+
+
+@dataclass(frozen=True)
 class LoraTiles:
     name: str  # "decode" or "prefill"
     block_t: int

@@ -10,6 +10,7 @@ import torch
 
 from kernels import TritonLoraOps, lora_kernels
 from services.engine.ops.base import LoraBatch, LoraContext
+from services.engine.ops.torch_ref import TorchLoraOps
 
 from .conftest import DEVICE, requires_gpu
 from .kernel_fixtures import GATE_UP, O_PROJ, POPULARITY, QKV, make_lora_case, make_spec
@@ -102,6 +103,33 @@ class _SameBatchOps:
 
     def expand(self, y, u, layer, modules, offsets, ctx):
         self.ops.expand(y, u, layer, modules, offsets, LoraContext(ctx.pool, ctx.tables, self.batch))
+
+
+# bf16 on GPUs only: the Triton interpreter's bf16 dot gives garbage (~3e10 where torch gives 7).
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, marks=[pytest.mark.gpu, requires_gpu]), torch.float16],
+                         ids=["bf16", "fp16"])
+def test_expand_of_float32_u_equals_expand_of_its_cast(dtype):
+    """Split-K shrink hands expand a float32 u (no cast node between them): expand must round it
+    to y's dtype as it loads it, so the result is bit for bit that of the cast (kernel and
+    reference), and shrink's float32 u must be what the reference computes."""
+    device = "cuda" if dtype == torch.bfloat16 else DEVICE
+    ctx, num_tokens = make_lora_case(TINY, "uniform", "decode", (3, 8, 16), num_slots=3, num_requests=6,
+                                     block_size=4, dtype=dtype, device=device, seed=5)  # fmt: skip
+    gen = torch.Generator(device=device).manual_seed(3)
+    ops = TritonLoraOps()
+    u32 = torch.randn(num_tokens, 3, 16, generator=gen, device=device)
+    y0 = torch.randn(num_tokens, 128, generator=gen, device=device).to(dtype)
+    for impl in (ops, TorchLoraOps()):
+        got, want = y0.clone(), y0.clone()
+        impl.expand(got, u32, 0, QKV, (0, 64, 96), ctx)
+        impl.expand(want, u32.to(dtype), 0, QKV, (0, 64, 96), ctx)
+        assert torch.equal(got, want), type(impl).__name__
+        assert not torch.equal(got, y0)
+    x = torch.randn(num_tokens, 64, generator=gen, device=device).to(dtype)
+    u = ops.shrink(x, 0, QKV, ctx)
+    assert u.dtype in (dtype, torch.float32)
+    u_ref = TorchLoraOps().shrink(x, 0, QKV, ctx)
+    assert torch.allclose(u[:, :, : u_ref.shape[2]].to(dtype).float(), u_ref.float(), rtol=2e-2, atol=2e-2)
 
 
 def test_batch_without_adapter_launches_nothing(monkeypatch):

@@ -78,8 +78,8 @@ class LoraOps(Protocol):
     def shrink(self, x: torch.Tensor, layer: int, modules: tuple[int, ...], ctx: LoraContext) -> torch.Tensor:
         """u[t, i, :r] = x[t] @ A_{modules[i]}^T of token t's adapter in `layer`.
 
-        x: [T, K]. Returns u: [T, len(modules), max_rank] in x's dtype (fp32 accumulation);
-        entries past a module's rank, and rows of tokens without adapter, are zero.
+        x: [T, K]. Returns u: [T, len(modules), max_rank] in x's dtype or float32 (fp32
+        accumulation); entries past a module's rank, and rows of tokens without adapter, are zero.
         """
         ...
 
@@ -94,7 +94,9 @@ class LoraOps(Protocol):
     ) -> None:
         """y[t, off_i : off_i + out_i] += scale_i * u[t, i, :r_i] @ B_{modules[i]}^T, in place.
 
-        y: [T, N]. Tokens without adapter, and modules the adapter does not target, are untouched.
+        y: [T, N]; u in y's dtype or float32, rounded to y's dtype before the product (so a
+        float32 u from shrink gives what its cast would). Tokens without adapter, and modules
+        the adapter does not target, are untouched.
         """
         ...
 

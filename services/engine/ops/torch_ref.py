@@ -66,7 +66,8 @@ class TorchLoraOps:
                     continue
                 scale = float(ctx.tables.scales[slot, layer, m])
                 bt = read_lora_matrix(ctx, slot, layer, m, "b")  # [r, out]
-                delta = (u[start : start + length, i, :r].float() @ bt.float()) * scale  # [n, out]
+                us = u[start : start + length, i, :r].to(y.dtype)  # float32 u is rounded to y's dtype first
+                delta = (us.float() @ bt.float()) * scale  # [n, out]
                 ys = y[start : start + length, off : off + bt.shape[1]]
                 ys.copy_((ys.float() + delta).to(y.dtype))
 

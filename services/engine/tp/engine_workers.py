@@ -261,7 +261,14 @@ class TpWorkerGroup:
         return [p.is_alive() for p in self._procs]
 
     def close(self) -> None:
-        """Stop every worker (shutdown message, bounded join, then terminate / kill); idempotent."""
+        """Stop every worker (shutdown message, group destroyed with them, bounded join, then
+        terminate / kill); idempotent.
+
+        The driver destroys its group while the workers destroy theirs, before joining them:
+        NCCL's communicator destroy is an intra-node collective, so a rank that destroys alone
+        waits for the others. Joining first made every W = 2 close on H200s (d18f232) take 30 s:
+        the worker waited in destroy for the driver, which waited in join for the worker, until
+        the worker's bounded _leave gave up."""
         if self._closed:
             return
         self._closed = True
@@ -271,9 +278,9 @@ class TpWorkerGroup:
                 conn.send_bytes(wire.encode(wire.Shutdown()))
             except (BrokenPipeError, OSError):
                 pass  # that worker is already gone
+        _leave()
         for p in self._procs:
             p.join(self.timeout_s)
             end_process(p)
         for conn in self._conns:
             conn.close()
-        _leave()

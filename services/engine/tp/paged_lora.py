@@ -148,5 +148,7 @@ class PagedLoraBatch:
                out_offsets: tuple[int, ...]) -> None:
         """y[:, off_i : off_i + b_cols_i] += scale * u[:, i, :r] @ B_i^T, in place (y: unit stride)."""
         ctx = LoraContext(self.pool, self.tables.expand_tables, self.batch)
-        self.expand_ops.expand(y, u.to(y.dtype).contiguous(), layer, tuple(MODULE_INDEX[m] for m in modules),
+        # u: y's dtype or float32 (split-K shrink, slora's fp32 reduce); the ops round it to y's dtype.
+        u = u if u.dtype in (y.dtype, torch.float32) else u.to(y.dtype)
+        self.expand_ops.expand(y, u.contiguous(), layer, tuple(MODULE_INDEX[m] for m in modules),
                                tuple(out_offsets), ctx)
