@@ -90,7 +90,7 @@ _DECLARED: list[EnvVar] = [
     EnvVar("RANDOM_WEIGHTS_SEED", int, -1, "benchmarks only: random weights made on the device instead of the checkpoint's (-1: off)"),
     EnvVar("OPS", str, "auto", "op implementations: auto (triton on CUDA), torch, triton"),
     EnvVar("TP_SIZE", int, 1, "tensor-parallel size: processes (GPUs) one engine spans; 1: no tensor parallelism"),
-    EnvVar("TP_CUDA_GRAPHS", _bool, False, "decode CUDA graphs under tensor parallelism (opt-in until checked with LoRA at W >= 2 on GPUs)"),
+    EnvVar("TP_CUDA_GRAPHS", _bool, True, "decode CUDA graphs under tensor parallelism (0: eager decode steps on every rank)"),
     EnvVar("TP_LORA_SCHEME", str, "fused", "how adapters are sharded under tensor parallelism: fused, slora, replicated_a, gather_outputs"),
 ]
 

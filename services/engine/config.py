@@ -49,13 +49,14 @@ class EngineConfig:
     # (0: every step mixes decodes with prefill chunks).
     decode_steps_per_prefill: int | None = None
     # Tensor parallelism (docs/tp.md): W processes, one per GPU (NCCL) or on the CPU (gloo); the
-    # driver (this process) is rank 0. Decode CUDA graphs under TP only with tp_cuda_graphs (below).
+    # driver (this process) is rank 0.
     tp_size: int = 1
     tp_lora_scheme: str = "fused"  # fused | slora | replicated_a | gather_outputs (docs/tp.md)
     # Decode CUDA graphs under tp_size > 1 (tp/graphs.py; with cuda_graphs and the Triton ops).
-    # Off by default until the W >= 2 equality with LoRA has passed on GPUs (docs/tp.md); on the
-    # CPU the same padded steps run eagerly (what the CPU tests check).
-    tp_cuda_graphs: bool = False
+    # Greedy tokens equal the one-GPU engine's with LoRA at W = 2 under every scheme (H200s,
+    # d18f232), and W = 2 serves 1.12x one GPU with them, 0.58x without (docs/tp.md). On the CPU
+    # the same padded steps run eagerly (what the CPU tests check).
+    tp_cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
