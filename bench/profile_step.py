@@ -28,6 +28,7 @@ def main() -> None:
     p.add_argument("--distinct", type=int, default=64)
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--base-only", action="store_true", help="the same batch without adapters (the LoRA cost's baseline)")
     p.add_argument("--out", type=Path, default=Path("bench/results/engine"))
     p.add_argument("--commit", default=None, help="git commit of the code (read from git when omitted)")
     args = p.parse_args()
@@ -39,8 +40,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     for i in range(args.batch):
         a = i % args.distinct
-        eng.add_request(str(i), prompt_token_ids=rng.integers(3, 32000, args.context).tolist(), adapter_id=f"a{a}",
-                        adapter=bank.get(a), params=SamplingParams(max_tokens=eng.spec.max_position - args.context, temperature=0, ignore_eos=True))
+        eng.add_request(str(i), prompt_token_ids=rng.integers(3, 32000, args.context).tolist(),
+                        adapter_id=None if args.base_only else f"a{a}", adapter=None if args.base_only else bank.get(a), params=SamplingParams(max_tokens=eng.spec.max_position - args.context, temperature=0, ignore_eos=True))
     eng.step()  # the whole prefill
     phases: dict[str, float] = {}
 
@@ -75,14 +76,23 @@ def main() -> None:
             eng.step()
     torch.cuda.synchronize()
     step_ms = (time.perf_counter() - t) / args.steps * 1e3
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
-    result = {"environment": environment(args.commit), "args": vars(args) | {"out": str(args.out)}, "step_ms": step_ms,
+    averages = prof.key_averages()
+    table = averages.table(sort_by="cuda_time_total", row_limit=25)
+
+    def device_ms(events) -> float:  # GPU time per step, µs totals from the profiler
+        return sum(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0) for e in events) / args.steps / 1e3
+
+    # Kernels' busy time against the step: the rest is host work and gaps between graph nodes.
+    kernels = {"all_kernels_ms_per_step": device_ms(averages),
+               "lora_kernels_ms_per_step": device_ms([e for e in averages if e.key.startswith("lora_")])}
+    result = {"environment": environment(args.commit), "args": vars(args) | {"out": str(args.out)}, "step_ms": step_ms, **kernels,
               "phases_ms_per_step": {k: v / args.steps * 1e3 for k, v in phases.items()}}
     print(json.dumps(result, indent=1))
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"profile-{args.setting}-b{args.batch}.json").write_text(json.dumps(result, indent=1))
-    (args.out / f"profile-{args.setting}-b{args.batch}-kernels.txt").write_text(table)
+    name = f"profile-{'base' if args.base_only else args.setting}-b{args.batch}"
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    (args.out / f"{name}-kernels.txt").write_text(table)
 
 
 if __name__ == "__main__":
