@@ -123,10 +123,12 @@ def build_batch(out: SchedulerOutput, kv: KVCacheManager, adapters: AdapterCache
         slot_mapping=d_slots, num_decodes=int((n == 1).sum()), max_query_len=int(n.max()),
         max_seq_len=int(seq_lens.max()), block_size=bs,
     )
-    max_rank = max((adapters.max_rank_of(r.adapter_id) for r in reqs if r.adapter_id is not None), default=0)
+    adapter_ids = {r.adapter_id for r in reqs if r.adapter_id is not None}
+    max_rank = max((adapters.max_rank_of(a) for a in adapter_ids), default=0)
     lora = LoraBatch(
         token_slot=d_tslot.to(i32), seg_start=d_ss.to(i32), seg_len=d_sn.to(i32), seg_slot=d_sslot.to(i32),
         max_rank=max_rank, max_seg_len=int(seg_lens.max()) if len(seg_lens) else 0, num_segments=len(seg_slot),
+        targets=frozenset().union(*(adapters.modules_of(a) for a in adapter_ids)),
     )
     all_greedy = all(r.params.temperature == 0 for r in sreqs)
     f32 = dict(dtype=torch.float32, device=device)

@@ -12,7 +12,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from .model_spec import MODULE_INDEX, ModelSpec
+from .model_spec import LORA_MODULES, MODULE_INDEX, ModelSpec
 from .ops.base import AttentionMeta, AttentionOps, LoraContext, LoraOps
 from .rope import RotaryEmbedding
 from .weights_loader import ModelWeights
@@ -21,6 +21,7 @@ QKV = (MODULE_INDEX["q_proj"], MODULE_INDEX["k_proj"], MODULE_INDEX["v_proj"])
 O = (MODULE_INDEX["o_proj"],)
 GATE_UP = (MODULE_INDEX["gate_proj"], MODULE_INDEX["up_proj"])
 DOWN = (MODULE_INDEX["down_proj"],)
+_NAMES = {group: frozenset(LORA_MODULES[m] for m in group) for group in (QKV, O, GATE_UP, DOWN)}
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -100,7 +101,8 @@ class LlamaModel:
 
     def _linear(self, x, weight, layer, modules, offsets, lora: LoraContext | None, bias=None):
         y = F.linear(x, weight, bias)  # [T, N]
-        if lora is not None and not lora.batch.empty:
+        # A group no adapter of the batch targets launches nothing (its kernels would only exit).
+        if lora is not None and not lora.batch.empty and lora.batch.targets_any(_NAMES[modules]):
             u = self.lora_ops.shrink(x, layer, modules, lora)  # [T, len(modules), R]
             self.lora_ops.expand(y, u, layer, modules, offsets, lora)
         return y

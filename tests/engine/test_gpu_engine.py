@@ -59,3 +59,32 @@ def test_bf16_greedy_matches_hf_peft_where_margins_are_clear(zoo, model, ops, gr
                 assert g == w, f"{model}/{ops} {rid} ({name}) token {t}: engine {g} != HF {w} (margin {m:.3f})"
                 compared += 1
     assert compared >= total // 4, f"too few clear-margin tokens compared ({compared} of {total})"
+
+
+# (requests' adapters, the LoRA variant their decode graph steps must replay: cuda_graphs.LORA_VARIANTS)
+VARIANT_CASES = {"base only": ((None,), 0), "attention": (("r1-attn", "r16-qv-layer1"), 1), "mlp": (("r2-mlp", None), 2)}
+
+
+@pytest.mark.parametrize("case", list(VARIANT_CASES))
+def test_graph_lora_variants_match_hf_peft(zoo, case):
+    """Decode graph steps replay the smallest LoRA variant covering the batch's targets, and their
+    tokens still equal HF PEFT's where the margins are clear."""
+    names, variant = VARIANT_CASES[case]
+    eng = LLMEngine(EngineConfig(model_dir=str(zoo.model("mha")), device="cuda", dtype="bfloat16", num_pages=256,
+                                 max_num_seqs=8))
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+    jobs = {}
+    for i, name in enumerate(names):
+        prompt = [(13 * i + 7 * j) % 500 + 4 for j in range(6 + 5 * i)]
+        w = None if name is None else load_peft_adapter_dir(zoo.adapter("mha", name), eng.spec)
+        eng.add_request(f"r{i}", prompt_token_ids=prompt, params=params, adapter_id=name, adapter=w)
+        jobs[f"r{i}"] = (name, prompt)
+    results = eng.run_to_completion()
+    replays = eng.decode_graphs.variant_replays
+    assert replays[variant] > 0 and sum(replays[variant + 1 :]) == 0, f"{case}: replays per variant {replays}"
+    for rid, (name, prompt) in jobs.items():
+        got = generated_ids(results[rid])
+        want, margins = _hf_teacher_forced(zoo.model("mha"), name and zoo.adapter("mha", name), prompt, got)
+        for t, (g, w, m) in enumerate(zip(got, want, margins)):
+            if m >= MARGIN:
+                assert g == w, f"{case} {rid} ({name}) token {t}: engine {g} != HF {w} (margin {m:.3f})"

@@ -43,6 +43,12 @@ class LoraBatch:
     max_rank: int  # largest rank of any module of any adapter in the batch (0: no adapter)
     max_seg_len: int  # python int, for grid sizing
     num_segments: int  # python int (== G)
+    # Modules (LORA_MODULES names) any adapter of the batch targets, known on the host; None: any
+    # may be. A module group outside it launches no LoRA kernel.
+    targets: frozenset[str] | None = None
+
+    def targets_any(self, modules: frozenset[str]) -> bool:
+        return self.targets is None or not self.targets.isdisjoint(modules)
 
     @property
     def empty(self) -> bool:

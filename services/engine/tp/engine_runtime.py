@@ -61,7 +61,6 @@ class TpAdapterCache(AdapterCache):
                          **host_args)
         self.world, self.scheme = world, scheme
         self.pending: list[_PendingLoad] = []  # loads not yet sent to the ranks (flushed by the next forward)
-        self.slot_modules: dict[int, frozenset[str]] = {}
         self._pages: dict[tuple, int] = {}  # ranks_by_module -> pages (W ShardLayouts each, asked every step)
 
     def pages_to_load(self, weights: LoraWeights) -> int:
@@ -84,9 +83,6 @@ class TpAdapterCache(AdapterCache):
         msg = wire.AdapterLoad(slot=slot, pages=list(pages), ranks_by_module=packed.ranks_by_module,
                                targets=packed.targets)
         self.pending.append(_PendingLoad(msg, packed.buf.to(self.pool.device, copy=True)))
-        # What the slot's adapter targets, on the host (as each rank's RankAdapterTables.modules):
-        # the step header's LoRA targets come from here, never from a device read.
-        self.slot_modules[slot] = frozenset(module for _, module, rank, _ in packed.targets if rank > 0)
 
 
 class TpDriverModel:
@@ -114,12 +110,11 @@ class TpDriverModel:
         batch = None if batch is None or batch.empty else batch
         step_lora = None
         if batch is not None:
-            # The step's distinct slots: G ints read back at the start of the step (the GPU only has
-            # build_batch's copies queued), the driver's only read; the ranks get the result.
-            slots = set(batch.seg_slot.tolist())
-            targets = frozenset().union(*(self.adapters.slot_modules[s] for s in slots))
+            # targets: build_batch's, from the requests' adapters on the host (no device read).
+            if batch.targets is None:
+                raise ValueError("a TP step needs the batch's LoRA targets (build_batch sets them)")
             step_lora = wire.StepLora(num_segments=batch.num_segments, max_rank=batch.max_rank,
-                                      max_seg_len=batch.max_seg_len, targets=sorted(targets))
+                                      max_seg_len=batch.max_seg_len, targets=sorted(batch.targets))
         step = wire.Step(
             num_tokens=input_ids.shape[0], num_seqs=attn.num_seqs, max_blocks=attn.block_tables.shape[1],
             num_decodes=attn.num_decodes, max_query_len=attn.max_query_len, max_seq_len=attn.max_seq_len,

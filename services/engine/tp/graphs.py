@@ -1,6 +1,6 @@
 """Decode steps under tensor parallelism replayed from CUDA graphs, on every rank in lockstep.
 
-Every rank captures one graph per batch-size bucket of ITS part of a decode step: its kernels and
+Every rank captures one graph per (batch-size bucket, LoRA variant) of ITS part of a decode step: its kernels and
 the collectives between them (NCCL calls are captured like kernels), over static buffers sized
 for the largest bucket, as cuda_graphs.py does in one process. The driver marks a decode-only
 step `graph=True` in the step header; every rank then copies the step's tensors (from the ints
@@ -8,10 +8,11 @@ broadcast) into its buffers, pads the bucket with inert rows (slot -1: no KV wri
 no attention; adapter slot -1 and empty segments: no LoRA) and replays the same bucket's graph,
 so the collectives inside the graphs meet. Rank 0's graphs also compute the logits.
 
-The LoRA part is captured for every module with the rank capacity `max_rank`: a module no
-adapter of the step targets costs its (early-exiting) kernels, never a different collective
-sequence. The rank's adapter tables must not be reallocated after capture: RankAdapterTables is
-built at the driver's slot and page capacity (WorkerStart.max_slots, max_adapter_pages).
+The LoRA part is captured at the rank capacity `max_rank` for the module groups of each variant
+(cuda_graphs.LORA_VARIANTS: none, attention, all); every rank picks the variant from the step
+header's targets, so all ranks replay the same collective sequence. The rank's adapter tables
+must not be reallocated after capture: RankAdapterTables is built at the driver's slot and page
+capacity (WorkerStart.max_slots, max_adapter_pages).
 
 Capture and warm-up run the same bucket sequence on every rank (rank 0 after its workers are
 ready, each worker right after reporting ready), so their collectives meet too.
@@ -23,8 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ..cuda_graphs import DecodeBuffers, capture_buckets, graph_buckets
-from ..model_spec import LORA_MODULES
+from ..cuda_graphs import LORA_VARIANTS, DecodeBuffers, capture_graphs, graph_buckets, graph_keys, lora_variant
 from ..ops.base import AttentionMeta, LoraBatch
 from .model import TpLlamaModel
 from .paged_lora import PagedLoraBatch
@@ -46,18 +46,21 @@ class TpDecodeGraphs:
                                   rm.comm, rm.ew)
         # shrink and expand ops: two instances, as the eager path (each caches its own table checks)
         self.lora_ops = (TritonLoraOps(capture=True, max_rank=max_rank), TritonLoraOps(capture=True, max_rank=max_rank))
-        self.targets = frozenset(LORA_MODULES)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.out: dict[int, torch.Tensor] = {}  # bucket -> [b, V] logits (rank 0) or [b, H] hidden
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (bucket, LoRA variant) -> graph
+        self.out: dict[tuple[int, int], torch.Tensor] = {}  # -> [b, V] logits (rank 0) or [b, H] hidden
         self.replays = 0  # graph steps run (tests and metrics)
         if capture:
-            self.graphs, self.out = capture_buckets(self.buckets, self._forward)
+            self.graphs, self.out = capture_graphs(graph_keys(self.buckets), self._forward)
 
-    def _forward(self, b: int) -> torch.Tensor:
+    def _forward(self, key: tuple[int, int]) -> torch.Tensor:
+        b, variant = key
         meta = self.buf.attention(b, self.runner.spec.max_position, self.block_size)
-        batch = self.buf.lora(b, self.max_rank)
+        targets = LORA_VARIANTS[variant]
         r = self.runner
-        lora = PagedLoraBatch(r.scheme, r.pool, r.tables, batch, *self.lora_ops, self.targets)
+        lora = None
+        if targets:
+            batch = self.buf.lora(b, self.max_rank, targets)
+            lora = PagedLoraBatch(r.scheme, r.pool, r.tables, batch, *self.lora_ops, targets)
         hidden = self.model.forward(self.buf.input_ids[:b], self.buf.positions[:b], r.pool, meta, lora)  # [b, H]
         return self.model.logits(hidden) if self.with_logits else hidden
 
@@ -76,16 +79,18 @@ class TpDecodeGraphs:
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMeta,
             lora: LoraBatch | None) -> torch.Tensor:
-        """A decode-only step of n tokens (n <= max_batch): rank 0 -> logits [n, V], else hidden [n, H]."""
+        """A decode-only step of n tokens (n <= max_batch): rank 0 -> logits [n, V], else hidden [n, H].
+
+        The LoRA variant comes from lora.targets: the header's, the same on every rank."""
         n = input_ids.shape[0]
         if not (attn.num_decodes == n <= self.max_batch):
             raise ValueError(f"a graph step takes up to {self.max_batch} decodes, got {n} tokens, {attn.num_decodes} decodes")
         if lora is not None and lora.max_rank > self.max_rank:
             raise ValueError(f"the step's rank {lora.max_rank} exceeds the graphs' capacity {self.max_rank}")
-        b = self.bucket(n)
-        self.buf.fill(b, input_ids, positions, attn, lora)
+        key = (self.bucket(n), lora_variant(lora.targets if lora is not None else frozenset()))
+        self.buf.fill(key[0], input_ids, positions, attn, lora)
         self.replays += 1
         if not self.capture:
-            return self._forward(b)[:n]
-        self.graphs[b].replay()
-        return self.out[b][:n]
+            return self._forward(key)[:n]
+        self.graphs[key].replay()
+        return self.out[key][:n]

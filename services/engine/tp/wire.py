@@ -127,5 +127,6 @@ def unpack_ints(flat: torch.Tensor, step: Step):
     lora = None
     if step.lora is not None:
         lora = LoraBatch(token_slot=slot.to(i32), seg_start=ss.to(i32), seg_len=sn.to(i32), seg_slot=sslot.to(i32),
-                         max_rank=step.lora.max_rank, max_seg_len=step.lora.max_seg_len, num_segments=G)
+                         max_rank=step.lora.max_rank, max_seg_len=step.lora.max_seg_len, num_segments=G,
+                         targets=frozenset(step.lora.targets))
     return ids, pos, attn, lora
