@@ -23,10 +23,8 @@ from services.engine.engine import LLMEngine, SamplingParams
 ADAPTER_BASE = 5_000_000  # probe adapters' numbers in the bank (apart from any trace's)
 
 
-def admit(engine: LLMEngine, bank: AdapterBank | None, batch: int, adapters: int, prompt_len: int, steps: int,
-          tag: str) -> None:
-    """Admit `batch` requests (adapter i % adapters of the bank, or none) and run until every one
-    has its first token: from then on every step decodes the whole batch."""
+def decode_step_ms(engine: LLMEngine, bank: AdapterBank | None, batch: int = 64, adapters: int = 32,
+                   prompt_len: int = 128, steps: int = 32, tag: str = "probe") -> dict:
     assert not engine.has_unfinished(), "the probe needs an idle engine"
     rng = np.random.default_rng(11)
     vocab = engine.spec.vocab_size
@@ -42,30 +40,9 @@ def admit(engine: LLMEngine, bank: AdapterBank | None, batch: int, adapters: int
     for _ in range(4 * batch):  # prefill: every request gets its first token
         started.update(o.request_id for o in engine.step() if o.num_output_tokens > 0)
         if len(started) == batch:
-            return
-    raise RuntimeError(f"only {len(started)} of {batch} probe requests started (pool too small?)")
-
-
-def abort(engine: LLMEngine, batch: int, tag: str) -> None:
-    for i in range(batch):
-        engine.abort_request(f"{tag}-{i}")
-    while engine.has_unfinished():
-        engine.step()
-
-
-def timed_steps(engine: LLMEngine, steps: int) -> list[float]:
-    """Wall seconds of each of `steps` engine steps (each ends with the host reading the sampled ids)."""
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - t)
-    return times
-
-
-def decode_step_ms(engine: LLMEngine, bank: AdapterBank | None, batch: int = 64, adapters: int = 32,
-                   prompt_len: int = 128, steps: int = 32, tag: str = "probe") -> dict:
-    admit(engine, bank, batch, adapters, prompt_len, steps, tag)
+            break
+    else:
+        raise RuntimeError(f"only {len(started)} of {batch} probe requests started (pool too small?)")
     graphs0, times, full = engine.graph_steps, [], 0
     for _ in range(steps):
         t = time.perf_counter()
@@ -74,7 +51,10 @@ def decode_step_ms(engine: LLMEngine, bank: AdapterBank | None, batch: int = 64,
         full += len(outs) == batch  # a token for every request: the whole batch decoded
 
     graph_steps = engine.graph_steps - graphs0
-    abort(engine, batch, tag)
+    for i in range(batch):
+        engine.abort_request(f"{tag}-{i}")
+    while engine.has_unfinished():
+        engine.step()
     times.sort()
     return {"step_ms_p50": 1e3 * statistics.median(times), "step_ms_p10": 1e3 * times[len(times) // 10],
             "step_ms_p90": 1e3 * times[(9 * len(times)) // 10], "batch": batch,

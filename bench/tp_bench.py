@@ -86,8 +86,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "engine: the TP path's own cost on one GPU")
     p.add_argument("--graphs", action="store_true",
                    help="decode CUDA graphs at every W (W > 1: tp_cuda_graphs); pair with --decode-steps-per-prefill 4")
-    p.add_argument("--no-lora-overlap", action="store_true",
-                   help="one-process decode graphs run each LoRA shrink after the base matmul, not beside it")
     p.add_argument("--elementwise", choices=["torch", "auto"], default="auto",
                    help="elementwise ops at every W; auto: the fused kernels on CUDA")
     p.add_argument("--probe-batch", type=int, default=64,
@@ -114,7 +112,7 @@ def _config(args, model_dir: Path, plan: EnginePlan, max_rank: int) -> EngineCon
         max_batched_tokens=args.max_batched_tokens, max_adapter_rank=max_rank,
         num_pages=args.num_pages or (0 if cuda else 512), decode_steps_per_prefill=args.decode_steps_per_prefill,
         cuda_graphs=bool(args.graphs or (args.w1_graphs and plan.world == 1)), tp_cuda_graphs=args.graphs,
-        tp_size=plan.world, decode_lora_overlap=not args.no_lora_overlap,
+        tp_size=plan.world,
         elementwise_ops=args.elementwise,
         tp_lora_scheme=plan.scheme if plan.scheme != "-" else "fused",
     )

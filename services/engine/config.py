@@ -45,8 +45,6 @@ class EngineConfig:
     elementwise_ops: str = "auto"  # auto | torch | triton
     random_weights_seed: int | None = None  # benchmarks: random weights made on the device, no checkpoint
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs (CUDA with the Triton ops only)
-    # In those graphs, each LoRA shrink on a side stream beside the base matmul (model.LlamaModel).
-    decode_lora_overlap: bool = True
     # Decode-only steps between prefill steps; None: 4 when CUDA graphs replay decodes, else 0
     # (0: every step mixes decodes with prefill chunks).
     decode_steps_per_prefill: int | None = None
@@ -188,7 +186,7 @@ def build_runtime(cfg: EngineConfig) -> Runtime:
         from .cuda_graphs import DecodeGraphs
 
         graphs = DecodeGraphs(spec, weights, pool, adapters.tables, max_batch=min(cfg.max_num_seqs, cfg.max_batched_tokens),
-                              max_rank=cfg.max_adapter_rank, block_size=cfg.block_size, lora_overlap=cfg.decode_lora_overlap)
+                              max_rank=cfg.max_adapter_rank, block_size=cfg.block_size)
     split = cfg.decode_steps_per_prefill
     if split is None:
         split = 4 if graphs is not None else 0

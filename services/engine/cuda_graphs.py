@@ -123,15 +123,14 @@ class DecodeBuffers:
 
 class DecodeGraphs:
     def __init__(self, spec: ModelSpec, weights: ModelWeights, pool: torch.Tensor, tables: AdapterTables,
-                 max_batch: int, max_rank: int, block_size: int, lora_overlap: bool = True):
+                 max_batch: int, max_rank: int, block_size: int):
         from kernels import TritonAttentionOps, TritonLoraOps
 
         self.buckets = graph_buckets(max_batch)
         self.max_batch = max_batch
         self.buf = DecodeBuffers(max_batch, -(-spec.max_position // block_size), pool.device)
         self.model = LlamaModel(spec, weights, TritonLoraOps(capture=True, max_rank=max_rank),
-                                TritonAttentionOps(capture=True, max_seq_len=spec.max_position),
-                                lora_stream=torch.cuda.Stream(pool.device) if lora_overlap else None)
+                                TritonAttentionOps(capture=True, max_seq_len=spec.max_position))
         self.pool, self.tables, self.max_rank, self.block_size = pool, tables, max_rank, block_size
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (bucket, LoRA variant) -> graph
         self.logits: dict[tuple[int, int], torch.Tensor] = {}

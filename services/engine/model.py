@@ -82,16 +82,11 @@ def default_elementwise_ops(device: torch.device) -> ElementwiseOps:
 
 class LlamaModel:
     """elementwise_ops: None picks default_elementwise_ops(the weights' device); the decode CUDA
-    graphs (cuda_graphs.py) build their model that way, so on CUDA they replay the fused kernels.
-
-    lora_stream (CUDA): run each LoRA shrink on this side stream, alongside the base matmul that
-    reads the same x, joining before the expand (see _linear). The decode graphs capture the
-    fork and join as parallel branches."""
+    graphs (cuda_graphs.py) build their model that way, so on CUDA they replay the fused kernels."""
 
     def __init__(self, spec: ModelSpec, weights: ModelWeights, lora_ops: LoraOps, attn_ops: AttentionOps,
-                 elementwise_ops: ElementwiseOps | None = None, lora_stream: torch.cuda.Stream | None = None):  # fmt: skip
+                 elementwise_ops: ElementwiseOps | None = None):  # fmt: skip
         self.spec = spec
-        self.lora_stream = lora_stream
         self.w = weights
         self.lora_ops = lora_ops
         self.attn_ops = attn_ops
@@ -105,24 +100,11 @@ class LlamaModel:
         self._gate_up_offsets = (0, s.intermediate_size)
 
     def _linear(self, x, weight, layer, modules, offsets, lora: LoraContext | None, bias=None):
+        y = F.linear(x, weight, bias)  # [T, N]
         # A group no adapter of the batch targets launches nothing (its kernels would only exit).
-        if lora is None or lora.batch.empty or not lora.batch.targets_any(_NAMES[modules]):
-            return F.linear(x, weight, bias)  # [T, N]
-        if self.lora_stream is None:
-            y = F.linear(x, weight, bias)
+        if lora is not None and not lora.batch.empty and lora.batch.targets_any(_NAMES[modules]):
             u = self.lora_ops.shrink(x, layer, modules, lora)  # [T, len(modules), R]
-        else:
-            # Decode: the shrink (a few µs of dependent index loads, few SMs busy) runs beside the
-            # matmul, which at decode batch sizes leaves SMs idle. Stream order keeps memory safe:
-            # u is allocated on the side stream and freed after the expand on this one, and the
-            # side stream's next work (the next fork) waits for this stream first.
-            main = torch.cuda.current_stream()
-            self.lora_stream.wait_stream(main)
-            with torch.cuda.stream(self.lora_stream):
-                u = self.lora_ops.shrink(x, layer, modules, lora)
-            y = F.linear(x, weight, bias)
-            main.wait_stream(self.lora_stream)
-        self.lora_ops.expand(y, u, layer, modules, offsets, lora)
+            self.lora_ops.expand(y, u, layer, modules, offsets, lora)
         return y
 
     @torch.inference_mode()
