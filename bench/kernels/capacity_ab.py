@@ -12,7 +12,6 @@ out (`expand_small_r` = the capacity). Shrink is timed too (unchanged by the swi
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from pathlib import Path
@@ -20,11 +19,10 @@ from pathlib import Path
 import torch
 
 import kernels.lora_ops as lora_ops
-from bench.kernels.common import time_graph_ms
+from bench.kernels.common import run_with_out_and_commit, time_graph_ms
 from bench.report import environment
 from kernels import TritonLoraOps
-from services.engine.ops.base import LoraContext
-from tests.kernels.kernel_fixtures import O_PROJ, QKV, make_adapter_tables, make_lora_batch, make_spec
+from tests.kernels.kernel_fixtures import O_PROJ, QKV, make_decode_round_robin, make_spec
 
 SPEC = make_spec(hidden=4096, heads=32, kv_heads=32, head_dim=128, intermediate=11008, layers=1)
 CAPACITY, TOKENS, ADAPTERS = 64, 64, 32
@@ -44,10 +42,8 @@ def run(out: Path, commit: str | None) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     rows = []
     for mix, ranks in MIXES.items():
-        slot_ranks = [dict.fromkeys(("q_proj", "k_proj", "v_proj", "o_proj"), ranks[i % len(ranks)]) for i in range(ADAPTERS)]
-        pool, tables = make_adapter_tables(SPEC, slot_ranks, 16, torch.bfloat16, "cuda", gen)
-        batch, _ = make_lora_batch([i % ADAPTERS for i in range(TOKENS)], [1] * TOKENS, tables, "cuda", gen)
-        ctx = LoraContext(pool, tables, batch)
+        ctx = make_decode_round_robin(SPEC, ranks, ADAPTERS, TOKENS, torch.bfloat16, "cuda", gen)
+        tables = ctx.tables
         for group, modules in (("qkv", QKV), ("o", O_PROJ)):
             k = tables.module_shapes[modules[0]][0]
             outs = [tables.module_shapes[m][1] for m in modules]
@@ -63,7 +59,7 @@ def run(out: Path, commit: str | None) -> list[dict]:
                 rows.append({"mix": mix, "group": group, "small_path": on, "shrink_us": 1e3 * shrink_ms,
                              "expand_us": 1e3 * expand_ms})
                 print(json.dumps(rows[-1]), flush=True)
-        del pool, tables
+        del ctx, tables
         torch.cuda.empty_cache()
     _small_path(True)
     out.mkdir(parents=True, exist_ok=True)
@@ -81,8 +77,4 @@ def run(out: Path, commit: str | None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("bench/results/kernels/capacity-ab"))
-    p.add_argument("--commit", default=None)
-    args = p.parse_args()
-    run(args.out, args.commit)
+    run_with_out_and_commit(__doc__, "bench/results/kernels/capacity-ab", run)

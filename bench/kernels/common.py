@@ -8,6 +8,7 @@ host launch path included.
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -20,6 +21,15 @@ import triton.testing
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+def run_with_out_and_commit(doc: str, default_out: str, run) -> None:
+    """The command line of a one-call GPU benchmark: --out (results folder), --commit -> run(out, commit)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path(default_out))
+    p.add_argument("--commit", default=None)
+    args = p.parse_args()
+    run(args.out, args.commit)
 
 
 def time_ms(fn, warmup: int = 10, rep: int = 40) -> float:

@@ -20,18 +20,17 @@ Tokens are checked against the torch reference once per mix (the variant with th
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import torch
 
-from bench.kernels.common import time_graph_ms
+from bench.kernels.common import run_with_out_and_commit, time_graph_ms
 from bench.report import environment
 from kernels import TritonLoraOps
 from kernels.lora_tiles import LoraLaunch
 from services.engine.ops.base import LoraContext
-from tests.kernels.kernel_fixtures import O_PROJ, QKV, make_adapter_tables, make_lora_batch, make_spec
+from tests.kernels.kernel_fixtures import O_PROJ, QKV, make_decode_round_robin, make_spec
 
 LAYERS, CAPACITY, TOKENS, ADAPTERS = 8, 64, 64, 32
 SPEC = make_spec(hidden=4096, heads=32, kv_heads=32, head_dim=128, intermediate=11008, layers=LAYERS)
@@ -61,10 +60,7 @@ def run(out: Path, commit: str | None) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     rows = []
     for mix, ranks in MIXES.items():
-        slot_ranks = [dict.fromkeys(("q_proj", "k_proj", "v_proj", "o_proj"), ranks[i % len(ranks)]) for i in range(ADAPTERS)]
-        pool, tables = make_adapter_tables(SPEC, slot_ranks, 16, torch.bfloat16, "cuda", gen)
-        batch, _ = make_lora_batch([i % ADAPTERS for i in range(TOKENS)], [1] * TOKENS, tables, "cuda", gen)
-        ctx = LoraContext(pool, tables, batch)
+        ctx = make_decode_round_robin(SPEC, ranks, ADAPTERS, TOKENS, torch.bfloat16, "cuda", gen)
         xs = {"qkv": torch.randn(TOKENS, SPEC.hidden_size, device="cuda", dtype=torch.bfloat16),
               "o": torch.randn(TOKENS, SPEC.q_width, device="cuda", dtype=torch.bfloat16)}
         ys = {"qkv": torch.zeros(TOKENS, SPEC.q_width + 2 * SPEC.kv_width, device="cuda", dtype=torch.bfloat16),
@@ -77,7 +73,7 @@ def run(out: Path, commit: str | None) -> list[dict]:
             rows.append({"mix": mix, "shrink_programs_per_sm": s, "expand_programs_per_sm": e, "cast": cast,
                          "layer_lora_us": us})
             print(json.dumps(rows[-1]), flush=True)
-        del pool, tables, ctx
+        del ctx
         torch.cuda.empty_cache()
     _write(out, commit, rows)
     return rows
@@ -124,8 +120,4 @@ def _write(out: Path, commit: str | None, rows: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("bench/results/kernels/launch-sweep"))
-    p.add_argument("--commit", default=None)
-    args = p.parse_args()
-    run(args.out, args.commit)
+    run_with_out_and_commit(__doc__, "bench/results/kernels/launch-sweep", run)

@@ -148,6 +148,16 @@ def make_lora_case(spec, popularity, phase, rank_choices, num_slots, num_request
     return LoraContext(pool=pool, tables=tables, batch=batch), num_tokens
 
 
+def make_decode_round_robin(spec, ranks: tuple[int, ...], num_adapters: int, num_tokens: int, dtype, device,
+                            gen: torch.Generator) -> LoraContext:
+    """A decode batch as the engine's benchmarks make it: num_tokens requests on adapters
+    i % num_adapters, adapter j of rank ranks[j % len(ranks)] on q/k/v/o (the S-LoRA settings)."""
+    slot_ranks = [dict.fromkeys(("q_proj", "k_proj", "v_proj", "o_proj"), ranks[i % len(ranks)]) for i in range(num_adapters)]
+    pool, tables = make_adapter_tables(spec, slot_ranks, 16, dtype, device, gen)
+    batch, _ = make_lora_batch([i % num_adapters for i in range(num_tokens)], [1] * num_tokens, tables, device, gen)
+    return LoraContext(pool, tables, batch)
+
+
 # ---------------------------------------------------------------------------------------------
 # Paged attention
 # ---------------------------------------------------------------------------------------------
