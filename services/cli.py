@@ -99,11 +99,14 @@ async def _run_engine(args) -> None:
     from services.engine.service import run_engine_service
     from services.engine.service_config import EngineServiceConfig
 
+    from services.health import StallWatch
+
     model, _ = _demo_model_and_adapters(args.model, "-")
     cfg = EngineServiceConfig.from_args(args, model_dir=model)
     ready = asyncio.Event()
-    task = asyncio.create_task(run_engine_service(cfg, ready=ready))
-    await _signal_ready(task, ready, args.ready_file, {"service": "engine", "engine_id": cfg.name})
+    watch = StallWatch(cfg.step_stall_s)  # a hung step withholds the heartbeat (liveness)
+    task = asyncio.create_task(run_engine_service(cfg, ready=ready, watch=watch))
+    await _signal_ready(task, ready, args.ready_file, {"service": "engine", "engine_id": cfg.name}, watch.problem)
 
 
 async def _run_store(args) -> None:
@@ -127,9 +130,11 @@ async def _run_store(args) -> None:
     await _signal_ready(task, ready, args.ready_file, payload)
 
 
-async def _signal_ready(task: asyncio.Task, ready: asyncio.Event, ready_file: str | None, payload: dict) -> None:
+async def _signal_ready(task: asyncio.Task, ready: asyncio.Event, ready_file: str | None, payload: dict,
+                        problem=None) -> None:
     """Write the ready file once the service is ready, then keep its heartbeat (the liveness
-    probe's evidence that the event loop turns) until the service returns."""
+    probe's evidence that the event loop turns) until the service returns; withheld while
+    problem() names one (keep_heartbeat)."""
     from services.health import keep_heartbeat
 
     waiter = asyncio.create_task(ready.wait())
@@ -138,7 +143,7 @@ async def _signal_ready(task: asyncio.Task, ready: asyncio.Event, ready_file: st
     if ready.is_set():
         _write_ready(ready_file, payload)
         if ready_file:
-            heartbeat = asyncio.create_task(keep_heartbeat(ready_file))
+            heartbeat = asyncio.create_task(keep_heartbeat(ready_file, problem=problem))
     waiter.cancel()
     try:
         await task

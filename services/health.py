@@ -3,7 +3,10 @@ exec probes), and the heartbeat the running services keep for them.
 
     live   the service finished starting and its event loop still turns: the ready file exists
            and its heartbeat (mtime, touched every HEARTBEAT_INTERVAL_S) is fresh. No dependency
-           is checked, so a broker or Redis outage never restarts every pod at once.
+           is checked, so a broker or Redis outage never restarts every pod at once. The engine
+           also withholds its heartbeat while one step has run longer than its stall limit
+           (StallWatch): the step runs in a worker thread, so the event loop would keep beating
+           through a GPU hang or a tensor-parallel collective waiting for a dead rank.
     ready  live, plus what the service needs to work right now, checked from the pod itself:
              ingest         Kafka answers and the requests and work topics exist; Redis answers PING
              engine         Kafka answers and the work topic exists; Redis answers PING; the node's
@@ -23,18 +26,56 @@ import argparse
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
+
+from services.common.logging import get_logger
 
 HEARTBEAT_INTERVAL_S = 5.0
 HEARTBEAT_STALE_S = 30.0  # 6 missed beats: the event loop is stuck (or the process is gone)
 CHECK_TIMEOUT_S = 5.0  # per dependency; probes give the whole command timeoutSeconds >= 15
 
 
-async def keep_heartbeat(path: str | Path, interval_s: float = HEARTBEAT_INTERVAL_S) -> None:
-    """Touch `path` every `interval_s` until cancelled (run it beside the service's task)."""
+class StallWatch:
+    """When the work a service runs off its event loop (an engine step) started, if it still runs.
+
+    started() / finished() are called from the worker thread around each unit of work; problem()
+    from the event loop (plain attribute reads). clock: monotonic seconds (tests pass their own).
+    """
+
+    def __init__(self, stall_s: float, clock: Callable[[], float] = time.monotonic):
+        self.stall_s, self._clock = stall_s, clock
+        self._since: float | None = None
+
+    def started(self) -> None:
+        self._since = self._clock()
+
+    def finished(self) -> None:
+        self._since = None
+
+    def problem(self) -> str | None:
+        since = self._since
+        if since is None or self._clock() - since <= self.stall_s:
+            return None
+        return (f"one engine step has run for {self._clock() - since:.0f}s (limit {self.stall_s:.0f}s): "
+                "stuck on the GPU or in a collective")
+
+
+async def keep_heartbeat(path: str | Path, interval_s: float = HEARTBEAT_INTERVAL_S,
+                         problem: Callable[[], str | None] | None = None) -> None:
+    """Touch `path` every `interval_s` until cancelled (run it beside the service's task); while
+    problem() names one, do not (the liveness probe then fails and the pod is restarted)."""
+    withheld = None
     while True:
         await asyncio.sleep(interval_s)
+        reason = problem() if problem is not None else None
+        if reason is not None:
+            if withheld is None:
+                get_logger("health").error("liveness heartbeat withheld", reason=reason)
+            withheld = reason
+            continue
+        withheld = None
         with suppress(FileNotFoundError):
             os.utime(path)
 

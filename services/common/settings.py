@@ -86,6 +86,7 @@ _DECLARED: list[EnvVar] = [
     EnvVar("ENGINE_PACKED_ADAPTER_BYTES", int, 2 << 30, "adapters an engine keeps packed for one copy to the GPU (host memory, LRU, bytes)"),
     EnvVar("ENGINE_ADAPTER_PACK_THREADS", int, 4, "threads of an engine that pack adapters for the GPU copy, beside the engine loop"),
     EnvVar("ENGINE_GROUP", str, "lorafleet-engines", "consumer group of the engines on the work topic"),
+    EnvVar("ENGINE_STEP_STALL_S", float, 300.0, "an engine step running longer than this withholds the liveness heartbeat (a GPU or collective hang)"),
     EnvVar("ENGINE_ID", str, "", "name of this engine in logs and the consumer group; empty: hostname-pid"),
     EnvVar("RANDOM_WEIGHTS_SEED", int, -1, "benchmarks only: random weights made on the device instead of the checkpoint's (-1: off)"),
     EnvVar("OPS", str, "auto", "op implementations: auto (triton on CUDA), torch, triton"),

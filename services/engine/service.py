@@ -39,11 +39,15 @@ from .jobs import Job, engine_error_code, sampling_params
 from .offsets import OffsetTracker
 from .service_config import EngineServiceConfig
 from services.common.signals import install_signal_stop
+from services.health import StallWatch
 
 
 class EngineService:
-    def __init__(self, cfg: EngineServiceConfig, engine: LLMEngine, writer: ReplyWriter, store: AdapterStoreClient):
+    def __init__(self, cfg: EngineServiceConfig, engine: LLMEngine, writer: ReplyWriter, store: AdapterStoreClient,
+                 watch: StallWatch | None = None):
+        """watch: told when each engine step starts and ends (the liveness heartbeat reads it)."""
         self.cfg, self.engine, self.writer, self.store = cfg, engine, writer, store
+        self.watch = watch if watch is not None else StallWatch(cfg.step_stall_s)
         self.log = get_logger("engine", engine_id=cfg.name)
         self.offsets = OffsetTracker()
         self.jobs: dict[str, Job] = {}  # request id -> job, from first delivery to terminal entry
@@ -179,7 +183,7 @@ class EngineService:
         When nothing runs next, this step's replies are published at once."""
         async with self.engine_lock:
             self._admit_ready()
-            step = asyncio.ensure_future(asyncio.to_thread(self.engine.step)) if self.engine.has_unfinished() else None
+            step = asyncio.ensure_future(asyncio.to_thread(self._watched_step)) if self.engine.has_unfinished() else None
             try:
                 await self.flush()
             except BaseException:
@@ -190,6 +194,14 @@ class EngineService:
                 self._collect(await step)
         if not self.engine.has_unfinished():
             await self.flush()
+
+    def _watched_step(self):
+        """engine.step in the worker thread, timed by the StallWatch."""
+        self.watch.started()
+        try:
+            return self.engine.step()
+        finally:
+            self.watch.finished()
 
     async def flush(self) -> None:
         """Publish the outbox in one round trip, then mark finished jobs done and commit."""
@@ -261,15 +273,16 @@ class _Rebalance(ConsumerRebalanceListener):
 
 
 async def run_engine_service(cfg: EngineServiceConfig, *, stop: asyncio.Event | None = None,
-                             ready: asyncio.Event | None = None) -> None:
-    """Serve until `stop` (default: SIGTERM/SIGINT), then drain within cfg.drain_timeout_s."""
+                             ready: asyncio.Event | None = None, watch: StallWatch | None = None) -> None:
+    """Serve until `stop` (default: SIGTERM/SIGINT), then drain within cfg.drain_timeout_s.
+    watch: the engine steps' StallWatch (the caller's heartbeat reads it)."""
     stop, installed = install_signal_stop(stop)
     engine = await asyncio.to_thread(LLMEngine, cfg.engine)
     await ensure_topics(cfg.kafka_bootstrap, [TopicSpec(cfg.work_topic, cfg.work_partitions)])
     redis = aioredis.from_url(cfg.redis_url)
     store = AdapterStoreClient(cfg.store_address, engine.spec, max_rank=cfg.engine.max_adapter_rank)
     writer = ReplyWriter(redis)
-    service = EngineService(cfg, engine, writer, store)
+    service = EngineService(cfg, engine, writer, store, watch)
     consumer = make_consumer(cfg.kafka_bootstrap, [], cfg.group_id, session_timeout_ms=cfg.session_timeout_ms,
                              client_id=f"lorafleet-engine-{cfg.name}", max_poll_records=cfg.max_inflight)
     consumer.subscribe([cfg.work_topic], listener=_Rebalance(service))

@@ -29,10 +29,16 @@ class EngineServiceConfig:
     max_inflight: int = 1024  # messages held (queued + running) before the consumer pauses
     adapter_unavailable_s: float = 60.0  # give up on an adapter the store cannot serve after this
     session_timeout_ms: int = 10000
+    # A step running longer than this is a hang (a GPU fault, a TP collective or decode graph
+    # waiting for a dead rank): the liveness heartbeat is withheld so Kubernetes restarts the pod.
+    # Above the TP collective timeout (180 s), so a failure that raises does so first.
+    step_stall_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.max_inflight < 1 or self.drain_timeout_s <= 0:
             raise ValueError("max_inflight must be >= 1 and drain_timeout_s > 0")
+        if self.step_stall_s <= 0:
+            raise ValueError(f"step_stall_s must be > 0, got {self.step_stall_s}")
 
     @property
     def name(self) -> str:
@@ -85,4 +91,5 @@ class EngineServiceConfig:
             engine=engine, work_topic=args.work_topic, work_partitions=args.work_partitions,
             group_id=args.group_id, engine_id=args.engine_id, drain_timeout_s=args.drain_timeout_s,
             session_timeout_ms=settings.read("KAFKA_SESSION_TIMEOUT_MS"),
+            step_stall_s=settings.read("ENGINE_STEP_STALL_S"),
         )

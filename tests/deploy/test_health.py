@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,8 +21,11 @@ from services.adapter_store.client import AdapterStoreClient
 from services.adapter_store.shm import FILE_SUFFIX
 from services.common.embedded import free_port
 from services.common.kafka import TopicSpec, ensure_topics
+from services.engine.config import EngineConfig
 from services.engine.model_spec import ModelSpec
-from services.health import heartbeat_problem, kafka_problem, problems, redis_problem
+from services.engine.service import EngineService
+from services.engine.service_config import EngineServiceConfig
+from services.health import StallWatch, heartbeat_problem, kafka_problem, keep_heartbeat, problems, redis_problem
 from tests.infra_fixtures import unique_name
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -36,6 +40,64 @@ def test_heartbeat(tmp_path):
     os.utime(ready, (old, old))
     assert "stuck" in heartbeat_problem(str(ready))
     assert "no --ready-file" in heartbeat_problem(None)
+
+
+def test_stall_watch_names_a_step_past_its_limit():
+    now = [100.0]
+    watch = StallWatch(300.0, clock=lambda: now[0])
+    assert watch.problem() is None  # idle
+    watch.started()
+    now[0] += 300.0
+    assert watch.problem() is None  # at the limit
+    now[0] += 1.0
+    assert "301s (limit 300s)" in watch.problem()
+    watch.finished()
+    assert watch.problem() is None
+
+
+async def test_heartbeat_is_withheld_while_a_problem_is_named(tmp_path):
+    ready = tmp_path / "ready"
+    ready.write_text("{}")
+    old = time.time() - 60
+    os.utime(ready, (old, old))
+    reason: list[str | None] = ["stuck step"]
+    beat = asyncio.create_task(keep_heartbeat(ready, interval_s=0.01, problem=lambda: reason[0]))
+    try:
+        await asyncio.sleep(0.2)
+        assert ready.stat().st_mtime == old, "touched while a problem was named"
+        reason[0] = None
+        deadline = time.monotonic() + 10
+        while ready.stat().st_mtime == old:
+            assert time.monotonic() < deadline, "not touched once the problem cleared"
+            await asyncio.sleep(0.01)
+    finally:
+        beat.cancel()
+
+
+async def test_engine_service_times_each_step(tmp_path):
+    """EngineService.step_once runs engine.step in a worker thread between watch.started() and
+    watch.finished(): a step that blocks is named by the watch until it returns."""
+    release = threading.Event()
+
+    class BlockingEngine:
+        def has_unfinished(self):
+            return not release.is_set()
+
+        def step(self):
+            release.wait(30)
+            return []
+
+    cfg = EngineServiceConfig("127.0.0.1:1", "redis://127.0.0.1:1/0", "127.0.0.1:1", EngineConfig(model_dir="-"),
+                              step_stall_s=0.05)
+    service = EngineService(cfg, BlockingEngine(), writer=None, store=None)
+    step = asyncio.create_task(service.step_once())
+    deadline = time.monotonic() + 10
+    while service.watch.problem() is None:
+        assert time.monotonic() < deadline, "a blocked step was never named"
+        await asyncio.sleep(0.01)
+    release.set()
+    await asyncio.wait_for(step, 10)
+    assert service.watch.problem() is None
 
 
 async def test_kafka_and_redis_checks(kafka_bootstrap, redis_url):
