@@ -18,22 +18,21 @@ NOTE invariants:
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict, deque
+from collections import deque
 from contextlib import suppress
 
 import redis.asyncio as aioredis
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 
 from services.adapter_store.client import AdapterStoreClient
-from services.adapter_store.errors import AdapterNotFoundError, AdapterStoreUnavailable, InvalidAdapterError
+from services.adapter_store.errors import AdapterNotFoundError, InvalidAdapterError
 from services.common import settings
 from services.common.kafka import TopicSpec, ensure_topics, make_consumer, with_kafka_retries
 from services.common.logging import get_logger
 from services.common.messages import decode_work_item, done_entry, error_entry, token_entry
 from services.common.replies import ReplyWriter
-from services.common.retry import Backoff
 
-from .adapters.weights import LoraWeights
+from .adapter_fetcher import AdapterFetcher
 from .engine import LLMEngine
 from .jobs import Job, engine_error_code, sampling_params
 from .offsets import OffsetTracker
@@ -46,7 +45,7 @@ class EngineService:
     def __init__(self, cfg: EngineServiceConfig, engine: LLMEngine, writer: ReplyWriter, store: AdapterStoreClient,
                  watch: StallWatch | None = None):
         """watch: told when each engine step starts and ends (the liveness heartbeat reads it)."""
-        self.cfg, self.engine, self.writer, self.store = cfg, engine, writer, store
+        self.cfg, self.engine, self.writer = cfg, engine, writer
         self.watch = watch if watch is not None else StallWatch(cfg.step_stall_s)
         self.log = get_logger("engine", engine_id=cfg.name)
         self.offsets = OffsetTracker()
@@ -55,12 +54,8 @@ class EngineService:
         self.outbox: list[tuple[str, str, object]] = []  # entries for the next publish
         self.engine_lock = asyncio.Lock()
         self.wake = asyncio.Event()
-        self._fetches: dict[str, asyncio.Task] = {}
-        # Validated adapters kept in this process, LRU within a byte budget (the node's store
-        # holds the rest in shared memory, so a miss costs a local file read, not a download).
-        self._adapters: OrderedDict[str, LoraWeights] = OrderedDict()
-        self._adapter_bytes = 0
-        self._adapter_budget = settings.read("ENGINE_HOST_ADAPTER_BYTES")
+        self.adapters = AdapterFetcher(store, settings.read("ENGINE_HOST_ADAPTER_BYTES"), cfg.adapter_unavailable_s,
+                                       self.log)
         self.consumer = None
 
     # --- intake ----------------------------------------------------------------------------
@@ -92,39 +87,10 @@ class EngineService:
             if item.adapter is None:
                 self._make_ready(job)
             else:
-                self._fetch(item.adapter).add_done_callback(lambda task, job=job: self._adapter_arrived(job, task))
-
-    def _fetch(self, adapter_id: str) -> asyncio.Task:
-        """One fetch per adapter id at a time (single flight), started as soon as a request is seen."""
-        task = self._fetches.get(adapter_id)
-        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
-            task = asyncio.create_task(self._fetch_with_patience(adapter_id))
-            self._fetches[adapter_id] = task
-        return task
-
-    async def _fetch_with_patience(self, adapter_id: str) -> LoraWeights:
-        if adapter_id in self._adapters:
-            self._adapters.move_to_end(adapter_id)
-            return self._adapters[adapter_id]
-        backoff = Backoff(self.cfg.adapter_unavailable_s, base_s=0.2, max_s=5.0)
-        while True:
-            try:
-                weights = await self.store.get(adapter_id)
-                break
-            except AdapterStoreUnavailable as exc:
-                self.log.warning("adapter store unavailable, retrying", adapter_id=adapter_id, error=str(exc))
-                if not await backoff.sleep():
-                    raise
-        self._adapters[adapter_id] = weights
-        self._adapter_bytes += weights.nbytes
-        while self._adapter_bytes > self._adapter_budget and len(self._adapters) > 1:
-            _, dropped = self._adapters.popitem(last=False)
-            self._adapter_bytes -= dropped.nbytes
-        return weights
+                self.adapters.fetch(item.adapter).add_done_callback(lambda task, job=job: self._adapter_arrived(job, task))
 
     def _adapter_arrived(self, job: Job, task: asyncio.Task) -> None:
-        if self._fetches.get(job.item.adapter) is task:
-            del self._fetches[job.item.adapter]  # done: later requests hit the in-process LRU
+        self.adapters.settled(job.item.adapter, task)
         if self.jobs.get(job.item.id) is not job:
             return  # revoked meanwhile
         exc = None if task.cancelled() else task.exception()
