@@ -168,3 +168,37 @@ def test_leaving_the_group_is_bounded_when_teardown_blocks(monkeypatch):
     workers._leave(timeout_s=0.3)
     assert time.monotonic() - t < 5
     never.set()
+
+
+def test_close_destroys_the_group_alongside_the_workers(monkeypatch):
+    """NCCL's communicator destroy is an intra-node collective: the driver must destroy its group
+    after telling the workers to stop and before joining them (joining first made every W = 2
+    close on H200s wait 30 s for the bounded teardown, d18f232)."""
+    import services.engine.tp.engine_workers as workers
+
+    events = []
+
+    class Conn:
+        def send_bytes(self, raw):
+            events.append("shutdown sent")
+
+        def close(self):
+            pass
+
+    class Proc:
+        exitcode = 0
+
+        def join(self, timeout=None):
+            events.append("joined")
+
+        def is_alive(self):
+            return False
+
+    group = object.__new__(workers.TpWorkerGroup)
+    group._procs, group._conns, group._closed, group.timeout_s = [Proc(), Proc()], [Conn(), Conn()], False, 1.0
+    monkeypatch.setattr(workers, "_leave", lambda: events.append("group destroyed"))
+    monkeypatch.setattr(workers, "end_process", lambda p: None)
+    group.close()
+    assert events == ["shutdown sent", "shutdown sent", "group destroyed", "joined", "joined"]
+    group.close()  # idempotent
+    assert len(events) == 5
