@@ -78,7 +78,8 @@ class AdapterCache:
         self._lru: OrderedDict[str, None] = OrderedDict()  # unpinned residents, oldest first
         self._evictable_pages = 0  # pages held by unpinned residents (kept in step with _lru)
         self._free_slots = list(range(S - 1, -1, -1))
-        self._ranks: dict[str, tuple[int, ...]] = {}  # resident adapter -> its rank per module (AdapterLayout.ranks)
+        # resident adapter -> (its largest rank, the modules it targets): read by every build_batch
+        self._targets: dict[str, tuple[int, frozenset[str]]] = {}
         self.num_loads = 0  # adapters copied into the pool (counters for tests and metrics)
         self.num_evictions = 0
         on_cuda = dev.type == "cuda"
@@ -97,11 +98,11 @@ class AdapterCache:
         return None if res is None else res.slot
 
     def max_rank_of(self, adapter_id: str) -> int:
-        return max(self._ranks[adapter_id])
+        return self._targets[adapter_id][0]
 
     def modules_of(self, adapter_id: str) -> frozenset[str]:
         """The modules a resident adapter targets (in any layer)."""
-        return frozenset(name for name, r in zip(LORA_MODULES, self._ranks[adapter_id]) if r > 0)
+        return self._targets[adapter_id][1]
 
     def is_resident(self, adapter_id: str) -> bool:
         return adapter_id in self._resident
@@ -235,7 +236,7 @@ class AdapterCache:
         self.allocator.free(res.pages, ("adapter", adapter_id))
         self.tables.ranks[res.slot].zero_()
         self._free_slots.append(res.slot)
-        del self._ranks[adapter_id]
+        del self._targets[adapter_id]
         self.num_evictions += 1
 
     def _load(self, adapter_id: str, weights: LoraWeights) -> _Resident:
@@ -255,7 +256,8 @@ class AdapterCache:
         res.ready = self._upload(slot, pages, packed)
         self.upload_s += time.perf_counter() - t
         self._resident[adapter_id] = res
-        self._ranks[adapter_id] = layout.ranks
+        self._targets[adapter_id] = (max(layout.ranks),
+                                     frozenset(name for name, r in zip(LORA_MODULES, layout.ranks) if r > 0))
         self.num_loads += 1
         return res
 
