@@ -43,6 +43,12 @@ def graph_keys(buckets: list[int]) -> list[tuple[int, int]]:
     return [(b, v) for b in buckets for v in range(len(LORA_VARIANTS))]
 
 
+def graph_key(buckets: list[int], n: int, lora: LoraBatch | None) -> tuple[int, int]:
+    """The graph a decode step of n tokens replays: the smallest bucket >= n, and the smallest
+    LoRA variant covering the batch's targets (lora None: no adapter in the step)."""
+    return next(b for b in buckets if b >= n), lora_variant(lora.targets if lora is not None else frozenset())
+
+
 def graph_buckets(max_batch: int) -> list[int]:
     """The batch sizes a graph is captured for, up to max_batch (a step runs in the smallest >= its size)."""
     return [b for b in BUCKETS if b < max_batch] + [max_batch]
@@ -132,8 +138,7 @@ class DecodeGraphs:
         self.model = LlamaModel(spec, weights, TritonLoraOps(capture=True, max_rank=max_rank),
                                 TritonAttentionOps(capture=True, max_seq_len=spec.max_position))
         self.pool, self.tables, self.max_rank, self.block_size = pool, tables, max_rank, block_size
-        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (bucket, LoRA variant) -> graph
-        self.logits: dict[tuple[int, int], torch.Tensor] = {}
+        # (bucket, LoRA variant) -> its graph, and the logits [b, V] it writes
         self.graphs, self.logits = capture_graphs(graph_keys(self.buckets), self._forward)
         self.variant_replays = [0] * len(LORA_VARIANTS)  # graph steps per LoRA variant (tests, metrics)
 
@@ -151,10 +156,9 @@ class DecodeGraphs:
     def run(self, batch: ModelBatch) -> torch.Tensor:
         """Logits [n, V] of an all-decode batch (every token sampled, in batch order)."""
         n = batch.input_ids.shape[0]
-        b = next(size for size in self.buckets if size >= n)
         lora = None if batch.lora is None or batch.lora.empty else batch.lora
-        key = (b, lora_variant(lora.targets if lora is not None else frozenset()))
-        self.buf.fill(b, batch.input_ids, batch.positions, batch.attn, lora)
+        key = graph_key(self.buckets, n, lora)
+        self.buf.fill(key[0], batch.input_ids, batch.positions, batch.attn, lora)
         self.graphs[key].replay()
         self.variant_replays[key[1]] += 1
         return self.logits[key][:n]

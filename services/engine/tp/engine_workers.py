@@ -135,7 +135,7 @@ def run_step(runner: RankRunner, step: wire.Step, ints: torch.Tensor | None = No
         if graphs is None:
             raise RuntimeError("a graph step reached a rank that captured no decode graphs")
         return graphs.run(ids, pos, attn, lora)
-    return runner.forward(ids, pos, attn, lora, frozenset(step.lora.targets) if step.lora is not None else frozenset())
+    return runner.forward(ids, pos, attn, lora)
 
 
 # --- the worker process ----------------------------------------------------------------------

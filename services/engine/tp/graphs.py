@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ..cuda_graphs import LORA_VARIANTS, DecodeBuffers, capture_graphs, graph_buckets, graph_keys, lora_variant
+from ..cuda_graphs import LORA_VARIANTS, DecodeBuffers, capture_graphs, graph_buckets, graph_key, graph_keys
 from ..ops.base import AttentionMeta, LoraBatch
 from .model import TpLlamaModel
 from .paged_lora import PagedLoraBatch
@@ -60,7 +60,7 @@ class TpDecodeGraphs:
         lora = None
         if targets:
             batch = self.buf.lora(b, self.max_rank, targets)
-            lora = PagedLoraBatch(r.scheme, r.pool, r.tables, batch, *self.lora_ops, targets)
+            lora = PagedLoraBatch(r.scheme, r.pool, r.tables, batch, *self.lora_ops, batch.targets)
         hidden = self.model.forward(self.buf.input_ids[:b], self.buf.positions[:b], r.pool, meta, lora)  # [b, H]
         return self.model.logits(hidden) if self.with_logits else hidden
 
@@ -74,9 +74,6 @@ class TpDecodeGraphs:
                 graph.reset()
         self.graphs, self.out = {}, {}
 
-    def bucket(self, n: int) -> int:
-        return next(size for size in self.buckets if size >= n)
-
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMeta,
             lora: LoraBatch | None) -> torch.Tensor:
         """A decode-only step of n tokens (n <= max_batch): rank 0 -> logits [n, V], else hidden [n, H].
@@ -87,7 +84,7 @@ class TpDecodeGraphs:
             raise ValueError(f"a graph step takes up to {self.max_batch} decodes, got {n} tokens, {attn.num_decodes} decodes")
         if lora is not None and lora.max_rank > self.max_rank:
             raise ValueError(f"the step's rank {lora.max_rank} exceeds the graphs' capacity {self.max_rank}")
-        key = (self.bucket(n), lora_variant(lora.targets if lora is not None else frozenset()))
+        key = graph_key(self.buckets, n, lora)
         self.buf.fill(key[0], input_ids, positions, attn, lora)
         self.replays += 1
         if not self.capture:

@@ -94,12 +94,15 @@ class RankRunner:
 
     # --- the step ------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMeta,
-                lora: LoraBatch | None, targets: frozenset[str] = frozenset()) -> torch.Tensor:
-        """lora: the step's segments (driver slots) or None; targets: the modules its adapters target
-        (from the header) -> hidden [T, H], the same on every rank."""
+                lora: LoraBatch | None) -> torch.Tensor:
+        """lora: the step's segments (driver slots) and the modules its adapters target (the
+        header's, wire.unpack_ints), or None -> hidden [T, H], the same on every rank."""
         paged = None
         if lora is not None:
-            paged = PagedLoraBatch(self.scheme, self.pool, self.tables, lora, self.shrink_ops, self.expand_ops, targets)
+            if lora.targets is None:
+                raise ValueError("a rank's LoRA batch needs the step's targets (wire.unpack_ints sets them)")
+            paged = PagedLoraBatch(self.scheme, self.pool, self.tables, lora, self.shrink_ops, self.expand_ops,
+                                   lora.targets)
         return self.model.forward(input_ids, positions, self.pool, attn, paged)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
