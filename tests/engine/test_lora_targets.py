@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from services.engine.adapters.weights import load_peft_adapter_dir
-from services.engine.cuda_graphs import LORA_VARIANTS, graph_keys, lora_variant
+from services.engine.cuda_graphs import LORA_VARIANTS, graph_key, graph_keys, lora_variant
+from services.engine.ops.base import LoraBatch
 from services.engine.engine import EngineConfig, LLMEngine, SamplingParams, generated_ids
 from services.engine.model_spec import LORA_MODULES
 
@@ -21,6 +22,17 @@ def test_variant_is_the_smallest_covering_the_targets():
     assert LORA_VARIANTS[lora_variant(frozenset({"o_proj", "up_proj"}))] == frozenset(LORA_MODULES)
     assert lora_variant(None) == len(LORA_VARIANTS) - 1  # unknown targets: every module
     assert graph_keys([1, 2]) == [(1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)]
+
+
+def test_graph_key_is_the_smallest_bucket_and_variant_that_fit():
+    def batch(targets):
+        return LoraBatch(None, None, None, None, max_rank=8, max_seg_len=1, num_segments=1, targets=targets)
+
+    buckets = [1, 2, 4, 8]
+    assert graph_key(buckets, 3, None) == (4, 0)
+    assert graph_key(buckets, 4, batch(frozenset({"q_proj", "v_proj"}))) == (4, 1)
+    assert graph_key(buckets, 5, batch(frozenset({"down_proj"}))) == (8, 2)
+    assert graph_key(buckets, 1, batch(None)) == (1, 2)
 
 
 class CountingOps:
