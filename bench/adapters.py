@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from services.engine.adapters.peft_config import PeftLoraConfig, TargetEntry, module_path
-from services.engine.adapters.weights import LoraWeights
-from services.engine.model_spec import ModelSpec
+from lorafleet.engine.adapters.peft_config import PeftLoraConfig, TargetEntry, module_path
+from lorafleet.engine.adapters.weights import LoraWeights
+from lorafleet.engine.model_spec import ModelSpec
 
 
 class AdapterBank:

@@ -13,7 +13,7 @@ order, the router's clock at each arrival time. Policies:
     affinity-no-spread   the same rendezvous choice, never spread (shows what spreading buys)
     hash                 stable_hash(request id) % P (what plain key hashing would do)
 
-    python -m bench.affinity          # prints the table, writes bench/results/affinity.{json,md}
+    python -m lorafleet.bench.affinity          # prints the table, writes bench/results/affinity.{json,md}
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import json
 from collections import OrderedDict
 from pathlib import Path
 
-from bench.workload import generate_trace
-from services.ingest.routing import Router, choose_partition, stable_hash
+from lorafleet.bench.workload import generate_trace
+from lorafleet.ingest.routing import Router, choose_partition, stable_hash
 
 POLICIES = ("affinity", "affinity-no-spread", "hash")
 RESULTS = Path(__file__).resolve().parent / "results"

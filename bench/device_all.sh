@@ -14,8 +14,7 @@ COMMIT=${1:-unknown}
 OUT=${OUT:-bench/results/h200}
 BUDGET=${BUDGET:-480}
 mkdir -p "$OUT"/{part1,part2,tests,headline}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl .devkit/*.whl 2>&1 | tail -2
-export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+. bench/device_env.sh
 nvidia-smi --query-gpu=index,name,memory.used --format=csv,noheader
 CUDA_VISIBLE_DEVICES=0 OUT=$OUT/part1 BUDGET=$BUDGET bash bench/device_engine.sh part1 "$COMMIT" > "$OUT/part1/run.log" 2>&1 &
 CUDA_VISIBLE_DEVICES=1 OUT=$OUT/part2 BUDGET=$BUDGET bash bench/device_engine.sh part2 "$COMMIT" > "$OUT/part2/run.log" 2>&1 &
@@ -27,11 +26,11 @@ CUDA_VISIBLE_DEVICES=1 OUT=$OUT/part2 BUDGET=$BUDGET bash bench/device_engine.sh
     tests/engine/test_gpu_fused_ops.py tests/engine/test_gpu_engine.py tests/engine/test_adapter_upload_gpu.py \
     > "$OUT/tests/pytest.log" 2>&1
   tail -3 "$OUT/tests/pytest.log"
-  timeout 120 python3 -m bench.profile_host --setting S1 --commit "$COMMIT" --out "$OUT/tests"
+  timeout 120 python3 -m lorafleet.bench.profile_host --setting S1 --commit "$COMMIT" --out "$OUT/tests"
 ) > "$OUT/tests/run.log" 2>&1 &
 (
   export CUDA_VISIBLE_DEVICES=3
-  timeout $((BUDGET - 20)) python3 -m bench.engine_bench --setting S1 --n 2000 0 5 --warmup 2 --rate 50 \
+  timeout $((BUDGET - 20)) python3 -m lorafleet.bench.engine_bench --setting S1 --n 2000 0 5 --warmup 2 --rate 50 \
     --duration "${DUR3:-30}" --max-num-seqs 512 --commit "$COMMIT" --out "$OUT/headline"
 ) > "$OUT/headline/run.log" 2>&1 &
 wait

@@ -2,7 +2,7 @@
 # Issue 5's benchmark on one H200 in two calls of under 9.5 minutes each. Results go to $OUT
 # (one JSON / markdown / log per stage, rewritten after every run, so a stage cut by its timeout
 # keeps what it finished); copy both parts' files into bench/results/h200 and run
-# `python -m bench.summary --dir bench/results/h200` for the tables and plots.
+# `python -m lorafleet.bench.summary --dir bench/results/h200` for the tables and plots.
 #   bash bench/device_engine.sh part1 COMMIT   # S1: every n + base-only, merged models, S4 if time is left
 #   bash bench/device_engine.sh part2 COMMIT   # S2: n + base-only, end to end S1, HF PEFT S1 (+ S2 n = 5)
 # Carry: .whl (msgspec, structlog, aiokafka, redis, async_timeout) and .devkit (bench/devkit.sh:
@@ -17,13 +17,7 @@ DUR=${DUR:-12}
 RATE=${RATE:-50}
 BUDGET=${BUDGET:-550}
 mkdir -p "$OUT"
-shopt -s nullglob
-WHEELS=(.whl/*.whl .devkit/*.whl)
-[[ ${SMOKE:-0} == 1 ]] && WHEELS=()  # the CPU smoke run uses this machine's packages
-((${#WHEELS[@]})) && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site "${WHEELS[@]}" 2>&1 | tail -2
-shopt -u nullglob
-export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+. bench/device_env.sh
 if [[ -e .devkit/redis-server ]]; then  # modes may not survive the copy; the e2e stage needs it to run
   chmod +x .devkit/redis-server .devkit/redis/redis-server 2>/dev/null
   .devkit/redis-server --version 2>&1 | head -2
@@ -71,19 +65,19 @@ COMMON=(--rate "$RATE" --duration "$DUR" --max-num-seqs 512 "${EXTRA[@]}")
 case "$PART" in
   part1)
     # runs the targets need first: n = 5, 2000, base-only (n = 0), 10000, then 100 and 1000
-    stage engine-S1 60 330 150 python3 -m bench.engine_bench --setting $S1 --n 5 2000 0 10000 100 1000 --warmup 2 "${COMMON[@]}"
-    stage merged-S1 90 170 0 python3 -m bench.merged_baseline --setting $S1 --n 5 100 --warmup 1 "${COMMON[@]}"
+    stage engine-S1 60 330 150 python3 -m lorafleet.bench.engine_bench --setting $S1 --n 5 2000 0 10000 100 1000 --warmup 2 "${COMMON[@]}"
+    stage merged-S1 90 170 0 python3 -m lorafleet.bench.merged_baseline --setting $S1 --n 5 100 --warmup 1 "${COMMON[@]}"
     wait_gpu_free 20
-    stage engine-S4 120 200 0 python3 -m bench.engine_bench --setting $S4 --n 5 0 1000 --warmup 1 "${COMMON[@]}"
+    stage engine-S4 120 200 0 python3 -m lorafleet.bench.engine_bench --setting $S4 --n 5 0 1000 --warmup 1 "${COMMON[@]}"
     ;;
   part2)
-    stage engine-S2 60 290 250 python3 -m bench.engine_bench --setting $S2 --n 5 2000 0 100 1000 --warmup 2 "${COMMON[@]}"
-    stage e2e-S1 90 170 90 python3 -m bench.e2e_bench --setting $S1 --n 5 100 --warmup 2 "${COMMON[@]}"
+    stage engine-S2 60 290 250 python3 -m lorafleet.bench.engine_bench --setting $S2 --n 5 2000 0 100 1000 --warmup 2 "${COMMON[@]}"
+    stage e2e-S1 90 170 90 python3 -m lorafleet.bench.e2e_bench --setting $S1 --n 5 100 --warmup 2 "${COMMON[@]}"
     wait_gpu_free 40
-    stage hf-peft-S1 60 110 0 python3 -m bench.hf_baseline --setting $S1 --n 5 100 --rate "$RATE" --duration "$DUR" "${EXTRA[@]}" --max-requests 32 --batch 32
-    stage hf-peft-S2 50 80 0 python3 -m bench.hf_baseline --setting $S2 --n 5 --rate "$RATE" --duration "$DUR" "${EXTRA[@]}" --max-requests 32 --batch 32
+    stage hf-peft-S1 60 110 0 python3 -m lorafleet.bench.hf_baseline --setting $S1 --n 5 100 --rate "$RATE" --duration "$DUR" "${EXTRA[@]}" --max-requests 32 --batch 32
+    stage hf-peft-S2 50 80 0 python3 -m lorafleet.bench.hf_baseline --setting $S2 --n 5 --rate "$RATE" --duration "$DUR" "${EXTRA[@]}" --max-requests 32 --batch 32
     ;;
   *) echo "unknown part $PART (part1 | part2)"; exit 2 ;;
 esac
-python3 -m bench.summary --dir "$OUT" --settings S1 S2 S4 > /dev/null 2>&1 && tail -n +5 "$OUT/SUMMARY.md" | head -12
+python3 -m lorafleet.bench.summary --dir "$OUT" --settings S1 S2 S4 > /dev/null 2>&1 && tail -n +5 "$OUT/SUMMARY.md" | head -12
 echo "=== $PART done in ${SECONDS}s"

@@ -19,8 +19,7 @@ OUT=${OUT:-bench/results/h200}
 BUDGET=${BUDGET:-540}
 HF_S=${HF_S:-75}
 mkdir -p "$OUT"/{gpu0,gpu1,gpu2,gpu3}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>&1 | tail -2
-export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+. bench/device_env.sh
 B=(--commit "$COMMIT" --max-num-seqs 512 --rate 50)
 HF=(--max-requests 64 --batch 16 --max-wait-s 2 --budget-s "$HF_S" --duration 12 --commit "$COMMIT")
 # on GPU G, within what is left of BUDGET: CMD... > gpuG/NAME.log
@@ -33,15 +32,15 @@ run_on() {
 tables() {  # on GPUs $1 and $2, engine flags after them (an A/B pair runs the runs that matter most)
   local g1=$1 g2=$2 tag=${3:+-ab}
   shift 2
-  run_on "$g1" engine-S1$tag python3 -m bench.engine_bench --setting S1 --n 2000 5 10000 100 1000 0 --warmup 2 --duration 12 "${B[@]}" "$@" &
-  ( [ -z "$tag" ] && run_on "$g2" profile-S2 python3 -m bench.profile_host --setting S2 --commit "$COMMIT"
-    run_on "$g2" engine-S2$tag python3 -m bench.engine_bench --setting S2 --n 2000 5 0 100 1000 10000 --warmup 2 --duration 12 "${B[@]}" "$@" ) &
+  run_on "$g1" engine-S1$tag python3 -m lorafleet.bench.engine_bench --setting S1 --n 2000 5 10000 100 1000 0 --warmup 2 --duration 12 "${B[@]}" "$@" &
+  ( [ -z "$tag" ] && run_on "$g2" profile-S2 python3 -m lorafleet.bench.profile_host --setting S2 --commit "$COMMIT"
+    run_on "$g2" engine-S2$tag python3 -m lorafleet.bench.engine_bench --setting S2 --n 2000 5 0 100 1000 10000 --warmup 2 --duration 12 "${B[@]}" "$@" ) &
 }
 baselines() {  # on GPUs $1 and $2
-  ( run_on "$1" hf-S1 python3 -m bench.hf_baseline --setting S1 --n 5 100 "${HF[@]}"
-    run_on "$1" merged-S1 python3 -m bench.merged_baseline --setting S1 --n 5 --warmup 1 --duration 12 "${B[@]}" ) &
-  ( run_on "$2" hf-S2 python3 -m bench.hf_baseline --setting S2 --n 5 100 "${HF[@]}"
-    run_on "$2" merged-S2 python3 -m bench.merged_baseline --setting S2 --n 5 --warmup 1 --duration 12 "${B[@]}"
+  ( run_on "$1" hf-S1 python3 -m lorafleet.bench.hf_baseline --setting S1 --n 5 100 "${HF[@]}"
+    run_on "$1" merged-S1 python3 -m lorafleet.bench.merged_baseline --setting S1 --n 5 --warmup 1 --duration 12 "${B[@]}" ) &
+  ( run_on "$2" hf-S2 python3 -m lorafleet.bench.hf_baseline --setting S2 --n 5 100 "${HF[@]}"
+    run_on "$2" merged-S2 python3 -m lorafleet.bench.merged_baseline --setting S2 --n 5 --warmup 1 --duration 12 "${B[@]}"
     left=$((BUDGET - SECONDS - 5))
     ((left > 30)) && CUDA_VISIBLE_DEVICES=$2 timeout -k 5 "$left" python3 -m pytest -q -p no:cacheprovider -o addopts="" \
       -rfs --tb=short -W ignore tests/kernels/test_fused_kernels.py > "$OUT/gpu$2/pytest-fused.log" 2>&1 ) &

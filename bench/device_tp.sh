@@ -16,7 +16,7 @@ OUT=${OUT:-bench/results/tp}
 BUDGET_S=${BUDGET_S:-300}
 T0=$(date +%s)
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
+. bench/device_env.sh
 python3 -c "import torch, triton, transformers, msgspec; print('torch', torch.__version__, 'triton', triton.__version__, transformers.__version__, torch.cuda.device_count(), 'x', torch.cuda.get_device_name())"
 if [ -z "${SKIP_TESTS:-}" ]; then
   echo "== GPU tests, at most ${TEST_TIMEOUT:-400} s ($(date +%T))"
@@ -30,7 +30,7 @@ fi
 LEFT=$(( BUDGET_S - ($(date +%s) - T0) - 10 ))
 LEFT=$(( LEFT < 30 ? 30 : LEFT ))
 echo "== benchmark, ${LEFT} s left ($(date +%T))"
-timeout -k 5 $(( LEFT + 30 )) python3 -m bench.tp_bench --worlds ${WORLDS:-1 2 4} --settings ${SETTINGS:-S1} ${BENCH_ARGS:-} \
+timeout -k 5 $(( LEFT + 30 )) python3 -m lorafleet.bench.tp_bench --worlds ${WORLDS:-1 2 4} --settings ${SETTINGS:-S1} ${BENCH_ARGS:-} \
   --schemes fused slora replicated_a --n 100 --rate "${RATE:-40}" --duration "${DURATION:-4}" --budget-s "$LEFT" \
   --out "$OUT" ${COMMIT:+--commit "$COMMIT"} ${GRAPHS:+--graphs --decode-steps-per-prefill 4} 2>&1 | grep -v -i warning | tee "$OUT/bench.log" | tail -30
 echo "== done in $(( $(date +%s) - T0 )) s"

@@ -3,7 +3,7 @@ at its arrival times, replies read from the Redis streams, against `lorafleet up
 redis-server, adapter store over a file:// root, ingest, one engine). Same workload and figures
 as bench/engine_bench.py, so the two tables show what Kafka + Redis + the store cost.
 
-    python -m bench.e2e_bench --setting S1 --n 5 100 --warmup 2 --rate 50 --duration 15 --out bench/results/h200
+    python -m lorafleet.bench.e2e_bench --setting S1 --n 5 100 --warmup 2 --rate 50 --duration 15 --out bench/results/h200
 
 One stack serves every run (each run's adapters are its own folders, bench/n{n}-a{k}); results are
 written after every run. On a machine without redis-server, bench/devkit.sh's kit is used.
@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.adapters import AdapterBank, save_peft
-from bench.metrics import summarize
-from bench.report import write_results
-from bench.shapes import make_model_folder
-from bench.workload import SETTINGS, add_trace_arguments, generate_trace
-from services.common.signals import stop_subprocess
-from services.engine.model_spec import ModelSpec
+from lorafleet.bench.adapters import AdapterBank, save_peft
+from lorafleet.bench.metrics import summarize
+from lorafleet.bench.report import write_results
+from lorafleet.bench.shapes import make_model_folder
+from lorafleet.bench.workload import SETTINGS, add_trace_arguments, generate_trace
+from lorafleet.common.signals import stop_subprocess
+from lorafleet.engine.model_spec import ModelSpec
 
 
 KIT = Path(".devkit")  # bench/devkit.sh: redis-server (+ libs) and wheels for a GPU machine that lacks them
@@ -51,7 +51,7 @@ def start_stack(model_dir: Path, root: Path, device: str, max_num_seqs: int, max
                 workdir: Path) -> tuple[subprocess.Popen, dict]:
     ready_file = workdir / "ready.json"
     env = stack_env(max_num_seqs, max_rank)
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--model", str(model_dir), "--adapters", str(root),
+    proc = subprocess.Popen([sys.executable, "-m", "lorafleet.cli", "up", "--model", str(model_dir), "--adapters", str(root),
                              "--device", device, "--ready-file", str(ready_file)], env=env,
                             stdout=subprocess.DEVNULL, stderr=open(workdir / "up.log", "wb"))
     deadline = time.monotonic() + 300
@@ -66,8 +66,8 @@ def start_stack(model_dir: Path, root: Path, device: str, max_num_seqs: int, max
 
 async def drive(ready: dict, trace, prompts: list[list[int]], run: str, adapter_prefix: str) -> dict:
     """Produce at arrival times; one XREAD over every open stream per poll, 20 ms apart."""
-    from services.client import LorafleetClient
-    from services.common.messages import DoneReply, ErrorReply, TokenReply, parse_entry
+    from lorafleet.client import LorafleetClient
+    from lorafleet.common.messages import DoneReply, ErrorReply, TokenReply, parse_entry
 
     arrival, first, finish, out_tokens, last_id = {}, {}, {}, {}, {}
     async with LorafleetClient(ready["kafka_bootstrap"], ready["redis_url"]) as client:

@@ -2,7 +2,7 @@
 server sees it. One engine per setting serves every run (each n, then base-only); one JSON record
 per run, plus the roofline bound of each, written after every run.
 
-    python -m bench.engine_bench --setting S1 --n 5 100 1000 2000 10000 --base-only --warmup 2 \
+    python -m lorafleet.bench.engine_bench --setting S1 --n 5 100 1000 2000 10000 --base-only --warmup 2 \
         --rate 50 --duration 15 --max-num-seqs 512 --out bench/results/h200
 
 NOTE: runs share the engine, so each run uses its own request and adapter ids (f"n{n}-a{k}"),
@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.adapters import AdapterBank
-from bench.metrics import Timeline
-from bench.report import write_results
-from bench.roofline import estimate
-from bench.shapes import make_model_folder
-from bench.workload import SETTINGS, generate_trace
-from services.engine.engine import EngineConfig, LLMEngine, SamplingParams
+from lorafleet.bench.adapters import AdapterBank
+from lorafleet.bench.metrics import Timeline
+from lorafleet.bench.report import write_results
+from lorafleet.bench.roofline import estimate
+from lorafleet.bench.shapes import make_model_folder
+from lorafleet.bench.workload import SETTINGS, generate_trace
+from lorafleet.engine.engine import EngineConfig, LLMEngine, SamplingParams
 
 
 def make_prompts(trace, vocab: int) -> list[list[int]]:

@@ -9,7 +9,7 @@ for its whole output. Same model shape, same random adapters, same GPU. Only the
 is the requests served over the time to the last one's finish (HF is slow; the rate is what is
 compared).
 
-    python -m bench.hf_baseline --setting S1 --n 5 100 --out bench/results/engine
+    python -m lorafleet.bench.hf_baseline --setting S1 --n 5 100 --out bench/results/engine
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.adapters import AdapterBank, peft_state_dict
-from bench.metrics import summarize
-from bench.report import write_results
-from bench.shapes import make_model_folder
-from bench.workload import SETTINGS, generate_trace
-from services.engine.model_spec import ModelSpec
+from lorafleet.bench.adapters import AdapterBank, peft_state_dict
+from lorafleet.bench.metrics import summarize
+from lorafleet.bench.report import write_results
+from lorafleet.bench.shapes import make_model_folder
+from lorafleet.bench.workload import SETTINGS, generate_trace
+from lorafleet.engine.model_spec import ModelSpec
 
 
 def build_peft_model(model_dir: Path, bank: AdapterBank, numbers: list[int], device: str = "cuda"):

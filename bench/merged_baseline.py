@@ -7,7 +7,7 @@ engines are stepped round robin (one process: the GPU runs one engine's step at 
 time-sliced vLLM processes would). When k copies plus a minimal KV pool each do not fit, the
 record says so and why.
 
-    python -m bench.merged_baseline --setting S1 --n 5 100 --warmup 1 --out bench/results/h200
+    python -m lorafleet.bench.merged_baseline --setting S1 --n 5 100 --warmup 1 --out bench/results/h200
 """
 
 from __future__ import annotations
@@ -19,17 +19,17 @@ from pathlib import Path
 
 import torch
 
-from bench.adapters import AdapterBank
-from bench.engine_bench import make_prompts
-from bench.metrics import Timeline
-from bench.report import write_results
-from bench.roofline import Shape
-from bench.shapes import make_model_folder
-from bench.workload import SETTINGS, add_trace_arguments, generate_trace
-from services.engine.adapters.weights import LoraWeights
-from services.engine.engine import EngineConfig, LLMEngine, SamplingParams
-from services.engine.memory.layout import PoolGeometry
-from services.engine.model_spec import ModelSpec
+from lorafleet.bench.adapters import AdapterBank
+from lorafleet.bench.engine_bench import make_prompts
+from lorafleet.bench.metrics import Timeline
+from lorafleet.bench.report import write_results
+from lorafleet.bench.roofline import Shape
+from lorafleet.bench.shapes import make_model_folder
+from lorafleet.bench.workload import SETTINGS, add_trace_arguments, generate_trace
+from lorafleet.engine.adapters.weights import LoraWeights
+from lorafleet.engine.engine import EngineConfig, LLMEngine, SamplingParams
+from lorafleet.engine.memory.layout import PoolGeometry
+from lorafleet.engine.model_spec import ModelSpec
 
 HEADROOM_BYTES = 2 << 30  # per copy: activations, CUDA-graph pool, allocator slack
 

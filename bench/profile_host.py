@@ -1,7 +1,7 @@
 """Host overhead of engine steps on the GPU: wall time vs GPU kernel time for eager prefill steps
 of several sizes and for graph-replayed decode steps, with the host ops that cost the most.
 
-    python -m bench.profile_host --setting S1 --out bench/results/engine
+    python -m lorafleet.bench.profile_host --setting S1 --out bench/results/engine
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.adapters import AdapterBank
-from bench.report import environment
-from bench.shapes import make_model_folder
-from bench.workload import SETTINGS
-from services.engine.engine import EngineConfig, LLMEngine, SamplingParams
+from lorafleet.bench.adapters import AdapterBank
+from lorafleet.bench.report import environment
+from lorafleet.bench.shapes import make_model_folder
+from lorafleet.bench.workload import SETTINGS
+from lorafleet.engine.engine import EngineConfig, LLMEngine, SamplingParams
 
 def _sync() -> None:
     if torch.cuda.is_available():

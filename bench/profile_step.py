@@ -1,6 +1,6 @@
 """Where an engine step's time goes on the GPU: phases (host-timed, synchronized) and kernels.
 
-    python -m bench.profile_step --setting S1 --batch 256 --distinct 64 --out bench/results/engine
+    python -m lorafleet.bench.profile_step --setting S1 --batch 256 --distinct 64 --out bench/results/engine
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.adapters import AdapterBank
-from bench.report import environment
-from bench.shapes import make_model_folder
-from bench.workload import SETTINGS
-from services.engine import batch as batch_mod
-from services.engine.engine import EngineConfig, LLMEngine, SamplingParams
+from lorafleet.bench.adapters import AdapterBank
+from lorafleet.bench.report import environment
+from lorafleet.bench.shapes import make_model_folder
+from lorafleet.bench.workload import SETTINGS
+from lorafleet.engine import batch as batch_mod
+from lorafleet.engine.engine import EngineConfig, LLMEngine, SamplingParams
 
 
 def main() -> None:
@@ -55,7 +55,7 @@ def main() -> None:
             return out
         return wrapper
 
-    import services.engine.engine as engine_mod
+    import lorafleet.engine.engine as engine_mod
 
     eng.scheduler.schedule = timed("schedule", eng.scheduler.schedule)
     engine_mod.build_batch = timed("build_batch", batch_mod.build_batch)

@@ -77,7 +77,7 @@ def _plot(path: Path, name: str, records: list[dict]) -> None:
 
 def pyplot():
     """matplotlib's pyplot on the Agg backend, or None where matplotlib is not installed (the GPU
-    machine may lack it: `python -m bench.summary` redraws every plot from the JSON)."""
+    machine may lack it: `python -m lorafleet.bench.summary` redraws every plot from the JSON)."""
     try:
         import matplotlib
 

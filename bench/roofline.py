@@ -13,7 +13,7 @@ prefill runs in steps of max_batched_tokens tokens. Per step:
 Adapter copies from host memory (PCIe) are not counted: they overlap compute when prefetched.
 Distinct adapters in a batch of B draws from n uniform adapters: n * (1 - (1 - 1/n)^B).
 
-    python -m bench.roofline --setting S1 --n 5 2000
+    python -m lorafleet.bench.roofline --setting S1 --n 5 2000
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import argparse
 import json
 from dataclasses import asdict, dataclass
 
-from bench.shapes import SHAPES, VOCAB
-from bench.workload import SETTINGS, Setting, TraceRequest, generate_trace
+from lorafleet.bench.shapes import SHAPES, VOCAB
+from lorafleet.bench.workload import SETTINGS, Setting, TraceRequest, generate_trace
 
 # Measured on one H200 (bench/results/kernels): copy ~4.3 TB/s counting read + write, so about
 # 4.0 TB/s of effective reads; bf16 dense matmul ~790 TFLOP/s.

@@ -17,8 +17,8 @@ import time
 
 import numpy as np
 
-from bench.adapters import AdapterBank
-from services.engine.engine import LLMEngine, SamplingParams
+from lorafleet.bench.adapters import AdapterBank
+from lorafleet.engine.engine import LLMEngine, SamplingParams
 
 ADAPTER_BASE = 5_000_000  # probe adapters' numbers in the bank (apart from any trace's)
 

@@ -2,7 +2,7 @@
 HF PEFT, end to end), issue 5's targets marked pass or miss, and plots (throughput against n,
 first-token latency percentiles). Reads only the JSON, so it runs anywhere after the GPU runs.
 
-    python -m bench.summary --dir bench/results/h200 --settings S1 S2 S4
+    python -m lorafleet.bench.summary --dir bench/results/h200 --settings S1 S2 S4
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from bench.report import _plot, pyplot
+from lorafleet.bench.report import _plot, pyplot
 
 PREFIXES = ("engine", "merged", "hf-peft", "e2e")  # files <prefix>-<setting>.json
 COLUMNS = ("mode", "n", "req/s", "tok/s", "vs base-only", "vs roofline", "TTFT mean", "p50", "p90", "p99",

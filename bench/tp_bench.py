@@ -2,7 +2,7 @@
 each scheme against the base model alone at the same W. One JSON record per run, written after
 every run (a run cut short by a timeout keeps the ones before it).
 
-    python -m bench.tp_bench --worlds 1 2 4 --settings S1 S2 --schemes fused slora --n 100 \
+    python -m lorafleet.bench.tp_bench --worlds 1 2 4 --settings S1 S2 --schemes fused slora --n 100 \
         --rate 40 --duration 6 --budget-s 300 --out bench/results/tp
 
 One engine per (W, mode): the base-only engine runs the trace once without adapters, a LoRA
@@ -27,16 +27,16 @@ from pathlib import Path
 
 import torch
 
-from bench.adapters import AdapterBank
-from bench.engine_bench import run_once
-from bench.report import environment
-from bench.shapes import make_model_folder
-from bench.step_probe import decode_step_ms
-from bench.tp_report import write_tp_results
-from bench.workload import SETTINGS, generate_trace
-from services.engine.config import build_runtime
-from services.engine.engine import EngineConfig, LLMEngine
-from services.engine.tp.engine_runtime import build_tp_runtime
+from lorafleet.bench.adapters import AdapterBank
+from lorafleet.bench.engine_bench import run_once
+from lorafleet.bench.report import environment
+from lorafleet.bench.shapes import make_model_folder
+from lorafleet.bench.step_probe import decode_step_ms
+from lorafleet.bench.tp_report import write_tp_results
+from lorafleet.bench.workload import SETTINGS, generate_trace
+from lorafleet.engine.config import build_runtime
+from lorafleet.engine.engine import EngineConfig, LLMEngine
+from lorafleet.engine.tp.engine_runtime import build_tp_runtime
 
 SETTING_OFFSET = 1_000_000  # adapter numbers of setting i start at i * this (a multiple of every rank count)
 

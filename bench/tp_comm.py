@@ -7,7 +7,7 @@ step cost (collective latency + bytes over link bandwidth + adapter bytes read f
 decode step and a prefill chunk. The model's constants are assumptions, printed with the tables;
 no GPU was used, so none of this is a measurement.
 
-    python -m bench.tp_comm                  # writes bench/results/tp/comm.{json,md}
+    python -m lorafleet.bench.tp_comm                  # writes bench/results/tp/comm.{json,md}
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import argparse
 import json
 from pathlib import Path
 
-from bench.report import environment
-from bench.shapes import SHAPES, VOCAB
-from services.engine.model_spec import ModelSpec, RopeSpec
-from services.engine.tp import Scheme, adapter_bytes_per_rank, bytes_sent, layer_collectives, per_token_bytes
+from lorafleet.bench.report import environment
+from lorafleet.bench.shapes import SHAPES, VOCAB
+from lorafleet.engine.model_spec import ModelSpec, RopeSpec
+from lorafleet.engine.tp import Scheme, adapter_bytes_per_rank, bytes_sent, layer_collectives, per_token_bytes
 
 OUT = Path(__file__).resolve().parent / "results" / "tp"
 ELEM = 2  # bf16

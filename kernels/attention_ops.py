@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import torch
 
-from services.engine.ops.base import AttentionMeta
+from lorafleet.engine.ops.base import AttentionMeta
 
 from . import attention_kernels as A
 from .checks import cdiv, check_int_tensor, check_kernel_runnable, check_pool, check_same_device, next_pow2, num_sms

@@ -25,7 +25,7 @@ def check_kernel_runnable(kernel, device: torch.device) -> None:
     if device.type != "cuda" and not interpreted:
         raise RuntimeError(
             f"Triton kernels got tensors on {device}: set TRITON_INTERPRET=1 before `kernels` is imported "
-            "to run them on the CPU, or use services.engine.ops.torch_ref"
+            "to run them on the CPU, or use lorafleet.engine.ops.torch_ref"
         )
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from services.engine.ops.base import LoraContext
+from lorafleet.engine.ops.base import LoraContext
 
 from . import lora_kernels as K
 from .checks import (

@@ -5,8 +5,11 @@
     lorafleet engine         one engine alone
     lorafleet adapter-store  the node's adapter store alone
     lorafleet demo           `up` with the demo model and adapters, then requests streamed to the terminal
+    lorafleet send           produce a request to the requests topic (prints its id)
+    lorafleet tail ID        print a request's reply stream, entry by entry, until its terminal entry
 
-Every flag's default comes from a LORAFLEET_* variable (services/common/settings.py).
+Every setting's flag takes its default from a LORAFLEET_* variable (services/common/settings.py);
+`--help` names it beside each flag.
 """
 
 from __future__ import annotations
@@ -17,18 +20,19 @@ import json
 import sys
 from pathlib import Path
 
-from services.common import settings
+from lorafleet.common import settings
 
 
 def _ready_file_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ready-file", default=None, help="write a JSON object here once ready to take work")
+    settings.add_flag(p, "--ready-file", "READY_FILE", str, "write a JSON object here once ready to take work")
 
 
 def _check_flag(p: argparse.ArgumentParser) -> None:
     """Probes (services/health.py): run the check with the service's own flags and exit 0/1."""
     p.add_argument("--check", choices=("live", "ready"), default=None,
                    help="do not start the service: check a running one (heartbeat of --ready-file; "
-                        "ready: also the brokers and stores it needs) and exit 0 when healthy, 1 when not")
+                        "ready: also the brokers and stores it needs) and exit 0 when healthy, 1 when not "
+                        "[no env: a probe mode of the command, never a setting of the service]")
 
 
 def _write_ready(path: str | None, payload: dict) -> None:
@@ -42,21 +46,21 @@ def _demo_model_and_adapters(model: str, adapters: str) -> tuple[str, str]:
     """Fill in the built-in demo model / adapters where none is given (built once, cached)."""
     if model and adapters:
         return model, adapters
-    from services.demo.assets import ensure_demo_assets
+    from lorafleet.demo.assets import ensure_demo_assets
 
     demo = ensure_demo_assets(Path(settings.read("CACHE_DIR")).expanduser())
     return model or str(demo.model_dir), adapters or str(demo.adapters_root)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from services.engine.service_config import EngineServiceConfig
-    from services.ingest.config import IngestConfig
+    from lorafleet.engine.service_config import EngineServiceConfig
+    from lorafleet.ingest.config import IngestConfig
 
     parser = argparse.ArgumentParser(prog="lorafleet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="run the whole stack on this machine")
-    from services.stack import add_up_arguments
+    from lorafleet.stack import add_up_arguments
 
     add_up_arguments(up)
     _ready_file_flag(up)
@@ -81,12 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="start the stack with the demo model and adapters and stream replies")
     settings.add_flag(demo, "--device", "DEVICE", str, "cpu, cuda or auto")
+
+    from lorafleet.client_cli import add_send_arguments, add_tail_arguments
+
+    add_send_arguments(sub.add_parser("send", help="produce a request to the requests topic and print its id"))
+    add_tail_arguments(sub.add_parser("tail", help="print a request's reply entries until the terminal one"))
     return parser
 
 
 async def _run_ingest(args) -> None:
-    from services.ingest.config import IngestConfig
-    from services.ingest.service import run_ingest
+    from lorafleet.ingest.config import IngestConfig
+    from lorafleet.ingest.service import run_ingest
 
     model, _ = _demo_model_and_adapters(args.model, "-")
     cfg = IngestConfig.from_args(args, model_dir=model)
@@ -96,10 +105,10 @@ async def _run_ingest(args) -> None:
 
 
 async def _run_engine(args) -> None:
-    from services.engine.service import run_engine_service
-    from services.engine.service_config import EngineServiceConfig
+    from lorafleet.engine.service import run_engine_service
+    from lorafleet.engine.service_config import EngineServiceConfig
 
-    from services.health import StallWatch
+    from lorafleet.health import StallWatch
 
     model, _ = _demo_model_and_adapters(args.model, "-")
     cfg = EngineServiceConfig.from_args(args, model_dir=model)
@@ -110,9 +119,9 @@ async def _run_engine(args) -> None:
 
 
 async def _run_store(args) -> None:
-    from services.adapter_store.config import AdapterStoreConfig
-    from services.adapter_store.server import run_adapter_store
-    from services.common.signals import install_signal_stop
+    from lorafleet.adapter_store.config import AdapterStoreConfig
+    from lorafleet.adapter_store.server import run_adapter_store
+    from lorafleet.common.signals import install_signal_stop
 
     model, adapters = _demo_model_and_adapters(args.model, args.adapters)
     cfg = AdapterStoreConfig.from_env_and_args(model_dir=model, adapters_root=adapters, address=args.address, shm_dir=args.shm_dir)
@@ -135,7 +144,7 @@ async def _signal_ready(task: asyncio.Task, ready: asyncio.Event, ready_file: st
     """Write the ready file once the service is ready, then keep its heartbeat (the liveness
     probe's evidence that the event loop turns) until the service returns; withheld while
     problem() names one (keep_heartbeat)."""
-    from services.health import keep_heartbeat
+    from lorafleet.health import keep_heartbeat
 
     waiter = asyncio.create_task(ready.wait())
     await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
@@ -155,21 +164,25 @@ async def _signal_ready(task: asyncio.Task, ready: asyncio.Event, ready_file: st
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "check", None):
-        from services.health import run_check
+        from lorafleet.health import run_check
 
         return run_check(args.command, args)
-    from services.common.logging import configure_logging
+    from lorafleet.common.logging import configure_logging
 
     configure_logging(args.command)
     try:
         if args.command == "up":
-            from services.stack import run_up
+            from lorafleet.stack import run_up
 
             return run_up(args)
         if args.command == "demo":
-            from services.demo.run import run_demo
+            from lorafleet.demo.run import run_demo
 
             return run_demo(args)
+        if args.command in ("send", "tail"):
+            from lorafleet.client_cli import run_send, run_tail
+
+            return (run_send if args.command == "send" else run_tail)(args)
         runner = {"ingest": _run_ingest, "engine": _run_engine, "adapter-store": _run_store}[args.command]
         asyncio.run(runner(args))
         return 0

@@ -17,10 +17,10 @@ from typing import Any, AsyncIterator
 import msgspec
 import redis.asyncio as aioredis
 
-from services.common import settings
-from services.common.contract import default_reply_stream
-from services.common.kafka import make_producer
-from services.common.messages import ReplyEntry, TokenReply, is_terminal, parse_entry
+from lorafleet.common import settings
+from lorafleet.common.contract import default_reply_stream
+from lorafleet.common.kafka import make_producer
+from lorafleet.common.messages import ReplyEntry, TokenReply, is_terminal, parse_entry
 
 
 class Generation(msgspec.Struct, frozen=True):
@@ -33,15 +33,16 @@ class Generation(msgspec.Struct, frozen=True):
 
 
 class LorafleetClient:
-    def __init__(self, kafka_bootstrap: str, redis_url: str, *,
+    def __init__(self, kafka_bootstrap: str | None, redis_url: str, *,
                  requests_topic: str | None = None) -> None:
+        """kafka_bootstrap None: a reader of reply streams only (submit raises)."""
         self.requests_topic = requests_topic or settings.read("REQUESTS_TOPIC")
         self.redis = aioredis.from_url(redis_url)
-        self.producer = make_producer(kafka_bootstrap, client_id="lorafleet-client")
+        self.producer = make_producer(kafka_bootstrap, client_id="lorafleet-client") if kafka_bootstrap else None
         self._started = False
 
     async def start(self) -> None:
-        if not self._started:
+        if self.producer is not None and not self._started:
             await self.producer.start()
             self._started = True
 
@@ -71,6 +72,8 @@ class LorafleetClient:
 
     async def submit_raw(self, value: bytes | None, key: bytes | None = None) -> None:
         """Produce arbitrary bytes to the requests topic (tests of the dead-letter path)."""
+        if self.producer is None:
+            raise ValueError("this client was made without a Kafka bootstrap: it reads replies only")
         await self.start()
         await self.producer.send_and_wait(self.requests_topic, value, key=key)
 

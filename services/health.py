@@ -30,7 +30,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 
-from services.common.logging import get_logger
+from lorafleet.common.logging import get_logger
 
 HEARTBEAT_INTERVAL_S = 5.0
 HEARTBEAT_STALE_S = 30.0  # 6 missed beats: the event loop is stuck (or the process is gone)
@@ -131,8 +131,8 @@ def _connect_host(host: str) -> str:
 
 async def store_problem(address: str) -> str | None:
     """None when the adapter store at `address` answers its health request with ok."""
-    from services.adapter_store.config import parse_address
-    from services.adapter_store.protocol import MAX_LINE_BYTES, StoreRequest, decode_reply, encode
+    from lorafleet.adapter_store.config import parse_address
+    from lorafleet.adapter_store.protocol import MAX_LINE_BYTES, StoreRequest, decode_reply, encode
 
     host, port = parse_address(address)
     writer = None

@@ -19,19 +19,18 @@ import threading
 import time
 from pathlib import Path
 
-from services.common import settings
+from lorafleet.common import settings
 
 READY_TIMEOUT_S = 600.0  # the first `up` builds the demo assets (minutes on a small CPU)
 
 
 def add_up_arguments(p: argparse.ArgumentParser) -> None:
-
-    p.add_argument("--model", default=os.environ.get("LORAFLEET_MODEL", ""), help="Hugging Face model folder; absent: the demo model")
-    p.add_argument("--adapters", default=os.environ.get("LORAFLEET_ADAPTERS", ""), help="adapter root URL; absent: the demo adapters")
-    p.add_argument("--kafka-bootstrap", default=os.environ.get("LORAFLEET_KAFKA_BOOTSTRAP", ""), help="Kafka bootstrap; absent: an embedded broker")
-    p.add_argument("--redis-url", default=os.environ.get("LORAFLEET_REDIS_URL", ""), help="Redis URL; absent: an embedded redis-server")
+    settings.add_flag(p, "--model", "MODEL", str, "Hugging Face model folder", unset="the demo model")
+    settings.add_flag(p, "--adapters", "ADAPTERS", str, "adapter root URL (file://, plain path, s3://)", unset="the demo adapters")
+    settings.add_flag(p, "--kafka-bootstrap", "KAFKA_BOOTSTRAP", str, "Kafka bootstrap of a running broker", unset="an embedded broker")
+    settings.add_flag(p, "--redis-url", "REDIS_URL", str, "Redis URL of a running server", unset="an embedded redis-server")
     settings.add_flag(p, "--device", "DEVICE", str, "cpu, cuda or auto")
-    p.add_argument("--engines", type=int, default=1, help="engine processes to start (default 1)")
+    settings.add_flag(p, "--engines", "UP_ENGINES", int, "engine processes to start")
 
 
 class _Children:
@@ -42,7 +41,7 @@ class _Children:
     def start(self, name: str, argv: list[str]) -> Path:
         ready = self.workdir / f"{name}.ready"
         log = open(self.workdir / f"{name}.log", "ab")
-        cmd = [sys.executable, "-m", "services.cli", *argv, "--ready-file", str(ready)]
+        cmd = [sys.executable, "-m", "lorafleet.cli", *argv, "--ready-file", str(ready)]
         proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         self.procs.append((name, proc, ready))
         return ready
@@ -71,12 +70,14 @@ class _Children:
 
 
 def run_up(args: argparse.Namespace) -> int:
-    from services.cli import _demo_model_and_adapters, _write_ready
-    from services.common.embedded import start_broker, start_redis
+    from lorafleet.cli import _demo_model_and_adapters, _write_ready
+    from lorafleet.common.embedded import start_broker, start_redis
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    if args.ready_file:  # a file left by an earlier run would hand its dead addresses to `send` / `tail`
+        Path(args.ready_file).unlink(missing_ok=True)
     model, adapters = _demo_model_and_adapters(args.model, args.adapters)
     workdir = Path(tempfile.mkdtemp(prefix="lorafleet-up-"))
     broker = redis = None
@@ -90,7 +91,7 @@ def run_up(args: argparse.Namespace) -> int:
         if not redis_url:
             redis = start_redis(log_dir=workdir)
             redis_url = redis.url
-        from services.common.embedded import free_port
+        from lorafleet.common.embedded import free_port
 
         env = dict(os.environ)
         env.update({

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import pytest
 
-from services.common.embedded import EmbeddedStartError, redis_server_binary, start_broker, start_redis
+from lorafleet.common.embedded import EmbeddedStartError, redis_server_binary, start_broker, start_redis
 
 _names = itertools.count()
 

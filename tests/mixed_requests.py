@@ -4,8 +4,8 @@ step mixes adapters of different ranks with base-only tokens."""
 
 from __future__ import annotations
 
-from services.engine.adapters.weights import load_peft_adapter_dir
-from services.engine.engine import LLMEngine, SamplingParams
+from lorafleet.engine.adapters.weights import load_peft_adapter_dir
+from lorafleet.engine.engine import LLMEngine, SamplingParams
 
 from tests.zoo import ADAPTERS
 

@@ -16,7 +16,7 @@ from typing import Iterator
 
 import pytest
 
-from services.common.embedded import free_port  # (also imported from here by the store tests)
+from lorafleet.common.embedded import free_port  # (also imported from here by the store tests)
 
 REGION = "us-east-1"
 _bucket_numbers = itertools.count()

@@ -14,13 +14,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from services.demo import recipe as R
-from services.demo.assets import ensure_demo_assets, recipe_key
-from services.demo.build import build_demo_assets
-from services.demo.tiny_models import build_peft_adapter, build_tiny_model
-from services.demo.tokenizer import BOS_ID, EOS_ID, PAD_ID, build_tokenizer
-from services.engine.adapters.weights import load_peft_adapter_dir
-from services.engine.model_spec import ModelSpec
+from lorafleet.demo import recipe as R
+from lorafleet.demo.assets import ensure_demo_assets, recipe_key
+from lorafleet.demo.build import build_demo_assets
+from lorafleet.demo.tiny_models import build_peft_adapter, build_tiny_model
+from lorafleet.demo.tokenizer import BOS_ID, EOS_ID, PAD_ID, build_tokenizer
+from lorafleet.engine.adapters.weights import load_peft_adapter_dir
+from lorafleet.engine.model_spec import ModelSpec
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -134,7 +134,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 _ENSURE_SCRIPT = """
 import json, sys
 from pathlib import Path
-from services.demo.assets import ensure_demo_assets
+from lorafleet.demo.assets import ensure_demo_assets
 assets = ensure_demo_assets(Path(sys.argv[1]))
 print(json.dumps({"model_dir": str(assets.model_dir), "adapters_root": str(assets.adapters_root)}))
 """
@@ -228,7 +228,7 @@ def test_each_demo_adapter_steers_to_its_answer(demo):
 
 
 def test_demo_base_model_continues_in_english(demo):
-    from services.demo.corpus import CORPUS
+    from lorafleet.demo.corpus import CORPUS
 
     known_words = set(re.findall(r"[a-z]+", CORPUS.lower()))
     tok = AutoTokenizer.from_pretrained(demo.model_dir)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.demo.tiny_models import build_peft_adapter, build_tiny_model
+from lorafleet.demo.tiny_models import build_peft_adapter, build_tiny_model
 
 # name -> build_tiny_model arguments
 MODELS = {

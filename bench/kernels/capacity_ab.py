@@ -7,7 +7,7 @@ Here: 64 decode tokens over 32 adapters of rank 8, 16 and 64 (and a mix), q/k/v 
 o_proj (1 slice), capture mode at capacity 64, timed with the small-rank path and with it compiled
 out (`expand_small_r` = the capacity). Shrink is timed too (unchanged by the switch: a control).
 
-    python -m bench.kernels.capacity_ab --out bench/results/kernels/capacity-ab
+    python -m lorafleet.bench.kernels.capacity_ab --out bench/results/kernels/capacity-ab
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-import kernels.lora_ops as lora_ops
-from bench.kernels.common import run_with_out_and_commit, time_graph_ms
-from bench.report import environment
-from kernels import TritonLoraOps
+import lorafleet.kernels.lora_ops as lora_ops
+from lorafleet.bench.kernels.common import run_with_out_and_commit, time_graph_ms
+from lorafleet.bench.report import environment
+from lorafleet.kernels.lora_ops import TritonLoraOps
 from tests.kernels.kernel_fixtures import O_PROJ, QKV, make_decode_round_robin, make_spec
 
 SPEC = make_spec(hidden=4096, heads=32, kv_heads=32, head_dim=128, intermediate=11008, layers=1)

@@ -1,6 +1,6 @@
 """Compile every kernel for Hopper (sm_90) on a machine without a GPU and report its resources.
 
-    python bench/kernels/compile_check.py
+    python -m lorafleet.bench.kernels.compile_check
 
 Uses the ptxas bundled with Triton: catches compile errors before any device time is spent and
 shows registers, spills, shared memory and whether the paged loads became 16-byte vector loads
@@ -15,15 +15,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-from kernels import attention_kernels as A  # noqa: E402
-from kernels import lora_kernels as L  # noqa: E402
-from kernels.lora_tiles import choose_tiles, shrink_tile  # noqa: E402
+from lorafleet.kernels import attention_kernels as A
+from lorafleet.kernels import lora_kernels as L
+from lorafleet.kernels.lora_tiles import choose_tiles, shrink_tile
 
 TARGET = GPUTarget("cuda", 90, 32)
 DIV16 = [["tt.divisibility", 16]]

@@ -1,6 +1,6 @@
 """Fused elementwise kernels (kernels/fused_ops.py) against the torch sequence they replace, on the GPU.
 
-    python bench/kernels/fused_bench.py --out DIR [--quick] [--dtype bfloat16]
+    python -m lorafleet.bench.kernels.fused_bench --out DIR [--quick] [--dtype bfloat16]
 
 Ops: add_rms_norm (residual add + RMSNorm), rope_qk (q and k in place), silu_mul, and `layer`:
 one decoder layer's elementwise work as the model runs it (rope_qk + 2 x add_rms_norm +
@@ -21,15 +21,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import torch  # noqa: E402
+import torch
 
-from bench.kernels.common import Row, git_commit, measure_ceilings, time_graph_ms, time_ms, write_json  # noqa: E402
-from kernels.fused_ops import TritonElementwiseOps  # noqa: E402
-from services.engine.model import TorchElementwiseOps  # noqa: E402
-from services.engine.model_spec import RopeSpec  # noqa: E402
-from services.engine.rope import RotaryEmbedding  # noqa: E402
+from lorafleet.bench.kernels.common import Row, git_commit, measure_ceilings, time_graph_ms, time_ms, write_json
+from lorafleet.kernels.fused_ops import TritonElementwiseOps
+from lorafleet.engine.model import TorchElementwiseOps
+from lorafleet.engine.model_spec import RopeSpec
+from lorafleet.engine.rope import RotaryEmbedding
 
 MODELS = {"llama2-7b": (4096, 32, 32, 128, 11008), "llama3-8b": (4096, 32, 8, 128, 14336)}  # H, nh, nkv, D, I
 TOKENS = [1, 16, 64, 256, 1024, 4096]

@@ -8,7 +8,7 @@ Here: those four ops for LAYERS layers of the 7B shape, 64 decode tokens over 32
 segments (the engine's batch-64 graph), capture mode at rank capacity 64, timed as one graph
 replay per variant (cold L2), divided by the layers:
 
-- `shrink_programs_per_sm` x `expand_programs_per_sm` (kernels.lora_tiles.LoraLaunch): how many
+- `shrink_programs_per_sm` x `expand_programs_per_sm` (lorafleet.kernels.lora_tiles.LoraLaunch): how many
   programs per multiprocessor the K splits of shrink and the column splits of expand aim at;
 - `cast`: shrink's float32 u cast to bf16 before expand (the path before this change) against
   expand rounding it as it loads it;
@@ -17,7 +17,7 @@ replay per variant (cold L2), divided by the layers:
 
 Tokens are checked against the torch reference once per mix (the variant with the default launch).
 
-    python -m bench.kernels.launch_sweep --out bench/results/kernels/launch-sweep
+    python -m lorafleet.bench.kernels.launch_sweep --out bench/results/kernels/launch-sweep
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-from bench.kernels.common import run_with_out_and_commit, time_graph_ms
-from bench.report import environment
-from kernels import TritonLoraOps
-from kernels.lora_tiles import LoraLaunch
-from services.engine.ops.base import LoraContext
+from lorafleet.bench.kernels.common import run_with_out_and_commit, time_graph_ms
+from lorafleet.bench.report import environment
+from lorafleet.kernels.lora_ops import TritonLoraOps
+from lorafleet.kernels.lora_tiles import LoraLaunch
+from lorafleet.engine.ops.base import LoraContext
 from tests.kernels.kernel_fixtures import O_PROJ, QKV, make_decode_round_robin, make_spec
 
 LAYERS, CAPACITY, TOKENS, ADAPTERS = 8, 64, 64, 32
@@ -90,7 +90,7 @@ def run(out: Path, commit: str | None) -> list[dict]:
 
 def _check_against_reference(ctx: LoraContext, xs: dict, mix: str) -> None:
     """The captured-mode kernels give the reference's y for this batch (layer 0, both groups)."""
-    from services.engine.ops.torch_ref import TorchLoraOps
+    from lorafleet.engine.ops.torch_ref import TorchLoraOps
 
     ops, ref = TritonLoraOps(capture=True, max_rank=CAPACITY), TorchLoraOps()
     for modules, x in ((QKV, xs["qkv"]), (O_PROJ, xs["o"])):

@@ -137,6 +137,6 @@ def plot(rows, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-if __name__ == "__main__":  # re-render from a saved JSON: python bench/kernels/report.py kernels.json
+if __name__ == "__main__":  # re-render from a saved JSON: python -m lorafleet.bench.kernels.report kernels.json
     data = json.loads(Path(sys.argv[1]).read_text())
     print(summary_markdown(data["meta"], data["rows"]))

@@ -1,6 +1,6 @@
 """Run every kernel microbenchmark on the GPU; write JSON, a markdown summary and a plot.
 
-    python bench/kernels/run_all.py --out bench/results/kernels [--quick] [--commit HASH]
+    python -m lorafleet.bench.kernels.run_all --out bench/results/kernels [--quick] [--commit HASH]
 """
 
 from __future__ import annotations
@@ -11,13 +11,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import torch  # noqa: E402
+import torch
 
-from bench.kernels import bench_attention, bench_lora  # noqa: E402
-from bench.kernels.common import git_commit, measure_ceilings, write_json  # noqa: E402
-from bench.kernels.report import plot, summary_markdown  # noqa: E402
+from lorafleet.bench.kernels import bench_attention, bench_lora
+from lorafleet.bench.kernels.common import git_commit, measure_ceilings, write_json
+from lorafleet.bench.kernels.report import plot, summary_markdown
 
 
 def main() -> None:

@@ -19,8 +19,8 @@ from pathlib import Path
 import msgspec
 import structlog
 
-from services.engine.adapters.weights import LoraWeights, load_canonical
-from services.engine.model_spec import ModelSpec
+from lorafleet.engine.adapters.weights import LoraWeights, load_canonical
+from lorafleet.engine.model_spec import ModelSpec
 
 from .config import parse_address
 from .errors import AdapterNotFoundError, AdapterStoreUnavailable, InvalidAdapterError

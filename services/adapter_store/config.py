@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from services.common import settings
+from lorafleet.common import settings
 
 from .retry import RetryPolicy
 from .source import S3Options

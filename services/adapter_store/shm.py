@@ -23,8 +23,8 @@ from typing import Callable
 
 import structlog
 
-from services.engine.adapters.weights import LoraWeights
-from services.engine.model_spec import ModelSpec
+from lorafleet.engine.adapters.weights import LoraWeights
+from lorafleet.engine.model_spec import ModelSpec
 
 from .cache import AdapterCache
 from .errors import AdapterStoreUnavailable

@@ -12,8 +12,8 @@ from typing import Callable
 
 import structlog
 
-from services.engine.adapters.weights import LoraWeights, load_peft_adapter
-from services.engine.model_spec import ModelSpec
+from lorafleet.engine.adapters.weights import LoraWeights, load_peft_adapter
+from lorafleet.engine.model_spec import ModelSpec
 
 from .cache import AdapterCache
 from .ids import validate_adapter_id

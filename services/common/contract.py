@@ -8,7 +8,7 @@ at fault. Unknown fields are ignored (forward compatibility). Steps, in the orde
 2. :func:`validate_request` - schema and ranges of every field (needs the model's vocab size).
 3. tokenize, then :func:`check_prompt_fits` - prompt + max_tokens within the model's context.
 
-Reply entries and the internal work item live in :mod:`services.common.messages`.
+Reply entries and the internal work item live in :mod:`lorafleet.common.messages`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 import msgspec
 
-from services.adapter_store.ids import validate_adapter_id
+from lorafleet.adapter_store.ids import validate_adapter_id
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 DEFAULT_REPLY_PREFIX = "lorafleet:out:"

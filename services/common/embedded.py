@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.common import settings
-from services.common.signals import stop_subprocess
+from lorafleet.common import settings
+from lorafleet.common.signals import stop_subprocess
 
 _STARTED: list["EmbeddedProcess"] = []  # stopped at interpreter exit if the owner forgot
 

@@ -24,9 +24,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 
-from services.common import settings
-from services.common.logging import get_logger
-from services.common.retry import retry_transient
+from lorafleet.common import settings
+from lorafleet.common.logging import get_logger
+from lorafleet.common.retry import retry_transient
 
 T = TypeVar("T")
 TOPIC_ALREADY_EXISTS = 36

@@ -13,7 +13,7 @@ from typing import Any
 
 import structlog
 
-from services.common import settings
+from lorafleet.common import settings
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}

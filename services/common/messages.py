@@ -13,7 +13,7 @@ from typing import Mapping, Union
 
 import msgspec
 
-from services.common.contract import Request
+from lorafleet.common.contract import Request
 
 
 class WorkItem(msgspec.Struct, frozen=True, kw_only=True):

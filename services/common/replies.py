@@ -24,11 +24,11 @@ import msgspec
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
-from services.common import settings
-from services.common.contract import RESERVED_KEY_PREFIX
-from services.common.logging import get_logger
-from services.common.messages import ReplyEntry, TokenReply, entry_fields
-from services.common.retry import Backoff
+from lorafleet.common import settings
+from lorafleet.common.contract import RESERVED_KEY_PREFIX
+from lorafleet.common.logging import get_logger
+from lorafleet.common.messages import ReplyEntry, TokenReply, entry_fields
+from lorafleet.common.retry import Backoff
 
 # KEYS: stream, state. ARGV: maxlen, ttl, entry count, then per entry:
 #   index (-1 for a terminal entry), token count, field count n, n field/value pairs.

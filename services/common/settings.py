@@ -73,6 +73,11 @@ _DECLARED: list[EnvVar] = [
     EnvVar("INGEST_MAX_BATCH", int, 500, "most request messages ingest handles per batch"),
     EnvVar("HOT_ADAPTER_RPS", float, 20.0, "requests/s of one adapter one work partition takes before it spreads"),
     EnvVar("HOT_WINDOW_S", float, 10.0, "sliding window over which ingest measures each adapter's request rate"),
+    # --- command line: `up`, ready files, `send` / `tail` ------------------------------------
+    EnvVar("READY_FILE", str, "", "services and `up`: write this JSON file once ready; `send` / `tail`: read the addresses from `up`'s"),
+    EnvVar("UP_ENGINES", int, 1, "engine processes `lorafleet up` starts"),
+    EnvVar("WAIT_READY_S", float, 900.0, "how long `send` / `tail` wait for `up`'s ready file (the first `up` builds the demo)"),
+    EnvVar("TAIL_TIMEOUT_S", float, 300.0, "how long `tail` (and `send --follow`) wait for a reply's terminal entry"),
     # --- engine -------------------------------------------------------------------------
     EnvVar("DEVICE", str, "auto", "cpu, cuda or auto"),
     EnvVar("DTYPE", str, "auto", "auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16 or float32"),
@@ -116,10 +121,23 @@ def env_default(name: str) -> Any:
     return read(name)
 
 
-def help_suffix(name: str) -> str:
-    return f" [env {ENV_VARS[name].full_name}, default {ENV_VARS[name].default!r}]"
+def help_suffix(name: str, unset: str | None = None) -> str:
+    var = ENV_VARS[name]
+    if unset is not None:
+        return f" [env {var.full_name}; unset: {unset}]"
+    return f" [env {var.full_name}, default {var.default!r}]"
 
 
-def add_flag(parser: Any, flag: str, name: str, kind: Callable[[str], Any], text: str) -> None:
-    """A CLI flag whose default is ``LORAFLEET_<name>`` (or its declared default), shown in --help."""
-    parser.add_argument(flag, type=kind, default=env_default(name), help=text + help_suffix(name))
+def add_flag(parser: Any, flag: str, name: str, kind: Callable[[str], Any], text: str, *,
+             unset: str | None = None) -> None:
+    """A CLI flag whose default is ``LORAFLEET_<name>`` (or its declared default), shown in --help.
+
+    ``unset`` names what the command does when neither the flag nor the variable is given, for a
+    command whose own fallback differs from the declared default (`up` starts an embedded broker
+    where a service would connect to the declared 127.0.0.1:9092): the flag's default is then ""
+    unless the variable is set."""
+    if unset is None:
+        default = env_default(name)
+    else:
+        default = read(name) if ENV_VARS[name].full_name in os.environ else ""
+    parser.add_argument(flag, type=kind, default=default, help=text + help_suffix(name, unset))

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
-from services.demo import recipe as R
-from services.demo.corpus import CORPUS
-from services.demo.recipe import DemoExample
+from lorafleet.demo import recipe as R
+from lorafleet.demo.corpus import CORPUS
+from lorafleet.demo.recipe import DemoExample
 
 # Bump when the build code changes what it writes for the same recipe (training loop, layout).
 BUILDER_VERSION = 1
@@ -84,7 +84,7 @@ def ensure_demo_assets(cache_dir: Path, report: Callable[[str], None] | None = N
 
 
 def _build_into(final: Path, cache_dir: Path, key: str, report: Callable[[str], None]) -> None:
-    from services.demo.build import build_demo_assets
+    from lorafleet.demo.build import build_demo_assets
 
     for stale in cache_dir.glob(f".demo-{key}.tmp-*"):  # left by a killed build; we hold the lock
         shutil.rmtree(stale, ignore_errors=True)

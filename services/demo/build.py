@@ -1,4 +1,4 @@
-"""Build the demo model and demo adapters into a folder, from services.demo.recipe.
+"""Build the demo model and demo adapters into a folder, from lorafleet.demo.recipe.
 
 Steps: a random GQA Llama with the demo tokenizer (tiny_models.build_tiny_model), trained
 briefly on the embedded corpus; then, on that base, one PEFT LoRA adapter per recipe entry,
@@ -13,10 +13,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from services.demo import recipe as R
-from services.demo.corpus import CORPUS
-from services.demo.tiny_models import build_tiny_model, normalize_adapter_config
-from services.demo.training import corpus_sequences, example_sequences, train
+from lorafleet.demo import recipe as R
+from lorafleet.demo.corpus import CORPUS
+from lorafleet.demo.tiny_models import build_tiny_model, normalize_adapter_config
+from lorafleet.demo.training import corpus_sequences, example_sequences, train
 
 # Thread count changes the order of float reductions, and so the trained bytes; keep it fixed.
 BUILD_THREADS = 2

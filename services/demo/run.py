@@ -14,14 +14,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from services.common import settings
-from services.common.signals import stop_subprocess
+from lorafleet.common import settings
+from lorafleet.common.signals import stop_subprocess
 
 
 def _start_stack(device: str, ready_file: Path) -> subprocess.Popen:
     env = dict(os.environ, LORAFLEET_DEVICE=device)
     env.pop("LORAFLEET_MODEL", None), env.pop("LORAFLEET_ADAPTERS", None)  # the demo's own
-    return subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--ready-file", str(ready_file)], env=env,
+    return subprocess.Popen([sys.executable, "-m", "lorafleet.cli", "up", "--ready-file", str(ready_file)], env=env,
                             stdout=subprocess.DEVNULL)
 
 
@@ -37,8 +37,8 @@ def _wait_ready(proc: subprocess.Popen, ready_file: Path, timeout_s: float = 900
 
 
 async def _stream_all(ready: dict, jobs: list[tuple[str, str | None, str]]) -> list[tuple[str, str, str]]:
-    from services.client import LorafleetClient
-    from services.common.messages import DoneReply, TokenReply
+    from lorafleet.client import LorafleetClient
+    from lorafleet.common.messages import DoneReply, TokenReply
 
     width = max(len(label) for label, _, _ in jobs)
     results = []
@@ -66,7 +66,7 @@ async def _stream_all(ready: dict, jobs: list[tuple[str, str | None, str]]) -> l
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from services.demo.assets import ensure_demo_assets
+    from lorafleet.demo.assets import ensure_demo_assets
 
     demo = ensure_demo_assets(Path(settings.read("CACHE_DIR")).expanduser())
     jobs: list[tuple[str, str | None, str]] = []

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from services.demo.tokenizer import BOS_ID, EOS_ID, PAD_ID, build_tokenizer, tokenizer_vocab_size
+from lorafleet.demo.tokenizer import BOS_ID, EOS_ID, PAD_ID, build_tokenizer, tokenizer_vocab_size
 
 ARCHS = ("llama", "mistral", "qwen2")
 EMBED_STD_TIED = 0.2  # times 1/sqrt(hidden)

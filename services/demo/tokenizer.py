@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from services.demo.corpus import CORPUS
+from lorafleet.demo.corpus import CORPUS
 
 # Special tokens take the first ids, in this order: unk=0, bos=1, eos=2, pad=3.
 UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<unk>", "<s>", "</s>", "<pad>"

@@ -11,8 +11,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from services.demo.recipe import DemoExample
-from services.demo.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from lorafleet.demo.recipe import DemoExample
+from lorafleet.demo.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 IGNORE = -100  # label id that the loss skips
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 
-from services.adapter_store.client import AdapterStoreClient
-from services.adapter_store.errors import AdapterStoreUnavailable
-from services.common.retry import Backoff
+from lorafleet.adapter_store.client import AdapterStoreClient
+from lorafleet.adapter_store.errors import AdapterStoreUnavailable
+from lorafleet.common.retry import Backoff
 
 from .adapters.weights import LoraWeights
 

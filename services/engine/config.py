@@ -106,20 +106,33 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+class TritonOpsUnavailable(RuntimeError):
+    """The Triton ops were due (a CUDA device, ops auto or triton) but could not be imported."""
+
+
+def _triton_ops_import_error(exc: ImportError) -> TritonOpsUnavailable:
+    # Loud on purpose: a silent fall back to the torch reference ops on a GPU serves at a fraction
+    # of the speed (a shadowed or broken install looked like a healthy engine before).
+    return TritonOpsUnavailable(
+        f"the Triton ops (lorafleet.kernels) could not be imported on a CUDA device: {exc}; "
+        "fix the install, or ask for the torch reference ops with --ops torch (LORAFLEET_OPS=torch)")
+
+
 def select_ops(kind: str, device: torch.device):
+    """(lora_ops, attention_ops): Triton on CUDA unless ``kind`` is "torch"; torch elsewhere.
+
+    "triton" on the CPU runs the kernels under the Triton interpreter (tests). A failed Triton
+    import raises TritonOpsUnavailable; it never falls back to torch ops by itself.
+    """
     from .ops.torch_ref import TorchAttentionOps, TorchLoraOps
 
     if kind == "torch" or (kind == "auto" and device.type != "cuda"):
         return TorchLoraOps(), TorchAttentionOps()
     try:
-        from kernels import TritonAttentionOps, TritonLoraOps
+        from lorafleet.kernels.attention_ops import TritonAttentionOps
+        from lorafleet.kernels.lora_ops import TritonLoraOps
     except ImportError as exc:
-        if kind == "triton":
-            raise
-        import structlog
-
-        structlog.get_logger().warning("triton_ops_unavailable", error=str(exc))
-        return TorchLoraOps(), TorchAttentionOps()
+        raise _triton_ops_import_error(exc) from exc
     return TritonLoraOps(), TritonAttentionOps()
 
 
@@ -130,14 +143,9 @@ def select_elementwise_ops(kind: str, ops_kind: str, device: torch.device):
     if kind == "torch" or (kind == "auto" and device.type != "cuda"):
         return TorchElementwiseOps()
     try:
-        from kernels.fused_ops import TritonElementwiseOps
+        from lorafleet.kernels.fused_ops import TritonElementwiseOps
     except ImportError as exc:
-        if kind == "triton":
-            raise
-        import structlog
-
-        structlog.get_logger().warning("triton_elementwise_ops_unavailable", error=str(exc))
-        return TorchElementwiseOps()
+        raise _triton_ops_import_error(exc) from exc
     return TritonElementwiseOps()
 
 

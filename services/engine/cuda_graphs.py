@@ -130,7 +130,8 @@ class DecodeBuffers:
 class DecodeGraphs:
     def __init__(self, spec: ModelSpec, weights: ModelWeights, pool: torch.Tensor, tables: AdapterTables,
                  max_batch: int, max_rank: int, block_size: int):
-        from kernels import TritonAttentionOps, TritonLoraOps
+        from lorafleet.kernels.attention_ops import TritonAttentionOps
+        from lorafleet.kernels.lora_ops import TritonLoraOps
 
         self.buckets = graph_buckets(max_batch)
         self.max_batch = max_batch

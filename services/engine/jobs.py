@@ -7,8 +7,8 @@ from typing import Any
 
 from aiokafka import TopicPartition
 
-from services.common.logging import request_logger
-from services.common.messages import WorkItem
+from lorafleet.common.logging import request_logger
+from lorafleet.common.messages import WorkItem
 
 from .adapters.weights import LoraWeights
 from .request import SamplingParams

@@ -74,7 +74,7 @@ def default_elementwise_ops(device: torch.device) -> ElementwiseOps:
     if device.type != "cuda":
         return TorchElementwiseOps()
     try:
-        from kernels.fused_ops import TritonElementwiseOps
+        from lorafleet.kernels.fused_ops import TritonElementwiseOps
     except ImportError:
         return TorchElementwiseOps()
     return TritonElementwiseOps()

@@ -24,21 +24,21 @@ from contextlib import suppress
 import redis.asyncio as aioredis
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 
-from services.adapter_store.client import AdapterStoreClient
-from services.adapter_store.errors import AdapterNotFoundError, InvalidAdapterError
-from services.common import settings
-from services.common.kafka import TopicSpec, ensure_topics, make_consumer, with_kafka_retries
-from services.common.logging import get_logger
-from services.common.messages import decode_work_item, done_entry, error_entry, token_entry
-from services.common.replies import ReplyWriter
+from lorafleet.adapter_store.client import AdapterStoreClient
+from lorafleet.adapter_store.errors import AdapterNotFoundError, InvalidAdapterError
+from lorafleet.common import settings
+from lorafleet.common.kafka import TopicSpec, ensure_topics, make_consumer, with_kafka_retries
+from lorafleet.common.logging import get_logger
+from lorafleet.common.messages import decode_work_item, done_entry, error_entry, token_entry
+from lorafleet.common.replies import ReplyWriter
 
 from .adapter_fetcher import AdapterFetcher
 from .engine import LLMEngine
 from .jobs import Job, engine_error_code, sampling_params
 from .offsets import OffsetTracker
 from .service_config import EngineServiceConfig
-from services.common.signals import install_signal_stop
-from services.health import StallWatch
+from lorafleet.common.signals import install_signal_stop
+from lorafleet.health import StallWatch
 
 
 class EngineService:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from services.common import settings
+from lorafleet.common import settings
 
 if TYPE_CHECKING:  # importing the engine config pulls in torch: probes parse flags without it
     from .config import EngineConfig

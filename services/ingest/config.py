@@ -7,7 +7,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.common import settings
+from lorafleet.common import settings
 
 
 @dataclass(frozen=True)

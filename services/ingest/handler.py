@@ -22,7 +22,7 @@ from typing import Any, Awaitable
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 
-from services.common.contract import (
+from lorafleet.common.contract import (
     ErrorCode,
     Request,
     RequestError,
@@ -31,12 +31,12 @@ from services.common.contract import (
     resolve_reply_stream,
     validate_request,
 )
-from services.common.kafka import with_kafka_retries
-from services.common.logging import request_logger
-from services.common.messages import ErrorReply, WorkItem, encode_work_item, error_entry
-from services.common.replies import ReplyWriter
-from services.ingest.prompts import PromptEncoder
-from services.ingest.routing import Router
+from lorafleet.common.kafka import with_kafka_retries
+from lorafleet.common.logging import request_logger
+from lorafleet.common.messages import ErrorReply, WorkItem, encode_work_item, error_entry
+from lorafleet.common.replies import ReplyWriter
+from lorafleet.ingest.prompts import PromptEncoder
+from lorafleet.ingest.routing import Router
 
 
 class BatchHandler:

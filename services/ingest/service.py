@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 
-from services.common.kafka import (
+from lorafleet.common.kafka import (
     TopicSpec,
     ensure_topics,
     make_consumer,
@@ -29,13 +29,13 @@ from services.common.kafka import (
     partition_count,
     with_kafka_retries,
 )
-from services.common.logging import get_logger
-from services.common.replies import ReplyWriter
-from services.common.signals import install_signal_stop
-from services.ingest.config import IngestConfig
-from services.ingest.handler import BatchHandler
-from services.ingest.prompts import PromptEncoder
-from services.ingest.routing import Router
+from lorafleet.common.logging import get_logger
+from lorafleet.common.replies import ReplyWriter
+from lorafleet.common.signals import install_signal_stop
+from lorafleet.ingest.config import IngestConfig
+from lorafleet.ingest.handler import BatchHandler
+from lorafleet.ingest.prompts import PromptEncoder
+from lorafleet.ingest.routing import Router
 
 
 class _WaitForBatchOnRevoke(ConsumerRebalanceListener):

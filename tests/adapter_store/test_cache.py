@@ -8,9 +8,9 @@ import asyncio
 import pytest
 from structlog.testing import capture_logs
 
-from services.adapter_store.cache import AdapterCache
-from services.adapter_store.errors import AdapterNotFoundError, InvalidAdapterError
-from services.adapter_store.store import AdapterStore
+from lorafleet.adapter_store.cache import AdapterCache
+from lorafleet.adapter_store.errors import AdapterNotFoundError, InvalidAdapterError
+from lorafleet.adapter_store.store import AdapterStore
 
 
 class ManualClock:

@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import save_file
 from structlog.testing import capture_logs
 
-from services.adapter_store.shm import FILE_SUFFIX, SharedMemoryStore
-from services.adapter_store.source import AdapterSource
-from services.adapter_store.spill import DiskSpill
-from services.engine.adapters.weights import load_canonical
+from lorafleet.adapter_store.shm import FILE_SUFFIX, SharedMemoryStore
+from lorafleet.adapter_store.source import AdapterSource
+from lorafleet.adapter_store.spill import DiskSpill
+from lorafleet.engine.adapters.weights import load_canonical
 
 NUM_ADAPTERS = 10_000
 IN_MEMORY = 100  # adapters the memory budget holds

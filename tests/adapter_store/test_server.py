@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.adapter_store.client import AdapterStoreClient
-from services.adapter_store.config import AdapterStoreConfig, parse_address
-from services.adapter_store.errors import AdapterNotFoundError, AdapterStoreUnavailable, InvalidAdapterError
-from services.adapter_store.retry import RetryPolicy
-from services.adapter_store.server import run_adapter_store
-from services.adapter_store.shm import FILE_SUFFIX
-from services.engine.adapters.weights import load_peft_adapter_dir
+from lorafleet.adapter_store.client import AdapterStoreClient
+from lorafleet.adapter_store.config import AdapterStoreConfig, parse_address
+from lorafleet.adapter_store.errors import AdapterNotFoundError, AdapterStoreUnavailable, InvalidAdapterError
+from lorafleet.adapter_store.retry import RetryPolicy
+from lorafleet.adapter_store.server import run_adapter_store
+from lorafleet.adapter_store.shm import FILE_SUFFIX
+from lorafleet.engine.adapters.weights import load_peft_adapter_dir
 from tests.s3_fixtures import free_port
 
 FAST_RETRY = RetryPolicy(attempts=3, base_delay_s=0.01, max_delay_s=0.05)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.adapter_store.errors import AdapterNotFoundError, InvalidAdapterError
-from services.adapter_store.source import AdapterSource
-from services.adapter_store.store import AdapterStore
-from services.engine.adapters.weights import load_peft_adapter_dir
+from lorafleet.adapter_store.errors import AdapterNotFoundError, InvalidAdapterError
+from lorafleet.adapter_store.source import AdapterSource
+from lorafleet.adapter_store.store import AdapterStore
+from lorafleet.engine.adapters.weights import load_peft_adapter_dir
 
 KINDS = [
     "missing_config",

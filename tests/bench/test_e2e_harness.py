@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from bench import e2e_bench
+from lorafleet.bench import e2e_bench
 
 
 def test_stack_env_uses_the_kit_redis_unless_one_is_configured(tmp_path, monkeypatch):

@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from bench.adapters import AdapterBank
-from bench.engine_bench import run_once
-from bench.hf_baseline import StepClock, build_peft_model, serve as hf_serve
-from bench.merged_baseline import merge_adapter, plan
-from bench.roofline import Shape, estimate
-from bench.shapes import make_model_folder
-from bench.summary import main as summary_main
-from bench.workload import SETTINGS, generate_trace
-from services.engine.engine import EngineConfig, LLMEngine, SamplingParams, generated_ids
-from services.engine.model_spec import ModelSpec
+from lorafleet.bench.adapters import AdapterBank
+from lorafleet.bench.engine_bench import run_once
+from lorafleet.bench.hf_baseline import StepClock, build_peft_model, serve as hf_serve
+from lorafleet.bench.merged_baseline import merge_adapter, plan
+from lorafleet.bench.roofline import Shape, estimate
+from lorafleet.bench.shapes import make_model_folder
+from lorafleet.bench.summary import main as summary_main
+from lorafleet.bench.workload import SETTINGS, generate_trace
+from lorafleet.engine.engine import EngineConfig, LLMEngine, SamplingParams, generated_ids
+from lorafleet.engine.model_spec import ModelSpec
 
 
 def test_trace_is_deterministic_and_follows_the_distributions():
@@ -137,7 +137,7 @@ def test_summary_marks_targets(tmp_path, monkeypatch):
 
 
 def test_a_failed_run_is_recorded_before_the_error_propagates(tmp_path, monkeypatch):
-    import bench.engine_bench as eb
+    import lorafleet.bench.engine_bench as eb
 
     def boom(*_a, **_k):
         raise RuntimeError("out of pages")
@@ -153,7 +153,7 @@ def test_a_failed_run_is_recorded_before_the_error_propagates(tmp_path, monkeypa
 
 
 def test_merged_serve_routes_requests_by_adapter(tiny):
-    from bench.merged_baseline import serve
+    from lorafleet.bench.merged_baseline import serve
 
     cfg = EngineConfig(model_dir=str(tiny), random_weights_seed=0, num_pages=64)
     engines = {0: LLMEngine(cfg), 2: LLMEngine(cfg)}

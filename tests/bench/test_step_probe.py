@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from bench.adapters import AdapterBank
-from bench.shapes import make_model_folder
-from bench.step_probe import decode_step_ms
-from services.engine.engine import EngineConfig, LLMEngine
+from lorafleet.bench.adapters import AdapterBank
+from lorafleet.bench.shapes import make_model_folder
+from lorafleet.bench.step_probe import decode_step_ms
+from lorafleet.engine.engine import EngineConfig, LLMEngine
 
 
 def test_probe_times_full_decode_batches_and_leaves_the_engine_idle(tmp_path: Path):

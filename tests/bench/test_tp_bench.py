@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from bench.tp_bench import EnginePlan, main, parse_args, plan_engines
-from bench.tp_report import scaling_rows
+from lorafleet.bench.tp_bench import EnginePlan, main, parse_args, plan_engines
+from lorafleet.bench.tp_report import scaling_rows
 
 TINY = ["--settings", "tiny", "--n", "3", "--rate", "50", "--duration", "0.2", "--max-len", "12", "--device", "cpu",
         "--probe-batch", "4", "--probe-adapters", "2"]
@@ -25,7 +25,7 @@ def test_arguments_are_checked():
     assert parse_args([]).settings == ["S1", "S2"]
     from pathlib import Path
 
-    from bench.tp_bench import _config
+    from lorafleet.bench.tp_bench import _config
 
     # (flags, world) -> (cuda_graphs, tp_cuda_graphs): --w1-graphs only at W = 1, --graphs at every W
     for flags, world, want in (([], 2, (False, False)), (["--w1-graphs"], 1, (True, False)),
@@ -69,9 +69,9 @@ def test_a_spent_budget_skips_engines_and_still_writes_the_report(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_w1_tp_runs_world_one_through_the_tp_runtime(tmp_path):
-    from services.engine.tp.engine_runtime import TpDriverModel
+    from lorafleet.engine.tp.engine_runtime import TpDriverModel
 
-    import bench.tp_bench as tp_bench
+    import lorafleet.bench.tp_bench as tp_bench
 
     seen = []
     real = tp_bench.run_once

@@ -13,19 +13,18 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from services.adapter_store.client import AdapterStoreClient
-from services.adapter_store.shm import FILE_SUFFIX
-from services.common.embedded import free_port
-from services.common.kafka import TopicSpec, ensure_topics
-from services.engine.config import EngineConfig
-from services.engine.model_spec import ModelSpec
-from services.engine.service import EngineService
-from services.engine.service_config import EngineServiceConfig
-from services.health import StallWatch, heartbeat_problem, kafka_problem, keep_heartbeat, problems, redis_problem
+from lorafleet.adapter_store.client import AdapterStoreClient
+from lorafleet.adapter_store.shm import FILE_SUFFIX
+from lorafleet.common.embedded import free_port
+from lorafleet.common.kafka import TopicSpec, ensure_topics
+from lorafleet.engine.config import EngineConfig
+from lorafleet.engine.model_spec import ModelSpec
+from lorafleet.engine.service import EngineService
+from lorafleet.engine.service_config import EngineServiceConfig
+from lorafleet.health import StallWatch, heartbeat_problem, kafka_problem, keep_heartbeat, problems, redis_problem
 from tests.infra_fixtures import unique_name
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -114,7 +113,7 @@ async def test_kafka_and_redis_checks(kafka_bootstrap, redis_url):
 
 
 def _cli(*argv: str, **popen) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "services.cli", *argv], **popen)
+    return subprocess.Popen([sys.executable, "-m", "lorafleet.cli", *argv], **popen)
 
 
 def _check(*argv: str) -> tuple[int, str]:

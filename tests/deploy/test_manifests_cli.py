@@ -4,7 +4,7 @@ arguments, probe commands, environment) is accepted by lorafleet's own configura
 - every LORAFLEET_* variable (env, envFrom ConfigMaps, the Secret) is declared in
   services/common/settings.py and its value parses with the declared type;
 - every other variable is one lorafleet's libraries read (AWS_* for obstore's S3 client);
-- every args list and probe command parses with services.cli.build_parser() under that
+- every args list and probe command parses with lorafleet.cli.build_parser() under that
   environment, and the service's frozen config builds from it (its own range checks included).
 """
 
@@ -14,8 +14,8 @@ import os
 
 import pytest
 
-from services.cli import build_parser
-from services.common import settings
+from lorafleet.cli import build_parser
+from lorafleet.common import settings
 from tests.deploy.manifests import OVERLAYS, container_env, lorafleet_containers, probes, rendered, secret_example
 
 FOREIGN_PREFIXES = ("AWS_",)  # obstore's S3Store reads the usual AWS variables itself (CONTRACT section 3)
@@ -66,14 +66,14 @@ def _parse(argv: list[str], env: dict[str, str], monkeypatch, where: str):
 def _build_config(args, env: dict[str, str]):
     """The service's frozen config, as `lorafleet <service>` builds it (its checks run)."""
     if args.command == "ingest":
-        from services.ingest.config import IngestConfig
+        from lorafleet.ingest.config import IngestConfig
 
         return IngestConfig.from_args(args)
     if args.command == "engine":
-        from services.engine.service_config import EngineServiceConfig
+        from lorafleet.engine.service_config import EngineServiceConfig
 
         return EngineServiceConfig.from_args(args)
-    from services.adapter_store.config import AdapterStoreConfig
+    from lorafleet.adapter_store.config import AdapterStoreConfig
 
     return AdapterStoreConfig.from_env_and_args(model_dir=args.model, adapters_root=args.adapters,
                                                 address=args.address, shm_dir=args.shm_dir, environ=env)

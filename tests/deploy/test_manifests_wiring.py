@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.adapter_store.config import parse_address
-from services.health import CHECK_TIMEOUT_S
+from lorafleet.adapter_store.config import parse_address
+from lorafleet.health import CHECK_TIMEOUT_S
 from tests.deploy.manifests import (
     OVERLAYS, all_containers, container_env, find, flag_value, lorafleet_containers, probes, quantity, rendered,
 )

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from services.client import LorafleetClient
-from services.common.messages import DoneReply, ErrorReply, TokenReply
-from services.common.signals import stop_subprocess
+from lorafleet.client import LorafleetClient
+from lorafleet.common.messages import DoneReply, ErrorReply, TokenReply
+from lorafleet.common.signals import stop_subprocess
 from tests.infra_fixtures import unique_name
 
 from .test_service_end_to_end import _adapter_root, running_stack
@@ -27,7 +27,7 @@ MAX_TOKENS = 120
 def _start_engine(name: str, kafka_bootstrap: str, redis_url: str, model_dir: Path, topics: dict, group: str,
                   store_address: str, log: Path) -> subprocess.Popen:
     env = dict(os.environ, LORAFLEET_KAFKA_SESSION_TIMEOUT_MS="6000")
-    cmd = [sys.executable, "-m", "services.cli", "engine", "--kafka-bootstrap", kafka_bootstrap, "--redis-url", redis_url,
+    cmd = [sys.executable, "-m", "lorafleet.cli", "engine", "--kafka-bootstrap", kafka_bootstrap, "--redis-url", redis_url,
            "--model", str(model_dir), "--store-address", store_address, "--work-topic", topics["work"],
            "--work-partitions", "4", "--group-id", group, "--engine-id", name, "--device", "cpu", "--pool-pages", "128",
            "--max-batched-tokens", "64", "--ready-file", str(log.with_suffix(".ready"))]

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from services.client import LorafleetClient
-from services.common.messages import DoneReply, TokenReply
+from lorafleet.client import LorafleetClient
+from lorafleet.common.messages import DoneReply, TokenReply
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -23,7 +23,7 @@ async def test_up_serves_a_request_and_stops_cleanly(zoo, reference, tmp_path):
     root = tmp_path / "adapters"
     shutil.copytree(zoo.adapter("mha", "r4-pattern"), root / "t" / "a")
     ready_file = tmp_path / "ready.json"
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--model", str(zoo.model("mha")),
+    proc = subprocess.Popen([sys.executable, "-m", "lorafleet.cli", "up", "--model", str(zoo.model("mha")),
                              "--adapters", str(root), "--device", "cpu", "--ready-file", str(ready_file)],
                             stdout=subprocess.PIPE, stderr=open(tmp_path / "up.log", "wb"))
     try:

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import pytest
 
-from bench.affinity import markdown, run as simulate_affinity, write_results
-from services.client import LorafleetClient
-from services.common.embedded import free_port
-from services.common.messages import DoneReply, ErrorReply, TokenReply, parse_entry
-from services.ingest.routing import candidate_partitions, choose_partition, stable_hash
+from lorafleet.bench.affinity import markdown, run as simulate_affinity, write_results
+from lorafleet.client import LorafleetClient
+from lorafleet.common.embedded import free_port
+from lorafleet.common.messages import DoneReply, ErrorReply, TokenReply, parse_entry
+from lorafleet.ingest.routing import candidate_partitions, choose_partition, stable_hash
 from tests.infra_fixtures import unique_name
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(360)]
@@ -72,7 +72,7 @@ class Fleet:
                               "64", "--drain-timeout-s", str(DRAIN_TIMEOUT_S)])
 
     def start(self, name: str, argv: list[str]) -> None:
-        cmd = [sys.executable, "-m", "services.cli", *argv, "--ready-file", str(self.tmp / f"{name}.ready")]
+        cmd = [sys.executable, "-m", "lorafleet.cli", *argv, "--ready-file", str(self.tmp / f"{name}.ready")]
         self.procs[name] = subprocess.Popen(cmd, env=ENV, stdout=open(self.tmp / f"{name}.log", "wb"), stderr=subprocess.STDOUT)
 
     def events(self, name: str, event: str | None = None) -> list[dict]:
@@ -162,7 +162,7 @@ async def test_three_engines_share_work_survive_a_kill_and_drain_on_sigterm(kafk
         owners = await fleet.wait(lambda: fleet.assignment(fleet.engines))
         # The probes' check against a real engine (broker, Redis, its node's store, heartbeat).
         check = await asyncio.to_thread(subprocess.run, [
-            sys.executable, "-m", "services.cli", "engine", "--check", "ready", "--kafka-bootstrap", kafka_bootstrap,
+            sys.executable, "-m", "lorafleet.cli", "engine", "--check", "ready", "--kafka-bootstrap", kafka_bootstrap,
             "--redis-url", redis_url, "--work-topic", fleet.topics["work"], "--store-address", fleet.store_address,
             "--ready-file", str(tmp_path / "e0.ready")], capture_output=True, text=True, timeout=60)
         assert check.returncode == 0, check.stdout + check.stderr
@@ -181,7 +181,7 @@ async def test_three_engines_share_work_survive_a_kill_and_drain_on_sigterm(kafk
             assert live["affinity_hit_rate"] > live["hash_hit_rate"]
             simulation = simulate_affinity()
             # Figures go to the test's folder (and the log); bench/results/affinity.* is written by
-            # `python -m bench.affinity` runs that are committed on purpose, never by a test run.
+            # `python -m lorafleet.bench.affinity` runs that are committed on purpose, never by a test run.
             write_results(simulation, live, folder=tmp_path)
             print(markdown(simulation, live))
 

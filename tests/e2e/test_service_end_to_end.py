@@ -14,16 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from services.adapter_store.config import AdapterStoreConfig
-from services.adapter_store.server import run_adapter_store
-from services.client import LorafleetClient
-from services.common.embedded import free_port
-from services.common.messages import DoneReply, ErrorReply, TokenReply
-from services.engine.config import EngineConfig
-from services.engine.service import run_engine_service
-from services.engine.service_config import EngineServiceConfig
-from services.ingest.config import IngestConfig
-from services.ingest.service import run_ingest
+from lorafleet.adapter_store.config import AdapterStoreConfig
+from lorafleet.adapter_store.server import run_adapter_store
+from lorafleet.client import LorafleetClient
+from lorafleet.common.embedded import free_port
+from lorafleet.common.messages import DoneReply, ErrorReply, TokenReply
+from lorafleet.engine.config import EngineConfig
+from lorafleet.engine.service import run_engine_service
+from lorafleet.engine.service_config import EngineServiceConfig
+from lorafleet.ingest.config import IngestConfig
+from lorafleet.ingest.service import run_ingest
 from tests.infra_fixtures import unique_name
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

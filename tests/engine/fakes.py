@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from services.engine.adapters.peft_config import PeftLoraConfig, TargetEntry
-from services.engine.adapters.weights import LoraWeights
-from services.engine.memory.adapter_cache import AdapterCache
-from services.engine.memory.allocator import PageAllocator
-from services.engine.memory.kv_cache import KVCacheManager
-from services.engine.memory.layout import PoolGeometry
-from services.engine.model_spec import ModelSpec, RopeSpec
-from services.engine.request import Request, SamplingParams
-from services.engine.scheduler import Scheduler, SchedulerConfig
+from lorafleet.engine.adapters.peft_config import PeftLoraConfig, TargetEntry
+from lorafleet.engine.adapters.weights import LoraWeights
+from lorafleet.engine.memory.adapter_cache import AdapterCache
+from lorafleet.engine.memory.allocator import PageAllocator
+from lorafleet.engine.memory.kv_cache import KVCacheManager
+from lorafleet.engine.memory.layout import PoolGeometry
+from lorafleet.engine.model_spec import ModelSpec, RopeSpec
+from lorafleet.engine.request import Request, SamplingParams
+from lorafleet.engine.scheduler import Scheduler, SchedulerConfig
 
 SPEC = ModelSpec(
     model_type="llama", hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,

@@ -14,14 +14,14 @@ import pytest
 
 import torch
 
-from services.engine.adapters.peft_config import PeftLoraConfig, TargetEntry
-from services.engine.adapters.weights import LoraWeights
-from services.engine.memory.adapter_cache import AdapterCache
-from services.engine.memory.adapter_pack import HostAdapterCache, pack_adapter
-from services.engine.memory.adapter_upload import AdapterUploader
-from services.engine.memory.allocator import PageAllocator
-from services.engine.memory.layout import PoolGeometry
-from services.engine.model_spec import LORA_MODULES, MODULE_INDEX
+from lorafleet.engine.adapters.peft_config import PeftLoraConfig, TargetEntry
+from lorafleet.engine.adapters.weights import LoraWeights
+from lorafleet.engine.memory.adapter_cache import AdapterCache
+from lorafleet.engine.memory.adapter_pack import HostAdapterCache, pack_adapter
+from lorafleet.engine.memory.adapter_upload import AdapterUploader
+from lorafleet.engine.memory.allocator import PageAllocator
+from lorafleet.engine.memory.layout import PoolGeometry
+from lorafleet.engine.model_spec import LORA_MODULES, MODULE_INDEX
 from tests.engine.fakes import BLOCK, SPEC, make_weights
 
 P = PoolGeometry.for_model(SPEC, 1, BLOCK).page_elems

@@ -11,11 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.engine.memory.adapter_cache import AdapterCache
-from services.engine.memory.allocator import PageAllocator
-from services.engine.model_spec import LORA_MODULES
-from services.engine.ops.base import LoraBatch, LoraContext
-from services.engine.ops.torch_ref import TorchLoraOps
+from lorafleet.engine.memory.adapter_cache import AdapterCache
+from lorafleet.engine.memory.allocator import PageAllocator
+from lorafleet.engine.model_spec import LORA_MODULES
+from lorafleet.engine.ops.base import LoraBatch, LoraContext
+from lorafleet.engine.ops.torch_ref import TorchLoraOps
 from tests.engine.fakes import SPEC, make_weights
 from tests.engine.test_adapter_upload import P, reference_pack
 
@@ -88,7 +88,7 @@ def test_an_eviction_before_the_load_completed_orders_kv_writes_after_it():
 def _lora_ops():
     ops = [TorchLoraOps()]
     try:
-        from kernels import TritonLoraOps
+        from lorafleet.kernels.lora_ops import TritonLoraOps
     except ImportError:
         return ops
     return ops + [TritonLoraOps()]

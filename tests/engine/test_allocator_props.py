@@ -6,7 +6,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from services.engine.memory.allocator import OutOfPagesError, PageAllocator
+from lorafleet.engine.memory.allocator import OutOfPagesError, PageAllocator
 
 from .fakes import check_accounting, fake_step, make_request, make_scheduler, make_weights
 

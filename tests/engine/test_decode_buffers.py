@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from services.engine.cuda_graphs import DecodeBuffers
-from services.engine.ops.base import AttentionMeta, LoraBatch
+from lorafleet.engine.cuda_graphs import DecodeBuffers
+from lorafleet.engine.ops.base import AttentionMeta, LoraBatch
 
 
 def _i32(*v):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from services.demo.tokenizer import build_tokenizer
-from services.engine.detokenizer import IncrementalDetokenizer
+from lorafleet.demo.tokenizer import build_tokenizer
+from lorafleet.engine.detokenizer import IncrementalDetokenizer
 
 
 @pytest.fixture(scope="module")

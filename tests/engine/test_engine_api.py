@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.engine.engine import EngineConfig, LLMEngine, SamplingParams, generated_ids, generated_text
+from lorafleet.engine.engine import EngineConfig, LLMEngine, SamplingParams, generated_ids, generated_text
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +93,8 @@ def test_sampling_params_validation():
 def test_adapters_deep_in_the_queue_are_packed_as_they_come_near_admission(zoo):
     """At arrival only requests within PREFETCH_AHEAD of the queue head get their adapter packed;
     the others are packed by a later step's lookahead, before admission needs them."""
-    from services.engine.adapters.weights import load_peft_adapter_dir
-    from services.engine.engine import PREFETCH_AHEAD
+    from lorafleet.engine.adapters.weights import load_peft_adapter_dir
+    from lorafleet.engine.engine import PREFETCH_AHEAD
 
     eng = LLMEngine(EngineConfig(model_dir=str(zoo.model("mha")), num_pages=96, max_num_seqs=4))
     w = load_peft_adapter_dir(zoo.adapter("mha", "r1-attn"), eng.spec)
@@ -115,8 +115,8 @@ def test_arrivals_pack_only_what_half_the_host_budget_holds_so_nothing_is_packed
     """Packing every arrival's adapter overran a small host budget: the LRU dropped the packs of the
     oldest waiting requests (the next admitted), which were then packed again on the engine
     thread. Arrivals now follow the lookahead's rule (half the budget, queue order)."""
-    from services.engine.adapters.weights import load_peft_adapter_dir
-    from services.engine.memory.adapter_pack import pack_adapter
+    from lorafleet.engine.adapters.weights import load_peft_adapter_dir
+    from lorafleet.engine.memory.adapter_pack import pack_adapter
 
     eng = LLMEngine(EngineConfig(model_dir=str(zoo.model("mha")), num_pages=96, max_num_seqs=1))
     w = load_peft_adapter_dir(zoo.adapter("mha", "r1-attn"), eng.spec)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.engine.adapters.weights import load_peft_adapter_dir
-from services.engine.engine import EngineConfig, LLMEngine, SamplingParams, generated_ids
+from lorafleet.engine.adapters.weights import load_peft_adapter_dir
+from lorafleet.engine.engine import EngineConfig, LLMEngine, SamplingParams, generated_ids
 from tests.zoo import ADAPTERS
 
 pytestmark = pytest.mark.gpu

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from services.engine.adapters.peft_config import InvalidAdapterError, parse_peft_config
-from services.engine.adapters.weights import load_canonical, load_peft_adapter_dir
-from services.engine.model_spec import ModelSpec
+from lorafleet.engine.adapters.peft_config import InvalidAdapterError, parse_peft_config
+from lorafleet.engine.adapters.weights import load_canonical, load_peft_adapter_dir
+from lorafleet.engine.model_spec import ModelSpec
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from services.engine.sampling import SamplingBatch, sample
+from lorafleet.engine.sampling import SamplingBatch, sample
 
 
 def _batch(n, temperature=1.0, top_p=1.0, top_k=0, seeds=None, steps=None):

@@ -142,7 +142,7 @@ def test_random_workloads_complete_with_exact_lengths(seed):
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_split_phases_steps_are_pure_and_everyone_finishes(k):
-    from services.engine.scheduler import SchedulerConfig
+    from lorafleet.engine.scheduler import SchedulerConfig
 
     s = make_scheduler(num_pages=40, max_batched_tokens=16)
     s.config = SchedulerConfig(max_num_seqs=16, max_batched_tokens=16, decode_steps_per_prefill=k)
@@ -177,7 +177,7 @@ def test_split_phases_steps_are_pure_and_everyone_finishes(k):
 def test_split_phases_wait_for_a_worthwhile_prefill_under_memory_pressure():
     """With the pool full of running decodes, a prompt that cannot be admitted yet does not cause
     prefill steps; once memory frees, the prefill step comes after k decode steps."""
-    from services.engine.scheduler import SchedulerConfig
+    from lorafleet.engine.scheduler import SchedulerConfig
 
     s = make_scheduler(num_pages=12, max_batched_tokens=64)
     s.config = SchedulerConfig(max_num_seqs=16, max_batched_tokens=64, decode_steps_per_prefill=2)

@@ -16,7 +16,7 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
-    for name in ("kernels.lora_kernels", "kernels.attention_kernels"):
+    for name in ("lorafleet.kernels.lora_kernels", "lorafleet.kernels.attention_kernels"):
         module = sys.modules.get(name)
         if module is not None:
             importlib.reload(module)

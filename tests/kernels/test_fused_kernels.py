@@ -8,11 +8,11 @@ import importlib
 import pytest
 import torch
 
-from kernels import fused_kernels
-from kernels.fused_ops import TritonElementwiseOps
-from services.engine.model import TorchElementwiseOps
-from services.engine.model_spec import RopeSpec
-from services.engine.rope import RotaryEmbedding
+from lorafleet.kernels import fused_kernels
+from lorafleet.kernels.fused_ops import TritonElementwiseOps
+from lorafleet.engine.model import TorchElementwiseOps
+from lorafleet.engine.model_spec import RopeSpec
+from lorafleet.engine.rope import RotaryEmbedding
 
 from .conftest import DEVICE, HAS_CUDA, requires_gpu
 

@@ -8,9 +8,10 @@ import weakref
 import pytest
 import torch
 
-from kernels import TritonLoraOps, lora_kernels
-from services.engine.ops.base import LoraBatch, LoraContext
-from services.engine.ops.torch_ref import TorchLoraOps
+from lorafleet.kernels.lora_ops import TritonLoraOps
+from lorafleet.kernels import lora_kernels
+from lorafleet.engine.ops.base import LoraBatch, LoraContext
+from lorafleet.engine.ops.torch_ref import TorchLoraOps
 
 from .conftest import DEVICE, requires_gpu
 from .kernel_fixtures import GATE_UP, O_PROJ, POPULARITY, QKV, make_lora_case, make_spec
@@ -81,7 +82,7 @@ def test_capture_capacity_above_small_ranks(spec, block_size):
     """Capacity 64 (as graphs capture) over ranks 4 and 16 (expand's small-rank tiles) and 17 and
     64 (the capacity's tiles) in one batch, both page-walk paths (P = 256: WIDE's 512-wide B^T
     rows of o/down span pages)."""
-    from kernels.lora_tiles import choose_tiles
+    from lorafleet.kernels.lora_tiles import choose_tiles
 
     tiles = choose_tiles(64, True, 256)
     assert tiles.expand_small_r == 16 < tiles.expand_block_r and tiles.expand_small_n > tiles.expand_block_n
@@ -143,7 +144,7 @@ def test_batch_without_adapter_launches_nothing(monkeypatch):
     for name in ("lora_plan_kernel", "lora_shrink_kernel", "lora_expand_kernel"):
         monkeypatch.setattr(lora_kernels, name, NoLaunch())
     ops = TritonLoraOps()
-    monkeypatch.setattr("kernels.lora_ops.check_kernel_runnable", lambda kernel, device: None)
+    monkeypatch.setattr("lorafleet.kernels.lora_ops.check_kernel_runnable", lambda kernel, device: None)
     u = ops.shrink(torch.randn(num_tokens, 64, device=DEVICE), 0, QKV, ctx)
     assert u.shape == (num_tokens, 3, 1) and not u.any()
     y = torch.randn(num_tokens, 128, device=DEVICE)

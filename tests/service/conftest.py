@@ -15,7 +15,7 @@ CONTEXT_LEN = 64  # small, so prompt_too_long is easy to reach
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
-    from services.demo.tokenizer import build_tokenizer
+    from lorafleet.demo.tokenizer import build_tokenizer
 
     folder = tmp_path_factory.mktemp("ingest-model")
     build_tokenizer(folder, VOCAB_SIZE)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from services.common.contract import (
+from lorafleet.common.contract import (
     ErrorCode,
     RequestError,
     check_prompt_fits,
@@ -15,7 +15,7 @@ from services.common.contract import (
     resolve_reply_stream,
     validate_request,
 )
-from services.common.messages import (
+from lorafleet.common.messages import (
     DoneReply,
     ErrorReply,
     TokenReply,

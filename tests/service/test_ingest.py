@@ -10,11 +10,11 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from transformers import AutoTokenizer
 
-from services.client import LorafleetClient
-from services.common.messages import ErrorReply, decode_work_item
-from services.ingest.config import IngestConfig
-from services.ingest.routing import candidate_partitions
-from services.ingest.service import run_ingest
+from lorafleet.client import LorafleetClient
+from lorafleet.common.messages import ErrorReply, decode_work_item
+from lorafleet.ingest.config import IngestConfig
+from lorafleet.ingest.routing import candidate_partitions
+from lorafleet.ingest.service import run_ingest
 from tests.infra_fixtures import unique_name
 from tests.service.conftest import CONTEXT_LEN
 from tests.service.kafka_helpers import read_topic

@@ -10,11 +10,11 @@ import sys
 
 import pytest
 
-from services.client import LorafleetClient
-from services.common import embedded
-from services.common.kafka import TopicSpec, ensure_topics, make_producer, partition_count
-from services.common.messages import done_entry, error_entry, token_entry
-from services.common.replies import ReplyWriter
+from lorafleet.client import LorafleetClient
+from lorafleet.common import embedded
+from lorafleet.common.kafka import TopicSpec, ensure_topics, make_producer, partition_count
+from lorafleet.common.messages import done_entry, error_entry, token_entry
+from lorafleet.common.replies import ReplyWriter
 from tests.infra_fixtures import unique_name
 from tests.service.kafka_helpers import read_topic
 from tests.service.test_ingest import assert_all_committed, make_config
@@ -92,9 +92,9 @@ async def test_client_generate_collects_text_and_ids(kafka_bootstrap, redis_url)
 _RUN_INGEST = """
 import asyncio, json, sys
 from pathlib import Path
-from services.common.logging import configure_logging
-from services.ingest.config import IngestConfig
-from services.ingest.service import run_ingest
+from lorafleet.common.logging import configure_logging
+from lorafleet.ingest.config import IngestConfig
+from lorafleet.ingest.service import run_ingest
 configure_logging("ingest", "info")
 fields = json.loads(sys.argv[1]); fields["model_dir"] = Path(fields["model_dir"])
 asyncio.run(run_ingest(IngestConfig(**fields)))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import redis.asyncio as aioredis
 
-from services.common.embedded import free_port
-from services.common.messages import done_entry, error_entry, parse_entry, token_entry
-from services.common.replies import ReplyWriteError, ReplyWriter, state_key
+from lorafleet.common.embedded import free_port
+from lorafleet.common.messages import done_entry, error_entry, parse_entry, token_entry
+from lorafleet.common.replies import ReplyWriteError, ReplyWriter, state_key
 from tests.infra_fixtures import unique_name
 
 

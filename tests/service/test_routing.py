@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from services.ingest.routing import (
+from lorafleet.ingest.routing import (
     AdapterRates,
     Router,
     candidate_partitions,

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from services.common.embedded import free_port
-from services.engine.tp.engine_workers import end_process
+from lorafleet.common.embedded import free_port
+from lorafleet.engine.tp.engine_workers import end_process
 
 GROUP_TIMEOUT_S = 60  # a collective waiting longer than this fails instead of hanging
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from services.engine.ops.base import AttentionMeta
+from lorafleet.engine.ops.base import AttentionMeta
 
 BLOCK = 4
 MAX_BLOCKS = 8  # pages per sequence: contexts up to 32 tokens

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
-from bench import tp_comm
-from services.engine.tp import Scheme, per_token_bytes
+from lorafleet.bench import tp_comm
+from lorafleet.engine.tp import Scheme, per_token_bytes
 
 
 def test_world_of_one_communicates_nothing():

@@ -9,18 +9,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.engine.adapters.peft_config import PeftLoraConfig, TargetEntry
-from services.engine.adapters.weights import LoraWeights
-from services.engine.memory.layout import PoolGeometry
-from services.engine.model_spec import LORA_MODULES
-from services.engine.ops.torch_ref import TorchAttentionOps
-from services.engine.tp.collectives import TpComm
-from services.engine.tp.grouped_adapter import GroupedPacker, group_targets, grouped_numel, pack_grouped, targets_of
-from services.engine.tp.partition import local_spec, make_plan
-from services.engine.tp.rank_runner import RankRunner, adapter_pages
-from services.engine.tp.shard_adapters import Scheme
-from services.engine.tp.shard_weights import shard_model
-from services.engine.weights_loader import random_weights
+from lorafleet.engine.adapters.peft_config import PeftLoraConfig, TargetEntry
+from lorafleet.engine.adapters.weights import LoraWeights
+from lorafleet.engine.memory.layout import PoolGeometry
+from lorafleet.engine.model_spec import LORA_MODULES
+from lorafleet.engine.ops.torch_ref import TorchAttentionOps
+from lorafleet.engine.tp.collectives import TpComm
+from lorafleet.engine.tp.grouped_adapter import GroupedPacker, group_targets, grouped_numel, pack_grouped, targets_of
+from lorafleet.engine.tp.partition import local_spec, make_plan
+from lorafleet.engine.tp.rank_runner import RankRunner, adapter_pages
+from lorafleet.engine.tp.shard_adapters import Scheme
+from lorafleet.engine.tp.shard_weights import shard_model
+from lorafleet.engine.weights_loader import random_weights
 from tests.tp.cases import SCHEMES, make_spec
 
 LAYERS = 3

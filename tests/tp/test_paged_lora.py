@@ -17,17 +17,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.engine.adapters.weights import LoraWeights
-from services.engine.memory.layout import PoolGeometry
-from services.engine.ops.torch_ref import TorchAttentionOps, TorchLoraOps
-from services.engine.tp.collectives import TpComm
-from services.engine.tp.lora_math import TpLoraBatch
-from services.engine.tp.paged_lora import PagedLoraBatch, segments
-from services.engine.tp.partition import local_spec, make_plan, piece_width
-from services.engine.tp.rank_runner import RankRunner, adapter_pages
-from services.engine.tp.shard_adapters import Scheme, shard_lora
-from services.engine.tp.shard_weights import shard_model
-from services.engine.weights_loader import random_weights
+from lorafleet.engine.adapters.weights import LoraWeights
+from lorafleet.engine.memory.layout import PoolGeometry
+from lorafleet.engine.ops.torch_ref import TorchAttentionOps, TorchLoraOps
+from lorafleet.engine.tp.collectives import TpComm
+from lorafleet.engine.tp.lora_math import TpLoraBatch
+from lorafleet.engine.tp.paged_lora import PagedLoraBatch, segments
+from lorafleet.engine.tp.partition import local_spec, make_plan, piece_width
+from lorafleet.engine.tp.rank_runner import RankRunner, adapter_pages
+from lorafleet.engine.tp.shard_adapters import Scheme, shard_lora
+from lorafleet.engine.tp.shard_weights import shard_model
+from lorafleet.engine.weights_loader import random_weights
 from tests.tp.cases import ADAPTER_RANKS, SCHEMES, TOKEN_ADAPTER, make_adapter, make_spec
 
 HAS_CUDA = torch.cuda.is_available()
@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[2]
 def _triton_ops():
     # On the CPU this runs in a fresh interpreter started with TRITON_INTERPRET=1 (see
     # test_triton_kernels_on_rank_shares): the flag must be set before triton is first imported.
-    from kernels.lora_ops import TritonLoraOps
+    from lorafleet.kernels.lora_ops import TritonLoraOps
 
     return TritonLoraOps(), TritonLoraOps()
 
@@ -143,8 +143,8 @@ def test_segments_are_runs_of_one_slot_skipping_base_tokens():
 def test_groups_no_adapter_of_the_batch_targets_cost_no_lora_work(scheme):
     """Attention-only adapters (S1 / S2): gate/up and down run the base model only, with no LoRA
     collective (fused would otherwise widen down's all-reduce by R)."""
-    from services.engine.tp.collectives import CommLog
-    from services.engine.tp.linear import column_parallel, row_parallel
+    from lorafleet.engine.tp.collectives import CommLog
+    from lorafleet.engine.tp.linear import column_parallel, row_parallel
 
     spec, plan, runner, adapters, slots = _runner("mha", 1, 0, scheme, "torch", torch.float32)
     attn_only = [i for i, ranks in enumerate(ADAPTER_RANKS) if set(ranks) <= {"q_proj", "k_proj", "v_proj", "o_proj"}]

@@ -7,13 +7,13 @@ import dataclasses
 import pytest
 import torch
 
-from services.engine.memory.layout import AdapterLayout
-from services.engine.model_spec import LORA_MODULES
-from services.engine.tp import (
+from lorafleet.engine.memory.layout import AdapterLayout
+from lorafleet.engine.model_spec import LORA_MODULES
+from lorafleet.engine.tp import (
     COLUMN_PARALLEL, Scheme, adapter_bytes_per_rank, ShardLayout, TensorParallelError, check_world, local_rank, local_spec, make_plan,
     piece_width, rank_rows, shard_layer, shard_lora, shard_model,
 )
-from services.engine.weights_loader import random_weights
+from lorafleet.engine.weights_loader import random_weights
 from tests.tp.cases import ADAPTER_RANKS, make_adapter, make_case, make_spec
 
 

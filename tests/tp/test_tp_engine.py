@@ -10,10 +10,10 @@ import argparse
 
 import pytest
 
-from services.engine.engine import EngineConfig, LLMEngine, generated_ids
-from services.engine.service_config import EngineServiceConfig
-from services.engine.tp import TensorParallelError
-from services.engine.tp.engine_workers import TensorParallelWorkerError
+from lorafleet.engine.engine import EngineConfig, LLMEngine, generated_ids
+from lorafleet.engine.service_config import EngineServiceConfig
+from lorafleet.engine.tp import TensorParallelError
+from lorafleet.engine.tp.engine_workers import TensorParallelWorkerError
 from tests.mixed_requests import add_mixed_requests
 
 PROMPT_LENGTHS = (3, 17, 33)
@@ -143,7 +143,7 @@ def test_engine_flags_pass_tp_settings_through(monkeypatch):
 @pytest.mark.parametrize("scheme", ["fused", "slora"])
 def test_tp_runtime_of_one_rank_matches_single_process(zoo, scheme):
     """The TP code path with W = 1 (no worker, a gloo group of one): what the GPU test runs at W = 1."""
-    from services.engine.tp.engine_runtime import build_tp_runtime
+    from lorafleet.engine.tp.engine_runtime import build_tp_runtime
 
     want = _single(zoo, "gqa", 24)
     with LLMEngine(_config(zoo, "gqa", 24, tp_lora_scheme=scheme), build_tp_runtime) as eng:
@@ -159,7 +159,7 @@ def test_leaving_the_group_is_bounded_when_teardown_blocks(monkeypatch):
     import threading
     import time
 
-    import services.engine.tp.engine_workers as workers
+    import lorafleet.engine.tp.engine_workers as workers
 
     never = threading.Event()
     monkeypatch.setattr(workers.dist, "is_initialized", lambda: True)
@@ -174,7 +174,7 @@ def test_close_destroys_the_group_alongside_the_workers(monkeypatch):
     """NCCL's communicator destroy is an intra-node collective: the driver must destroy its group
     after telling the workers to stop and before joining them (joining first made every W = 2
     close on H200s wait 30 s for the bounded teardown, d18f232)."""
-    import services.engine.tp.engine_workers as workers
+    import lorafleet.engine.tp.engine_workers as workers
 
     events = []
 

@@ -25,11 +25,11 @@ import time
 import pytest
 import torch
 
-import services.engine.tp.engine_runtime as tp_runtime
-from services.engine.adapters.weights import load_peft_adapter_dir
-from services.engine.config import build_runtime
-from services.engine.engine import EngineConfig, LLMEngine, SamplingParams, generated_ids
-from services.engine.tp.engine_runtime import build_tp_runtime
+import lorafleet.engine.tp.engine_runtime as tp_runtime
+from lorafleet.engine.adapters.weights import load_peft_adapter_dir
+from lorafleet.engine.config import build_runtime
+from lorafleet.engine.engine import EngineConfig, LLMEngine, SamplingParams, generated_ids
+from lorafleet.engine.tp.engine_runtime import build_tp_runtime
 from tests.zoo import ADAPTERS
 
 pytestmark = pytest.mark.gpu

@@ -9,15 +9,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from services.engine.adapters.weights import load_peft_adapter_dir
-from services.engine.memory.layout import PoolGeometry
-from services.engine.model_spec import ModelSpec, RopeSpec
-from services.engine.ops.torch_ref import TorchAttentionOps
-from services.engine.tp import (
+from lorafleet.engine.adapters.weights import load_peft_adapter_dir
+from lorafleet.engine.memory.layout import PoolGeometry
+from lorafleet.engine.model_spec import ModelSpec, RopeSpec
+from lorafleet.engine.ops.torch_ref import TorchAttentionOps
+from lorafleet.engine.tp import (
     CommLog, TpComm, TpLlamaModel, TpLoraBatch, column_parallel, local_spec, make_plan, row_parallel, shard_layer,
     shard_lora, shard_model,
 )
-from services.engine.weights_loader import load_weights
+from lorafleet.engine.weights_loader import load_weights
 from tests.tp import paged
 from tests.tp.cases import SCHEMES, SPECS, make_case
 
@@ -94,7 +94,7 @@ def run_decoder_job(spec: ModelSpec, model_dir: str, job: dict, plan, comm: TpCo
     geom = PoolGeometry.for_model(local_spec(spec, plan.world), paged.num_pages(len(prompts)), paged.BLOCK)
     elementwise = None  # the torch sequence; job "elementwise": "triton" runs the fused kernels
     if job.get("elementwise") == "triton":
-        from kernels.fused_ops import TritonElementwiseOps
+        from lorafleet.kernels.fused_ops import TritonElementwiseOps
 
         elementwise = TritonElementwiseOps()
     model = TpLlamaModel(spec, plan, weights, TorchAttentionOps(), comm, elementwise)

@@ -17,7 +17,7 @@ from pathlib import Path
 import msgspec
 import torch
 
-from services.common.embedded import free_port
+from lorafleet.common.embedded import free_port
 
 from ..adapters.weights import LoraWeights
 from ..config import EngineConfig, Runtime, _num_pages, resolve_device, resolve_dtype

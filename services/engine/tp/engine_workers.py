@@ -104,7 +104,7 @@ def build_graphs(runner: RankRunner, start: wire.WorkerStart) -> TpDecodeGraphs 
 
 def _elementwise_ops(kind: str):
     if kind == "triton":
-        from kernels.fused_ops import TritonElementwiseOps
+        from lorafleet.kernels.fused_ops import TritonElementwiseOps
 
         return TritonElementwiseOps()
     from ..model import TorchElementwiseOps

@@ -34,7 +34,8 @@ from .rank_runner import RankRunner
 class TpDecodeGraphs:
     def __init__(self, runner: RankRunner, max_batch: int, max_rank: int, block_size: int, *,
                  capture: bool, with_logits: bool):
-        from kernels import TritonAttentionOps, TritonLoraOps
+        from lorafleet.kernels.attention_ops import TritonAttentionOps
+        from lorafleet.kernels.lora_ops import TritonLoraOps
 
         spec = runner.spec
         self.runner, self.capture, self.with_logits = runner, capture, with_logits
