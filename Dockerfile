@@ -8,9 +8,10 @@
 # the code (tokenizer, adapter validation) and a single image keeps versions in step.
 # tests/deploy/test_dockerfile.py checks this file against the repository and the manifests.
 
-# CUDA user-space comes with torch's own wheels (nvidia-* packages); the base image supplies the
-# NVIDIA container-runtime wiring (the driver is mounted from the node).
-ARG CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
+# CUDA user-space comes with torch's own wheels (nvidia-* packages, CUDA 13 for the locked torch);
+# the base image supplies the NVIDIA container-runtime wiring (the driver is mounted from the node)
+# and declares the CUDA version the node's driver must support (13.0: driver 580 or newer).
+ARG CUDA_IMAGE=nvidia/cuda:13.0.0-base-ubuntu24.04
 
 FROM ${CUDA_IMAGE} AS system
 ENV DEBIAN_FRONTEND=noninteractive
@@ -21,19 +22,20 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 
 FROM system AS build
-# The torch build the project is tested with (pyproject.toml: torch>=2.4,<3); PyPI's Linux
-# wheel is the CUDA build.
-ARG TORCH_VERSION=2.13.0
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python3 -m venv /opt/lorafleet
 ENV PATH=/opt/lorafleet/bin:$PATH
-# torch first, alone: the largest layer, rebuilt only when its version changes.
-RUN pip install "torch==${TORCH_VERSION}"
 WORKDIR /src
+# Every version comes from requirements.lock (constraints), the lock CI tests: torch and the triton
+# it needs first, alone (the largest layer, rebuilt only when the lock changes). On Linux x86_64
+# PyPI's build of the locked torch is the CUDA one.
+COPY requirements.lock ./
+RUN pip install -c requirements.lock torch triton
 COPY pyproject.toml README.md ./
 COPY services ./services
 COPY kernels ./kernels
-RUN pip install . \
+COPY bench ./bench
+RUN pip install -c requirements.lock . \
  && lorafleet --help > /dev/null
 
 FROM system

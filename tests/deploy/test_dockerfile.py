@@ -1,6 +1,6 @@
 """The Dockerfile, checked without a Docker engine (none runs here): what it copies exists and is not
 dockerignored, what `pip install .` needs is copied, the base image's Python satisfies
-requires-python, the pinned torch satisfies pyproject.toml, the entry point is the `lorafleet`
+requires-python, torch and triton come from requirements.lock and satisfy pyproject.toml, the entry point is the `lorafleet`
 console script the manifests call, the user is the one the manifests run as, and the final image
 keeps the C toolchain Triton needs at run time."""
 
@@ -99,13 +99,22 @@ def test_cuda_base_image_with_a_python_the_project_accepts(dockerfile, pyproject
     assert Version(python) in Requirement(f"python{pyproject['project']['requires-python']}").specifier
 
 
-def test_pinned_torch_satisfies_pyproject(dockerfile, pyproject):
+def _locked(name: str) -> Version:
+    (line,) = [ln for ln in (REPO / "requirements.lock").read_text().splitlines() if ln.startswith(f"{name}==")]
+    return Version(line.split("==", 1)[1].split(";")[0].strip())
+
+
+def test_image_installs_the_locked_torch_and_triton_which_satisfy_pyproject(dockerfile, pyproject):
     _args, stages = dockerfile
     build = next(s for s in stages if s.name == "build")
-    pins = [rest.split("=", 1)[1] for kw, rest in build.instructions if kw == "ARG" and rest.startswith("TORCH_VERSION=")]
-    torch = next(Requirement(d) for d in pyproject["project"]["dependencies"] if Requirement(d).name == "torch")
-    assert pins and Version(pins[0]) in torch.specifier, (pins, str(torch.specifier))
-    assert any(kw == "RUN" and '"torch==${TORCH_VERSION}"' in rest for kw, rest in build.instructions)
+    deps = {Requirement(d).name: Requirement(d) for d in pyproject["project"]["dependencies"]}
+    for name in ("torch", "triton"):
+        assert _locked(name) in deps[name].specifier, (name, _locked(name), str(deps[name].specifier))
+    runs = [rest for kw, rest in build.instructions if kw == "RUN"]
+    assert any(shlex.split(r)[:4] == ["pip", "install", "-c", "requirements.lock"] and {"torch", "triton"} <= set(shlex.split(r))
+               for r in runs), "torch and triton must be installed through the lock"
+    # every pip install of the image goes through the lock
+    assert all("-c requirements.lock" in r for r in runs if "pip install" in r)
 
 
 def test_copied_sources_exist_are_not_ignored_and_cover_the_package(dockerfile, pyproject):
@@ -120,10 +129,10 @@ def test_copied_sources_exist_are_not_ignored_and_cover_the_package(dockerfile, 
                     assert (REPO / source).exists(), f"COPY {source}: not in the repository"
                     assert not _dockerignored(source, patterns), f"COPY {source}: excluded by .dockerignore"
                     copied.add(source.rstrip("/"))
-    needed = {"pyproject.toml", pyproject["project"]["readme"]}
-    needed |= {pattern.rstrip("*") for pattern in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
+    needed = {"pyproject.toml", "requirements.lock", pyproject["project"]["readme"]}
+    needed |= set(pyproject["tool"]["setuptools"]["package-dir"].values())
     assert needed <= copied, f"pip install . needs {sorted(needed - copied)}"
-    assert any(kw == "RUN" and "pip install ." in rest for s in stages for kw, rest in s.instructions)
+    assert any(kw == "RUN" and "pip install -c requirements.lock ." in rest for s in stages for kw, rest in s.instructions)
 
 
 def test_dockerignore_matcher():
