@@ -1,21 +1,30 @@
 """The rendered manifests of deploy/k8s, and what each container would see at run time.
 
-`rendered(name)` renders a kustomization (tests/deploy/kustomize_subset.py); `lorafleet_containers`
-walks every container that runs the `lorafleet` command; `container_env` resolves its environment
-as the kubelet would (envFrom first, then env, which wins; ConfigMaps from the rendered objects,
-Secret keys from deploy/k8s/secret.example.yaml, downward-API fields as placeholders).
+`rendered(name)` renders an overlay with the real kustomize built into kubectl (`kubectl kustomize
+DIR`), so the tests check exactly the objects `kubectl apply -k` would send. Without kubectl the
+tests that render skip (they cannot check anything honest). LORAFLEET_KUBECTL names another
+kubectl binary; set it to a path that does not exist to see that skip on a machine that has
+kubectl (hiding /usr/bin/kubectl through PATH means dropping /bin too, often a link to /usr/bin).
+
+`lorafleet_containers` walks every container that runs the `lorafleet` command; `container_env`
+resolves its environment as the kubelet would (envFrom first, then env, which wins; ConfigMaps
+from the rendered objects, Secret keys from deploy/k8s/secret.example.yaml, downward-API fields
+as placeholders).
 """
 
 from __future__ import annotations
 
+import copy
+import os
 import re
+import shutil
+import subprocess
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import pytest
 import yaml
-
-from tests.deploy.kustomize_subset import render
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
@@ -46,14 +55,41 @@ class Container:
         return self.spec["args"][0]
 
 
+KUBECTL_ENV = "LORAFLEET_KUBECTL"  # kubectl to run instead of the one on PATH (see the docstring)
+KUBECTL_MISSING = "kubectl not found: install kubectl to render deploy/k8s with kustomize"
+RENDER_TIMEOUT_S = 60  # a local render takes well under a second; never hang the suite on it
+
+
+def kubectl() -> str | None:
+    """The kubectl binary to render with, or None where there is none."""
+    return shutil.which(os.environ.get(KUBECTL_ENV) or "kubectl")
+
+
+def kustomize_build(folder: str | Path) -> list[dict]:
+    """The objects `kubectl kustomize folder` prints, in its order; skips the test without kubectl."""
+    binary = kubectl()
+    if binary is None:
+        pytest.skip(KUBECTL_MISSING)
+    argv = [binary, "kustomize", str(folder)]
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=RENDER_TIMEOUT_S, check=True)
+    except subprocess.CalledProcessError as exc:
+        raise RuntimeError(f"{' '.join(argv)} failed (exit {exc.returncode}):\n{exc.stderr.strip()}") from None
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{' '.join(argv)} did not finish within {RENDER_TIMEOUT_S} s") from None
+    # kustomize separates objects with `---`; an empty document (none here) would load as None.
+    return [obj for obj in yaml.safe_load_all(result.stdout) if obj is not None]
+
+
 @lru_cache(maxsize=None)
 def _rendered(name: str) -> tuple:
-    return tuple(render(OVERLAYS[name]))
+    return tuple(kustomize_build(OVERLAYS[name]))
 
 
 def rendered(name: str) -> list[dict]:
-    import copy
-
+    """Overlay `name` rendered once per session; a deep copy, so a test may damage its objects."""
+    if kubectl() is None:  # checked before the cache: a skip is not a result to remember
+        pytest.skip(KUBECTL_MISSING)
     return copy.deepcopy(list(_rendered(name)))
 
 
