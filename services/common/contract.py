@@ -27,6 +27,14 @@ DEFAULT_REPLY_PREFIX = "lorafleet:out:"
 RESERVED_KEY_PREFIX = "lorafleet:state:"
 MAX_REPLY_STREAM_CHARS = 512
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # anything that fits in 64 bits
+# The contract's bounds (docs/contract.md, "Limits"): no field value or size can make a service
+# spend unbounded time or memory on one request, or fail on it.
+MAX_MESSAGE_BYTES = 1 << 20  # a request message's value
+MAX_NESTING = 32  # levels of JSON objects / arrays in one request
+MAX_TOKENS_LIMIT = 1 << 20  # max_tokens (the model's context bounds it further)
+MAX_TEMPERATURE = 100.0
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256  # per stop string
 
 
 class ErrorCode:
@@ -84,12 +92,18 @@ def _show(value: Any) -> str:
 
 
 def read_envelope(raw: bytes | None) -> Envelope:
+    """Never raises: every message is either readable (an object with a valid id) or carries the
+    reason it goes to the dead-letter topic."""
     if not raw:
         return Envelope(None, None, "empty message: the value must be a JSON object with an id")
+    if len(raw) > MAX_MESSAGE_BYTES:
+        return Envelope(None, None, f"message of {len(raw)} bytes exceeds the limit of {MAX_MESSAGE_BYTES} bytes")
     try:
         body = msgspec.json.decode(raw)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         return Envelope(None, None, f"not valid UTF-8 JSON: {exc}")
+    except RecursionError:
+        return Envelope(None, None, f"JSON nested too deeply to read (the limit is {MAX_NESTING} levels)")
     if not isinstance(body, dict):
         return Envelope(None, None, f"not a JSON object: got a JSON {type(body).__name__}")
     if "id" not in body:
@@ -146,11 +160,37 @@ def _is_number(value: Any) -> bool:
             and math.isfinite(value))
 
 
-def _int_field(body: dict, name: str, default: int, minimum: int) -> int:
+def _int_field(body: dict, name: str, default: int, minimum: int, maximum: int, limit: str) -> int:
     value = body.get(name, default)
-    if not _is_int(value) or value < minimum:
-        raise _invalid(f"{name} must be an integer >= {minimum}, got {_show(value)}.")
+    if not _is_int(value) or not minimum <= value <= maximum:
+        raise _invalid(f"{name} must be an integer from {minimum} to {maximum} ({limit}), got {_show(value)}.")
     return value
+
+
+def nesting_depth(value: Any, stop_above: int = MAX_NESTING) -> int:
+    """Levels of dicts / lists in a decoded JSON value, iteratively (no recursion to overflow);
+    stops counting once it passes `stop_above`."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node
+        deepest = max(deepest, depth)
+        if deepest > stop_above:
+            return deepest
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest if isinstance(value, (dict, list)) else 0
+
+
+def _stop_field(body: dict) -> list[str]:
+    stop = body.get("stop", [])
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise _invalid(f"stop must be a list of non-empty strings, got {_show(stop)}.")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise _invalid(f"stop has {len(stop)} strings; the limit is {MAX_STOP_STRINGS}.")
+    longest = max((len(s) for s in stop), default=0)
+    if longest > MAX_STOP_CHARS:
+        raise _invalid(f"stop strings must be at most {MAX_STOP_CHARS} characters; one has {longest}.")
+    return stop
 
 
 def _prompt_fields(body: dict, vocab_size: int) -> tuple[str | None, list[int] | None]:
@@ -176,6 +216,9 @@ def validate_request(body: dict, request_id: str, *, vocab_size: int) -> Request
     Raises RequestError(invalid_request, one sentence naming the field). The context-length check
     needs the token count, so it is :func:`check_prompt_fits`, run after tokenization.
     """
+    depth = nesting_depth(body)
+    if depth > MAX_NESTING:  # first: nothing below walks or shows a deeply nested value
+        raise _invalid(f"the request nests more than {MAX_NESTING} levels of objects and arrays (the limit).")
     adapter = body.get("adapter")
     if adapter is not None:
         if not isinstance(adapter, str):
@@ -184,20 +227,18 @@ def validate_request(body: dict, request_id: str, *, vocab_size: int) -> Request
         if problem:
             raise _invalid(problem + ".")
     prompt, token_ids = _prompt_fields(body, vocab_size)
-    max_tokens = _int_field(body, "max_tokens", 256, 1)
-    top_k = _int_field(body, "top_k", 0, 0)
+    max_tokens = _int_field(body, "max_tokens", 256, 1, MAX_TOKENS_LIMIT, "the contract's limit")
+    top_k = _int_field(body, "top_k", 0, 0, vocab_size, "0: off; at most the vocab size")
     temperature = body.get("temperature", 1.0)
-    if not _is_number(temperature) or temperature < 0:
-        raise _invalid(f"temperature must be a finite number >= 0, got {_show(temperature)}.")
+    if not _is_number(temperature) or not 0 <= temperature <= MAX_TEMPERATURE:
+        raise _invalid(f"temperature must be a number from 0 to {MAX_TEMPERATURE:g}, got {_show(temperature)}.")
     top_p = body.get("top_p", 1.0)
     if not _is_number(top_p) or not 0 < top_p <= 1:
         raise _invalid(f"top_p must be a number with 0 < top_p <= 1, got {_show(top_p)}.")
     seed = body.get("seed")
     if seed is not None and (not _is_int(seed) or not SEED_MIN <= seed <= SEED_MAX):
         raise _invalid(f"seed must be null or an integer that fits in 64 bits, got {_show(seed)}.")
-    stop = body.get("stop", [])
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise _invalid(f"stop must be a list of non-empty strings, got {_show(stop)}.")
+    stop = _stop_field(body)
     ignore_eos = body.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
         raise _invalid(f"ignore_eos must be true or false, got {_show(ignore_eos)}.")

@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from .adapters.weights import LoraWeights
 
 
+_INT32_LIMIT = 1 << 31
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 256
@@ -27,8 +30,10 @@ class SamplingParams:
             raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.top_k < _INT32_LIMIT:  # staged as int64 per step: an unbounded int overflows it
+            raise ValueError(f"top_k must be in [0, {_INT32_LIMIT}), got {self.top_k}")
+        if self.max_tokens >= _INT32_LIMIT:
+            raise ValueError(f"max_tokens must be < {_INT32_LIMIT}, got {self.max_tokens}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
 

@@ -3,10 +3,17 @@
 Each message ends in exactly one of three outcomes, all started concurrently and awaited
 together, so a bad request costs the good ones nothing but a dictionary lookup:
 
-    unreadable id            -> dead-letter topic (original key/value, reason headers)
+    unreadable id            -> dead-letter topic (original key/value, reason headers; a value
+                                over DLQ_VALUE_BYTES is cut there, with its size in a header)
     invalid / too long       -> one terminal `error` entry on its reply stream (ReplyWriter,
                                 one Redis round trip for the whole batch)
     good                     -> WorkItem on the work topic, partition from the Router
+
+No message can stop the service (NOTE invariant): a request id seen twice in one batch is served
+once (the first); a per-message failure that retrying cannot fix (the broker refuses one work
+item, Redis refuses one reply stream: WRONGTYPE) becomes that request's `error` entry, on the
+default stream when its own reply_stream cannot be written, or else a reason-only dead letter.
+Only infrastructure faults that outlast the retry budget propagate.
 
 The caller commits the batch's offsets only after :meth:`BatchHandler.handle` returns, i.e. after
 every outcome is durable (Kafka acks=all, Redis write acknowledged). If anything fails the batch
@@ -24,6 +31,7 @@ from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from lorafleet.common.contract import (
     ErrorCode,
+    default_reply_stream,
     Request,
     RequestError,
     check_prompt_fits,
@@ -31,12 +39,17 @@ from lorafleet.common.contract import (
     resolve_reply_stream,
     validate_request,
 )
-from lorafleet.common.kafka import with_kafka_retries
+from lorafleet.common.kafka import is_transient_kafka_error, with_kafka_retries
 from lorafleet.common.logging import request_logger
 from lorafleet.common.messages import ErrorReply, WorkItem, encode_work_item, error_entry
 from lorafleet.common.replies import ReplyWriter
 from lorafleet.ingest.prompts import PromptEncoder
 from lorafleet.ingest.routing import Router
+
+DLQ_VALUE_BYTES = 64 << 10  # dead letters keep this much of the original value (producer limit: 1 MiB)
+WORK_ITEM_BYTES = 900 << 10  # a work item above this cannot be produced (producer limit: 1 MiB)
+
+ErrorOut = tuple[str, str, ErrorReply]  # (reply stream, request id, entry)
 
 
 class BatchHandler:
@@ -49,19 +62,24 @@ class BatchHandler:
         self.work_topic = work_topic
         self.dlq_topic = dlq_topic
         self.log = log
-        self.counts = {"work": 0, "error": 0, "dead_letter": 0}
+        self.counts = {"work": 0, "error": 0, "dead_letter": 0, "duplicate": 0}
 
     async def handle(self, records: list[ConsumerRecord]) -> None:
         """Route every record; returns once all outcomes are durable (raises otherwise)."""
         outcomes: list[Awaitable[Any]] = []
-        errors: list[tuple[str, str, ErrorReply]] = []
+        errors: list[ErrorOut] = []
         valid: list[tuple[Request, ConsumerRecord]] = []
+        records_by_id: dict[str, ConsumerRecord] = {}
         for record in records:
             envelope = read_envelope(record.value)
             if envelope.request_id is None:
                 outcomes.append(self._dead_letter(record, envelope.reason or "unreadable"))
                 continue
             request_id = envelope.request_id
+            if request_id in records_by_id:  # one outcome per id: the first delivery's
+                self.counts["duplicate"] += 1
+                continue
+            records_by_id[request_id] = record
             stream = resolve_reply_stream(envelope.body or {}, request_id)
             try:
                 valid.append((validate_request(envelope.body or {}, request_id,
@@ -76,6 +94,7 @@ class BatchHandler:
         # Tokenizing can take milliseconds per long prompt: off the event loop, one call per batch.
         encoded = iter(await asyncio.to_thread(self.encoder.encode_batch, texts) if texts else [])
         received_at = time.time()
+        sends = []
         for request, record in valid:
             token_ids = request.prompt_token_ids if request.prompt is None else next(encoded)
             try:
@@ -86,42 +105,85 @@ class BatchHandler:
             submitted_at = record.timestamp / 1000 if record.timestamp and record.timestamp > 0 else received_at
             item = WorkItem.from_request(request, list(token_ids), submitted_at=submitted_at,
                                          received_at=received_at)
-            outcomes.append(self._send_work(item))
-        if errors:
-            outcomes.append(self._reply_errors(errors))
-        await asyncio.gather(*outcomes)
+            sends.append(self._send_work(item))
+        results = await asyncio.gather(*sends, *outcomes, self._reply_errors(errors, records_by_id))
+        late = [failed for failed in results[:len(sends)] if failed is not None]
+        if late:  # work items the broker refused: their requests end with an error entry instead
+            await self._reply_errors(late, records_by_id)
 
-    async def _send_work(self, item: WorkItem) -> None:
+    async def _send_work(self, item: WorkItem) -> ErrorOut | None:
+        """Produce one work item; its error entry instead when the broker refuses it for good."""
         partition = self.router.route(item.id, item.adapter)
         value = encode_work_item(item)
-        await with_kafka_retries(
-            lambda: self.producer.send_and_wait(self.work_topic, value, key=item.id.encode(),
-                                                partition=partition),
-            "produce work item")
+        if len(value) > WORK_ITEM_BYTES:
+            return (item.reply_stream, item.id, error_entry(
+                ErrorCode.PROMPT_TOO_LONG, f"the request's {len(item.prompt_token_ids)} prompt tokens make a "
+                f"{len(value)}-byte work message; the limit is {WORK_ITEM_BYTES} bytes."))
+        try:
+            await with_kafka_retries(
+                lambda: self.producer.send_and_wait(self.work_topic, value, key=item.id.encode(),
+                                                    partition=partition),
+                "produce work item")
+        except Exception as exc:
+            if is_transient_kafka_error(exc):
+                raise  # the broker stayed away past the retry budget: an infrastructure fault
+            self.log.error("work item refused", request_id=item.id, error=repr(exc))
+            return (item.reply_stream, item.id, error_entry(
+                ErrorCode.INTERNAL_ERROR, f"the broker refused the request's work message: {type(exc).__name__}."))
         self.counts["work"] += 1
         request_logger(self.log, item.id, item.adapter).debug(
             "routed", partition=partition, prompt_tokens=len(item.prompt_token_ids))
+        return None
 
-    async def _reply_errors(self, errors: list[tuple[str, str, ErrorReply]]) -> None:
+    async def _reply_errors(self, errors: list[ErrorOut], records_by_id: dict[str, ConsumerRecord]) -> None:
+        """Write the error entries; one whose reply_stream Redis refuses (another type of key
+        there) goes to the default stream, and one that cannot be written at all to the DLQ."""
+        if not errors:
+            return
         states = await self.writer.publish(errors)
         self.counts["error"] += len(errors)
+        retry: list[ErrorOut] = []
         for stream, request_id, entry in errors:
             state = states.get(request_id)
             self.log.info("request rejected", request_id=request_id, code=entry.code,
                           reason=entry.message, stream=stream,
                           write_error=state.error if state else None)
+            if state is None or state.error is None:
+                continue
+            if stream != default_reply_stream(request_id):
+                retry.append((default_reply_stream(request_id), request_id, error_entry(
+                    ErrorCode.INVALID_REQUEST, f"reply_stream {stream[:80]!r} could not be written "
+                    f"({state.error[:80]}); {entry.code}: {entry.message}"[:1000])))
+            else:
+                await self._dead_letter(records_by_id[request_id], f"its error entry could not be written to "
+                                        f"{stream!r}: {state.error}; {entry.code}: {entry.message}"[:1000])
+        if retry:
+            await self._reply_errors(retry, records_by_id)
 
     async def _dead_letter(self, record: ConsumerRecord, reason: str) -> None:
+        value = record.value
         headers = [
             ("reason", reason.encode()),
             ("source_topic", record.topic.encode()),
             ("partition", str(record.partition).encode()),
             ("offset", str(record.offset).encode()),
         ]
-        await with_kafka_retries(
-            lambda: self.producer.send_and_wait(self.dlq_topic, record.value, key=record.key,
-                                                headers=headers),
-            "produce dead letter")
+        if value is not None and len(value) > DLQ_VALUE_BYTES:  # the original alone could exceed the limit
+            headers += [("original_bytes", str(len(value)).encode()), ("truncated", b"1")]
+            value = value[:DLQ_VALUE_BYTES]
+        try:
+            await with_kafka_retries(
+                lambda: self.producer.send_and_wait(self.dlq_topic, value, key=record.key, headers=headers),
+                "produce dead letter")
+        except Exception as exc:
+            if is_transient_kafka_error(exc):
+                raise
+            # the reason alone, without the body or key: what the broker refused is in there
+            self.log.error("dead letter refused; sending the reason alone", error=repr(exc), offset=record.offset)
+            headers.append(("refused", type(exc).__name__.encode()))
+            await with_kafka_retries(
+                lambda: self.producer.send_and_wait(self.dlq_topic, None, headers=headers),
+                "produce dead letter (reason only)")
         self.counts["dead_letter"] += 1
         self.log.warning("dead letter", reason=reason, source_topic=record.topic,
                          partition=record.partition, offset=record.offset)

@@ -79,18 +79,26 @@ def test_every_field_given_and_unknown_fields_ignored():
     (dict(adapter="."), "must not be '.' or '..'"),
     (dict(adapter="a b"), "1-64 characters of [A-Za-z0-9._-]"),
     (dict(adapter="x" * 65), "1-64 characters"),
-    (dict(max_tokens=0), "max_tokens must be an integer >= 1"),
-    (dict(max_tokens=2.0), "max_tokens must be an integer >= 1"),
-    (dict(max_tokens=True), "max_tokens must be an integer >= 1"),
-    (dict(max_tokens=None), "max_tokens must be an integer >= 1"),
-    (dict(temperature=-0.1), "temperature must be a finite number >= 0"),
-    (dict(temperature="1"), "temperature must be a finite number >= 0"),
-    (dict(temperature=float("inf")), "temperature must be a finite number >= 0"),
-    (dict(temperature=float("nan")), "temperature must be a finite number >= 0"),
+    (dict(max_tokens=0), "max_tokens must be an integer from 1 to 1048576"),
+    (dict(max_tokens=2.0), "max_tokens must be an integer from 1 to 1048576"),
+    (dict(max_tokens=True), "max_tokens must be an integer from 1 to 1048576"),
+    (dict(max_tokens=None), "max_tokens must be an integer from 1 to 1048576"),
+    (dict(temperature=-0.1), "temperature must be a number from 0 to 100"),
+    (dict(temperature="1"), "temperature must be a number from 0 to 100"),
+    (dict(temperature=float("inf")), "temperature must be a number from 0 to 100"),
+    (dict(temperature=float("nan")), "temperature must be a number from 0 to 100"),
     (dict(top_p=0), "top_p must be a number with 0 < top_p <= 1"),
     (dict(top_p=1.01), "top_p"),
     (dict(top_p=False), "top_p"),
-    (dict(top_k=-1), "top_k must be an integer >= 0"),
+    (dict(top_k=-1), "top_k must be an integer from 0 to 100 (0: off; at most the vocab size)"),
+    (dict(top_k=VOCAB + 1), "top_k must be an integer from 0 to 100"),
+    (dict(top_k=1 << 63), "top_k must be an integer from 0 to 100"),
+    (dict(max_tokens=1 << 63), "max_tokens must be an integer from 1 to 1048576 (the contract's limit)"),
+    (dict(temperature=100.5), "temperature must be a number from 0 to 100"),
+    (dict(stop=["x"] * 17), "stop has 17 strings; the limit is 16"),
+    (dict(stop=["x" * 257]), "stop strings must be at most 256 characters; one has 257"),
+    (dict(extra=[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]),
+     "the request nests more than 32 levels of objects and arrays (the limit)"),
     (dict(top_k=1.5), "top_k"),
     (dict(seed="42"), "seed must be null or an integer that fits in 64 bits"),
     (dict(seed=1 << 64), "seed"),
@@ -115,6 +123,10 @@ def test_invalid_fields_name_the_field(fields, names):
 
 def test_boundaries_that_are_valid():
     assert validate(max_tokens=1).max_tokens == 1
+    assert validate(max_tokens=1 << 20).max_tokens == 1 << 20
+    assert validate(top_k=VOCAB).top_k == VOCAB and validate(temperature=100).temperature == 100.0
+    assert validate(stop=["x" * 256] * 16).stop == ["x" * 256] * 16
+    assert validate(extra=[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]).id  # 32 levels with the request
     assert validate(top_p=1).top_p == 1.0
     assert validate(top_p=1e-9).top_p == 1e-9
     assert validate(seed=(1 << 64) - 1).seed == (1 << 64) - 1
@@ -147,6 +159,9 @@ def test_prompt_fits_the_context():
     (b'{"id": ""}', "is not 1-128 characters"),
     (b'{"id": "a b"}', "is not 1-128 characters"),
     (b'{"id": "' + b"x" * 129 + b'"}', "is not 1-128 characters"),
+    # a 4 KB message nested 2,000 levels deep: msgspec raises RecursionError while decoding
+    (b'{"id": "deep", "x": ' + b"[" * 2000 + b"]" * 2000 + b"}", "JSON nested too deeply to read"),
+    (b'{"id": "big", "prompt": "' + b"x" * (1 << 20) + b'"}', f"bytes exceeds the limit of {1 << 20} bytes"),
 ])
 def test_unreadable_ids_give_a_reason(raw, reason):
     request_id, why = parse_request_id(raw)
