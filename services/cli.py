@@ -105,7 +105,7 @@ async def _run_ingest(args) -> None:
 
 
 async def _run_engine(args) -> None:
-    from lorafleet.engine.service import run_engine_service
+    from lorafleet.engine.serve import run_engine_service
     from lorafleet.engine.service_config import EngineServiceConfig
 
     from lorafleet.health import StallWatch

@@ -22,9 +22,11 @@ class Job:
     log: Any = None
     adapter: LoraWeights | None = None
     terminal_queued: bool = False  # its done/error entry is in the outbox
+    stream: str = ""  # where its entries go: the item's reply_stream, or the default one after Redis refused that
 
     def __post_init__(self) -> None:
         self.log = request_logger(self.log, self.item.id, self.item.adapter)
+        self.stream = self.stream or self.item.reply_stream
 
 
 def sampling_params(item: WorkItem) -> SamplingParams:

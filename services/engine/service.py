@@ -10,6 +10,9 @@ NOTE invariants:
 - One ReplyWriter.publish (one pipelined Redis round trip) per step for every request's entries,
   made while the next step runs on the GPU (step_once).
 - An offset is committed only when every message up to it has its terminal entry (OffsetTracker).
+- No request can stop the service: one the engine refuses or fails to admit gets its `error`
+  entry; one whose reply_stream Redis refuses (a key of another type) is aborted and ends with
+  an `error` entry on its default stream (or, refused there too, is logged as undeliverable).
   A request whose message is delivered again is de-duplicated by the writer (token `index`,
   terminal once), and generation is deterministic per request id (seeded), so a redelivered
   request re-emits the same tokens, which the writer drops.
@@ -21,24 +24,28 @@ import asyncio
 from collections import deque
 from contextlib import suppress
 
-import redis.asyncio as aioredis
-from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka import TopicPartition
 
 from lorafleet.adapter_store.client import AdapterStoreClient
 from lorafleet.adapter_store.errors import AdapterNotFoundError, InvalidAdapterError
 from lorafleet.common import settings
-from lorafleet.common.kafka import TopicSpec, ensure_topics, make_consumer, with_kafka_retries
+from lorafleet.common.contract import default_reply_stream
+from lorafleet.common.kafka import with_kafka_retries
 from lorafleet.common.logging import get_logger
-from lorafleet.common.messages import decode_work_item, done_entry, error_entry, token_entry
+from lorafleet.common.messages import (
+    decode_work_item,
+    done_entry,
+    error_entry,
+    token_entry,
+)
 from lorafleet.common.replies import ReplyWriter
+from lorafleet.health import StallWatch
 
 from .adapter_fetcher import AdapterFetcher
 from .engine import LLMEngine
 from .jobs import Job, engine_error_code, sampling_params
 from .offsets import OffsetTracker
 from .service_config import EngineServiceConfig
-from lorafleet.common.signals import install_signal_stop
-from lorafleet.health import StallWatch
 
 
 class EngineService:
@@ -51,6 +58,7 @@ class EngineService:
         self.offsets = OffsetTracker()
         self.jobs: dict[str, Job] = {}  # request id -> job, from first delivery to terminal entry
         self.ready: deque[Job] = deque()  # adapter in hand, not yet in the engine
+        self.to_abort: list[str] = []  # request ids to abort before the next step (under engine_lock)
         self.outbox: list[tuple[str, str, object]] = []  # entries for the next publish
         self.engine_lock = asyncio.Lock()
         self.wake = asyncio.Event()
@@ -111,12 +119,15 @@ class EngineService:
 
     def _fail(self, job: Job, code: str, message: str) -> None:
         job.log.info("request failed", code=code, error=message)
-        self.outbox.append((job.item.reply_stream, job.item.id, error_entry(code, message)))
+        self.outbox.append((job.stream, job.item.id, error_entry(code, message)))
         job.terminal_queued = True
         self.wake.set()
 
     # --- the step loop ---------------------------------------------------------------------
     def _admit_ready(self) -> None:
+        for request_id in self.to_abort:  # no step runs now: the engine is ours to change
+            self.engine.abort_request(request_id)
+        self.to_abort.clear()
         while self.ready:
             job = self.ready.popleft()
             item = job.item
@@ -125,17 +136,20 @@ class EngineService:
                                         adapter_id=item.adapter, adapter=job.adapter, arrival=item.received_at)
             except ValueError as exc:
                 self._fail(job, engine_error_code(exc), str(exc))
+            except Exception as exc:  # a bug on one request's path must not stop the others
+                job.log.exception("admission crashed")
+                self._fail(job, "internal_error", f"the engine could not admit the request: {type(exc).__name__}.")
 
     def _collect(self, outputs) -> None:
         for out in outputs:
             job = self.jobs.get(out.request_id)
-            if job is None:
+            if job is None or job.terminal_queued:  # e.g. failed while this step ran
                 continue
             item = job.item
             if out.index >= job.already_published:
-                self.outbox.append((item.reply_stream, item.id, token_entry(out.new_text, out.new_token_ids, out.index)))
+                self.outbox.append((job.stream, item.id, token_entry(out.new_text, out.new_token_ids, out.index)))
             if out.finished:
-                self.outbox.append((item.reply_stream, item.id,
+                self.outbox.append((job.stream, item.id,
                                     done_entry(out.finish_reason, out.num_prompt_tokens, out.num_output_tokens)))
                 job.terminal_queued = True
                 # One line per served request, with engine_id, request_id and adapter_id bound:
@@ -174,13 +188,33 @@ class EngineService:
         if not self.outbox:
             return
         entries, self.outbox = self.outbox, []
-        await self.writer.publish(entries)
-        finished = [j for j in self.jobs.values() if j.terminal_queued]
+        states = await self.writer.publish(entries)
+        rerouted = {rid for rid, state in states.items() if state.error is not None and self._stream_refused(rid, state.error)}
+        finished = [j for j in self.jobs.values() if j.terminal_queued and j.item.id not in rerouted]
         for job in finished:
             del self.jobs[job.item.id]
             for tp, offset in job.deliveries:
                 self.offsets.done(tp, offset)
         await self.commit()
+
+    def _stream_refused(self, request_id: str, error: str) -> bool:
+        """Redis refused this request's entries (WRONGTYPE: its reply_stream names another kind of
+        key): stop generating it and end it with an error entry on its default stream (True), or,
+        refused there too, give it up so its offset is committed (False)."""
+        job = self.jobs.get(request_id)
+        if job is None:
+            return False
+        self.to_abort.append(request_id)
+        default = default_reply_stream(request_id)
+        if job.stream == default:
+            job.log.error("reply undeliverable: Redis refused the default stream", error=error)
+            job.terminal_queued = True
+            return False
+        with suppress(ValueError):
+            self.ready.remove(job)
+        refused_stream, job.stream = job.stream, default
+        self._fail(job, "invalid_request", f"reply_stream {refused_stream[:80]!r} could not be written: {error[:120]}")
+        return True
 
     async def commit(self) -> None:
         offsets = self.offsets.committable()
@@ -225,64 +259,3 @@ class EngineService:
             self.offsets.forget(revoked)
         if revoked:
             self.log.info("partitions revoked", partitions=sorted(tp.partition for tp in revoked))
-
-
-class _Rebalance(ConsumerRebalanceListener):
-    def __init__(self, service: EngineService):
-        self.service = service
-
-    async def on_partitions_revoked(self, revoked):
-        await self.service.on_revoked(revoked)
-
-    async def on_partitions_assigned(self, assigned):
-        self.service.log.info("partitions assigned", partitions=sorted(tp.partition for tp in assigned))
-
-
-async def run_engine_service(cfg: EngineServiceConfig, *, stop: asyncio.Event | None = None,
-                             ready: asyncio.Event | None = None, watch: StallWatch | None = None) -> None:
-    """Serve until `stop` (default: SIGTERM/SIGINT), then drain within cfg.drain_timeout_s.
-    watch: the engine steps' StallWatch (the caller's heartbeat reads it)."""
-    stop, installed = install_signal_stop(stop)
-    engine = await asyncio.to_thread(LLMEngine, cfg.engine)
-    await ensure_topics(cfg.kafka_bootstrap, [TopicSpec(cfg.work_topic, cfg.work_partitions)])
-    redis = aioredis.from_url(cfg.redis_url)
-    store = AdapterStoreClient(cfg.store_address, engine.spec, max_rank=cfg.engine.max_adapter_rank)
-    writer = ReplyWriter(redis)
-    service = EngineService(cfg, engine, writer, store, watch)
-    consumer = make_consumer(cfg.kafka_bootstrap, [], cfg.group_id, session_timeout_ms=cfg.session_timeout_ms,
-                             client_id=f"lorafleet-engine-{cfg.name}", max_poll_records=cfg.max_inflight)
-    consumer.subscribe([cfg.work_topic], listener=_Rebalance(service))
-    service.consumer = consumer
-    log = service.log
-    try:
-        await writer.prepare()
-        await with_kafka_retries(consumer.start, "start consumer")
-        log.info("engine ready", device=str(engine.device), pool_pages=engine.kv.allocator.num_pages, work_topic=cfg.work_topic)
-        if ready is not None:
-            ready.set()
-        drained = asyncio.Event()
-        consume = asyncio.create_task(service.consume_loop(stop))
-        steps = asyncio.create_task(service.step_loop(stop, drained))
-        stopper = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait({consume, steps, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        for task in (consume, steps):
-            if task in done and task.exception() is not None:
-                raise task.exception()
-        log.info("draining", in_flight=len(service.jobs), timeout_s=cfg.drain_timeout_s)
-        consume.cancel()
-        try:
-            await asyncio.wait_for(drained.wait(), cfg.drain_timeout_s)
-        except asyncio.TimeoutError:
-            log.warning("drain timed out; unfinished requests will be redelivered", in_flight=len(service.jobs))
-        steps.cancel()
-        with suppress(asyncio.CancelledError):
-            await steps
-        await service.commit()
-        log.info("engine stopped")
-    finally:
-        for sig in installed:
-            asyncio.get_running_loop().remove_signal_handler(sig)
-        with suppress(Exception):
-            await asyncio.wait_for(consumer.stop(), 10)
-        await redis.aclose()
-        engine.close()  # stops tensor-parallel worker ranks (a no-op when tp_size is 1)

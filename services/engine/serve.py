@@ -1,0 +1,87 @@
+"""The engine process: connects Kafka, Redis and the node's adapter store to one EngineService,
+runs its consume and step loops, and drains on SIGTERM/SIGINT (services/engine/service.py is the
+loop itself)."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import suppress
+
+import redis.asyncio as aioredis
+from aiokafka import ConsumerRebalanceListener
+
+from lorafleet.adapter_store.client import AdapterStoreClient
+from lorafleet.common.kafka import (
+    TopicSpec,
+    ensure_topics,
+    make_consumer,
+    with_kafka_retries,
+)
+from lorafleet.common.replies import ReplyWriter
+from lorafleet.common.signals import install_signal_stop
+from lorafleet.health import StallWatch
+
+from .engine import LLMEngine
+from .service import EngineService
+from .service_config import EngineServiceConfig
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, service: EngineService):
+        self.service = service
+
+    async def on_partitions_revoked(self, revoked):
+        await self.service.on_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned):
+        self.service.log.info("partitions assigned", partitions=sorted(tp.partition for tp in assigned))
+
+
+async def run_engine_service(cfg: EngineServiceConfig, *, stop: asyncio.Event | None = None,
+                             ready: asyncio.Event | None = None, watch: StallWatch | None = None) -> None:
+    """Serve until `stop` (default: SIGTERM/SIGINT), then drain within cfg.drain_timeout_s.
+    watch: the engine steps' StallWatch (the caller's heartbeat reads it)."""
+    stop, installed = install_signal_stop(stop)
+    engine = await asyncio.to_thread(LLMEngine, cfg.engine)
+    await ensure_topics(cfg.kafka_bootstrap, [TopicSpec(cfg.work_topic, cfg.work_partitions)])
+    redis = aioredis.from_url(cfg.redis_url)
+    store = AdapterStoreClient(cfg.store_address, engine.spec, max_rank=cfg.engine.max_adapter_rank)
+    writer = ReplyWriter(redis)
+    service = EngineService(cfg, engine, writer, store, watch)
+    consumer = make_consumer(cfg.kafka_bootstrap, [], cfg.group_id, session_timeout_ms=cfg.session_timeout_ms,
+                             client_id=f"lorafleet-engine-{cfg.name}", max_poll_records=cfg.max_inflight)
+    consumer.subscribe([cfg.work_topic], listener=_Rebalance(service))
+    service.consumer = consumer
+    log = service.log
+    try:
+        await writer.prepare()
+        await with_kafka_retries(consumer.start, "start consumer")
+        log.info("engine ready", device=str(engine.device), pool_pages=engine.kv.allocator.num_pages, work_topic=cfg.work_topic)
+        if ready is not None:
+            ready.set()
+        drained = asyncio.Event()
+        consume = asyncio.create_task(service.consume_loop(stop))
+        steps = asyncio.create_task(service.step_loop(stop, drained))
+        stopper = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({consume, steps, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (consume, steps):
+            if task in done and task.exception() is not None:
+                raise task.exception()
+        log.info("draining", in_flight=len(service.jobs), timeout_s=cfg.drain_timeout_s)
+        consume.cancel()
+        try:
+            await asyncio.wait_for(drained.wait(), cfg.drain_timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("drain timed out; unfinished requests will be redelivered", in_flight=len(service.jobs))
+        steps.cancel()
+        with suppress(asyncio.CancelledError):
+            await steps
+        await service.commit()
+        log.info("engine stopped")
+    finally:
+        for sig in installed:
+            asyncio.get_running_loop().remove_signal_handler(sig)
+        with suppress(Exception):
+            await asyncio.wait_for(consumer.stop(), 10)
+        await redis.aclose()
+        engine.close()  # stops tensor-parallel worker ranks (a no-op when tp_size is 1)
