@@ -2,8 +2,9 @@
 
 Order: demo assets (if needed) -> embedded broker and redis-server (if none given) -> adapter store
 -> ingest and engine(s). Each child writes a ready file; when all have, the contract's ready JSON
-is written to --ready-file and printed. SIGINT/SIGTERM: children get SIGTERM (they drain), then
-the embedded servers stop.
+is written to --ready-file and printed. From then on a child that dies is restarted
+(services/supervisor.py) while the broker and Redis keep running; `up` exits on SIGINT/SIGTERM
+(children get SIGTERM and drain, then the embedded servers stop) or when a child crash-loops.
 """
 
 from __future__ import annotations
@@ -12,14 +13,13 @@ import argparse
 import json
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 from lorafleet.common import settings
+from lorafleet.supervisor import CrashLoop, Supervisor
 
 READY_TIMEOUT_S = 600.0  # the first `up` builds the demo assets (minutes on a small CPU)
 
@@ -31,42 +31,6 @@ def add_up_arguments(p: argparse.ArgumentParser) -> None:
     settings.add_flag(p, "--redis-url", "REDIS_URL", str, "Redis URL of a running server", unset="an embedded redis-server")
     settings.add_flag(p, "--device", "DEVICE", str, "cpu, cuda or auto")
     settings.add_flag(p, "--engines", "UP_ENGINES", int, "engine processes to start")
-
-
-class _Children:
-    def __init__(self, workdir: Path, env: dict[str, str]):
-        self.workdir, self.env = workdir, env
-        self.procs: list[tuple[str, subprocess.Popen, Path]] = []
-
-    def start(self, name: str, argv: list[str]) -> Path:
-        ready = self.workdir / f"{name}.ready"
-        log = open(self.workdir / f"{name}.log", "ab")
-        cmd = [sys.executable, "-m", "lorafleet.cli", *argv, "--ready-file", str(ready)]
-        proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        self.procs.append((name, proc, ready))
-        return ready
-
-    def wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        for name, proc, ready in self.procs:
-            while not ready.exists():
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.workdir / (name + '.log')}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{name} was not ready within {timeout_s:.0f}s; see {self.workdir / (name + '.log')}")
-                time.sleep(0.2)
-
-    def stop(self, timeout_s: float) -> None:
-        for _name, proc, _ in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        for _name, proc, _ in self.procs:
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def run_up(args: argparse.Namespace) -> int:
@@ -100,7 +64,8 @@ def run_up(args: argparse.Namespace) -> int:
             "LORAFLEET_STORE_ADDRESS": env.get("LORAFLEET_STORE_ADDRESS") or f"127.0.0.1:{free_port()}",
             "LORAFLEET_STORE_SHM_DIR": env.get("LORAFLEET_STORE_SHM_DIR") or str(workdir / "adapters"),
         })
-        children = _Children(workdir, env)
+        children = Supervisor(workdir, env, restart_limit=settings.read("UP_RESTART_LIMIT"),
+                              restart_window_s=settings.read("UP_RESTART_WINDOW_S"))
         children.start("adapter-store", ["adapter-store"])
         children.start("ingest", ["ingest"])
         for i in range(args.engines):
@@ -113,11 +78,12 @@ def run_up(args: argparse.Namespace) -> int:
         _write_ready(args.ready_file, ready)
         print(json.dumps(ready), flush=True)
         while not stop.wait(0.5):
-            dead = [n for n, p, _ in children.procs if p.poll() is not None]
-            if dead:
-                print(f"lorafleet up: {', '.join(dead)} exited; stopping (logs in {workdir})", file=sys.stderr)
-                return 1
+            for event in children.supervise():
+                print(f"lorafleet up: {event}", file=sys.stderr, flush=True)
         return 0
+    except CrashLoop as exc:
+        print(f"lorafleet up: {exc}; stopping (logs in {workdir})", file=sys.stderr)
+        return 1
     except RuntimeError as exc:
         print(f"lorafleet up: {exc}", file=sys.stderr)
         return 1

@@ -76,6 +76,8 @@ _DECLARED: list[EnvVar] = [
     # --- command line: `up`, ready files, `send` / `tail` ------------------------------------
     EnvVar("READY_FILE", str, "", "services and `up`: write this JSON file once ready; `send` / `tail`: read the addresses from `up`'s"),
     EnvVar("UP_ENGINES", int, 1, "engine processes `lorafleet up` starts"),
+    EnvVar("UP_RESTART_LIMIT", int, 5, "`up` restarts a dead service; more exits than this within UP_RESTART_WINDOW_S stop the stack"),
+    EnvVar("UP_RESTART_WINDOW_S", float, 300.0, "the window over which `up` counts a service's exits"),
     EnvVar("WAIT_READY_S", float, 900.0, "how long `send` / `tail` wait for `up`'s ready file (the first `up` builds the demo)"),
     EnvVar("TAIL_TIMEOUT_S", float, 300.0, "how long `tail` (and `send --follow`) wait for a reply's terminal entry"),
     # --- engine -------------------------------------------------------------------------
