@@ -15,12 +15,12 @@ import time
 from typing import Any, AsyncIterator
 
 import msgspec
-import redis.asyncio as aioredis
 
 from lorafleet.common import settings
 from lorafleet.common.contract import default_reply_stream
 from lorafleet.common.kafka import make_producer
 from lorafleet.common.messages import ReplyEntry, TokenReply, is_terminal, parse_entry
+from lorafleet.common.replies import connect_redis
 
 
 class Generation(msgspec.Struct, frozen=True):
@@ -37,7 +37,7 @@ class LorafleetClient:
                  requests_topic: str | None = None) -> None:
         """kafka_bootstrap None: a reader of reply streams only (submit raises)."""
         self.requests_topic = requests_topic or settings.read("REQUESTS_TOPIC")
-        self.redis = aioredis.from_url(redis_url)
+        self.redis = connect_redis(redis_url)
         self.producer = make_producer(kafka_bootstrap, client_id="lorafleet-client") if kafka_bootstrap else None
         self._started = False
 
@@ -79,14 +79,17 @@ class LorafleetClient:
 
     async def replies(self, request_id: str | None = None, *, stream: str | None = None,
                       timeout: float = 120.0) -> AsyncIterator[ReplyEntry]:
-        """Entries of one reply stream from its start, until (and including) the terminal entry.
-        Give the request id (default stream) or the stream key. Raises TimeoutError when no
+        """Entries of one reply stream from its start, until (and including) the terminal entry,
+        each token once (a token entry whose `index` was read already is skipped: the engine
+        re-publishes what a restarted Redis lost). Give the request id (default stream) or the
+        stream key. Raises TimeoutError when no
         terminal entry arrives within `timeout` seconds."""
         if (request_id is None) == (stream is None):
             raise ValueError("give exactly one of request_id and stream")
         key = stream if stream is not None else default_reply_stream(request_id)
         deadline = time.monotonic() + timeout
         last_id = "0-0"
+        next_index = 0  # after a Redis restart the engine re-publishes from the first lost token
         while True:
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0:
@@ -96,6 +99,10 @@ class LorafleetClient:
                 for entry_id, fields in entries:
                     last_id = entry_id
                     entry = parse_entry(fields)
+                    if isinstance(entry, TokenReply) and entry.index >= 0:
+                        if entry.index < next_index:
+                            continue  # seen already (index: tokens before this entry)
+                        next_index = entry.index + len(entry.token_ids)
                     yield entry
                     if is_terminal(entry):
                         return

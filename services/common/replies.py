@@ -8,7 +8,9 @@ step's requests pipelined together) reads that state and appends an entry only w
     token entry, index + n <= tokens   -> already written by an earlier delivery: skipped
     token entry, index == tokens       -> appended; tokens += n
     token entry, any other index       -> a gap or partial overlap: skipped, counted as conflict
-    terminal entry                     -> appended once; everything after it is skipped
+    terminal entry                     -> appended once (not after a gap in the same call: the
+                                          stream must not end with tokens missing); everything
+                                          after it is skipped
 
 so redelivered requests, retried pipelines and two engines racing on one request all leave the
 stream exactly as one clean run would. Every write sets EXPIRE ttl on the stream and the state,
@@ -38,7 +40,7 @@ local stream, state = KEYS[1], KEYS[2]
 local maxlen, ttl = ARGV[1], ARGV[2]
 local published = tonumber(redis.call('HGET', state, 'tokens') or '0')
 local terminal = redis.call('HEXISTS', state, 'terminal') == 1
-local appended, conflicts = 0, 0
+local appended, conflicts, gap = 0, 0, false
 local pos = 4
 for _ = 1, tonumber(ARGV[3]) do
   local index, ntokens = tonumber(ARGV[pos]), tonumber(ARGV[pos + 1])
@@ -49,11 +51,12 @@ for _ = 1, tonumber(ARGV[3]) do
   if terminal then
     write = false
   elseif index < 0 then
-    write, terminal = true, true
+    if gap then conflicts = conflicts + 1 else write, terminal = true, true end
   elseif index == published then
     write, published = true, published + ntokens
   elseif index + ntokens > published then
     conflicts = conflicts + 1
+    if index > published then gap = true end
   end
   if write then
     redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', unpack(ARGV, first, last))
@@ -69,6 +72,13 @@ end
 return {published, terminal and 1 or 0, appended, conflicts}
 """
 _PUBLISH_SHA = hashlib.sha1(_PUBLISH_LUA.encode()).hexdigest()
+
+
+def connect_redis(url: str) -> aioredis.Redis:
+    """A client whose every call is bounded in time (LORAFLEET_REDIS_TIMEOUT_S): a Redis that stops
+    answering raises TimeoutError, retried as transient, instead of hanging the caller."""
+    timeout = settings.read("REDIS_TIMEOUT_S")
+    return aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
 
 
 def state_key(request_id: str) -> str:
@@ -138,8 +148,9 @@ class ReplyWriter:
             raise RuntimeError(f"Redis returned script sha {sha}, expected {_PUBLISH_SHA}")
         self._script_loaded = True
 
-    async def _with_retries(self, operation: Any, what: str) -> Any:
-        backoff = Backoff(self.retry_budget_s)
+    async def _with_retries(self, operation: Any, what: str, budget_s: float | None = None) -> Any:
+        budget_s = self.retry_budget_s if budget_s is None else budget_s
+        backoff = Backoff(budget_s, max_s=2.0 if budget_s <= self.retry_budget_s else 10.0)
         while True:
             try:
                 return await operation()
@@ -148,7 +159,7 @@ class ReplyWriter:
                     raise
                 if not await backoff.sleep():
                     self._log.error("redis unreachable, giving up", what=what, error=repr(exc))
-                    raise ReplyWriteError(f"{what}: Redis unreachable for {self.retry_budget_s}s: {exc}") from exc
+                    raise ReplyWriteError(f"{what}: Redis unreachable for {budget_s}s: {exc}") from exc
                 self._log.warning("redis error, retrying", what=what, attempt=backoff.failures,
                                   error=repr(exc))
 
@@ -208,8 +219,10 @@ class ReplyWriter:
         is about to serve again after a Kafka redelivery."""
         return (await self.published_counts([request_id]))[request_id]
 
-    async def published_counts(self, request_ids: Sequence[str]) -> dict[str, tuple[int, bool]]:
-        """published_count for many requests in one pipelined round trip (a consumer's batch)."""
+    async def published_counts(self, request_ids: Sequence[str], *,
+                               budget_s: float | None = None) -> dict[str, tuple[int, bool]]:
+        """published_count for many requests in one pipelined round trip (a consumer's batch);
+        budget_s: how long to retry through a Redis outage (default: the writer's budget)."""
         ids = list(dict.fromkeys(request_ids))
 
         async def read() -> list[Any]:
@@ -219,6 +232,6 @@ class ReplyWriter:
                 pipe.hmget(state_key(request_id), ["tokens", "terminal"])
             return await pipe.execute()
 
-        rows = await self._with_retries(read, "HMGET state") if ids else []
+        rows = await self._with_retries(read, "HMGET state", budget_s) if ids else []
         return {rid: ((int(tokens) if tokens is not None else 0), terminal is not None)
                 for rid, (tokens, terminal) in zip(ids, rows)}

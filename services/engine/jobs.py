@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import TopicPartition
@@ -23,10 +23,23 @@ class Job:
     adapter: LoraWeights | None = None
     terminal_queued: bool = False  # its done/error entry is in the outbox
     stream: str = ""  # where its entries go: the item's reply_stream, or the default one after Redis refused that
+    history: list = field(default_factory=list)  # every token entry made, in index order (re-published after a loss)
+    terminal: Any = None  # its done/error entry once made
+    settled: bool = False  # its terminal entry is written (or it is given up): its offsets may be committed
 
     def __post_init__(self) -> None:
         self.log = request_logger(self.log, self.item.id, self.item.adapter)
         self.stream = self.stream or self.item.reply_stream
+
+    def entries_from(self, published: int) -> list:
+        """What to write again when the stream holds only `published` of this job's tokens: its
+        token entries from there on, then its terminal entry if made; empty when the stream's
+        count is not one of this job's entry boundaries (another engine's race, not a loss)."""
+        lost = [entry for entry in self.history if entry.index >= published]
+        made = self.history[-1].index + len(self.history[-1].token_ids) if self.history else 0
+        if (lost[0].index if lost else made) != published:
+            return []
+        return lost + ([self.terminal] if self.terminal is not None else [])
 
 
 def sampling_params(item: WorkItem) -> SamplingParams:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 from contextlib import suppress
 
-import redis.asyncio as aioredis
 from aiokafka import ConsumerRebalanceListener
 
 from lorafleet.adapter_store.client import AdapterStoreClient
@@ -17,7 +16,7 @@ from lorafleet.common.kafka import (
     make_consumer,
     with_kafka_retries,
 )
-from lorafleet.common.replies import ReplyWriter
+from lorafleet.common.replies import ReplyWriter, connect_redis
 from lorafleet.common.signals import install_signal_stop
 from lorafleet.health import StallWatch
 
@@ -44,7 +43,7 @@ async def run_engine_service(cfg: EngineServiceConfig, *, stop: asyncio.Event | 
     stop, installed = install_signal_stop(stop)
     engine = await asyncio.to_thread(LLMEngine, cfg.engine)
     await ensure_topics(cfg.kafka_bootstrap, [TopicSpec(cfg.work_topic, cfg.work_partitions)])
-    redis = aioredis.from_url(cfg.redis_url)
+    redis = connect_redis(cfg.redis_url)
     store = AdapterStoreClient(cfg.store_address, engine.spec, max_rank=cfg.engine.max_adapter_rank)
     writer = ReplyWriter(redis)
     service = EngineService(cfg, engine, writer, store, watch)

@@ -9,13 +9,13 @@ NOTE invariants:
   `engine_lock` meanwhile; rebalance aborts take the same lock).
 - One ReplyWriter.publish (one pipelined Redis round trip) per step for every request's entries,
   made while the next step runs on the GPU (step_once).
-- An offset is committed only when every message up to it has its terminal entry (OffsetTracker).
-- No request can stop the service: one the engine refuses or fails to admit gets its `error`
-  entry; one whose reply_stream Redis refuses (a key of another type) is aborted and ends with
-  an `error` entry on its default stream (or, refused there too, is logged as undeliverable).
-  A request whose message is delivered again is de-duplicated by the writer (token `index`,
-  terminal once), and generation is deterministic per request id (seeded), so a redelivered
-  request re-emits the same tokens, which the writer drops.
+- An offset is committed only when every message up to it has its terminal entry written
+  (OffsetTracker, Job.settled). A redelivered request is de-duplicated by the writer (token
+  `index`, terminal once); generation is seeded by request id, so it re-emits the same tokens.
+- No request can stop the service: one refused or failing at admission gets its `error` entry; one
+  whose reply_stream Redis refuses (WRONGTYPE) is aborted and ends on its default stream.
+- Redis faults lose nothing: through an outage intake waits and publishes are retried; after a
+  restart that lost entries, each job re-publishes its own from its history (Job.entries_from).
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ from collections import deque
 from contextlib import suppress
 
 from aiokafka import TopicPartition
+from aiokafka.errors import KafkaError
 
 from lorafleet.adapter_store.client import AdapterStoreClient
 from lorafleet.adapter_store.errors import AdapterNotFoundError, InvalidAdapterError
 from lorafleet.common import settings
 from lorafleet.common.contract import default_reply_stream
-from lorafleet.common.kafka import with_kafka_retries
 from lorafleet.common.logging import get_logger
 from lorafleet.common.messages import (
     decode_work_item,
@@ -38,7 +38,8 @@ from lorafleet.common.messages import (
     error_entry,
     token_entry,
 )
-from lorafleet.common.replies import ReplyWriter
+from lorafleet.common.replies import ReplyWriteError, ReplyWriter
+from lorafleet.common.retry import Backoff
 from lorafleet.health import StallWatch
 
 from .adapter_fetcher import AdapterFetcher
@@ -59,6 +60,7 @@ class EngineService:
         self.jobs: dict[str, Job] = {}  # request id -> job, from first delivery to terminal entry
         self.ready: deque[Job] = deque()  # adapter in hand, not yet in the engine
         self.to_abort: list[str] = []  # request ids to abort before the next step (under engine_lock)
+        self.redis_down = False  # the last publish outlasted the writer's retry budget: intake waits
         self.outbox: list[tuple[str, str, object]] = []  # entries for the next publish
         self.engine_lock = asyncio.Lock()
         self.wake = asyncio.Event()
@@ -80,7 +82,9 @@ class EngineService:
                 self.log.error("undecodable work item skipped", partition=record.partition, offset=record.offset,
                                error=repr(exc))
                 self.offsets.done(tp, record.offset)
-        state = await self.writer.published_counts([item.id for _, _, item in decoded if item.id not in self.jobs])
+        # Waited out through a Redis outage: these records are taken from Kafka and must not be dropped.
+        state = await self.writer.published_counts([item.id for _, _, item in decoded if item.id not in self.jobs],
+                                                   budget_s=float("inf"))
         for tp, offset, item in decoded:
             job = self.jobs.get(item.id)
             if job is not None:  # delivered again while we still serve it: done when it is done
@@ -119,7 +123,8 @@ class EngineService:
 
     def _fail(self, job: Job, code: str, message: str) -> None:
         job.log.info("request failed", code=code, error=message)
-        self.outbox.append((job.stream, job.item.id, error_entry(code, message)))
+        job.terminal = error_entry(code, message)
+        self.outbox.append((job.stream, job.item.id, job.terminal))
         job.terminal_queued = True
         self.wake.set()
 
@@ -146,11 +151,14 @@ class EngineService:
             if job is None or job.terminal_queued:  # e.g. failed while this step ran
                 continue
             item = job.item
-            if out.index >= job.already_published:
-                self.outbox.append((job.stream, item.id, token_entry(out.new_text, out.new_token_ids, out.index)))
+            if out.new_token_ids:
+                entry = token_entry(out.new_text, out.new_token_ids, out.index)
+                job.history.append(entry)
+                if out.index >= job.already_published:
+                    self.outbox.append((job.stream, item.id, entry))
             if out.finished:
-                self.outbox.append((job.stream, item.id,
-                                    done_entry(out.finish_reason, out.num_prompt_tokens, out.num_output_tokens)))
+                job.terminal = done_entry(out.finish_reason, out.num_prompt_tokens, out.num_output_tokens)
+                self.outbox.append((job.stream, item.id, job.terminal))
                 job.terminal_queued = True
                 # One line per served request, with engine_id, request_id and adapter_id bound:
                 # which engine served what (scale-out test, affinity measurement, operators).
@@ -166,12 +174,9 @@ class EngineService:
             step = asyncio.ensure_future(asyncio.to_thread(self._watched_step)) if self.engine.has_unfinished() else None
             try:
                 await self.flush()
-            except BaseException:
-                if step is not None:  # the step's thread runs on; never leave its result unobserved
-                    await asyncio.gather(step, return_exceptions=True)
-                raise
-            if step is not None:
-                self._collect(await step)
+            finally:  # even when the publish failed: the step's outputs must reach the outbox
+                if step is not None:
+                    self._collect(await step)
         if not self.engine.has_unfinished():
             await self.flush()
 
@@ -188,9 +193,22 @@ class EngineService:
         if not self.outbox:
             return
         entries, self.outbox = self.outbox, []
-        states = await self.writer.publish(entries)
-        rerouted = {rid for rid, state in states.items() if state.error is not None and self._stream_refused(rid, state.error)}
-        finished = [j for j in self.jobs.values() if j.terminal_queued and j.item.id not in rerouted]
+        try:
+            states = await self.writer.publish(entries)
+        except BaseException:
+            self.outbox[:0] = entries  # nothing is known to be written: all of it goes again
+            raise
+        for request_id, state in states.items():
+            job = self.jobs.get(request_id)
+            if job is None:
+                continue
+            if state.error is not None:
+                self._stream_refused(request_id, state.error)
+            elif state.terminal:
+                job.settled = True
+            elif state.conflicts:
+                self._republish_lost(job, state.tokens)
+        finished = [j for j in self.jobs.values() if j.settled]
         for job in finished:
             del self.jobs[job.item.id]
             for tp, offset in job.deliveries:
@@ -208,7 +226,7 @@ class EngineService:
         default = default_reply_stream(request_id)
         if job.stream == default:
             job.log.error("reply undeliverable: Redis refused the default stream", error=error)
-            job.terminal_queued = True
+            job.terminal_queued = job.settled = True
             return False
         with suppress(ValueError):
             self.ready.remove(job)
@@ -216,18 +234,41 @@ class EngineService:
         self._fail(job, "invalid_request", f"reply_stream {refused_stream[:80]!r} could not be written: {error[:120]}")
         return True
 
+    def _republish_lost(self, job: Job, published: int) -> None:
+        """The stream holds fewer tokens than this job wrote (Redis restarted without its data)."""
+        lost = job.entries_from(published)
+        if lost:
+            job.log.warning("reply stream lost entries; re-publishing", published=published, lost=len(lost))
+            self.outbox.extend((job.stream, job.item.id, entry) for entry in lost)
+            self.wake.set()
+
     async def commit(self) -> None:
+        """Commit what is done, bounded in time; a failure (broker away, group rebalancing) leaves
+        the offsets pending for the next commit instead of stopping the step loop."""
         offsets = self.offsets.committable()
-        if offsets and self.consumer is not None:
-            await with_kafka_retries(lambda: self.consumer.commit(offsets), "commit")
-            self.offsets.committed(offsets)
+        if not offsets or self.consumer is None:
+            return
+        try:
+            await asyncio.wait_for(self.consumer.commit(offsets), settings.read("KAFKA_TIMEOUT_S"))
+        except (KafkaError, asyncio.TimeoutError) as exc:
+            self.log.warning("commit failed; offsets stay pending", error=repr(exc))
+            return
+        self.offsets.committed(offsets)
 
     async def step_loop(self, stop: asyncio.Event, drained: asyncio.Event) -> None:
+        outage = Backoff(float("inf"), base_s=0.5, max_s=10.0)
         while True:
             if stop.is_set() and not self.jobs and not self.outbox:
                 drained.set()
                 return
-            await self.step_once()
+            try:
+                await self.step_once()
+            except ReplyWriteError as exc:  # Redis away past the writer's budget: hold intake, keep trying
+                self.redis_down = True
+                self.log.error("redis unreachable; intake paused, retrying", error=str(exc))
+                await outage.sleep()
+                continue
+            self.redis_down, outage = False, Backoff(float("inf"), base_s=0.5, max_s=10.0)
             if not self.engine.has_unfinished() and not self.ready:
                 self.wake.clear()
                 with suppress(asyncio.TimeoutError):
@@ -236,8 +277,8 @@ class EngineService:
     async def consume_loop(self, stop: asyncio.Event) -> None:
         consumer = self.consumer
         while not stop.is_set():
-            if len(self.jobs) >= self.cfg.max_inflight:
-                await asyncio.sleep(0.02)  # backpressure: the engine is full; Kafka keeps the rest
+            if len(self.jobs) >= self.cfg.max_inflight or self.redis_down:
+                await asyncio.sleep(0.02)  # backpressure: full, or no Redis to answer with; Kafka keeps the rest
                 continue
             batches = await consumer.getmany(timeout_ms=100, max_records=self.cfg.max_inflight - len(self.jobs))
             for records in batches.values():

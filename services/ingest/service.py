@@ -5,7 +5,8 @@ Life of the service:
    connect to Redis and Kafka, join the consumer group; then report ready.
 2. loop: fetch a batch, hand it to BatchHandler, commit its offsets once every outcome is
    durable. Offsets are committed per batch, in order, so a crash re-delivers at most the batch
-   in flight (its outcomes are idempotent downstream).
+   in flight (its outcomes are idempotent downstream). When Redis or the broker stays away past
+   the retry budget, the batch is fetched again and handled once they are back (backing off).
 3. on SIGTERM/SIGINT (or the caller's `stop` event): stop fetching, finish and commit the batch
    in flight, leave the group, flush the producer - within drain_timeout_s, else give up on the
    batch (it is re-delivered to another member) and exit.
@@ -17,20 +18,21 @@ import asyncio
 import time
 from contextlib import suppress
 
-import redis.asyncio as aioredis
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from lorafleet.common.kafka import (
     TopicSpec,
     ensure_topics,
+    is_transient_kafka_error,
     make_consumer,
     make_producer,
     partition_count,
     with_kafka_retries,
 )
 from lorafleet.common.logging import get_logger
-from lorafleet.common.replies import ReplyWriter
+from lorafleet.common.replies import ReplyWriteError, ReplyWriter, connect_redis
+from lorafleet.common.retry import Backoff
 from lorafleet.common.signals import install_signal_stop
 from lorafleet.ingest.config import IngestConfig
 from lorafleet.ingest.handler import BatchHandler
@@ -65,7 +67,7 @@ async def run_ingest(config: IngestConfig, *, stop: asyncio.Event | None = None,
         TopicSpec(config.dlq_topic, 1),
         TopicSpec(config.work_topic, config.work_partitions),
     ])
-    redis = aioredis.from_url(config.redis_url)
+    redis = connect_redis(config.redis_url)
     producer = make_producer(config.kafka_bootstrap, client_id="lorafleet-ingest")
     batch_lock = asyncio.Lock()
     consumer = make_consumer(config.kafka_bootstrap, [], config.group_id,
@@ -111,16 +113,34 @@ async def run_ingest(config: IngestConfig, *, stop: asyncio.Event | None = None,
 
 async def _consume_loop(consumer, handler: BatchHandler, batch_lock: asyncio.Lock,
                         stop: asyncio.Event, log) -> None:
+    outage = None  # Backoff while the broker or Redis is away
     while not stop.is_set():
         batch = await consumer.getmany(timeout_ms=200)
         if not batch:
             continue
         async with batch_lock:
             records = [record for partition_records in batch.values() for record in partition_records]
-            await handler.handle(records)
+            try:
+                await handler.handle(records)
+            except Exception as exc:
+                if not (isinstance(exc, ReplyWriteError) or is_transient_kafka_error(exc)):
+                    raise
+                # Redis or the broker outlasted the retry budget: nothing of this batch is known to
+                # be durable, so fetch it again (its outcomes are idempotent) once they are back.
+                for tp, recs in batch.items():
+                    consumer.seek(tp, recs[0].offset)
+                outage = outage or Backoff(float("inf"), base_s=0.5, max_s=10.0)
+                log.error("outcomes not durable; the batch will be handled again", error=repr(exc))
+                await outage.sleep()
+                continue
+            outage = None
             offsets = {tp: recs[-1].offset + 1 for tp, recs in batch.items() if recs}
             try:
                 await with_kafka_retries(lambda: consumer.commit(offsets), "commit offsets")
             except (CommitFailedError, IllegalStateError) as exc:
                 # The group rebalanced under us: the new owner re-delivers; outcomes are idempotent.
                 log.warning("commit refused after rebalance", error=repr(exc))
+            except Exception as exc:
+                if not is_transient_kafka_error(exc):
+                    raise
+                log.warning("commit failed; the batch may be delivered again", error=repr(exc))

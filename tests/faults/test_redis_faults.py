@@ -1,0 +1,145 @@
+"""Redis faults under a real `lorafleet up` (the reliability issue's rows D7, D8): Redis killed and
+restarted without its data mid-generation, and Redis away for longer than the services' retry
+budget. Nothing is lost (every token of every request once, in order, then one `done`) and no
+service exits: `up` runs with LORAFLEET_UP_RESTART_LIMIT=0, so any service's exit stops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import redis.asyncio as aioredis
+
+from lorafleet.client import LorafleetClient
+from lorafleet.common.embedded import free_port, redis_server_binary
+from lorafleet.common.messages import DoneReply, TokenReply, parse_entry
+from tests.infra_fixtures import unique_name
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+MAX_TOKENS = 40
+
+
+class RedisOnAPort:
+    """A redis-server without persistence that can be killed and started again on the same port."""
+
+    def __init__(self, workdir):
+        self.port, self.workdir, self.proc = free_port(), workdir, None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+                                      "--save", "", "--appendonly", "no", "--dir", str(self.workdir)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError("redis-server did not start")
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def stack(zoo, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("redis-faults")
+    redis = RedisOnAPort(tmp)
+    redis.start()
+    ready_file = tmp / "ready.json"
+    env = dict(os.environ, LORAFLEET_UP_RESTART_LIMIT="0", LORAFLEET_REDIS_RETRY_S="2")
+    proc = subprocess.Popen([sys.executable, "-m", "lorafleet.cli", "up", "--model", str(zoo.model("mha")),
+                             "--adapters", str(tmp), "--device", "cpu", "--redis-url", f"redis://127.0.0.1:{redis.port}/0",
+                             "--ready-file", str(ready_file)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(tmp / "up.log", "wb"))
+    deadline = time.monotonic() + 180
+    while not ready_file.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp / "up.log").read_text()[-3000:]
+        time.sleep(0.2)
+    yield proc, json.loads(ready_file.read_text()), redis, tmp
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if redis.proc.poll() is None:
+        redis.kill()
+
+
+def _request(rid: str) -> dict:
+    return {"id": rid, "prompt": "the sea", "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
+
+
+async def _whole_stream(ready: dict, rid: str) -> list:
+    """The stream as it is in Redis once its terminal entry is there (XRANGE: no client-side skipping)."""
+    async with LorafleetClient(None, ready["redis_url"]) as client:
+        [e async for e in client.replies(rid, timeout=120)]
+        rows = await client.redis.xrange(f"lorafleet:out:{rid}")
+    return [parse_entry(fields) for _, fields in rows]
+
+
+def _assert_complete(entries: list, reference: list[int]) -> None:
+    tokens = [e for e in entries if isinstance(e, TokenReply)]
+    assert [e.index for e in tokens] == [sum(len(t.token_ids) for t in tokens[:i]) for i in range(len(tokens))]
+    assert [t for e in tokens for t in e.token_ids] == reference
+    assert isinstance(entries[-1], DoneReply) and sum(isinstance(e, DoneReply) for e in entries) == 1
+
+
+async def _reference(ready: dict) -> list[int]:
+    rid = unique_name("ref")
+    async with LorafleetClient(ready["kafka_bootstrap"], ready["redis_url"]) as client:
+        generation = await client.generate(_request(rid), timeout=120)
+    return generation.token_ids
+
+
+async def test_d7_redis_restarted_mid_generation_loses_no_token(stack):
+    proc, ready, redis, tmp = stack
+    reference = await _reference(ready)
+    rid = unique_name("d7")
+    async with LorafleetClient(ready["kafka_bootstrap"], ready["redis_url"]) as client:
+        await client.submit(_request(rid))
+        seen = 0
+        async for entry in client.replies(rid, timeout=120):
+            seen += isinstance(entry, TokenReply)
+            if seen == 3:
+                break
+    redis.kill()  # no persistence: the stream, the writer's state and its script are gone
+    await asyncio.sleep(1)
+    redis.start()
+    _assert_complete(await _whole_stream(ready, rid), reference)
+    assert proc.poll() is None, (tmp / "up.log").read_text()[-3000:]
+
+
+async def test_d8_redis_away_longer_than_the_retry_budget(stack):
+    proc, ready, redis, tmp = stack
+    reference = await _reference(ready)
+    running, sent_during = unique_name("d8-running"), unique_name("d8-during")
+    async with LorafleetClient(ready["kafka_bootstrap"], ready["redis_url"]) as client:
+        await client.submit(_request(running))
+        async for entry in client.replies(running, timeout=120):
+            if isinstance(entry, TokenReply):
+                break
+        redis.kill()
+        await client.submit(_request(sent_during))  # Kafka is up: ingest takes it, then waits for Redis
+    await asyncio.sleep(8)  # four times LORAFLEET_REDIS_RETRY_S
+    assert proc.poll() is None, (tmp / "up.log").read_text()[-3000:]
+    redis.start()
+    for rid in (running, sent_during):
+        _assert_complete(await _whole_stream(ready, rid), reference)
+    assert proc.poll() is None, (tmp / "up.log").read_text()[-3000:]
+    probe = aioredis.from_url(ready["redis_url"])
+    assert await probe.ping()
+    await probe.aclose()
