@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator
 import msgspec
 
 from lorafleet.common import settings
-from lorafleet.common.contract import default_reply_stream
+from lorafleet.common.contract import cancel_key, default_reply_stream
 from lorafleet.common.kafka import make_producer
 from lorafleet.common.messages import ReplyEntry, TokenReply, is_terminal, parse_entry
 from lorafleet.common.replies import connect_redis
@@ -107,15 +107,27 @@ class LorafleetClient:
                     if is_terminal(entry):
                         return
 
+    async def cancel(self, request_id: str) -> None:
+        """Cancel a request (contract extension): it ends with an `error` entry, code `cancelled`,
+        at its engine's next step, or as soon as an engine takes it; a finished one is unchanged."""
+        await self.redis.set(cancel_key(request_id), b"1", ex=settings.read("STREAM_TTL_S"))
+
     async def generate(self, request: dict, timeout: float = 120.0) -> Generation:
-        """Submit and wait: the whole text, all token ids, and the terminal entry."""
+        """Submit and wait: the whole text, all token ids, and the terminal entry. The request
+        carries a deadline `timeout` seconds away (unless it has one), and is cancelled when no
+        terminal entry arrives in time (TimeoutError)."""
+        request = {"deadline_ms": int((time.time() + timeout) * 1000), **request}
         stream = await self.submit(request)
         texts: list[str] = []
         token_ids: list[int] = []
-        async for entry in self.replies(stream=stream, timeout=timeout):
-            if isinstance(entry, TokenReply):
-                texts.append(entry.text)
-                token_ids.extend(entry.token_ids)
-            else:
-                return Generation("".join(texts), token_ids, entry)
+        try:
+            async for entry in self.replies(stream=stream, timeout=timeout):
+                if isinstance(entry, TokenReply):
+                    texts.append(entry.text)
+                    token_ids.extend(entry.token_ids)
+                else:
+                    return Generation("".join(texts), token_ids, entry)
+        except TimeoutError:
+            await self.cancel(request["id"])
+            raise
         raise AssertionError("replies() ends only with a terminal entry")

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
+from typing import Any
 
 from lorafleet.common.logging import get_logger
 
@@ -53,6 +54,14 @@ class StallWatch:
 
     def finished(self) -> None:
         self._since = None
+
+    def timed(self, work: Callable[[], Any]) -> Any:
+        """work() between started() and finished() (run in the worker thread)."""
+        self.started()
+        try:
+            return work()
+        finally:
+            self.finished()
 
     def problem(self) -> str | None:
         since = self._since

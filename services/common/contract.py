@@ -25,6 +25,8 @@ ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 DEFAULT_REPLY_PREFIX = "lorafleet:out:"
 # Internal per-request state of the reply writer; a user-chosen reply_stream may not land there.
 RESERVED_KEY_PREFIX = "lorafleet:state:"
+# SET lorafleet:cancel:<id> cancels a request (contract extension); not a reply_stream either.
+CANCEL_KEY_PREFIX = "lorafleet:cancel:"
 MAX_REPLY_STREAM_CHARS = 512
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # anything that fits in 64 bits
 # The contract's bounds (docs/contract.md, "Limits"): no field value or size can make a service
@@ -44,6 +46,9 @@ class ErrorCode:
     PROMPT_TOO_LONG = "prompt_too_long"
     # Extension (compatible: a new code): a bug or an unrecoverable failure inside lorafleet.
     INTERNAL_ERROR = "internal_error"
+    # Extensions: the request's deadline_ms passed / the client cancelled it (CANCEL_KEY_PREFIX).
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    CANCELLED = "cancelled"
 
 
 class RequestError(Exception):
@@ -71,6 +76,7 @@ class Request(msgspec.Struct, frozen=True, kw_only=True):
     seed: int | None = None
     stop: list[str] = []
     ignore_eos: bool = False
+    deadline_ms: int | None = None  # unix milliseconds by which the request must be finished
 
 
 class Envelope(msgspec.Struct, frozen=True):
@@ -84,6 +90,17 @@ class Envelope(msgspec.Struct, frozen=True):
 
 def default_reply_stream(request_id: str) -> str:
     return DEFAULT_REPLY_PREFIX + request_id
+
+
+def cancel_key(request_id: str) -> str:
+    return CANCEL_KEY_PREFIX + request_id
+
+
+def deadline_problem(deadline_ms: int | None, now_s: float) -> str | None:
+    """The error message when a request's deadline has passed at `now_s` (unix seconds)."""
+    if deadline_ms is None or now_s * 1000 < deadline_ms:
+        return None
+    return f"the request's deadline_ms {deadline_ms} passed {now_s * 1000 - deadline_ms:.0f} ms ago."
 
 
 def _show(value: Any) -> str:
@@ -142,8 +159,9 @@ def resolve_reply_stream(body: dict, request_id: str) -> str:
 def reply_stream_problem(value: Any) -> str | None:
     if not isinstance(value, str) or not 1 <= len(value) <= MAX_REPLY_STREAM_CHARS:
         return f"reply_stream must be null or a string of 1-{MAX_REPLY_STREAM_CHARS} characters, got {_show(value)}"
-    if value.startswith(RESERVED_KEY_PREFIX):
-        return f"reply_stream must not start with the reserved prefix {RESERVED_KEY_PREFIX!r}"
+    for prefix in (RESERVED_KEY_PREFIX, CANCEL_KEY_PREFIX):
+        if value.startswith(prefix):
+            return f"reply_stream must not start with the reserved prefix {prefix!r}"
     return None
 
 
@@ -242,6 +260,10 @@ def validate_request(body: dict, request_id: str, *, vocab_size: int) -> Request
     ignore_eos = body.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
         raise _invalid(f"ignore_eos must be true or false, got {_show(ignore_eos)}.")
+    deadline_ms = body.get("deadline_ms")
+    if deadline_ms is not None and (not _is_int(deadline_ms) or not 0 <= deadline_ms < 1 << 63):
+        raise _invalid(f"deadline_ms must be null or unix milliseconds (an integer from 0 to 2**63 - 1), "
+                       f"got {_show(deadline_ms)}.")
     reply_stream = body.get("reply_stream")
     if reply_stream is not None:
         problem = reply_stream_problem(reply_stream)
@@ -260,6 +282,7 @@ def validate_request(body: dict, request_id: str, *, vocab_size: int) -> Request
         seed=seed,
         stop=stop,
         ignore_eos=ignore_eos,
+        deadline_ms=deadline_ms,
     )
 
 

@@ -33,6 +33,7 @@ class WorkItem(msgspec.Struct, frozen=True, kw_only=True):
     reply_stream: str
     submitted_at: float  # unix seconds: the request's Kafka record timestamp (the producer's clock)
     received_at: float  # unix seconds: when ingest read it
+    deadline_ms: int | None = None  # unix milliseconds: past it the request ends with deadline_exceeded
 
     @classmethod
     def from_request(cls, request: Request, prompt_token_ids: list[int], *,
@@ -42,7 +43,7 @@ class WorkItem(msgspec.Struct, frozen=True, kw_only=True):
             max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
             top_k=request.top_k, seed=request.seed, stop=list(request.stop),
             ignore_eos=request.ignore_eos, reply_stream=request.reply_stream,
-            submitted_at=submitted_at, received_at=received_at,
+            submitted_at=submitted_at, received_at=received_at, deadline_ms=request.deadline_ms,
         )
 
 

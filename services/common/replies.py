@@ -13,7 +13,9 @@ step's requests pipelined together) reads that state and appends an entry only w
                                           after it is skipped
 
 so redelivered requests, retried pipelines and two engines racing on one request all leave the
-stream exactly as one clean run would. Every write sets EXPIRE ttl on the stream and the state,
+stream exactly as one clean run would. A request whose cancel key (``lorafleet:cancel:<id>``)
+exists gets a terminal ``error`` entry, code ``cancelled``, at its next publish instead of what
+was sent, and the result says so (the engine then aborts it). Every write sets EXPIRE ttl on the stream and the state,
 so both disappear ttl seconds after the last entry (the terminal one, normally).
 """
 
@@ -27,20 +29,28 @@ import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
 from lorafleet.common import settings
-from lorafleet.common.contract import RESERVED_KEY_PREFIX
+from lorafleet.common.contract import RESERVED_KEY_PREFIX, cancel_key
 from lorafleet.common.logging import get_logger
 from lorafleet.common.messages import ReplyEntry, TokenReply, entry_fields
 from lorafleet.common.retry import Backoff
 
-# KEYS: stream, state. ARGV: maxlen, ttl, entry count, then per entry:
+# KEYS: stream, state, cancel. ARGV: maxlen, ttl, entry count, then per entry:
 #   index (-1 for a terminal entry), token count, field count n, n field/value pairs.
-# Returns {tokens published, terminal written 0/1, entries appended, conflicts}.
+# Returns {tokens published, terminal written 0/1, entries appended, conflicts, cancelled 0/1}.
 _PUBLISH_LUA = """
 local stream, state = KEYS[1], KEYS[2]
 local maxlen, ttl = ARGV[1], ARGV[2]
 local published = tonumber(redis.call('HGET', state, 'tokens') or '0')
 local terminal = redis.call('HEXISTS', state, 'terminal') == 1
 local appended, conflicts, gap = 0, 0, false
+if not terminal and redis.call('EXISTS', KEYS[3]) == 1 then
+  redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'type', 'error', 'code', 'cancelled',
+             'message', 'the request was cancelled (its key lorafleet:cancel:<id> was set).')
+  redis.call('HSET', state, 'tokens', published, 'terminal', 1)
+  redis.call('EXPIRE', stream, ttl)
+  redis.call('EXPIRE', state, ttl)
+  return {published, 1, 1, 0, 1}
+end
 local pos = 4
 for _ = 1, tonumber(ARGV[3]) do
   local index, ntokens = tonumber(ARGV[pos]), tonumber(ARGV[pos + 1])
@@ -69,7 +79,7 @@ if appended > 0 then
   redis.call('EXPIRE', stream, ttl)
   redis.call('EXPIRE', state, ttl)
 end
-return {published, terminal and 1 or 0, appended, conflicts}
+return {published, terminal and 1 or 0, appended, conflicts, 0}
 """
 _PUBLISH_SHA = hashlib.sha1(_PUBLISH_LUA.encode()).hexdigest()
 
@@ -104,6 +114,7 @@ class RequestState(msgspec.Struct, frozen=True):
     appended: int = 0
     conflicts: int = 0
     error: str | None = None
+    cancelled: bool = False  # this publish found the request cancelled and wrote its terminal entry
 
 
 def _script_args(entries: list[ReplyEntry], maxlen: int, ttl_s: int) -> list[Any]:
@@ -197,11 +208,12 @@ class ReplyWriter:
                                     error=repr(result))
                     states[request_id] = RequestState(0, False, error=str(result))
                 else:
-                    tokens, terminal, appended, conflicts = (int(x) for x in result)
+                    tokens, terminal, appended, conflicts, cancelled = (int(x) for x in result)
                     if conflicts:
                         self._log.warning("token entries out of sequence were dropped",
                                           request_id=request_id, conflicts=conflicts, published=tokens)
-                    states[request_id] = RequestState(tokens, bool(terminal), appended, conflicts)
+                    states[request_id] = RequestState(tokens, bool(terminal), appended, conflicts,
+                                                      cancelled=bool(cancelled))
             if reload:
                 await self._with_retries(self._load_script, "SCRIPT LOAD")
             pending = reload
@@ -211,7 +223,7 @@ class ReplyWriter:
         self.round_trips += 1
         pipe = self.redis.pipeline(transaction=False)
         for request_id, stream, args in calls:
-            pipe.evalsha(_PUBLISH_SHA, 2, stream, state_key(request_id), *args)
+            pipe.evalsha(_PUBLISH_SHA, 3, stream, state_key(request_id), cancel_key(request_id), *args)
         return await pipe.execute(raise_on_error=False)
 
     async def published_count(self, request_id: str) -> tuple[int, bool]:

@@ -21,6 +21,7 @@ NOTE invariants:
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from contextlib import suppress
 
@@ -30,7 +31,7 @@ from aiokafka.errors import KafkaError
 from lorafleet.adapter_store.client import AdapterStoreClient
 from lorafleet.adapter_store.errors import AdapterNotFoundError, InvalidAdapterError
 from lorafleet.common import settings
-from lorafleet.common.contract import default_reply_stream
+from lorafleet.common.contract import ErrorCode, deadline_problem, default_reply_stream
 from lorafleet.common.logging import get_logger
 from lorafleet.common.messages import (
     decode_work_item,
@@ -103,8 +104,8 @@ class EngineService:
 
     def _adapter_arrived(self, job: Job, task: asyncio.Task) -> None:
         self.adapters.settled(job.item.adapter, task)
-        if self.jobs.get(job.item.id) is not job:
-            return  # revoked meanwhile
+        if self.jobs.get(job.item.id) is not job or job.terminal_queued:
+            return  # revoked, cancelled or expired meanwhile
         exc = None if task.cancelled() else task.exception()
         if task.cancelled() or exc is not None:
             code = {AdapterNotFoundError: "adapter_not_found", InvalidAdapterError: "invalid_adapter"}.get(
@@ -130,11 +131,19 @@ class EngineService:
 
     # --- the step loop ---------------------------------------------------------------------
     def _admit_ready(self) -> None:
+        now = time.time()
+        for job in self.jobs.values():  # deadlines: before admission and while generating
+            problem = None if job.terminal_queued else deadline_problem(job.item.deadline_ms, now)
+            if problem:
+                self.to_abort.append(job.item.id)
+                self._fail(job, ErrorCode.DEADLINE_EXCEEDED, problem)
         for request_id in self.to_abort:  # no step runs now: the engine is ours to change
             self.engine.abort_request(request_id)
         self.to_abort.clear()
         while self.ready:
             job = self.ready.popleft()
+            if job.terminal_queued:  # failed while it waited
+                continue
             item = job.item
             try:
                 self.engine.add_request(item.id, prompt_token_ids=item.prompt_token_ids, params=sampling_params(item),
@@ -160,18 +169,16 @@ class EngineService:
                 job.terminal = done_entry(out.finish_reason, out.num_prompt_tokens, out.num_output_tokens)
                 self.outbox.append((job.stream, item.id, job.terminal))
                 job.terminal_queued = True
-                # One line per served request, with engine_id, request_id and adapter_id bound:
-                # which engine served what (scale-out test, affinity measurement, operators).
+                # which engine served what (engine_id, request_id, adapter_id bound): tests, operators
                 job.log.info("request done", finish_reason=out.finish_reason, completion_tokens=out.num_output_tokens)
 
     async def step_once(self) -> None:
         """One engine step in a worker thread while the previous step's replies are published and
-        finished requests committed: the Redis and Kafka round trips overlap the GPU instead of
-        following it (replies go out as soon as before: right after the step that made them).
-        When nothing runs next, this step's replies are published at once."""
+        committed (the round trips overlap the GPU); with nothing to run next, published at once."""
         async with self.engine_lock:
             self._admit_ready()
-            step = asyncio.ensure_future(asyncio.to_thread(self._watched_step)) if self.engine.has_unfinished() else None
+            step = asyncio.ensure_future(asyncio.to_thread(self.watch.timed, self.engine.step)) \
+                if self.engine.has_unfinished() else None
             try:
                 await self.flush()
             finally:  # even when the publish failed: the step's outputs must reach the outbox
@@ -179,14 +186,6 @@ class EngineService:
                     self._collect(await step)
         if not self.engine.has_unfinished():
             await self.flush()
-
-    def _watched_step(self):
-        """engine.step in the worker thread, timed by the StallWatch."""
-        self.watch.started()
-        try:
-            return self.engine.step()
-        finally:
-            self.watch.finished()
 
     async def flush(self) -> None:
         """Publish the outbox in one round trip, then mark finished jobs done and commit."""
@@ -204,6 +203,10 @@ class EngineService:
                 continue
             if state.error is not None:
                 self._stream_refused(request_id, state.error)
+            elif state.cancelled:  # the client set its cancel key: the script wrote `cancelled`
+                job.log.info("request cancelled")
+                self.to_abort.append(request_id)
+                job.terminal_queued = job.settled = True
             elif state.terminal:
                 job.settled = True
             elif state.conflicts:
@@ -216,9 +219,8 @@ class EngineService:
         await self.commit()
 
     def _stream_refused(self, request_id: str, error: str) -> bool:
-        """Redis refused this request's entries (WRONGTYPE: its reply_stream names another kind of
-        key): stop generating it and end it with an error entry on its default stream (True), or,
-        refused there too, give it up so its offset is committed (False)."""
+        """Redis refused this request's entries (WRONGTYPE): abort it and end it on its default stream
+        (True), or, refused there too, give it up so its offset is committed (False)."""
         job = self.jobs.get(request_id)
         if job is None:
             return False
@@ -234,8 +236,7 @@ class EngineService:
         self._fail(job, "invalid_request", f"reply_stream {refused_stream[:80]!r} could not be written: {error[:120]}")
         return True
 
-    def _republish_lost(self, job: Job, published: int) -> None:
-        """The stream holds fewer tokens than this job wrote (Redis restarted without its data)."""
+    def _republish_lost(self, job: Job, published: int) -> None:  # Redis restarted without its data
         lost = job.entries_from(published)
         if lost:
             job.log.warning("reply stream lost entries; re-publishing", published=published, lost=len(lost))
@@ -243,8 +244,7 @@ class EngineService:
             self.wake.set()
 
     async def commit(self) -> None:
-        """Commit what is done, bounded in time; a failure (broker away, group rebalancing) leaves
-        the offsets pending for the next commit instead of stopping the step loop."""
+        """Commit what is done, bounded in time; a failure leaves the offsets pending for the next."""
         offsets = self.offsets.committable()
         if not offsets or self.consumer is None:
             return

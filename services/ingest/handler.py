@@ -31,10 +31,11 @@ from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from lorafleet.common.contract import (
     ErrorCode,
-    default_reply_stream,
     Request,
     RequestError,
     check_prompt_fits,
+    deadline_problem,
+    default_reply_stream,
     read_envelope,
     resolve_reply_stream,
     validate_request,
@@ -99,6 +100,9 @@ class BatchHandler:
             token_ids = request.prompt_token_ids if request.prompt is None else next(encoded)
             try:
                 check_prompt_fits(len(token_ids), request.max_tokens, self.encoder.limits.context_len)
+                late = deadline_problem(request.deadline_ms, received_at)
+                if late:
+                    raise RequestError(ErrorCode.DEADLINE_EXCEEDED, late)
             except RequestError as exc:
                 errors.append((request.reply_stream, request.id, error_entry(exc.code, exc.message)))
                 continue

@@ -112,6 +112,10 @@ def test_every_field_given_and_unknown_fields_ignored():
     (dict(reply_stream=3), "reply_stream"),
     (dict(reply_stream="x" * 513), "reply_stream"),
     (dict(reply_stream="lorafleet:state:r2"), "reserved prefix"),
+    (dict(reply_stream="lorafleet:cancel:r2"), "reserved prefix 'lorafleet:cancel:'"),
+    (dict(deadline_ms=-1), "deadline_ms must be null or unix milliseconds"),
+    (dict(deadline_ms=1.5e12), "deadline_ms must be null or unix milliseconds"),
+    (dict(deadline_ms=1 << 63), "deadline_ms"),
 ])
 def test_invalid_fields_name_the_field(fields, names):
     with pytest.raises(RequestError) as info:
@@ -123,6 +127,7 @@ def test_invalid_fields_name_the_field(fields, names):
 
 def test_boundaries_that_are_valid():
     assert validate(max_tokens=1).max_tokens == 1
+    assert validate(deadline_ms=1_700_000_000_000).deadline_ms == 1_700_000_000_000
     assert validate(max_tokens=1 << 20).max_tokens == 1 << 20
     assert validate(top_k=VOCAB).top_k == VOCAB and validate(temperature=100).temperature == 100.0
     assert validate(stop=["x" * 256] * 16).stop == ["x" * 256] * 16

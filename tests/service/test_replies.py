@@ -147,3 +147,31 @@ async def test_published_counts_of_a_batch_in_one_round_trip(redis):
     assert writer.round_trips == before + 1
     assert counts == {done: (1, True), partial: (2, False), fresh: (0, False)}
     assert await writer.published_counts([]) == {}
+
+
+async def test_a_cancel_key_ends_the_stream_with_cancelled_at_the_next_publish(redis):
+    writer = ReplyWriter(redis)
+    rid = unique_name("req")
+    stream = f"lorafleet:out:{rid}"
+    await writer.publish([(stream, rid, token_entry("a", [1], index=0))])
+    await redis.set(f"lorafleet:cancel:{rid}", b"1")
+    states = await writer.publish([(stream, rid, token_entry("b", [2], index=1))])
+    assert states[rid].cancelled and states[rid].terminal and states[rid].tokens == 1
+    later = await writer.publish([(stream, rid, token_entry("c", [3], index=2)), (stream, rid, done_entry("stop", 1, 3))])
+    assert not later[rid].cancelled and later[rid].appended == 0  # one terminal entry, then nothing
+    entries = await read_stream(redis, stream)
+    assert entries[0] == token_entry("a", [1], index=0) and len(entries) == 2
+    assert entries[1].code == "cancelled"
+
+
+async def test_no_terminal_entry_after_a_gap_in_the_same_publish(redis):
+    # What an engine sends after Redis restarted without its data: tokens from index 3 on, then done.
+    writer = ReplyWriter(redis)
+    rid = unique_name("req")
+    stream = f"lorafleet:out:{rid}"
+    states = await writer.publish([(stream, rid, token_entry("d", [4], index=3)), (stream, rid, done_entry("length", 1, 4))])
+    assert (states[rid].tokens, states[rid].terminal, states[rid].conflicts) == (0, False, 2)
+    assert await redis.exists(stream) == 0
+    whole = [(stream, rid, token_entry(c, [i], index=i)) for i, c in enumerate("abcd")]
+    states = await writer.publish(whole + [(stream, rid, done_entry("length", 1, 4))])
+    assert (states[rid].tokens, states[rid].terminal) == (4, True)
