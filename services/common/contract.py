@@ -49,6 +49,7 @@ class ErrorCode:
     # Extensions: the request's deadline_ms passed / the client cancelled it (CANCEL_KEY_PREFIX).
     DEADLINE_EXCEEDED = "deadline_exceeded"
     CANCELLED = "cancelled"
+    OVERLOADED = "overloaded"  # shed: no token within the engine's queue limit; send it again later
 
 
 class RequestError(Exception):

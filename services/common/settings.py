@@ -96,6 +96,7 @@ _DECLARED: list[EnvVar] = [
     EnvVar("ENGINE_ADAPTER_PACK_THREADS", int, 4, "threads of an engine that pack adapters for the GPU copy, beside the engine loop"),
     EnvVar("ENGINE_GROUP", str, "lorafleet-engines", "consumer group of the engines on the work topic"),
     EnvVar("ENGINE_STEP_STALL_S", float, 300.0, "an engine step running longer than this withholds the liveness heartbeat (a GPU or collective hang)"),
+    EnvVar("ENGINE_MAX_QUEUE_S", float, 300.0, "a request with no token this many seconds after ingest took it ends with error overloaded (load shedding)"),
     EnvVar("ENGINE_ID", str, "", "name of this engine in logs and the consumer group; empty: hostname-pid"),
     EnvVar("RANDOM_WEIGHTS_SEED", int, -1, "benchmarks only: random weights made on the device instead of the checkpoint's (-1: off)"),
     EnvVar("OPS", str, "auto", "op implementations: auto (triton on CUDA), torch, triton"),

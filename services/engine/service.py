@@ -61,6 +61,7 @@ class EngineService:
         self.jobs: dict[str, Job] = {}  # request id -> job, from first delivery to terminal entry
         self.ready: deque[Job] = deque()  # adapter in hand, not yet in the engine
         self.to_abort: list[str] = []  # request ids to abort before the next step (under engine_lock)
+        self._expiry_checked = 0.0  # when _admit_ready last looked at deadlines (time.time())
         self.redis_down = False  # the last publish outlasted the writer's retry budget: intake waits
         self.outbox: list[tuple[str, str, object]] = []  # entries for the next publish
         self.engine_lock = asyncio.Lock()
@@ -132,11 +133,18 @@ class EngineService:
     # --- the step loop ---------------------------------------------------------------------
     def _admit_ready(self) -> None:
         now = time.time()
-        for job in self.jobs.values():  # deadlines: before admission and while generating
-            problem = None if job.terminal_queued else deadline_problem(job.item.deadline_ms, now)
+        expire = now - self._expiry_checked >= 0.1  # 10 times a second: a few µs per job each time
+        self._expiry_checked = now if expire else self._expiry_checked
+        for job in self.jobs.values() if expire else ():  # deadlines and the queue limit
+            if job.terminal_queued:
+                continue
+            code, problem = ErrorCode.DEADLINE_EXCEEDED, deadline_problem(job.item.deadline_ms, now)
+            if not problem and not job.history and now - job.item.received_at > self.cfg.max_queue_s:
+                code, problem = ErrorCode.OVERLOADED, (f"no token within {self.cfg.max_queue_s:g} s of ingest "
+                                                       "taking the request: the engines are overloaded; send it again later.")
             if problem:
                 self.to_abort.append(job.item.id)
-                self._fail(job, ErrorCode.DEADLINE_EXCEEDED, problem)
+                self._fail(job, code, problem)
         for request_id in self.to_abort:  # no step runs now: the engine is ours to change
             self.engine.abort_request(request_id)
         self.to_abort.clear()

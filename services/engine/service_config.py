@@ -33,12 +33,14 @@ class EngineServiceConfig:
     # waiting for a dead rank): the liveness heartbeat is withheld so Kubernetes restarts the pod.
     # Above the TP collective timeout (180 s), so a failure that raises does so first.
     step_stall_s: float = 300.0
+    # Load shedding: a request with no token yet this long after ingest took it ends `overloaded`.
+    max_queue_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.max_inflight < 1 or self.drain_timeout_s <= 0:
             raise ValueError("max_inflight must be >= 1 and drain_timeout_s > 0")
-        if self.step_stall_s <= 0:
-            raise ValueError(f"step_stall_s must be > 0, got {self.step_stall_s}")
+        if self.step_stall_s <= 0 or self.max_queue_s <= 0:
+            raise ValueError(f"step_stall_s and max_queue_s must be > 0, got {self.step_stall_s}, {self.max_queue_s}")
 
     @property
     def name(self) -> str:
@@ -91,5 +93,5 @@ class EngineServiceConfig:
             engine=engine, work_topic=args.work_topic, work_partitions=args.work_partitions,
             group_id=args.group_id, engine_id=args.engine_id, drain_timeout_s=args.drain_timeout_s,
             session_timeout_ms=settings.read("KAFKA_SESSION_TIMEOUT_MS"),
-            step_stall_s=settings.read("ENGINE_STEP_STALL_S"),
+            step_stall_s=settings.read("ENGINE_STEP_STALL_S"), max_queue_s=settings.read("ENGINE_MAX_QUEUE_S"),
         )
