@@ -7,6 +7,7 @@
     lorafleet demo           `up` with the demo model and adapters, then requests streamed to the terminal
     lorafleet send           produce a request to the requests topic (prints its id)
     lorafleet tail ID        print a request's reply stream, entry by entry, until its terminal entry
+    lorafleet cancel ID      cancel a request (it ends with error `cancelled`)
 
 Every setting's flag takes its default from a LORAFLEET_* variable (services/common/settings.py);
 `--help` names it beside each flag.
@@ -86,10 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="start the stack with the demo model and adapters and stream replies")
     settings.add_flag(demo, "--device", "DEVICE", str, "cpu, cuda or auto")
 
-    from lorafleet.client_cli import add_send_arguments, add_tail_arguments
+    from lorafleet.client_cli import add_cancel_arguments, add_send_arguments, add_tail_arguments
 
     add_send_arguments(sub.add_parser("send", help="produce a request to the requests topic and print its id"))
     add_tail_arguments(sub.add_parser("tail", help="print a request's reply entries until the terminal one"))
+    add_cancel_arguments(sub.add_parser("cancel", help="cancel a request: it ends with error `cancelled`"))
     return parser
 
 
@@ -179,10 +181,10 @@ def main(argv: list[str] | None = None) -> int:
             from lorafleet.demo.run import run_demo
 
             return run_demo(args)
-        if args.command in ("send", "tail"):
-            from lorafleet.client_cli import run_send, run_tail
+        if args.command in ("send", "tail", "cancel"):
+            from lorafleet import client_cli
 
-            return (run_send if args.command == "send" else run_tail)(args)
+            return getattr(client_cli, f"run_{args.command}")(args)
         runner = {"ingest": _run_ingest, "engine": _run_engine, "adapter-store": _run_store}[args.command]
         asyncio.run(runner(args))
         return 0

@@ -1,7 +1,8 @@
-"""`lorafleet send` and `lorafleet tail`: the public contract from a shell, with no kcat or jq.
+"""`lorafleet send`, `tail` and `cancel`: the public contract from a shell, with no kcat or jq.
 
     lorafleet send --ready-file /tmp/lorafleet.json --adapter demo/pirate --prompt "Hi" --max-tokens 40
     lorafleet tail --ready-file /tmp/lorafleet.json ID      # every entry as a JSON line, until the terminal one
+    lorafleet cancel --ready-file /tmp/lorafleet.json ID    # the request ends with error `cancelled`
 
 Addresses come from the ready file `lorafleet up --ready-file` writes (waited for, so a command
 started right after `lorafleet up &` does not race it), else from the flags and LORAFLEET_*
@@ -56,6 +57,11 @@ def add_tail_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream", default=None, help="read this stream key instead (a request's reply_stream) [no env]")
     p.add_argument("--text", action="store_true", help="print the text as it arrives, then the terminal entry [no env]")
     settings.add_flag(p, "--timeout-s", "TAIL_TIMEOUT_S", float, "seconds to wait for the terminal entry")
+
+
+def add_cancel_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("id", help="request id to cancel (sets lorafleet:cancel:ID; docs/contract.md)")
+    _add_connection_flags(p, kafka=False)
 
 
 def _addresses(args: argparse.Namespace) -> dict:
@@ -138,6 +144,21 @@ async def _print_replies(client, stream: str, args: argparse.Namespace) -> int:
 
 def run_send(args: argparse.Namespace) -> int:
     return asyncio.run(_send(args))
+
+
+def run_cancel(args: argparse.Namespace) -> int:
+    from lorafleet.client import LorafleetClient
+
+    async def cancel() -> None:
+        where = _addresses(argparse.Namespace(**{**vars(args), "kafka_bootstrap": None, "requests_topic": None}))
+        client = LorafleetClient(None, where["redis_url"])
+        try:
+            await client.cancel(args.id)
+        finally:
+            await client.close()
+
+    asyncio.run(cancel())
+    return 0
 
 
 def run_tail(args: argparse.Namespace) -> int:

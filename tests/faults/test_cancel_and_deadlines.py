@@ -69,10 +69,13 @@ async def test_cancel_while_generating_stops_the_request(ready):
         assert await client.redis.xlen(f"lorafleet:out:{rid}") == stream_len  # nothing after the terminal entry
 
 
-async def test_cancel_before_an_engine_takes_it(ready):
+async def test_cancel_before_an_engine_takes_it(ready, tmp_path):
     rid = unique_name("precancel")
+    (tmp_path / "ready.json").write_text(json.dumps(ready))  # `lorafleet cancel` as a user runs it
+    done = subprocess.run([sys.executable, "-m", "lorafleet.cli", "cancel", "--ready-file", str(tmp_path / "ready.json"), rid],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
     async with LorafleetClient(ready["kafka_bootstrap"], ready["redis_url"]) as client:
-        await client.cancel(rid)
         await client.submit(_long(rid))
         entries = await _entries(client, rid)
     assert [type(e) for e in entries] == [ErrorReply] and entries[0].code == "cancelled"
