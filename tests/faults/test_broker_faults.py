@@ -9,19 +9,16 @@ LORAFLEET_UP_RESTART_LIMIT=0, so any exit stops it); the engine keeps stepping a
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
-import socket
 import subprocess
-import sys
-import time
 
 import pytest
 
 from lorafleet.client import LorafleetClient
 from lorafleet.common.embedded import free_port
 from lorafleet.common.messages import DoneReply, TokenReply
+from tests.faults.up_stack import UpStack, wait_for_port
 from tests.infra_fixtures import unique_name
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
@@ -45,14 +42,7 @@ class PersistentBroker:
         self.proc = subprocess.Popen([self.binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
                                       "--storage-engine", self.storage], env=self.env,
                                      stdout=open(self.workdir / "tansu.log", "ab"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                time.sleep(0.1)
-        raise AssertionError("tansu did not start")
+        wait_for_port(self.port)
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -64,23 +54,10 @@ def stack(zoo, s3_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("broker-faults")
     broker = PersistentBroker(s3_server, tmp)
     broker.start()
-    ready_file = tmp / "ready.json"
-    env = dict(os.environ, LORAFLEET_UP_RESTART_LIMIT="0", LORAFLEET_KAFKA_RETRY_S="3")
-    proc = subprocess.Popen([sys.executable, "-m", "lorafleet.cli", "up", "--model", str(zoo.model("mha")),
-                             "--adapters", str(tmp), "--device", "cpu", "--kafka-bootstrap", f"127.0.0.1:{broker.port}",
-                             "--ready-file", str(ready_file)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=open(tmp / "up.log", "wb"))
-    deadline = time.monotonic() + 240
-    while not ready_file.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, (tmp / "up.log").read_text()[-3000:]
-        time.sleep(0.2)
-    yield proc, json.loads(ready_file.read_text()), broker, tmp
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    up = UpStack(tmp, zoo.model("mha"), tmp, "--kafka-bootstrap", f"127.0.0.1:{broker.port}",
+                 env={"LORAFLEET_UP_RESTART_LIMIT": "0", "LORAFLEET_KAFKA_RETRY_S": "3"}).start()
+    yield up, broker
+    up.stop()
     if broker.proc.poll() is None:
         broker.kill()
 
@@ -98,7 +75,8 @@ async def _complete(client: LorafleetClient, rid: str, max_tokens: int = 40) -> 
 
 @pytest.mark.parametrize("outage_s", [1, 10], ids=["restart", "away-past-the-retry-budget"])
 async def test_broker_killed_and_restarted(stack, outage_s):
-    proc, ready, broker, tmp = stack
+    up, broker = stack
+    ready = up.ready
     before, during = unique_name("before"), unique_name("after")
     async with LorafleetClient(ready["kafka_bootstrap"], ready["redis_url"]) as client:
         await client.submit(_request(before, 200))
@@ -107,7 +85,7 @@ async def test_broker_killed_and_restarted(stack, outage_s):
                 break  # in flight: its offset is not committed yet
     broker.kill()
     await asyncio.sleep(outage_s)
-    assert proc.poll() is None, (tmp / "up.log").read_text()[-3000:]
+    up.alive()
     broker.start()
     async with LorafleetClient(ready["kafka_bootstrap"], ready["redis_url"]) as client:
         await client.submit(_request(during))
@@ -117,12 +95,13 @@ async def test_broker_killed_and_restarted(stack, outage_s):
             rid = unique_name(f"later{n}")
             await client.submit(_request(rid, 8))
             await _complete(client, rid, 8)
-    assert proc.poll() is None, (tmp / "up.log").read_text()[-3000:]
+    up.alive()
 
 
 async def test_steps_go_on_while_the_broker_is_away(stack):
     # A request finishing during the outage wants a commit; that must not stall the others' tokens.
-    proc, ready, broker, tmp = stack
+    up, broker = stack
+    ready = up.ready
     running, finishing = unique_name("running"), unique_name("finishing")
     async with LorafleetClient(ready["kafka_bootstrap"], ready["redis_url"]) as client:
         await client.submit(_request(running, 400))
@@ -140,4 +119,4 @@ async def test_steps_go_on_while_the_broker_is_away(stack):
         assert later > streamed + 20 or later == 401, (streamed, later)  # still streaming (or done)
         broker.start()
         await _complete(client, running, 400)
-    assert proc.poll() is None, (tmp / "up.log").read_text()[-3000:]
+    up.alive()

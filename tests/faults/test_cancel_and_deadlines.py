@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 
 from lorafleet.client import LorafleetClient
 from lorafleet.common.messages import DoneReply, ErrorReply, TokenReply
+from tests.faults.up_stack import UpStack
 from tests.infra_fixtures import unique_name
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -27,21 +27,9 @@ LONG = 400  # tokens: generation runs for seconds on the CPU, long enough to be 
 def ready(zoo, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cancel")
     shutil.copytree(zoo.adapter("mha", "r4-pattern"), tmp / "adapters" / "t" / "a")
-    ready_file = tmp / "ready.json"
-    proc = subprocess.Popen([sys.executable, "-m", "lorafleet.cli", "up", "--model", str(zoo.model("mha")),
-                             "--adapters", str(tmp / "adapters"), "--device", "cpu", "--ready-file", str(ready_file)],
-                            stdout=subprocess.DEVNULL, stderr=open(tmp / "up.log", "wb"))
-    deadline = time.monotonic() + 180
-    while not ready_file.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, (tmp / "up.log").read_text()[-3000:]
-        time.sleep(0.2)
-    yield json.loads(ready_file.read_text())
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    up = UpStack(tmp, zoo.model("mha"), tmp / "adapters").start()
+    yield up.ready
+    up.stop()
 
 
 def _long(rid: str, **extra) -> dict:

@@ -9,10 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import redis.asyncio as aioredis
@@ -20,6 +16,7 @@ import redis.asyncio as aioredis
 from lorafleet.client import LorafleetClient
 from lorafleet.common.kafka import make_producer
 from lorafleet.common.messages import DoneReply, ErrorReply
+from tests.faults.up_stack import UpStack
 from tests.infra_fixtures import unique_name
 from tests.service.kafka_helpers import read_topic
 
@@ -29,24 +26,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 @pytest.fixture(scope="module")
 def stack(zoo, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("poison")
-    root = tmp / "adapters"
-    shutil.copytree(zoo.adapter("mha", "r4-pattern"), root / "t" / "a")
-    ready_file = tmp / "ready.json"
-    proc = subprocess.Popen([sys.executable, "-m", "lorafleet.cli", "up", "--model", str(zoo.model("mha")),
-                             "--adapters", str(root), "--device", "cpu", "--ready-file", str(ready_file)],
-                            stdout=subprocess.DEVNULL, stderr=open(tmp / "up.log", "wb"))
-    deadline = time.monotonic() + 180
-    while not ready_file.exists():
-        assert proc.poll() is None, (tmp / "up.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "lorafleet up was not ready in time"
-        time.sleep(0.2)
-    yield proc, json.loads(ready_file.read_text()), tmp
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    shutil.copytree(zoo.adapter("mha", "r4-pattern"), tmp / "adapters" / "t" / "a")
+    up = UpStack(tmp, zoo.model("mha"), tmp / "adapters").start()
+    yield up
+    up.stop()
 
 
 async def _produce(ready: dict, *values: bytes, key: bytes = b"k", max_request_size: int = 1 << 20) -> None:
@@ -66,19 +49,18 @@ async def _terminal(client: LorafleetClient, request_id: str, stream: str | None
     return entries[-1]
 
 
-async def _still_serving(stack) -> None:
-    proc, ready, tmp = stack
-    assert proc.poll() is None, (tmp / "up.log").read_text()[-3000:]
+async def _still_serving(up: UpStack) -> None:
+    up.alive()
     rid = unique_name("alive")
-    async with LorafleetClient(ready["kafka_bootstrap"], ready["redis_url"]) as client:
+    async with LorafleetClient(up.ready["kafka_bootstrap"], up.ready["redis_url"]) as client:
         last = await _terminal(client, None, stream=await client.submit(
             {"id": rid, "adapter": "t/a", "prompt": "hello", "max_tokens": 3, "temperature": 0}))
     assert isinstance(last, DoneReply), last
-    assert proc.poll() is None, (tmp / "up.log").read_text()[-3000:]
+    up.alive()
 
 
 async def test_d1_deeply_nested_json_is_a_dead_letter_or_an_error(stack):
-    _, ready, _ = stack
+    ready = stack.ready
     deep = unique_name("deep")
     unreadable = b'{"id": "x", "p": ' + b"[" * 2000 + b"]" * 2000 + b"}"  # 4 KB, 2,000 levels
     nested = json.dumps({"id": deep, "prompt": "hi", "extra": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]})
@@ -92,7 +74,7 @@ async def test_d1_deeply_nested_json_is_a_dead_letter_or_an_error(stack):
 
 
 async def test_d2_out_of_range_numbers_get_an_error_entry(stack):
-    _, ready, _ = stack
+    ready = stack.ready
     cases = {"top_k": 2 ** 63, "max_tokens": 2 ** 63, "seed": 2 ** 64, "temperature": 1e308}
     ids = {field: unique_name(f"num-{field}") for field in cases}
     await _produce(ready, *(json.dumps({"id": ids[f], "prompt": "hi", f: v}).encode() for f, v in cases.items()))
@@ -104,7 +86,7 @@ async def test_d2_out_of_range_numbers_get_an_error_entry(stack):
 
 
 async def test_d3_one_id_twice_in_a_batch_with_two_reply_streams(stack):
-    _, ready, _ = stack
+    ready = stack.ready
     rid = unique_name("twice")
     bad = [json.dumps({"id": rid, "prompt": "hi", "max_tokens": 0, "reply_stream": f"{rid}-{n}"}).encode() for n in (1, 2)]
     await _produce(ready, *bad)
@@ -116,7 +98,7 @@ async def test_d3_one_id_twice_in_a_batch_with_two_reply_streams(stack):
 
 
 async def test_d4_a_message_over_the_producer_limit_is_dead_lettered_cut(stack):
-    _, ready, _ = stack
+    ready = stack.ready
     huge = b"\x00not json" + b"x" * (1536 << 10)  # 1.5 MB: the broker takes it, a DLQ copy would not fit
     await _produce(ready, huge, key=b"huge", max_request_size=4 << 20)
     letters = await read_topic(ready["kafka_bootstrap"], ready["dlq_topic"], 1, settle_s=0.5)
@@ -128,7 +110,7 @@ async def test_d4_a_message_over_the_producer_limit_is_dead_lettered_cut(stack):
 
 
 async def test_d9_thousands_of_stop_strings_are_refused(stack):
-    _, ready, _ = stack
+    ready = stack.ready
     rid = unique_name("stops")
     await _produce(ready, json.dumps({"id": rid, "prompt": "hi", "stop": [f"s{i}" for i in range(20000)]}).encode())
     async with LorafleetClient(ready["kafka_bootstrap"], ready["redis_url"]) as client:
@@ -138,7 +120,7 @@ async def test_d9_thousands_of_stop_strings_are_refused(stack):
 
 
 async def test_d10_reply_stream_naming_a_key_of_another_type(stack):
-    _, ready, _ = stack
+    ready = stack.ready
     taken = unique_name("taken")  # a plain string key where the replies should go
     redis = aioredis.from_url(ready["redis_url"])
     await redis.set(taken, "not a stream")

@@ -7,13 +7,8 @@ service exits: `up` runs with LORAFLEET_UP_RESTART_LIMIT=0, so any service's exi
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
-import socket
 import subprocess
-import sys
-import time
 
 import pytest
 import redis.asyncio as aioredis
@@ -21,6 +16,7 @@ import redis.asyncio as aioredis
 from lorafleet.client import LorafleetClient
 from lorafleet.common.embedded import free_port, redis_server_binary
 from lorafleet.common.messages import DoneReply, TokenReply, parse_entry
+from tests.faults.up_stack import UpStack, wait_for_port
 from tests.infra_fixtures import unique_name
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -37,16 +33,7 @@ class RedisOnAPort:
         self.proc = subprocess.Popen([redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
                                       "--save", "", "--appendonly", "no", "--dir", str(self.workdir)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.1)
-        raise AssertionError("redis-server did not start")
+        wait_for_port(self.port, probe=b"PING\r\n", expect=b"+PONG")
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -58,23 +45,10 @@ def stack(zoo, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("redis-faults")
     redis = RedisOnAPort(tmp)
     redis.start()
-    ready_file = tmp / "ready.json"
-    env = dict(os.environ, LORAFLEET_UP_RESTART_LIMIT="0", LORAFLEET_REDIS_RETRY_S="2")
-    proc = subprocess.Popen([sys.executable, "-m", "lorafleet.cli", "up", "--model", str(zoo.model("mha")),
-                             "--adapters", str(tmp), "--device", "cpu", "--redis-url", f"redis://127.0.0.1:{redis.port}/0",
-                             "--ready-file", str(ready_file)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=open(tmp / "up.log", "wb"))
-    deadline = time.monotonic() + 180
-    while not ready_file.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, (tmp / "up.log").read_text()[-3000:]
-        time.sleep(0.2)
-    yield proc, json.loads(ready_file.read_text()), redis, tmp
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    up = UpStack(tmp, zoo.model("mha"), tmp, "--redis-url", f"redis://127.0.0.1:{redis.port}/0",
+                 env={"LORAFLEET_UP_RESTART_LIMIT": "0", "LORAFLEET_REDIS_RETRY_S": "2"}).start()
+    yield up, redis
+    up.stop()
     if redis.proc.poll() is None:
         redis.kill()
 
@@ -106,7 +80,8 @@ async def _reference(ready: dict) -> list[int]:
 
 
 async def test_d7_redis_restarted_mid_generation_loses_no_token(stack):
-    proc, ready, redis, tmp = stack
+    up, redis = stack
+    ready = up.ready
     reference = await _reference(ready)
     rid = unique_name("d7")
     async with LorafleetClient(ready["kafka_bootstrap"], ready["redis_url"]) as client:
@@ -120,11 +95,12 @@ async def test_d7_redis_restarted_mid_generation_loses_no_token(stack):
     await asyncio.sleep(1)
     redis.start()
     _assert_complete(await _whole_stream(ready, rid), reference)
-    assert proc.poll() is None, (tmp / "up.log").read_text()[-3000:]
+    up.alive()
 
 
 async def test_d8_redis_away_longer_than_the_retry_budget(stack):
-    proc, ready, redis, tmp = stack
+    up, redis = stack
+    ready = up.ready
     reference = await _reference(ready)
     running, sent_during = unique_name("d8-running"), unique_name("d8-during")
     async with LorafleetClient(ready["kafka_bootstrap"], ready["redis_url"]) as client:
@@ -135,11 +111,11 @@ async def test_d8_redis_away_longer_than_the_retry_budget(stack):
         redis.kill()
         await client.submit(_request(sent_during))  # Kafka is up: ingest takes it, then waits for Redis
     await asyncio.sleep(8)  # four times LORAFLEET_REDIS_RETRY_S
-    assert proc.poll() is None, (tmp / "up.log").read_text()[-3000:]
+    up.alive()
     redis.start()
     for rid in (running, sent_during):
         _assert_complete(await _whole_stream(ready, rid), reference)
-    assert proc.poll() is None, (tmp / "up.log").read_text()[-3000:]
+    up.alive()
     probe = aioredis.from_url(ready["redis_url"])
     assert await probe.ping()
     await probe.aclose()

@@ -1,0 +1,68 @@
+"""`lorafleet up` as the fault tests run it: a process started as a user would, waited for until
+its ready file appears, stopped with SIGINT (it drains and stops its broker and Redis), killed if
+that takes over a minute; and a TCP port waited for (the tests' own restartable servers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+class UpStack:
+    def __init__(self, tmp: Path, model: Path, adapters: Path, *args: str, env: dict[str, str] | None = None):
+        self.tmp, self.ready_file = tmp, tmp / "ready.json"
+        self.argv = [sys.executable, "-m", "lorafleet.cli", "up", "--model", str(model), "--adapters", str(adapters),
+                     "--device", "cpu", "--ready-file", str(self.ready_file), *args]
+        self.env = dict(os.environ, **(env or {}))
+        self.proc: subprocess.Popen | None = None
+        self.ready: dict = {}
+
+    def log_tail(self) -> str:
+        return (self.tmp / "up.log").read_text()[-3000:]
+
+    def start(self, timeout_s: float = 240) -> "UpStack":
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=subprocess.DEVNULL,
+                                     stderr=open(self.tmp / "up.log", "wb"))
+        deadline = time.monotonic() + timeout_s
+        while not self.ready_file.exists():
+            assert self.proc.poll() is None, self.log_tail()
+            assert time.monotonic() < deadline, f"lorafleet up was not ready within {timeout_s}s"
+            time.sleep(0.2)
+        self.ready = json.loads(self.ready_file.read_text())
+        return self
+
+    def alive(self) -> None:
+        assert self.proc.poll() is None, self.log_tail()
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def wait_for_port(port: int, timeout_s: float = 20.0, probe: bytes | None = None, expect: bytes = b"") -> None:
+    """Until 127.0.0.1:port accepts (and answers `probe` with `expect`, when given)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+                if probe is None:
+                    return
+                conn.sendall(probe)
+                if conn.recv(64).startswith(expect):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"nothing answered on port {port} within {timeout_s}s")
