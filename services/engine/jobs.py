@@ -7,6 +7,7 @@ from typing import Any
 
 from aiokafka import TopicPartition
 
+from lorafleet.common.contract import ErrorCode, deadline_problem
 from lorafleet.common.logging import request_logger
 from lorafleet.common.messages import WorkItem
 
@@ -26,10 +27,24 @@ class Job:
     history: list = field(default_factory=list)  # every token entry made, in index order (re-published after a loss)
     terminal: Any = None  # its done/error entry once made
     settled: bool = False  # its terminal entry is written (or it is given up): its offsets may be committed
+    admitted: bool = False  # handed to the engine (add_request succeeded)
 
     def __post_init__(self) -> None:
         self.log = request_logger(self.log, self.item.id, self.item.adapter)
         self.stream = self.stream or self.item.reply_stream
+
+    def expired(self, now: float, max_queue_s: float) -> tuple[str, str] | None:
+        """(code, message) when this job must end now: its deadline_ms passed, or it has no token
+        `max_queue_s` after ingest took it (load shedding); None otherwise."""
+        if self.terminal_queued:
+            return None
+        late = deadline_problem(self.item.deadline_ms, now)
+        if late:
+            return ErrorCode.DEADLINE_EXCEEDED, late
+        if not self.history and now - self.item.received_at > max_queue_s:
+            return ErrorCode.OVERLOADED, (f"no token within {max_queue_s:g} s of ingest taking the request: "
+                                          "the engines are overloaded; send it again later.")
+        return None
 
     def entries_from(self, published: int) -> list:
         """What to write again when the stream holds only `published` of this job's tokens: its

@@ -30,7 +30,7 @@ from aiokafka import TopicPartition
 from lorafleet.adapter_store.client import AdapterStoreClient
 from lorafleet.adapter_store.errors import AdapterNotFoundError, InvalidAdapterError
 from lorafleet.common import settings
-from lorafleet.common.contract import ErrorCode, deadline_problem, default_reply_stream
+from lorafleet.common.contract import ErrorCode, default_reply_stream
 from lorafleet.common.logging import get_logger
 from lorafleet.common.messages import (
     decode_work_item,
@@ -48,6 +48,8 @@ from .jobs import Job, engine_error_code, sampling_params
 from .offsets import OffsetCommitter, OffsetTracker
 from .service_config import EngineServiceConfig
 
+MAX_FAILED_STEPS = 3  # more failed steps in a row stop the engine (it is broken, not a request)
+
 
 class EngineService:
     def __init__(self, cfg: EngineServiceConfig, engine: LLMEngine, writer: ReplyWriter, store: AdapterStoreClient,
@@ -61,6 +63,7 @@ class EngineService:
         self.jobs: dict[str, Job] = {}  # request id -> job, from first delivery to terminal entry
         self.ready: deque[Job] = deque()  # adapter in hand, not yet in the engine
         self.to_abort: list[str] = []  # request ids to abort before the next step (under engine_lock)
+        self.failed_steps = 0  # engine steps that raised, in a row
         self._expiry_checked = 0.0  # when _admit_ready last looked at deadlines (time.time())
         self.redis_down = False  # the last publish outlasted the writer's retry budget: intake waits
         self.outbox: list[tuple[str, str, object]] = []  # entries for the next publish
@@ -136,15 +139,10 @@ class EngineService:
         expire = now - self._expiry_checked >= 0.1  # 10 times a second: a few µs per job each time
         self._expiry_checked = now if expire else self._expiry_checked
         for job in self.jobs.values() if expire else ():  # deadlines and the queue limit
-            if job.terminal_queued:
-                continue
-            code, problem = ErrorCode.DEADLINE_EXCEEDED, deadline_problem(job.item.deadline_ms, now)
-            if not problem and not job.history and now - job.item.received_at > self.cfg.max_queue_s:
-                code, problem = ErrorCode.OVERLOADED, (f"no token within {self.cfg.max_queue_s:g} s of ingest "
-                                                       "taking the request: the engines are overloaded; send it again later.")
-            if problem:
+            ended = job.expired(now, self.cfg.max_queue_s)
+            if ended:
                 self.to_abort.append(job.item.id)
-                self._fail(job, code, problem)
+                self._fail(job, *ended)
         for request_id in self.to_abort:  # no step runs now: the engine is ours to change
             self.engine.abort_request(request_id)
         self.to_abort.clear()
@@ -156,11 +154,25 @@ class EngineService:
             try:
                 self.engine.add_request(item.id, prompt_token_ids=item.prompt_token_ids, params=sampling_params(item),
                                         adapter_id=item.adapter, adapter=job.adapter, arrival=item.received_at)
+                job.admitted = True
             except ValueError as exc:
                 self._fail(job, engine_error_code(exc), str(exc))
             except Exception as exc:  # a bug on one request's path must not stop the others
                 job.log.exception("admission crashed")
                 self._fail(job, "internal_error", f"the engine could not admit the request: {type(exc).__name__}.")
+
+    def _step_failed(self, exc: Exception) -> None:
+        """A step raised: the requests in the engine end with internal_error (committed, so a request
+        that breaks steps cannot crash-loop engines); several in a row: the engine is broken."""
+        self.failed_steps += 1
+        self.log.error("engine step failed", error=repr(exc), in_a_row=self.failed_steps, exc_info=exc)
+        if self.failed_steps > MAX_FAILED_STEPS:
+            raise RuntimeError(f"{self.failed_steps} engine steps in a row failed") from exc
+        for job in self.jobs.values():
+            if job.admitted and not job.terminal_queued:
+                self.engine.abort_request(job.item.id)
+                self._fail(job, ErrorCode.INTERNAL_ERROR, f"the engine step serving the request failed "
+                           f"({type(exc).__name__}); it may be sent again.")
 
     def _collect(self, outputs) -> None:
         for out in outputs:
@@ -191,7 +203,11 @@ class EngineService:
                 await self.flush()
             finally:  # even when the publish failed: the step's outputs must reach the outbox
                 if step is not None:
-                    self._collect(await step)
+                    try:
+                        self._collect(await step)
+                        self.failed_steps = 0
+                    except Exception as exc:
+                        self._step_failed(exc)
         if not self.engine.has_unfinished():
             await self.flush()
 
