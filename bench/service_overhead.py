@@ -1,0 +1,207 @@
+"""What the public path costs: the same requests through the in-process engine and through the
+whole stack (`lorafleet up`: Kafka in, ingest, engine service, Redis out), side by side in one run.
+
+    python -m lorafleet.bench.service_overhead --requests 480 --max-tokens 48
+    python -m lorafleet.bench.service_overhead --requests 480 960 --max-tokens 48 --device cuda
+
+Workload: a tiny GQA Llama built here (nothing downloaded), 6 PEFT adapters of ranks 4-16 on
+different modules plus base-only requests (one in seven), prompts of 16-48 random token ids,
+greedy, ignore_eos, every request submitted at once. The engine path adds them all to one
+LLMEngine and steps it to the end; the stack path produces them to the requests topic and reads
+every reply stream with blocking XREADs. Both record, per request, the time of its first token and
+of every later one (client-side for the stack), so the report gives throughput (first submit to
+last terminal entry), the ratio stack / engine, and first-token and inter-token percentiles. The
+stack run also checks exactly-once delivery: contiguous token indexes and one terminal entry per
+request. Results: bench/results/service-overhead/<commit>/ (JSON, markdown).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lorafleet.bench.report import environment
+from lorafleet.common.signals import stop_subprocess
+from lorafleet.demo.tiny_models import build_peft_adapter, build_tiny_model
+
+ATTN, MLP = ["q_proj", "k_proj", "v_proj", "o_proj"], ["gate_proj", "up_proj", "down_proj"]
+ADAPTERS = {  # id -> PEFT options: mixed ranks and module sets, like a real fleet's
+    "bench/a-r8-qv": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], seed=1),
+    "bench/b-r16-attn": dict(r=16, lora_alpha=16, target_modules=ATTN, seed=2),
+    "bench/c-r4-all": dict(r=4, lora_alpha=8, target_modules=ATTN + MLP, seed=3),
+    "bench/d-r8-mlp": dict(r=8, lora_alpha=8, target_modules=MLP, seed=4),
+    "bench/e-r12-all": dict(r=12, lora_alpha=24, target_modules=ATTN + MLP, use_rslora=True, seed=5),
+    "bench/f-r4-qkv": dict(r=4, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj"], seed=6),
+}
+
+
+def build_assets(root: Path) -> tuple[Path, Path]:
+    model = root / "model"
+    build_tiny_model(model, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=8, num_kv_heads=2, seed=11)
+    for adapter_id, options in ADAPTERS.items():
+        build_peft_adapter(model, root / "adapters" / adapter_id, **options)
+    return model, root / "adapters"
+
+
+def workload(n: int, max_tokens: int, vocab: int) -> list[dict]:
+    rng = np.random.default_rng(42)
+    ids = [*ADAPTERS, None]
+    return [{"id": f"r{i}", "adapter": ids[i % len(ids)], "max_tokens": max_tokens, "temperature": 0,
+             "ignore_eos": True, "prompt_token_ids": rng.integers(3, vocab, int(rng.integers(16, 49))).tolist()}
+            for i in range(n)]
+
+
+def start_stack(model: Path, adapters: Path, args: argparse.Namespace, workdir: Path) -> tuple[subprocess.Popen, dict]:
+    """`lorafleet up` with the engine limits the in-process engine gets (same weights: the checkpoint)."""
+    ready_file = workdir / "ready.json"
+    env = dict(os.environ, LORAFLEET_MAX_NUM_SEQS=str(args.max_num_seqs),
+               LORAFLEET_MAX_BATCHED_TOKENS=str(args.max_batched_tokens))
+    proc = subprocess.Popen([sys.executable, "-m", "lorafleet.cli", "up", "--model", str(model), "--adapters", str(adapters),
+                             "--device", args.device, "--ready-file", str(ready_file)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=open(workdir / "up.log", "wb"))
+    deadline = time.monotonic() + 300
+    while not ready_file.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_subprocess(proc, signal.SIGINT, 60)
+            raise RuntimeError(f"lorafleet up did not get ready: {(workdir / 'up.log').read_text()[-2000:]}")
+        time.sleep(0.2)
+    return proc, json.loads(ready_file.read_text())
+
+
+def make_engine(model: Path, adapters: Path, args: argparse.Namespace):
+    """The README's library API: one LLMEngine with the stack's limits, and the adapters' weights."""
+    from lorafleet.engine.adapters.weights import load_peft_adapter_dir
+    from lorafleet.engine.engine import EngineConfig, LLMEngine
+
+    engine = LLMEngine(EngineConfig(model_dir=str(model), device=args.device, max_num_seqs=args.max_num_seqs,
+                                    max_batched_tokens=args.max_batched_tokens))
+    return engine, {a: load_peft_adapter_dir(adapters / a, engine.spec) for a in ADAPTERS}
+
+
+def run_engine(engine, weights: dict, requests: list[dict]) -> dict:
+    from lorafleet.engine.engine import SamplingParams
+
+    run = f"e{time.perf_counter_ns()}"
+    times: dict[str, list[float]] = {f"{run}-{r['id']}": [] for r in requests}
+    t0 = time.perf_counter()
+    for r in requests:
+        params = SamplingParams(max_tokens=r["max_tokens"], temperature=0, ignore_eos=True)
+        engine.add_request(f"{run}-{r['id']}", prompt_token_ids=r["prompt_token_ids"], params=params,
+                           adapter_id=r["adapter"], adapter=weights.get(r["adapter"]))
+    while engine.has_unfinished():
+        outputs = engine.step()
+        now = time.perf_counter() - t0
+        for out in outputs:
+            times[out.request_id].extend([now] * len(out.new_token_ids))
+    return summarize(times, 0.0, time.perf_counter() - t0)
+
+
+async def run_stack(ready: dict, requests: list[dict]) -> dict:
+    from lorafleet.client import LorafleetClient
+    from lorafleet.common.messages import DoneReply, TokenReply, parse_entry
+
+    times: dict[str, list[float]] = {r["id"]: [] for r in requests}
+    run = f"s{int(time.time() * 1000)}"
+    last_id = {f"lorafleet:out:{run}-{r['id']}": "0-0" for r in requests}
+    indexes: dict[str, int] = {}
+    async with LorafleetClient(ready["kafka_bootstrap"], ready["redis_url"]) as client:
+        t0 = time.perf_counter()
+        for r in requests:
+            await client.submit({**r, "id": f"{run}-{r['id']}"})
+        while last_id:
+            response = await client.redis.xread(dict(last_id), count=10000, block=50)
+            now = time.perf_counter() - t0
+            for key, entries in response or []:
+                key = key.decode()
+                rid = key.removeprefix(f"lorafleet:out:{run}-")
+                for entry_id, fields in entries:
+                    last_id[key] = entry_id
+                    entry = parse_entry(fields)
+                    if isinstance(entry, TokenReply):
+                        if entry.index != indexes.get(rid, 0):
+                            raise AssertionError(f"{rid}: token index {entry.index}, expected {indexes.get(rid, 0)}")
+                        indexes[rid] = entry.index + len(entry.token_ids)
+                        times[rid].extend([now] * len(entry.token_ids))
+                    elif isinstance(entry, DoneReply):
+                        del last_id[key]
+                    else:
+                        raise AssertionError(f"{rid}: {entry}")
+        end = time.perf_counter() - t0
+    return summarize(times, 0.0, end)
+
+
+def summarize(times: dict[str, list[float]], start: float, end: float) -> dict:
+    ttft = np.array([t[0] - start for t in times.values()])
+    itl = np.concatenate([np.diff(t) for t in times.values() if len(t) > 1])
+    tokens = sum(len(t) for t in times.values())
+    span = end - start
+    pct = {f"{name}_p{q}_ms": float(np.percentile(values, q) * 1000) for name, values in (("ttft", ttft), ("itl", itl))
+           for q in (50, 90, 99)}
+    return {"requests": len(times), "tokens": tokens, "span_s": span, "req_s": len(times) / span,
+            "tok_s": tokens / span, **pct}
+
+
+def write(out: Path, records: list[dict], args: argparse.Namespace) -> None:
+    env = environment(args.commit)
+    folder = out / env["commit"][:7]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "service-overhead.json").write_text(json.dumps({"environment": env, "args": vars(args) | {"out": str(out)},
+                                                              "records": records}, indent=1))
+    cols = ["requests", "max_tokens", "engine_req_s", "stack_req_s", "ratio", "engine_ttft_p50_ms", "stack_ttft_p50_ms",
+            "engine_ttft_p99_ms", "stack_ttft_p99_ms", "engine_itl_p50_ms", "stack_itl_p50_ms", "engine_itl_p99_ms",
+            "stack_itl_p99_ms"]
+    lines = ["# The service path against the in-process engine", "",
+             f"commit `{env['commit']}`, {env['gpu']}, torch {env['torch']}, {env['date']}", "",
+             f"command: `{env['command']}`", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in records:
+        lines.append("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    (folder / "service-overhead.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--requests", type=int, nargs="+", default=[480], help="requests per run (one run per value)")
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-batched-tokens", type=int, default=2048)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--commit", default=None)
+    p.add_argument("--out", type=Path, default=Path("bench/results/service-overhead"))
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        model, adapters = build_assets(Path(tmp))
+        vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+        proc, ready = start_stack(model, adapters, args, Path(tmp))
+        engine, weights = make_engine(model, adapters, args)
+        records = []
+        try:
+            asyncio.run(run_stack(ready, workload(16, 4, vocab)))  # warm both paths: first steps are slow
+            run_engine(engine, weights, workload(16, 4, vocab))
+            for n in args.requests:
+                requests = workload(n, args.max_tokens, vocab)
+                engine_figures = run_engine(engine, weights, requests)
+                stack = asyncio.run(run_stack(ready, requests))
+                record = {"requests": n, "max_tokens": args.max_tokens, "ratio": stack["req_s"] / engine_figures["req_s"],
+                          **{f"engine_{k}": v for k, v in engine_figures.items()},
+                          **{f"stack_{k}": v for k, v in stack.items()}}
+                records.append(record)
+                write(args.out, records, args)
+        finally:
+            engine.close()
+            stop_subprocess(proc, signal.SIGINT, 60)  # up drains and stops its broker and Redis
+
+
+if __name__ == "__main__":
+    main()
