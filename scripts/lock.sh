@@ -5,25 +5,20 @@
 #
 # uv's `pip compile` resolves pyproject.toml (every extra) once for all platforms and Pythons the
 # project supports (--universal, one version per package: --fork-strategy fewest), so CI (Python
-# 3.11, CPU) and the Docker image (Python 3.12, CUDA) install the same versions. torch is pinned
-# here and nowhere else: pip takes the CPU build of this version from this workplace's disk and
-# the Docker image the CUDA build of the same version; the lock pins the triton that build needs.
+# 3.11, CPU) and the Docker image (Python 3.12, CUDA) install the same versions, under the pins
+# of requirements.pins (torch: the one place its version is declared).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TORCH_PIN="torch==2.13.0"
 UV_PIN="uv==0.13.9"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install -q "$UV_PIN"
-pins=$(mktemp)
-trap 'rm -f "$pins"' EXIT
-echo "$TORCH_PIN" > "$pins"
 uv pip compile pyproject.toml --universal --fork-strategy fewest --python-version 3.11 \
-  --extra test --extra bench --constraint "$pins" --no-header --quiet -o requirements.lock.new
+  --extra test --extra bench --constraint requirements.pins --no-header --quiet -o requirements.lock.new
 {
   echo "# The lock: exact versions of everything lorafleet installs, tested by CI. Used as pip"
   echo "# constraints (-c), so platform-only pins (nvidia-*, torch's CUDA runtime) install only where needed."
-  echo "# Refresh: bash scripts/lock.sh   (uv pip compile of pyproject.toml, all extras, with $TORCH_PIN)"
+  echo "# Refresh: bash scripts/lock.sh   (uv pip compile of pyproject.toml, all extras, under requirements.pins)"
   cat requirements.lock.new
 } > requirements.lock
 rm requirements.lock.new
