@@ -14,7 +14,8 @@ shift
 case "$MODE" in latest|lowest) ;; *) echo "mode must be latest or lowest, not $MODE" >&2; exit 2 ;; esac
 PY=${PYTHON:-python3}
 VENV=$(mktemp -d "${TMPDIR:-/tmp}/lorafleet-$MODE-XXXX")
-trap 'rm -rf "$VENV"' EXIT
+# KEEP_VENV=1 keeps the scratch virtualenv (to rerun one failing test in it); its path is printed.
+if [ -n "${KEEP_VENV:-}" ]; then echo "scratch virtualenv: $VENV"; else trap 'rm -rf "$VENV"' EXIT; fi
 "$PY" -m venv "$VENV" || exit 1
 . "$VENV/bin/activate"
 TORCH=$(grep -E '^torch==' requirements.lock | cut -d' ' -f1)
