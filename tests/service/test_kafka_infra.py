@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -83,10 +84,13 @@ async def test_client_generate_collects_text_and_ids(kafka_bootstrap, redis_url)
         writer = ReplyWriter(client.redis)
         await writer.publish([(f"lorafleet:out:{rid}", rid, token_entry("ab", [1, 2], index=0)),
                               (f"lorafleet:out:{rid}", rid, error_entry("adapter_not_found", "gone."))])
+        before = time.time()
         text, token_ids, terminal = await client.generate({"id": rid, "prompt": "x"}, timeout=10)
         assert (text, token_ids, terminal) == ("ab", [1, 2], error_entry("adapter_not_found", "gone."))
-        sent = await read_topic(kafka_bootstrap, topic, 1)
-        assert json.loads(sent[0].value) == {"id": rid, "prompt": "x"}
+        sent = json.loads((await read_topic(kafka_bootstrap, topic, 1))[0].value)
+        # generate() gives the request a deadline `timeout` away (contract extension deadline_ms)
+        assert sent.pop("deadline_ms") / 1000 == pytest.approx(before + 10, abs=2)
+        assert sent == {"id": rid, "prompt": "x"}
 
 
 _RUN_INGEST = """
