@@ -152,6 +152,12 @@ def summarize(times: dict[str, list[float]], start: float, end: float) -> dict:
             "tok_s": tokens / span, **pct}
 
 
+def _cell(value) -> str:
+    if not isinstance(value, float):
+        return str(value)
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
 def write(out: Path, records: list[dict], args: argparse.Namespace) -> None:
     env = environment(args.commit)
     folder = out / env["commit"][:7]
@@ -165,7 +171,7 @@ def write(out: Path, records: list[dict], args: argparse.Namespace) -> None:
              f"commit `{env['commit']}`, {env['gpu']}, torch {env['torch']}, {env['date']}", "",
              f"command: `{env['command']}`", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in records:
-        lines.append("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+        lines.append("| " + " | ".join(_cell(r[c]) for c in cols) + " |")
     (folder / "service-overhead.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
 
