@@ -39,7 +39,7 @@ from lorafleet.common.messages import (
     token_entry,
 )
 from lorafleet.common.replies import ReplyWriteError, ReplyWriter
-from lorafleet.common.retry import Backoff
+from lorafleet.common.retry import outage_backoff
 from lorafleet.health import StallWatch
 
 from .adapter_fetcher import AdapterFetcher
@@ -159,7 +159,7 @@ class EngineService:
                 self._fail(job, engine_error_code(exc), str(exc))
             except Exception as exc:  # a bug on one request's path must not stop the others
                 job.log.exception("admission crashed")
-                self._fail(job, "internal_error", f"the engine could not admit the request: {type(exc).__name__}.")
+                self._fail(job, ErrorCode.INTERNAL_ERROR, f"the engine could not admit the request: {type(exc).__name__}.")
 
     def _step_failed(self, exc: Exception) -> None:
         """A step raised: the requests in the engine end with internal_error (committed, so a request
@@ -226,7 +226,7 @@ class EngineService:
             if job is None:
                 continue
             if state.error is not None:
-                self._stream_refused(request_id, state.error)
+                self._stream_refused(job, state.error)
             elif state.cancelled:  # the client set its cancel key: the script wrote `cancelled`
                 job.log.info("request cancelled")
                 self.to_abort.append(request_id)
@@ -243,23 +243,17 @@ class EngineService:
         if finished:
             self.committer.soon(self.consumer)
 
-    def _stream_refused(self, request_id: str, error: str) -> bool:
-        """Redis refused this request's entries (WRONGTYPE): abort it and end it on its default stream
-        (True), or, refused there too, give it up so its offset is committed (False)."""
-        job = self.jobs.get(request_id)
-        if job is None:
-            return False
-        self.to_abort.append(request_id)
-        default = default_reply_stream(request_id)
+    def _stream_refused(self, job: Job, error: str) -> None:
+        """Redis refused this request's entries (WRONGTYPE): abort it and end it on its default
+        stream, or, refused there too, give it up so its offset is committed."""
+        self.to_abort.append(job.item.id)
+        default = default_reply_stream(job.item.id)
         if job.stream == default:
             job.log.error("reply undeliverable: Redis refused the default stream", error=error)
             job.terminal_queued = job.settled = True
-            return False
-        with suppress(ValueError):
-            self.ready.remove(job)
-        refused_stream, job.stream = job.stream, default
-        self._fail(job, "invalid_request", f"reply_stream {refused_stream[:80]!r} could not be written: {error[:120]}")
-        return True
+            return
+        refused_stream, job.stream = job.stream, default  # a job still in `ready` is skipped there once failed
+        self._fail(job, ErrorCode.INVALID_REQUEST, f"reply_stream {refused_stream[:80]!r} could not be written: {error[:120]}")
 
     def _republish_lost(self, job: Job, published: int) -> None:  # Redis restarted without its data
         lost = job.entries_from(published)
@@ -272,7 +266,7 @@ class EngineService:
         await self.committer.commit(self.consumer)
 
     async def step_loop(self, stop: asyncio.Event, drained: asyncio.Event) -> None:
-        outage = Backoff(float("inf"), base_s=0.5, max_s=10.0)
+        outage = outage_backoff()
         while True:
             if stop.is_set() and not self.jobs and not self.outbox:
                 drained.set()
@@ -284,7 +278,8 @@ class EngineService:
                 self.log.error("redis unreachable; intake paused, retrying", error=str(exc))
                 await outage.sleep()
                 continue
-            self.redis_down, outage = False, Backoff(float("inf"), base_s=0.5, max_s=10.0)
+            self.redis_down = False
+            outage.reset()
             if not self.engine.has_unfinished() and not self.ready:
                 self.wake.clear()
                 with suppress(asyncio.TimeoutError):
