@@ -22,6 +22,7 @@ so both disappear ttl seconds after the last entry (the terminal one, normally).
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Any, Sequence
 
 import msgspec
@@ -32,7 +33,7 @@ from lorafleet.common import settings
 from lorafleet.common.contract import RESERVED_KEY_PREFIX, cancel_key
 from lorafleet.common.logging import get_logger
 from lorafleet.common.messages import ReplyEntry, TokenReply, entry_fields
-from lorafleet.common.retry import Backoff
+from lorafleet.common.retry import OUTAGE_MAX_S, Backoff
 
 # KEYS: stream, state, cancel. ARGV: maxlen, ttl, entry count, then per entry:
 #   index (-1 for a terminal entry), token count, field count n, n field/value pairs.
@@ -161,7 +162,7 @@ class ReplyWriter:
 
     async def _with_retries(self, operation: Any, what: str, budget_s: float | None = None) -> Any:
         budget_s = self.retry_budget_s if budget_s is None else budget_s
-        backoff = Backoff(budget_s, max_s=2.0 if budget_s <= self.retry_budget_s else 10.0)
+        backoff = Backoff(budget_s, max_s=OUTAGE_MAX_S if math.isinf(budget_s) else 2.0)
         while True:
             try:
                 return await operation()

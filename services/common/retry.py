@@ -12,6 +12,7 @@ import time
 from typing import Any, Awaitable, Callable, TypeVar
 
 T = TypeVar("T")
+OUTAGE_MAX_S = 10.0  # longest wait between tries while waiting out an outage (no time budget)
 
 
 class Backoff:
@@ -33,6 +34,16 @@ class Backoff:
         delay = min(self.max_s, self.base_s * 2 ** (self.failures - 1))
         await asyncio.sleep(min(left, delay * random.uniform(0.5, 1.0)))
         return True
+
+    def reset(self) -> None:
+        """After a success: the next failure starts from the shortest delay again."""
+        self.failures = 0
+
+
+def outage_backoff() -> Backoff:
+    """For waiting out a server the service cannot work without: no time budget, 0.5 s doubling
+    to OUTAGE_MAX_S between tries."""
+    return Backoff(float("inf"), base_s=0.5, max_s=OUTAGE_MAX_S)
 
 
 async def retry_transient(

@@ -32,7 +32,7 @@ from lorafleet.common.kafka import (
 )
 from lorafleet.common.logging import get_logger
 from lorafleet.common.replies import ReplyWriteError, ReplyWriter, connect_redis
-from lorafleet.common.retry import Backoff
+from lorafleet.common.retry import outage_backoff
 from lorafleet.common.signals import install_signal_stop
 from lorafleet.ingest.config import IngestConfig
 from lorafleet.ingest.handler import BatchHandler
@@ -113,7 +113,7 @@ async def run_ingest(config: IngestConfig, *, stop: asyncio.Event | None = None,
 
 async def _consume_loop(consumer, handler: BatchHandler, batch_lock: asyncio.Lock,
                         stop: asyncio.Event, log) -> None:
-    outage = None  # Backoff while the broker or Redis is away
+    outage = outage_backoff()  # while the broker or Redis is away
     while not stop.is_set():
         batch = await consumer.getmany(timeout_ms=200)
         if not batch:
@@ -129,11 +129,10 @@ async def _consume_loop(consumer, handler: BatchHandler, batch_lock: asyncio.Loc
                 # be durable, so fetch it again (its outcomes are idempotent) once they are back.
                 for tp, recs in batch.items():
                     consumer.seek(tp, recs[0].offset)
-                outage = outage or Backoff(float("inf"), base_s=0.5, max_s=10.0)
                 log.error("outcomes not durable; the batch will be handled again", error=repr(exc))
                 await outage.sleep()
                 continue
-            outage = None
+            outage.reset()
             offsets = {tp: recs[-1].offset + 1 for tp, recs in batch.items() if recs}
             try:
                 await with_kafka_retries(lambda: consumer.commit(offsets), "commit offsets")
