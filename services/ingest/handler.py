@@ -123,20 +123,27 @@ class BatchHandler:
             return (item.reply_stream, item.id, error_entry(
                 ErrorCode.PROMPT_TOO_LONG, f"the request's {len(item.prompt_token_ids)} prompt tokens make a "
                 f"{len(value)}-byte work message; the limit is {WORK_ITEM_BYTES} bytes."))
-        try:
-            await with_kafka_retries(
-                lambda: self.producer.send_and_wait(self.work_topic, value, key=item.id.encode(),
-                                                    partition=partition),
-                "produce work item")
-        except Exception as exc:
-            if is_transient_kafka_error(exc):
-                raise  # the broker stayed away past the retry budget: an infrastructure fault
-            self.log.error("work item refused", request_id=item.id, error=repr(exc))
+        refused = await self._produce("produce work item", self.work_topic, value, key=item.id.encode(),
+                                      partition=partition)
+        if refused is not None:
+            self.log.error("work item refused", request_id=item.id, error=repr(refused))
             return (item.reply_stream, item.id, error_entry(
-                ErrorCode.INTERNAL_ERROR, f"the broker refused the request's work message: {type(exc).__name__}."))
+                ErrorCode.INTERNAL_ERROR, f"the broker refused the request's work message: {type(refused).__name__}."))
         self.counts["work"] += 1
         request_logger(self.log, item.id, item.adapter).debug(
             "routed", partition=partition, prompt_tokens=len(item.prompt_token_ids))
+        return None
+
+    async def _produce(self, what: str, topic: str, value: bytes | None, **options: Any) -> Exception | None:
+        """Produce one message and wait for the broker's ack, retrying transient errors; returns the
+        error when the broker refuses this message for good, raises when the broker stays away
+        past the retry budget (an infrastructure fault, not this message's)."""
+        try:
+            await with_kafka_retries(lambda: self.producer.send_and_wait(topic, value, **options), what)
+        except Exception as exc:
+            if is_transient_kafka_error(exc):
+                raise
+            return exc
         return None
 
     async def _reply_errors(self, errors: list[ErrorOut], records_by_id: dict[str, ConsumerRecord]) -> None:
@@ -175,16 +182,11 @@ class BatchHandler:
         if value is not None and len(value) > DLQ_VALUE_BYTES:  # the original alone could exceed the limit
             headers += [("original_bytes", str(len(value)).encode()), ("truncated", b"1")]
             value = value[:DLQ_VALUE_BYTES]
-        try:
-            await with_kafka_retries(
-                lambda: self.producer.send_and_wait(self.dlq_topic, value, key=record.key, headers=headers),
-                "produce dead letter")
-        except Exception as exc:
-            if is_transient_kafka_error(exc):
-                raise
+        refused = await self._produce("produce dead letter", self.dlq_topic, value, key=record.key, headers=headers)
+        if refused is not None:
             # the reason alone, without the body or key: what the broker refused is in there
-            self.log.error("dead letter refused; sending the reason alone", error=repr(exc), offset=record.offset)
-            headers.append(("refused", type(exc).__name__.encode()))
+            self.log.error("dead letter refused; sending the reason alone", error=repr(refused), offset=record.offset)
+            headers.append(("refused", type(refused).__name__.encode()))
             await with_kafka_retries(
                 lambda: self.producer.send_and_wait(self.dlq_topic, None, headers=headers),
                 "produce dead letter (reason only)")
