@@ -117,7 +117,7 @@ async def _tail(args: argparse.Namespace) -> int:
     from lorafleet.client import LorafleetClient
     from lorafleet.common.contract import default_reply_stream
 
-    where = _addresses(argparse.Namespace(**{**vars(args), "kafka_bootstrap": None, "requests_topic": None}))
+    where = _addresses(args)
     client = LorafleetClient(None, where["redis_url"])  # reads Redis only
     try:
         return await _print_replies(client, args.stream or default_reply_stream(args.id), args)
@@ -150,7 +150,7 @@ def run_cancel(args: argparse.Namespace) -> int:
     from lorafleet.client import LorafleetClient
 
     async def cancel() -> None:
-        where = _addresses(argparse.Namespace(**{**vars(args), "kafka_bootstrap": None, "requests_topic": None}))
+        where = _addresses(args)
         client = LorafleetClient(None, where["redis_url"])
         try:
             await client.cancel(args.id)
