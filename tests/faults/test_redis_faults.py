@@ -7,50 +7,29 @@ service exits: `up` runs with LORAFLEET_UP_RESTART_LIMIT=0, so any service's exi
 from __future__ import annotations
 
 import asyncio
-import signal
-import subprocess
 
 import pytest
 import redis.asyncio as aioredis
 
 from lorafleet.client import LorafleetClient
-from lorafleet.common.embedded import free_port, redis_server_binary
+from lorafleet.common.embedded import start_redis
 from lorafleet.common.messages import DoneReply, TokenReply, parse_entry
-from tests.faults.up_stack import UpStack, wait_for_port
+from tests.faults.up_stack import Restartable, UpStack
 from tests.infra_fixtures import unique_name
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 MAX_TOKENS = 40
 
 
-class RedisOnAPort:
-    """A redis-server without persistence that can be killed and started again on the same port."""
-
-    def __init__(self, workdir):
-        self.port, self.workdir, self.proc = free_port(), workdir, None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-                                      "--save", "", "--appendonly", "no", "--dir", str(self.workdir)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for_port(self.port, probe=b"PING\r\n", expect=b"+PONG")
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-
 @pytest.fixture(scope="module")
 def stack(zoo, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("redis-faults")
-    redis = RedisOnAPort(tmp)
-    redis.start()
+    redis = Restartable(lambda port: start_redis(tmp, port=port))  # no persistence: a restart loses all
     up = UpStack(tmp, zoo.model("mha"), tmp, "--redis-url", f"redis://127.0.0.1:{redis.port}/0",
                  env={"LORAFLEET_UP_RESTART_LIMIT": "0", "LORAFLEET_REDIS_RETRY_S": "2"}).start()
     yield up, redis
     up.stop()
-    if redis.proc.poll() is None:
-        redis.kill()
+    redis.stop()
 
 
 def _request(rid: str) -> dict:

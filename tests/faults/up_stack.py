@@ -1,17 +1,19 @@
 """`lorafleet up` as the fault tests run it: a process started as a user would, waited for until
 its ready file appears, stopped with SIGINT (it drains and stops its broker and Redis), killed if
-that takes over a minute; and a TCP port waited for (the tests' own restartable servers)."""
+that takes over a minute; and the tests' own broker or Redis, killed and started again."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
+
+from lorafleet.common.embedded import EmbeddedProcess
 
 
 class UpStack:
@@ -51,18 +53,24 @@ class UpStack:
             self.proc.wait()
 
 
-def wait_for_port(port: int, timeout_s: float = 20.0, probe: bytes | None = None, expect: bytes = b"") -> None:
-    """Until 127.0.0.1:port accepts (and answers `probe` with `expect`, when given)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
-                if probe is None:
-                    return
-                conn.sendall(probe)
-                if conn.recv(64).startswith(expect):
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"nothing answered on port {port} within {timeout_s}s")
+class Restartable:
+    """An embedded server (lorafleet.common.embedded) to SIGKILL and start again on its port.
+    start(port) launches it: port None at first, then the port it had."""
+
+    def __init__(self, start: Callable[[int | None], EmbeddedProcess]):
+        self._start = start
+        self.server = start(None)
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def kill(self) -> None:
+        self.server.process.kill()
+        self.server.process.wait(10)
+
+    def start(self) -> None:
+        self.server = self._start(self.server.port)
+
+    def stop(self) -> None:
+        self.server.stop()
