@@ -21,6 +21,7 @@ from lorafleet.common.signals import install_signal_stop
 from lorafleet.health import StallWatch
 
 from .engine import LLMEngine
+from .engine_thread import EngineThread
 from .service import EngineService
 from .service_config import EngineServiceConfig
 
@@ -41,12 +42,13 @@ async def run_engine_service(cfg: EngineServiceConfig, *, stop: asyncio.Event | 
     """Serve until `stop` (default: SIGTERM/SIGINT), then drain within cfg.drain_timeout_s.
     watch: the engine steps' StallWatch (the caller's heartbeat reads it)."""
     stop, installed = install_signal_stop(stop)
-    engine = await asyncio.to_thread(LLMEngine, cfg.engine)
+    thread = EngineThread()  # the engine's one thread, from construction to close
+    engine = await thread.call(LLMEngine, cfg.engine)
     await ensure_topics(cfg.kafka_bootstrap, [TopicSpec(cfg.work_topic, cfg.work_partitions)])
     redis = connect_redis(cfg.redis_url)
     store = AdapterStoreClient(cfg.store_address, engine.spec, max_rank=cfg.engine.max_adapter_rank)
     writer = ReplyWriter(redis)
-    service = EngineService(cfg, engine, writer, store, watch)
+    service = EngineService(cfg, engine, writer, store, watch, thread)
     consumer = make_consumer(cfg.kafka_bootstrap, [], cfg.group_id, session_timeout_ms=cfg.session_timeout_ms,
                              client_id=f"lorafleet-engine-{cfg.name}", max_poll_records=cfg.max_inflight)
     consumer.subscribe([cfg.work_topic], listener=_Rebalance(service))
@@ -83,4 +85,5 @@ async def run_engine_service(cfg: EngineServiceConfig, *, stop: asyncio.Event | 
         with suppress(Exception):
             await asyncio.wait_for(consumer.stop(), 10)
         await redis.aclose()
-        engine.close()  # stops tensor-parallel worker ranks (a no-op when tp_size is 1)
+        await thread.call(engine.close)  # stops tensor-parallel worker ranks (a no-op when tp_size is 1)
+        thread.shutdown()

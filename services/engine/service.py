@@ -1,14 +1,16 @@
 """The engine service: work topic in, engine steps, reply streams out.
 
-    consume ──► job (fetch adapter from the node's store at once) ──► ready ──► engine.add_request
-                                                                                   │
-    commit offsets ◄── offsets done ◄── terminal entries ◄── ReplyWriter.publish ◄─┘ engine.step
+    consume ──► job (fetch adapter from the node's store at once) ──► ready ──┐
+                                                                              ▼  engine thread:
+    commit offsets ◄── offsets done ◄── terminal entries ◄── ReplyWriter ◄── turn (aborts, admissions,
+                                                              .publish        one engine.step)
 
 NOTE invariants:
-- Only the step loop touches the LLMEngine (it runs each step in a worker thread and holds
-  `engine_lock` meanwhile; rebalance aborts take the same lock).
+- Only the engine thread runs LLMEngine code (engine_thread.py); the event loop owns every job,
+  the outbox and the offsets, and hands each turn its aborts and admissions. One turn at a time:
+  step_once holds `engine_lock` across it, and rebalancing takes the same lock.
 - One ReplyWriter.publish (one pipelined Redis round trip) per step for every request's entries,
-  made while the next step runs on the GPU (step_once).
+  made while the next turn runs (step_once).
 - An offset is committed only when every message up to it has its terminal entry written
   (OffsetTracker, Job.settled). A redelivered request is de-duplicated by the writer (token
   `index`, terminal once); generation is seeded by request id, so it re-emits the same tokens.
@@ -44,7 +46,8 @@ from lorafleet.health import StallWatch
 
 from .adapter_fetcher import AdapterFetcher
 from .engine import LLMEngine
-from .jobs import Job, engine_error_code, sampling_params
+from .engine_thread import EngineThread, EngineTurn, run_turn
+from .jobs import Job, engine_error_code
 from .offsets import OffsetCommitter, OffsetTracker
 from .service_config import EngineServiceConfig
 
@@ -53,18 +56,21 @@ MAX_FAILED_STEPS = 3  # more failed steps in a row stop the engine (it is broken
 
 class EngineService:
     def __init__(self, cfg: EngineServiceConfig, engine: LLMEngine, writer: ReplyWriter, store: AdapterStoreClient,
-                 watch: StallWatch | None = None):
-        """watch: told when each engine step starts and ends (the liveness heartbeat reads it)."""
+                 watch: StallWatch | None = None, thread: EngineThread | None = None):
+        """watch: told when each engine step starts and ends (the liveness heartbeat reads it);
+        thread: the thread that built the engine (engine_thread.py), or a new one."""
         self.cfg, self.engine, self.writer = cfg, engine, writer
+        self.thread = thread if thread is not None else EngineThread()
         self.watch = watch if watch is not None else StallWatch(cfg.step_stall_s)
         self.log = get_logger("engine", engine_id=cfg.name)
         self.offsets = OffsetTracker()
         self.committer = OffsetCommitter(self.offsets, self.log)
         self.jobs: dict[str, Job] = {}  # request id -> job, from first delivery to terminal entry
         self.ready: deque[Job] = deque()  # adapter in hand, not yet in the engine
-        self.to_abort: list[str] = []  # request ids to abort before the next step (under engine_lock)
+        self.to_abort: list[str] = []  # request ids the next turn aborts before it steps
+        self.unfinished = True  # the engine held unfinished requests after the last turn (unknown at first: ask)
         self.failed_steps = 0  # engine steps that raised, in a row
-        self._expiry_checked = 0.0  # when _admit_ready last looked at deadlines (time.time())
+        self._expiry_checked = 0.0  # when _turn_input last looked at deadlines (time.time())
         self.redis_down = False  # the last publish outlasted the writer's retry budget: intake waits
         self.outbox: list[tuple[str, str, object]] = []  # entries for the next publish
         self.engine_lock = asyncio.Lock()
@@ -134,7 +140,8 @@ class EngineService:
         self.wake.set()
 
     # --- the step loop ---------------------------------------------------------------------
-    def _admit_ready(self) -> None:
+    def _turn_input(self) -> tuple[list[str], list[Job]]:
+        """The next turn's aborts and admissions: expired jobs end here, ready ones go in."""
         now = time.time()
         expire = now - self._expiry_checked >= 0.1  # 10 times a second: a few µs per job each time
         self._expiry_checked = now if expire else self._expiry_checked
@@ -143,23 +150,27 @@ class EngineService:
             if ended:
                 self.to_abort.append(job.item.id)
                 self._fail(job, *ended)
-        for request_id in self.to_abort:  # no step runs now: the engine is ours to change
-            self.engine.abort_request(request_id)
-        self.to_abort.clear()
-        while self.ready:
-            job = self.ready.popleft()
-            if job.terminal_queued:  # failed while it waited
-                continue
-            item = job.item
-            try:
-                self.engine.add_request(item.id, prompt_token_ids=item.prompt_token_ids, params=sampling_params(item),
-                                        adapter_id=item.adapter, adapter=job.adapter, arrival=item.received_at)
-                job.admitted = True
-            except ValueError as exc:
+        aborts, self.to_abort = self.to_abort, []
+        admits = [job for job in self.ready if not job.terminal_queued]  # not failed while it waited
+        self.ready.clear()
+        for job in admits:
+            job.admitted = True  # unless the turn refuses it (_apply_turn)
+        return aborts, admits
+
+    def _apply_turn(self, turn: EngineTurn) -> None:
+        self.unfinished = turn.unfinished
+        for job, exc in turn.refused:
+            job.admitted = False
+            if isinstance(exc, ValueError):
                 self._fail(job, engine_error_code(exc), str(exc))
-            except Exception as exc:  # a bug on one request's path must not stop the others
-                job.log.exception("admission crashed")
+            else:  # a bug on one request's path must not stop the others
+                job.log.error("admission crashed", error=repr(exc), exc_info=exc)
                 self._fail(job, ErrorCode.INTERNAL_ERROR, f"the engine could not admit the request: {type(exc).__name__}.")
+        if turn.step_error is not None:
+            self._step_failed(turn.step_error)
+        elif turn.stepped:
+            self._collect(turn.outputs)
+            self.failed_steps = 0
 
     def _step_failed(self, exc: Exception) -> None:
         """A step raised: the requests in the engine end with internal_error (committed, so a request
@@ -170,7 +181,7 @@ class EngineService:
             raise RuntimeError(f"{self.failed_steps} engine steps in a row failed") from exc
         for job in self.jobs.values():
             if job.admitted and not job.terminal_queued:
-                self.engine.abort_request(job.item.id)
+                self.to_abort.append(job.item.id)
                 self._fail(job, ErrorCode.INTERNAL_ERROR, f"the engine step serving the request failed "
                            f"({type(exc).__name__}); it may be sent again.")
 
@@ -193,22 +204,19 @@ class EngineService:
                 job.log.info("request done", finish_reason=out.finish_reason, completion_tokens=out.num_output_tokens)
 
     async def step_once(self) -> None:
-        """One engine step in a worker thread while the previous step's replies are published and
-        committed (the round trips overlap the GPU); with nothing to run next, published at once."""
+        """One engine turn on the engine thread while the previous step's replies are published and
+        committed (the round trips overlap the step); with nothing to run next, published at once."""
         async with self.engine_lock:
-            self._admit_ready()
-            step = asyncio.ensure_future(asyncio.to_thread(self.watch.timed, self.engine.step)) \
-                if self.engine.has_unfinished() else None
+            aborts, admits = self._turn_input()
+            turn = None
+            if aborts or admits or self.unfinished:
+                turn = asyncio.ensure_future(self.thread.call(run_turn, self.engine, self.watch, aborts, admits))
             try:
                 await self.flush()
             finally:  # even when the publish failed: the step's outputs must reach the outbox
-                if step is not None:
-                    try:
-                        self._collect(await step)
-                        self.failed_steps = 0
-                    except Exception as exc:
-                        self._step_failed(exc)
-        if not self.engine.has_unfinished():
+                if turn is not None:
+                    self._apply_turn(await turn)
+        if not self.unfinished:
             await self.flush()
 
     async def flush(self) -> None:
@@ -280,7 +288,7 @@ class EngineService:
                 continue
             self.redis_down = False
             outage.reset()
-            if not self.engine.has_unfinished() and not self.ready:
+            if not self.unfinished and not self.ready and not self.to_abort:
                 self.wake.clear()
                 with suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), 0.05)
@@ -304,7 +312,7 @@ class EngineService:
             revoked = set(revoked)
             for rid, job in list(self.jobs.items()):
                 if all(tp in revoked for tp, _ in job.deliveries):
-                    self.engine.abort_request(rid)
+                    self.to_abort.append(rid)  # before the next step (the turn after this lock)
                     del self.jobs[rid]
                     with suppress(ValueError):
                         self.ready.remove(job)

@@ -1,0 +1,66 @@
+"""The one thread that runs LLMEngine code in the engine service, and what one turn of it does.
+
+Why a thread of its own: torch's CPU intra-op (OpenMP) thread pool belongs to the thread that runs
+an op. Stepping from asyncio.to_thread's rotating worker threads, beside the ops that admission
+ran on the event loop's thread, made every CPU step about twice as slow as the same step run in
+one thread (bench/results/service-overhead/NOTES.md). One thread, from the engine's construction
+to its close, is also the whole of the engine's locking: nothing else ever calls it.
+
+A turn: the aborts, then the admissions (a refusal for each request add_request refused), then
+one step if any request is unfinished. The event loop hands the turn its input and applies the
+result (service.py); the turn touches nothing but the engine, and reads the jobs it admits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from lorafleet.health import StallWatch
+
+from .jobs import Job, sampling_params
+
+
+@dataclass
+class EngineTurn:
+    refused: list[tuple[Job, Exception]]  # admissions that add_request refused or crashed on
+    outputs: list  # the step's RequestOutputs (empty when no step ran or it failed)
+    stepped: bool  # a step ran (it may have raised)
+    step_error: Exception | None  # the step raised
+    unfinished: bool  # the engine holds unfinished requests after the step
+
+
+class EngineThread:
+    """One worker thread; `call` runs a function on it and awaits the result."""
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorafleet-engine")
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+def run_turn(engine, watch: StallWatch, aborts: list[str], admits: list[Job]) -> EngineTurn:
+    """On the engine thread: abort, admit, step once (between watch.started and watch.finished)."""
+    for request_id in aborts:
+        engine.abort_request(request_id)
+    refused = []
+    for job in admits:
+        item = job.item
+        try:
+            engine.add_request(item.id, prompt_token_ids=item.prompt_token_ids, params=sampling_params(item),
+                               adapter_id=item.adapter, adapter=job.adapter, arrival=item.received_at)
+        except Exception as exc:  # one request's refusal (ValueError) or crash must not stop the others
+            refused.append((job, exc))
+    outputs, error, stepped = [], None, engine.has_unfinished()
+    if stepped:
+        try:
+            outputs = watch.timed(engine.step)
+        except Exception as exc:
+            error = exc
+    return EngineTurn(refused, outputs, stepped, error, engine.has_unfinished())
