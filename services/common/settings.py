@@ -91,6 +91,7 @@ _DECLARED: list[EnvVar] = [
     EnvVar("MAX_NUM_SEQS", int, 256, "most requests in one batch"),
     EnvVar("MAX_BATCHED_TOKENS", int, 2048, "token budget of one engine step (chunked prefill)"),
     EnvVar("MAX_ADAPTER_RANK", int, 256, "largest LoRA rank the engine accepts"),
+    EnvVar("CPU_THREADS", int, 0, "torch threads of an engine on the CPU device; 0: every core but one (left to the event loop, Kafka and Redis)"),
     EnvVar("ENGINE_HOST_ADAPTER_BYTES", int, 4 << 30, "validated adapters an engine keeps in its own memory (LRU, bytes)"),
     EnvVar("ENGINE_PACKED_ADAPTER_BYTES", int, 2 << 30, "adapters an engine keeps packed for one copy to the GPU (host memory, LRU, bytes)"),
     EnvVar("ENGINE_ADAPTER_PACK_THREADS", int, 4, "threads of an engine that pack adapters for the GPU copy, beside the engine loop"),

@@ -64,6 +64,7 @@ class EngineServiceConfig:
         settings.add_flag(parser, "--max-num-seqs", "MAX_NUM_SEQS", int, "most requests in one batch")
         settings.add_flag(parser, "--max-batched-tokens", "MAX_BATCHED_TOKENS", int, "token budget of one step")
         settings.add_flag(parser, "--max-adapter-rank", "MAX_ADAPTER_RANK", int, "largest LoRA rank accepted")
+        settings.add_flag(parser, "--cpu-threads", "CPU_THREADS", int, "torch threads on the CPU device (0: all cores but one)")
         settings.add_flag(parser, "--gpu-memory-fraction", "GPU_MEMORY_FRACTION", float, "share of GPU memory for the pool")
         settings.add_flag(parser, "--ops", "OPS", str, "op implementations: auto, torch, triton")
         settings.add_flag(parser, "--tp-size", "TP_SIZE", int, "tensor-parallel size: GPUs (processes) this engine spans")
@@ -81,6 +82,7 @@ class EngineServiceConfig:
             model_dir=str(model), device=args.device, dtype=args.dtype, num_pages=args.pool_pages,
             block_size=args.block_size, max_num_seqs=args.max_num_seqs,
             max_batched_tokens=args.max_batched_tokens, max_adapter_rank=args.max_adapter_rank,
+            cpu_threads=args.cpu_threads,
             gpu_memory_fraction=args.gpu_memory_fraction, ops=args.ops,
             tp_size=args.tp_size, tp_lora_scheme=args.tp_lora_scheme,
             tp_cuda_graphs=settings.read("TP_CUDA_GRAPHS"),
