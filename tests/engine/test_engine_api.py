@@ -128,3 +128,23 @@ def test_arrivals_pack_only_what_half_the_host_budget_holds_so_nothing_is_packed
                         params=SamplingParams(max_tokens=1, temperature=0))
     assert eng.adapters.host.num_packs == 2  # half the budget, from the queue head
     assert len(eng.run_to_completion()) == 10 and eng.adapters.host.num_packs == 10
+
+
+def test_on_the_cpu_the_engine_takes_every_core_but_one_unless_told(zoo, monkeypatch):
+    import torch
+
+    from lorafleet.engine.config import cpu_threads
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(8)))
+    assert cpu_threads(EngineConfig(model_dir="-")) == 7
+    assert cpu_threads(EngineConfig(model_dir="-", cpu_threads=3)) == 3
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: {0})
+    assert cpu_threads(EngineConfig(model_dir="-")) == 1  # never zero threads
+    with pytest.raises(ValueError, match="cpu_threads"):
+        EngineConfig(model_dir="-", cpu_threads=-1)
+    before = torch.get_num_threads()
+    try:
+        LLMEngine(EngineConfig(model_dir=str(zoo.model("mha")), num_pages=16, device="cpu", cpu_threads=2))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
