@@ -13,12 +13,16 @@ UV_PIN="uv==0.13.9"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install -q "$UV_PIN"
-uv pip compile pyproject.toml --universal --fork-strategy fewest --python-version 3.11 \
+# The current lock is the starting point: uv keeps its versions unless pyproject.toml needs others,
+# so adding a dependency does not upgrade everything else (--upgrade in LOCK_ARGS refreshes all).
+cp requirements.lock requirements.lock.new
+uv pip compile ${LOCK_ARGS:-} pyproject.toml --universal --fork-strategy fewest --python-version 3.11 \
   --extra test --extra bench --constraint requirements.pins --no-header --quiet -o requirements.lock.new
 {
   echo "# The lock: exact versions of everything lorafleet installs, tested by CI. Used as pip"
   echo "# constraints (-c), so platform-only pins (nvidia-*, torch's CUDA runtime) install only where needed."
-  echo "# Refresh: bash scripts/lock.sh   (uv pip compile of pyproject.toml, all extras, under requirements.pins)"
+  echo "# Refresh: bash scripts/lock.sh   (uv pip compile of pyproject.toml, all extras, under requirements.pins;"
+  echo "# it keeps these versions where it can: LOCK_ARGS=--upgrade for the newest)"
   cat requirements.lock.new
 } > requirements.lock
 rm requirements.lock.new

@@ -99,11 +99,16 @@ def is_terminal(entry: ReplyEntry) -> bool:
     return not isinstance(entry, TokenReply)
 
 
+def token_fields(entry: TokenReply) -> list[str]:
+    """entry_fields of a token entry as [field, value, ...]: the writer's per-token hot path."""
+    return ["type", "token", "text", entry.text, "token_ids", _work_encoder.encode(entry.token_ids).decode(),
+            "index", str(entry.index)]
+
+
 def entry_fields(entry: ReplyEntry) -> dict[str, str]:
     """The flat string map written to the stream (field order is the one in CONTRACT.md)."""
     if isinstance(entry, TokenReply):
-        token_ids = _work_encoder.encode(entry.token_ids).decode()
-        return {"type": "token", "text": entry.text, "token_ids": token_ids, "index": str(entry.index)}
+        return dict(zip(*[iter(token_fields(entry))] * 2))
     if isinstance(entry, DoneReply):
         return {"type": "done", "finish_reason": entry.finish_reason,
                 "prompt_tokens": str(entry.prompt_tokens),

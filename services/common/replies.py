@@ -2,8 +2,8 @@
 exactly once per request even when the request is served twice.
 
 Per request the writer keeps a hash ``lorafleet:state:<id>`` = {tokens: published token count,
-terminal: 1 once a done/error entry is written}. A Lua script (one EVALSHA per request, all of a
-step's requests pipelined together) reads that state and appends an entry only when it is new:
+terminal: 1 once a done/error entry is written}. A Lua script (one EVALSHA for all of a step's
+requests) reads each request's state and appends an entry only when it is new:
 
     token entry, index + n <= tokens   -> already written by an earlier delivery: skipped
     token entry, index == tokens       -> appended; tokens += n
@@ -32,57 +32,63 @@ from redis import exceptions as redis_errors
 from lorafleet.common import settings
 from lorafleet.common.contract import RESERVED_KEY_PREFIX, cancel_key
 from lorafleet.common.logging import get_logger
-from lorafleet.common.messages import ReplyEntry, TokenReply, entry_fields
+from lorafleet.common.messages import ReplyEntry, TokenReply, entry_fields, token_fields
 from lorafleet.common.retry import OUTAGE_MAX_S, Backoff
 
-# KEYS: stream, state, cancel. ARGV: maxlen, ttl, entry count, then per entry:
-#   index (-1 for a terminal entry), token count, field count n, n field/value pairs.
-# Returns {tokens published, terminal written 0/1, entries appended, conflicts, cancelled 0/1}.
+# One call writes a whole publish (up to PUBLISH_CHUNK requests): KEYS are 3 per request (stream,
+# state, cancel), in order; ARGV: maxlen, ttl, then one JSON array with, per request, its entries
+# as [index (-1 for a terminal entry), token count, [field, value, ...]]. One argument decoded by
+# cjson instead of ~12 per entry: packing and parsing a step's 256 separate calls was most of the
+# engine service's event-loop time (bench/results/service-overhead/NOTES.md).
+# Returns per request {tokens published, terminal written 0/1, appended, conflicts, cancelled 0/1,
+# error ("" or what Redis refused: e.g. WRONGTYPE when the stream key holds another type)}.
 _PUBLISH_LUA = """
-local stream, state = KEYS[1], KEYS[2]
 local maxlen, ttl = ARGV[1], ARGV[2]
-local published = tonumber(redis.call('HGET', state, 'tokens') or '0')
-local terminal = redis.call('HEXISTS', state, 'terminal') == 1
-local appended, conflicts, gap = 0, 0, false
-if not terminal and redis.call('EXISTS', KEYS[3]) == 1 then
-  redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'type', 'error', 'code', 'cancelled',
-             'message', 'the request was cancelled (its key lorafleet:cancel:<id> was set).')
-  redis.call('HSET', state, 'tokens', published, 'terminal', 1)
-  redis.call('EXPIRE', stream, ttl)
-  redis.call('EXPIRE', state, ttl)
-  return {published, 1, 1, 0, 1}
-end
-local pos = 4
-for _ = 1, tonumber(ARGV[3]) do
-  local index, ntokens = tonumber(ARGV[pos]), tonumber(ARGV[pos + 1])
-  local first = pos + 3
-  local last = pos + 2 + 2 * tonumber(ARGV[pos + 2])
-  pos = last + 1
-  local write = false
-  if terminal then
-    write = false
-  elseif index < 0 then
-    if gap then conflicts = conflicts + 1 else write, terminal = true, true end
-  elseif index == published then
-    write, published = true, published + ntokens
-  elseif index + ntokens > published then
-    conflicts = conflicts + 1
-    if index > published then gap = true end
+local requests = cjson.decode(ARGV[3])
+local results = {}
+for r = 1, #requests do
+  local stream, state, cancel = KEYS[3 * r - 2], KEYS[3 * r - 1], KEYS[3 * r]
+  local published = tonumber(redis.call('HGET', state, 'tokens') or '0')
+  local terminal = redis.call('HEXISTS', state, 'terminal') == 1
+  local appended, conflicts, gap, cancelled, err = 0, 0, false, 0, ''
+  local entries = requests[r]
+  if not terminal and redis.call('EXISTS', cancel) == 1 then
+    entries = {{-1, 0, {'type', 'error', 'code', 'cancelled',
+                        'message', 'the request was cancelled (its key lorafleet:cancel:<id> was set).'}}}
+    cancelled = 1
   end
-  if write then
-    redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', unpack(ARGV, first, last))
-    appended = appended + 1
+  for e = 1, #entries do
+    local index, ntokens, fields = entries[e][1], entries[e][2], entries[e][3]
+    local write = false
+    if terminal then
+      write = false
+    elseif index < 0 then
+      if gap then conflicts = conflicts + 1 else write = true end
+    elseif index == published then
+      write = true
+    elseif index + ntokens > published then
+      conflicts = conflicts + 1
+      if index > published then gap = true end
+    end
+    if write then
+      local ok = redis.pcall('XADD', stream, 'MAXLEN', '~', maxlen, '*', unpack(fields))
+      if type(ok) == 'table' and ok.err then err = ok.err break end
+      appended = appended + 1
+      if index < 0 then terminal = true else published = published + ntokens end
+    end
   end
+  if appended > 0 then
+    redis.call('HSET', state, 'tokens', published)
+    if terminal then redis.call('HSET', state, 'terminal', 1) end
+    redis.call('EXPIRE', stream, ttl)
+    redis.call('EXPIRE', state, ttl)
+  end
+  results[r] = {published, terminal and 1 or 0, appended, conflicts, cancelled, err}
 end
-if appended > 0 then
-  redis.call('HSET', state, 'tokens', published)
-  if terminal then redis.call('HSET', state, 'terminal', 1) end
-  redis.call('EXPIRE', stream, ttl)
-  redis.call('EXPIRE', state, ttl)
-end
-return {published, terminal and 1 or 0, appended, conflicts, 0}
+return results
 """
 _PUBLISH_SHA = hashlib.sha1(_PUBLISH_LUA.encode()).hexdigest()
+_json = msgspec.json.Encoder()
 
 
 def connect_redis(url: str) -> aioredis.Redis:
@@ -118,20 +124,20 @@ class RequestState(msgspec.Struct, frozen=True):
     cancelled: bool = False  # this publish found the request cancelled and wrote its terminal entry
 
 
-def _script_args(entries: list[ReplyEntry], maxlen: int, ttl_s: int) -> list[Any]:
-    args: list[Any] = [maxlen, ttl_s, len(entries)]
+PUBLISH_CHUNK = 512  # requests per script call: Redis runs nothing else while a script runs
+
+
+def _request_entries(entries: list[ReplyEntry]) -> list[list[Any]]:
+    """One request's entries as the script reads them: [index or -1, token count, [field, value, ...]]."""
+    out: list[list[Any]] = []
     for entry in entries:
         if isinstance(entry, TokenReply):
             if not entry.token_ids or entry.index < 0:
                 raise ValueError(f"a token entry needs >= 1 token id and index >= 0, got {entry!r}")
-            args += [entry.index, len(entry.token_ids)]
+            out.append([entry.index, len(entry.token_ids), token_fields(entry)])
         else:
-            args += [-1, 0]
-        fields = entry_fields(entry)
-        args.append(len(fields))
-        for name, value in fields.items():
-            args += [name, value]
-    return args
+            out.append([-1, 0, [x for pair in entry_fields(entry).items() for x in pair]])
+    return out
 
 
 class ReplyWriter:
@@ -191,40 +197,51 @@ class ReplyWriter:
         if not groups:
             return {}
         # Built (and checked) before anything is sent: a malformed entry writes nothing.
-        calls = [(request_id, stream, _script_args(group, self.maxlen, self.ttl_s))
-                 for request_id, (stream, group) in groups.items()]
+        ids = list(groups)
+        calls = []
+        for i in range(0, len(ids), PUBLISH_CHUNK):
+            chunk = ids[i:i + PUBLISH_CHUNK]
+            keys = [key for rid in chunk for key in (groups[rid][0], state_key(rid), cancel_key(rid))]
+            payload = _json.encode([_request_entries(groups[rid][1]) for rid in chunk])
+            calls.append((chunk, keys, payload))
         if not self._script_loaded:
             await self.prepare()
         states: dict[str, RequestState] = {}
         pending = calls
         while pending:
             results = await self._with_retries(lambda: self._run_pipeline(pending), "publish")
-            reload: list[tuple[str, str, list[Any]]] = []
+            reload = []
             for call, result in zip(pending, results):
-                request_id, stream = call[0], call[1]
                 if isinstance(result, redis_errors.NoScriptError):
                     reload.append(call)  # Redis restarted and lost its script cache
-                elif isinstance(result, Exception):
-                    self._log.error("reply write refused", request_id=request_id, stream=stream,
-                                    error=repr(result))
-                    states[request_id] = RequestState(0, False, error=str(result))
+                elif isinstance(result, Exception):  # the whole call refused (not one stream's type)
+                    self._log.error("reply write refused", requests=len(call[0]), error=repr(result))
+                    states.update({rid: RequestState(0, False, error=str(result)) for rid in call[0]})
                 else:
-                    tokens, terminal, appended, conflicts, cancelled = (int(x) for x in result)
-                    if conflicts:
-                        self._log.warning("token entries out of sequence were dropped",
-                                          request_id=request_id, conflicts=conflicts, published=tokens)
-                    states[request_id] = RequestState(tokens, bool(terminal), appended, conflicts,
-                                                      cancelled=bool(cancelled))
+                    states.update(self._states(call[0], result))
             if reload:
                 await self._with_retries(self._load_script, "SCRIPT LOAD")
             pending = reload
         return states
 
-    async def _run_pipeline(self, calls: list[tuple[str, str, list[Any]]]) -> list[Any]:
+    def _states(self, request_ids: list[str], results: list[Any]) -> dict[str, RequestState]:
+        states = {}
+        for request_id, (tokens, terminal, appended, conflicts, cancelled, error) in zip(request_ids, results):
+            error = error.decode() if isinstance(error, bytes) else error
+            if error:
+                self._log.error("reply write refused", request_id=request_id, error=error)
+            if conflicts:
+                self._log.warning("token entries out of sequence were dropped", request_id=request_id,
+                                  conflicts=conflicts, published=tokens)
+            states[request_id] = RequestState(int(tokens), bool(terminal), int(appended), int(conflicts),
+                                              error or None, bool(cancelled))
+        return states
+
+    async def _run_pipeline(self, calls: list[tuple[list[str], list[str], bytes]]) -> list[Any]:
         self.round_trips += 1
         pipe = self.redis.pipeline(transaction=False)
-        for request_id, stream, args in calls:
-            pipe.evalsha(_PUBLISH_SHA, 3, stream, state_key(request_id), cancel_key(request_id), *args)
+        for _ids, keys, payload in calls:
+            pipe.evalsha(_PUBLISH_SHA, len(keys), *keys, self.maxlen, self.ttl_s, payload)
         return await pipe.execute(raise_on_error=False)
 
     async def published_count(self, request_id: str) -> tuple[int, bool]:

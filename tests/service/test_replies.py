@@ -5,6 +5,10 @@ from __future__ import annotations
 import pytest
 import redis.asyncio as aioredis
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lorafleet.common import replies
 from lorafleet.common.embedded import free_port
 from lorafleet.common.messages import done_entry, error_entry, parse_entry, token_entry
 from lorafleet.common.replies import ReplyWriteError, ReplyWriter, state_key
@@ -87,7 +91,7 @@ async def test_one_round_trip_for_a_whole_step(redis):
     states = await writer.publish(step)
     assert writer.round_trips - before == 1
     stats = await redis.info("commandstats")
-    assert stats["cmdstat_evalsha"]["calls"] == 40  # one script call per request, none per token
+    assert stats["cmdstat_evalsha"]["calls"] == 1  # one script call for the whole step
     assert "cmdstat_script|exists" not in stats and "cmdstat_script|load" not in stats
     assert stats["cmdstat_xadd"]["calls"] == 60  # the script's own appends
     assert all(states[rid].terminal for rid in ids[:10]) and not any(states[rid].terminal for rid in ids[10:])
@@ -175,3 +179,44 @@ async def test_no_terminal_entry_after_a_gap_in_the_same_publish(redis):
     whole = [(stream, rid, token_entry(c, [i], index=i)) for i, c in enumerate("abcd")]
     states = await writer.publish(whole + [(stream, rid, done_entry("length", 1, 4))])
     assert (states[rid].tokens, states[rid].terminal) == (4, True)
+
+
+async def test_a_publish_over_one_chunk_is_still_one_round_trip(redis, monkeypatch):
+    monkeypatch.setattr(replies, "PUBLISH_CHUNK", 3)
+    writer = ReplyWriter(redis)
+    await writer.prepare()
+    ids = [unique_name("req") for _ in range(7)]
+    await redis.config_resetstat()
+    before = writer.round_trips
+    states = await writer.publish([(f"lorafleet:out:{rid}", rid, token_entry("x", [1], index=0)) for rid in ids])
+    assert writer.round_trips - before == 1
+    assert (await redis.info("commandstats"))["cmdstat_evalsha"]["calls"] == 3  # 3 + 3 + 1 requests
+    assert all(states[rid].tokens == 1 and states[rid].appended == 1 for rid in ids)
+
+
+async def test_a_refused_stream_keeps_what_was_appended_before_it_counted(redis):
+    """Redis refuses one request's stream in the middle of a publish: the requests around it are
+    written, and its state counts only what its stream holds."""
+    writer = ReplyWriter(redis)
+    good, bad = unique_name("req"), unique_name("req")
+    await redis.set(f"s:{bad}", "a string, not a stream")
+    states = await writer.publish([(f"s:{good}", good, token_entry("a", [1], index=0)),
+                                   (f"s:{bad}", bad, token_entry("b", [2], index=0)),
+                                   (f"s:{good}", good, done_entry("stop", 1, 1))])
+    assert "WRONGTYPE" in states[bad].error and states[bad].tokens == 0
+    assert states[good].terminal and states[good].error is None
+    assert await redis.hget(state_key(bad), "tokens") is None
+    assert [type(e).__name__ for e in await read_stream(redis, f"s:{good}")] == ["TokenReply", "DoneReply"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(texts=st.lists(st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=40), min_size=1, max_size=5))
+async def test_any_text_reaches_the_stream_unchanged(redis, texts):
+    """The payload crosses into Lua as JSON (cjson): every text, NUL, quotes, escapes and non-BMP
+    characters included, is read back exactly as written."""
+    writer = ReplyWriter(redis)
+    rid = unique_name("req")
+    entries = [(f"s:{rid}", rid, token_entry(text, [i + 1], index=i)) for i, text in enumerate(texts)]
+    await writer.publish(entries)
+    got = await read_stream(redis, f"s:{rid}")
+    assert [e.text for e in got] == texts and [e.index for e in got] == list(range(len(texts)))
