@@ -11,6 +11,7 @@ Only what CONTRACT.md promises is used, so it works against any lorafleet deploy
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any, AsyncIterator
 
@@ -62,13 +63,23 @@ class LorafleetClient:
     async def submit(self, request: dict) -> str:
         """Produce one request (JSON); returns the stream key its replies will arrive on.
         Keyed by adapter id (or request id) - lorafleet does not depend on the key."""
-        request_id = request.get("id")
-        if not isinstance(request_id, str):
-            raise ValueError("request needs a string id (use submit_raw to send anything else)")
-        key = request.get("adapter") or request_id
-        await self.submit_raw(msgspec.json.encode(request), key=str(key).encode())
-        stream = request.get("reply_stream")
-        return stream if isinstance(stream, str) else default_reply_stream(request_id)
+        return (await self.submit_many([request]))[0]
+
+    async def submit_many(self, requests: list[dict]) -> list[str]:
+        """Produce many requests at once: all are handed to the producer, which batches them, and
+        then every acknowledgement is awaited (one round trip per batch instead of per request).
+        Returns their stream keys in order; a request without a string id is refused before any
+        is sent. Raises on the first request the broker refused."""
+        if not all(isinstance(r.get("id"), str) for r in requests):
+            raise ValueError("every request needs a string id (use submit_raw to send anything else)")
+        if self.producer is None:
+            raise ValueError("this client was made without a Kafka bootstrap: it reads replies only")
+        await self.start()
+        acks = [await self.producer.send(self.requests_topic, msgspec.json.encode(r),
+                                         key=str(r.get("adapter") or r["id"]).encode()) for r in requests]
+        await asyncio.gather(*acks)
+        return [r["reply_stream"] if isinstance(r.get("reply_stream"), str) else default_reply_stream(r["id"])
+                for r in requests]
 
     async def submit_raw(self, value: bytes | None, key: bytes | None = None) -> None:
         """Produce arbitrary bytes to the requests topic (tests of the dead-letter path)."""

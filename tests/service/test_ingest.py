@@ -196,3 +196,17 @@ async def test_two_members_share_the_requests_topic(kafka_bootstrap, redis_url, 
     for stop in stops:
         stop.set()
     await asyncio.wait_for(asyncio.gather(*tasks), 30)
+
+
+async def test_submit_many_produces_every_request_once_in_one_batch(ingest, kafka_bootstrap):
+    config, client = ingest
+    run = unique_name("many")
+    requests = [{"id": f"{run}-{i}", "prompt": "hi", "max_tokens": 2} for i in range(40)]
+    requests[3]["reply_stream"] = f"{run}-own-stream"
+    with pytest.raises(ValueError, match="string id"):
+        await client.submit_many([{"id": f"{run}-never", "prompt": "x"}, {"prompt": "no id"}])
+    streams = await client.submit_many(requests)
+    assert streams[3] == f"{run}-own-stream" and streams[0] == f"lorafleet:out:{run}-0"
+    work = await read_topic(kafka_bootstrap, config.work_topic, 40)
+    ids = sorted(decode_work_item(r.value).id for r in work if decode_work_item(r.value).id.startswith(run))
+    assert ids == sorted(r["id"] for r in requests)  # each once; the refused call sent nothing
