@@ -12,7 +12,11 @@ every reply stream with blocking XREADs. Both record, per request, the time of i
 of every later one (client-side for the stack), so the report gives throughput (first submit to
 last terminal entry), the ratio stack / engine, and first-token and inter-token percentiles. The
 stack run also checks exactly-once delivery: contiguous token indexes and one terminal entry per
-request. Results: bench/results/service-overhead/<commit>/ (JSON, markdown).
+request. With --repeat N the pair runs N times per request count, engine and stack alternating,
+and the table adds the median ratio. Every record names where the CPU went over the run: CPU
+seconds per process (ingest, engine, broker, redis, the client) and per thread (process_cpu.py);
+--py-spy DIR also samples ingest and the engine over each stack run. Results:
+bench/results/service-overhead/<commit>/ (JSON, markdown).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lorafleet.bench.process_cpu import ProcessCpu, role
 from lorafleet.bench.report import environment
 from lorafleet.common.signals import stop_subprocess
 from lorafleet.demo.tiny_models import build_peft_adapter, build_tiny_model
@@ -67,7 +72,8 @@ def start_stack(model: Path, adapters: Path, args: argparse.Namespace, workdir: 
     ready_file = workdir / "ready.json"
     env = dict(os.environ, LORAFLEET_MAX_NUM_SEQS=str(args.max_num_seqs),
                LORAFLEET_MAX_BATCHED_TOKENS=str(args.max_batched_tokens))
-    proc = subprocess.Popen([sys.executable, "-m", "lorafleet.cli", "up", "--model", str(model), "--adapters", str(adapters),
+    proc = subprocess.Popen([sys.executable, "-m", "lorafleet.cli", "up", "--model", str(model),
+                             "--adapters", str(adapters),
                              "--device", args.device, "--ready-file", str(ready_file)], env=env,
                             stdout=subprocess.DEVNULL, stderr=open(workdir / "up.log", "wb"))
     deadline = time.monotonic() + 300
@@ -117,8 +123,7 @@ async def run_stack(ready: dict, requests: list[dict]) -> dict:
     indexes: dict[str, int] = {}
     async with LorafleetClient(ready["kafka_bootstrap"], ready["redis_url"]) as client:
         t0 = time.perf_counter()
-        for r in requests:
-            await client.submit({**r, "id": f"{run}-{r['id']}"})
+        await client.submit_many([{**r, "id": f"{run}-{r['id']}"} for r in requests])
         while last_id:
             response = await client.redis.xread(dict(last_id), count=10000, block=50)
             now = time.perf_counter() - t0
@@ -139,6 +144,56 @@ async def run_stack(ready: dict, requests: list[dict]) -> dict:
                         raise AssertionError(f"{rid}: {entry}")
         end = time.perf_counter() - t0
     return summarize(times, 0.0, end)
+
+
+def measure_pair(engine, weights: dict, ready: dict, requests: list[dict], cpu: ProcessCpu, own_cpu: ProcessCpu,
+                 up_pid: int, args: argparse.Namespace, workdir: Path) -> dict:
+    """The requests through the in-process engine, then through the stack: one record of both."""
+    before = own_cpu.snapshot()
+    engine_figures = run_engine(engine, weights, requests)
+    engine_figures["processes"] = own_cpu.since(before, engine_figures["span_s"])
+    print_processes(engine_figures["processes"])
+    before = cpu.snapshot()
+    spies = start_py_spy(up_pid, args, workdir, len(requests))
+    stack = asyncio.run(run_stack(ready, requests))
+    stop_py_spy(spies)
+    stack["processes"] = cpu.since(before, stack["span_s"])
+    print_processes(stack["processes"])
+    return {"requests": len(requests), "max_tokens": args.max_tokens, "ratio": stack["req_s"] / engine_figures["req_s"],
+            **{f"engine_{k}": v for k, v in engine_figures.items()}, **{f"stack_{k}": v for k, v in stack.items()}}
+
+
+def start_py_spy(up_pid: int, args: argparse.Namespace, workdir: Path, n: int) -> list[subprocess.Popen]:
+    """With --py-spy DIR: sample every lorafleet process (all threads, idle included) over the
+    stack run into DIR/<role>-<n>.txt (collapsed stacks, one line per stack with its sample count)."""
+    if not args.py_spy:
+        return []
+    import psutil
+
+    args.py_spy.mkdir(parents=True, exist_ok=True)
+    spies = []
+    for child in psutil.Process(up_pid).children(recursive=True):
+        name = role(child)
+        if name in ("ingest", "engine"):
+            out = args.py_spy / f"{name}-{n}.txt"
+            spies.append(subprocess.Popen(["py-spy", "record", "--pid", str(child.pid), "--format", "raw", "--idle",
+                                           "--threads", "--rate", "200", "--output", str(out)],
+                                          stdout=subprocess.DEVNULL, stderr=open(workdir / f"py-spy-{name}.log", "wb")))
+    time.sleep(1.0)  # py-spy attaches before the first request is produced
+    return spies
+
+
+def stop_py_spy(spies: list[subprocess.Popen]) -> None:
+    for spy in spies:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+    for spy in spies:
+        spy.wait(60)
+
+
+def print_processes(rows: list[dict]) -> None:
+    for r in rows:
+        threads = ", ".join(f"{t['name']} {t['cpu_s']}" for t in r["threads"])
+        print(f"  {r['role']:>13} {r['cpu_s']:7.2f} CPU s  {r['cores']:.2f} cores  [{threads}]", flush=True)
 
 
 def summarize(times: dict[str, list[float]], start: float, end: float) -> dict:
@@ -162,28 +217,35 @@ def write(out: Path, records: list[dict], args: argparse.Namespace) -> None:
     env = environment(args.commit)
     folder = out / env["commit"][:7]
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "service-overhead.json").write_text(json.dumps({"environment": env, "args": vars(args) | {"out": str(out)},
-                                                              "records": records}, indent=1))
-    cols = ["requests", "max_tokens", "engine_req_s", "stack_req_s", "ratio", "engine_ttft_p50_ms", "stack_ttft_p50_ms",
-            "engine_ttft_p99_ms", "stack_ttft_p99_ms", "engine_itl_p50_ms", "stack_itl_p50_ms", "engine_itl_p99_ms",
-            "stack_itl_p99_ms"]
+    report = {"environment": env, "args": vars(args) | {"out": str(out)}, "records": records}
+    (folder / "service-overhead.json").write_text(json.dumps(report, indent=1, default=str))
+    cols = ["requests", "max_tokens", "repeat", "engine_req_s", "stack_req_s", "ratio", "engine_ttft_p50_ms",
+            "stack_ttft_p50_ms", "engine_ttft_p99_ms", "stack_ttft_p99_ms", "engine_itl_p50_ms", "stack_itl_p50_ms",
+            "engine_itl_p99_ms", "stack_itl_p99_ms"]
     lines = ["# The service path against the in-process engine", "",
              f"commit `{env['commit']}`, {env['gpu']}, torch {env['torch']}, {env['date']}", "",
              f"command: `{env['command']}`", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in records:
         lines.append("| " + " | ".join(_cell(r[c]) for c in cols) + " |")
+    lines += ["", "| requests | runs | median ratio | median stack / engine first-token p50 |", "|---|---|---|---|"]
+    for n in dict.fromkeys(r["requests"] for r in records):
+        runs = [r for r in records if r["requests"] == n]
+        ttft = np.median([r["stack_ttft_p50_ms"] / r["engine_ttft_p50_ms"] for r in runs])
+        lines.append(f"| {n} | {len(runs)} | {np.median([r['ratio'] for r in runs]):.3f} | {ttft:.2f}x |")
     (folder / "service-overhead.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--requests", type=int, nargs="+", default=[480], help="requests per run (one run per value)")
+    p.add_argument("--requests", type=int, nargs="+", default=[480], help="requests per run (runs per value)")
     p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--repeat", type=int, default=1, help="engine/stack pairs per request count (medians reported)")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-batched-tokens", type=int, default=2048)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--commit", default=None)
+    p.add_argument("--py-spy", type=Path, default=None, help="sample ingest and engine with py-spy into this folder")
     p.add_argument("--out", type=Path, default=Path("bench/results/service-overhead"))
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -191,19 +253,20 @@ def main() -> None:
         vocab = json.loads((model / "config.json").read_text())["vocab_size"]
         proc, ready = start_stack(model, adapters, args, Path(tmp))
         engine, weights = make_engine(model, adapters, args)
+        cpu = ProcessCpu(proc.pid, extra={"client": os.getpid()})
+        own_cpu = ProcessCpu(None, extra={"in-process engine": os.getpid()})
         records = []
         try:
-            asyncio.run(run_stack(ready, workload(16, 4, vocab)))  # warm both paths: first steps are slow
-            run_engine(engine, weights, workload(16, 4, vocab))
+            # Warm both paths at full size: first steps, and the stack's first burst, are slow
+            # (buffers and code paths that small runs never reach).
+            warm = workload(max(args.requests), 4, vocab)
+            asyncio.run(run_stack(ready, warm))
+            run_engine(engine, weights, warm)
             for n in args.requests:
-                requests = workload(n, args.max_tokens, vocab)
-                engine_figures = run_engine(engine, weights, requests)
-                stack = asyncio.run(run_stack(ready, requests))
-                record = {"requests": n, "max_tokens": args.max_tokens, "ratio": stack["req_s"] / engine_figures["req_s"],
-                          **{f"engine_{k}": v for k, v in engine_figures.items()},
-                          **{f"stack_{k}": v for k, v in stack.items()}}
-                records.append(record)
-                write(args.out, records, args)
+                for repeat in range(args.repeat):  # engine and stack alternate: drift hits both alike
+                    records.append(measure_pair(engine, weights, ready, workload(n, args.max_tokens, vocab),
+                                                cpu, own_cpu, proc.pid, args, Path(tmp)) | {"repeat": repeat})
+                    write(args.out, records, args)
         finally:
             engine.close()
             stop_subprocess(proc, signal.SIGINT, 60)  # up drains and stops its broker and Redis
