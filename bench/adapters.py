@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from lorafleet.engine.adapters.peft_config import PeftLoraConfig, TargetEntry, module_path
-from lorafleet.engine.adapters.weights import LoraWeights
-from lorafleet.engine.model_spec import ModelSpec
+from lorafleet.formats.lora_weights import LoraWeights
+from lorafleet.formats.model_spec import ModelSpec
+from lorafleet.formats.peft_config import PeftLoraConfig, TargetEntry, module_path
 
 
 class AdapterBank:

@@ -31,8 +31,7 @@ from lorafleet.bench.report import write_results
 from lorafleet.bench.shapes import make_model_folder
 from lorafleet.bench.workload import SETTINGS, add_trace_arguments, generate_trace
 from lorafleet.common.signals import stop_subprocess
-from lorafleet.engine.model_spec import ModelSpec
-
+from lorafleet.formats.model_spec import ModelSpec
 
 KIT = Path(".devkit")  # bench/devkit.sh: redis-server (+ libs) and wheels for a GPU machine that lacks them
 

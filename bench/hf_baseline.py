@@ -26,7 +26,7 @@ from lorafleet.bench.metrics import summarize
 from lorafleet.bench.report import write_results
 from lorafleet.bench.shapes import make_model_folder
 from lorafleet.bench.workload import SETTINGS, generate_trace
-from lorafleet.engine.model_spec import ModelSpec
+from lorafleet.formats.model_spec import ModelSpec
 
 
 def build_peft_model(model_dir: Path, bank: AdapterBank, numbers: list[int], device: str = "cuda"):

@@ -26,10 +26,10 @@ from lorafleet.bench.report import write_results
 from lorafleet.bench.roofline import Shape
 from lorafleet.bench.shapes import make_model_folder
 from lorafleet.bench.workload import SETTINGS, add_trace_arguments, generate_trace
-from lorafleet.engine.adapters.weights import LoraWeights
 from lorafleet.engine.engine import EngineConfig, LLMEngine, SamplingParams
 from lorafleet.engine.memory.layout import PoolGeometry
-from lorafleet.engine.model_spec import ModelSpec
+from lorafleet.formats.lora_weights import LoraWeights
+from lorafleet.formats.model_spec import ModelSpec
 
 HEADROOM_BYTES = 2 << 30  # per copy: activations, CUDA-graph pool, allocator slack
 

@@ -20,6 +20,7 @@ from lorafleet.bench.shapes import make_model_folder
 from lorafleet.bench.workload import SETTINGS
 from lorafleet.engine.engine import EngineConfig, LLMEngine, SamplingParams
 
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()

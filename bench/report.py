@@ -46,10 +46,10 @@ def write_results(out: Path, name: str, records: list[dict], args: dict) -> None
         if "error" in r:
             lines[-1] += f" failed: {r['error'][:200]}"
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
-    _plot(out / f"{name}.png", name, records)
+    plot_records(out / f"{name}.png", name, records)
 
 
-def _plot(path: Path, name: str, records: list[dict]) -> None:
+def plot_records(path: Path, name: str, records: list[dict]) -> None:
     """Throughput against n: the measured runs as lines, base-only as a level, the roofline bound."""
     plt = pyplot()
     if plt is None:

@@ -87,8 +87,8 @@ def start_stack(model: Path, adapters: Path, args: argparse.Namespace, workdir: 
 
 def make_engine(model: Path, adapters: Path, args: argparse.Namespace):
     """The README's library API: one LLMEngine with the stack's limits, and the adapters' weights."""
-    from lorafleet.engine.adapters.weights import load_peft_adapter_dir
     from lorafleet.engine.engine import EngineConfig, LLMEngine
+    from lorafleet.formats.lora_weights import load_peft_adapter_dir
 
     engine = LLMEngine(EngineConfig(model_dir=str(model), device=args.device, max_num_seqs=args.max_num_seqs,
                                     max_batched_tokens=args.max_batched_tokens))

@@ -18,7 +18,7 @@ VOCAB = 32000
 
 def make_model_folder(shape: str, out: Path) -> Path:
     """config.json + a word-level tokenizer with VOCAB tokens (detokenization costs what it costs)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     out.mkdir(parents=True, exist_ok=True)

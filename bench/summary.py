@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from lorafleet.bench.report import _plot, pyplot
+from lorafleet.bench.report import plot_records, pyplot
 
 PREFIXES = ("engine", "merged", "hf-peft", "e2e")  # files <prefix>-<setting>.json
 COLUMNS = ("mode", "n", "req/s", "tok/s", "vs base-only", "vs roofline", "TTFT mean", "p50", "p90", "p99",
@@ -137,7 +137,7 @@ def main() -> None:
             continue
         by_setting[s] = records
         sections += table(s, records, envs)
-        _plot(args.dir / f"throughput-{s}.png", f"{s}: throughput", records)
+        plot_records(args.dir / f"throughput-{s}.png", f"{s}: throughput", records)
         plot_ttft(args.dir / f"ttft-{s}.png", s, records)
     text = ["# S-LoRA benchmark summary", "", "Columns: throughput over first arrival to last completion; "
             "`vs roofline` = measured / the roofline bound of the same trace (bench/roofline.py); TTFT in "

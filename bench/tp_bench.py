@@ -34,7 +34,6 @@ from lorafleet.bench.shapes import make_model_folder
 from lorafleet.bench.step_probe import decode_step_ms
 from lorafleet.bench.tp_report import write_tp_results
 from lorafleet.bench.workload import SETTINGS, generate_trace
-from lorafleet.engine.config import build_runtime
 from lorafleet.engine.engine import EngineConfig, LLMEngine
 from lorafleet.engine.tp.engine_runtime import build_tp_runtime
 
@@ -155,7 +154,7 @@ def main(argv=None) -> list[dict]:
             continue
         _log(f"start {plan}")
         t = time.monotonic()
-        engine = LLMEngine(_config(args, model_dir, plan, max_rank), build_tp_runtime if args.w1_tp else build_runtime)
+        engine = LLMEngine(_config(args, model_dir, plan, max_rank), build_tp_runtime if args.w1_tp else None)
         if args.warmup > 0:
             warm = generate_trace(4, args.alpha, args.rate, args.cv, args.warmup, input_range=(8, 64),
                                   output_range=(8, 24), seed=7)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from lorafleet.bench.report import environment
 from lorafleet.bench.shapes import SHAPES, VOCAB
-from lorafleet.engine.model_spec import ModelSpec, RopeSpec
 from lorafleet.engine.tp import Scheme, adapter_bytes_per_rank, bytes_sent, layer_collectives, per_token_bytes
+from lorafleet.formats.model_spec import ModelSpec, RopeSpec
 
 OUT = Path(__file__).resolve().parent / "results" / "tp"
 ELEM = 2  # bf16

@@ -12,6 +12,7 @@ NOTE (CUDA graphs): with capture=True the number of splits comes from max_seq_le
 from __future__ import annotations
 
 import math
+
 import torch
 
 from lorafleet.engine.ops.base import AttentionMeta
@@ -29,6 +30,8 @@ class TritonAttentionOps:
     split_keys: keys per decode split (rounded up to the key block); None picks enough splits to
     give every multiprocessor about four programs.
     """
+
+    backend = "triton"  # ops/select.is_triton
 
     def __init__(self, *, capture: bool = False, max_seq_len: int | None = None, split_keys: int | None = None) -> None:
         if capture and (max_seq_len is None or max_seq_len < 1):

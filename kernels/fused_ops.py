@@ -37,6 +37,8 @@ def _norm_warps(block: int) -> int:
 class TritonElementwiseOps:
     """Fused (add +) RMSNorm, RoPE on q/k and SiLU-and-mul; see fused_kernels.py for semantics."""
 
+    backend = "triton"  # ops/select.is_triton
+
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """x: [T, H] -> weight * normalise(x): [T, H] (x is not modified)."""
         return self._norm(x, None, weight, eps)

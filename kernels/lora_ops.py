@@ -45,6 +45,8 @@ class TritonLoraOps:
     launch: how far decode grids are split (LoraLaunch; the default is the measured choice).
     """
 
+    backend = "triton"  # ops/select.is_triton
+
     def __init__(self, *, capture: bool = False, max_rank: int | None = None, launch: LoraLaunch = LoraLaunch()) -> None:
         if capture and (max_rank is None or max_rank < 1):
             raise ValueError("capture=True needs max_rank (the largest rank any resident adapter may have)")

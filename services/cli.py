@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
-from pathlib import Path
 
 from lorafleet.common import settings
+from lorafleet.common.ready_file import write_ready_file
+from lorafleet.demo.assets import demo_model_and_adapters
 
 
 def _ready_file_flag(p: argparse.ArgumentParser) -> None:
@@ -36,25 +36,8 @@ def _check_flag(p: argparse.ArgumentParser) -> None:
                         "[no env: a probe mode of the command, never a setting of the service]")
 
 
-def _write_ready(path: str | None, payload: dict) -> None:
-    if path:
-        tmp = Path(path + ".tmp")
-        tmp.write_text(json.dumps(payload))
-        tmp.replace(path)
-
-
-def _demo_model_and_adapters(model: str, adapters: str) -> tuple[str, str]:
-    """Fill in the built-in demo model / adapters where none is given (built once, cached)."""
-    if model and adapters:
-        return model, adapters
-    from lorafleet.demo.assets import ensure_demo_assets
-
-    demo = ensure_demo_assets(Path(settings.read("CACHE_DIR")).expanduser())
-    return model or str(demo.model_dir), adapters or str(demo.adapters_root)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from lorafleet.engine.service_config import EngineServiceConfig
+    from lorafleet.engine.serving.config import EngineServiceConfig
     from lorafleet.ingest.config import IngestConfig
 
     parser = argparse.ArgumentParser(prog="lorafleet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -99,7 +82,7 @@ async def _run_ingest(args) -> None:
     from lorafleet.ingest.config import IngestConfig
     from lorafleet.ingest.service import run_ingest
 
-    model, _ = _demo_model_and_adapters(args.model, "-")
+    model, _ = demo_model_and_adapters(args.model, "-")
     cfg = IngestConfig.from_args(args, model_dir=model)
     ready = asyncio.Event()
     task = asyncio.create_task(run_ingest(cfg, ready=ready))
@@ -107,12 +90,11 @@ async def _run_ingest(args) -> None:
 
 
 async def _run_engine(args) -> None:
-    from lorafleet.engine.serve import run_engine_service
-    from lorafleet.engine.service_config import EngineServiceConfig
+    from lorafleet.engine.serving.config import EngineServiceConfig
+    from lorafleet.engine.serving.serve import run_engine_service
+    from lorafleet.engine.serving.stall_watch import StallWatch
 
-    from lorafleet.health import StallWatch
-
-    model, _ = _demo_model_and_adapters(args.model, "-")
+    model, _ = demo_model_and_adapters(args.model, "-")
     cfg = EngineServiceConfig.from_args(args, model_dir=model)
     ready = asyncio.Event()
     watch = StallWatch(cfg.step_stall_s)  # a hung step withholds the heartbeat (liveness)
@@ -125,7 +107,7 @@ async def _run_store(args) -> None:
     from lorafleet.adapter_store.server import run_adapter_store
     from lorafleet.common.signals import install_signal_stop
 
-    model, adapters = _demo_model_and_adapters(args.model, args.adapters)
+    model, adapters = demo_model_and_adapters(args.model, args.adapters)
     cfg = AdapterStoreConfig.from_env_and_args(model_dir=model, adapters_root=adapters, address=args.address, shm_dir=args.shm_dir)
     # SIGTERM must close the server and delete the shared files: killed by the default handler,
     # the store would leave its adapters in the node's /dev/shm (host memory) after the pod is gone.
@@ -152,7 +134,7 @@ async def _signal_ready(task: asyncio.Task, ready: asyncio.Event, ready_file: st
     await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
     heartbeat = None
     if ready.is_set():
-        _write_ready(ready_file, payload)
+        write_ready_file(ready_file, payload)
         if ready_file:
             heartbeat = asyncio.create_task(keep_heartbeat(ready_file, problem=problem))
     waiter.cancel()

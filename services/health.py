@@ -5,7 +5,7 @@ exec probes), and the heartbeat the running services keep for them.
            and its heartbeat (mtime, touched every HEARTBEAT_INTERVAL_S) is fresh. No dependency
            is checked, so a broker or Redis outage never restarts every pod at once. The engine
            also withholds its heartbeat while one step has run longer than its stall limit
-           (StallWatch): the step runs in a worker thread, so the event loop would keep beating
+           (engine/serving/stall_watch.py): the step runs on the engine thread, so the event loop would keep beating
            through a GPU hang or a tensor-parallel collective waiting for a dead rank.
     ready  live, plus what the service needs to work right now, checked from the pod itself:
              ingest         Kafka answers and the requests and work topics exist; Redis answers PING
@@ -29,46 +29,12 @@ import time
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
-from typing import Any
 
 from lorafleet.common.logging import get_logger
 
 HEARTBEAT_INTERVAL_S = 5.0
 HEARTBEAT_STALE_S = 30.0  # 6 missed beats: the event loop is stuck (or the process is gone)
 CHECK_TIMEOUT_S = 5.0  # per dependency; probes give the whole command timeoutSeconds >= 15
-
-
-class StallWatch:
-    """When the work a service runs off its event loop (an engine step) started, if it still runs.
-
-    started() / finished() are called from the worker thread around each unit of work; problem()
-    from the event loop (plain attribute reads). clock: monotonic seconds (tests pass their own).
-    """
-
-    def __init__(self, stall_s: float, clock: Callable[[], float] = time.monotonic):
-        self.stall_s, self._clock = stall_s, clock
-        self._since: float | None = None
-
-    def started(self) -> None:
-        self._since = self._clock()
-
-    def finished(self) -> None:
-        self._since = None
-
-    def timed(self, work: Callable[[], Any]) -> Any:
-        """work() between started() and finished() (run in the worker thread)."""
-        self.started()
-        try:
-            return work()
-        finally:
-            self.finished()
-
-    def problem(self) -> str | None:
-        since = self._since
-        if since is None or self._clock() - since <= self.stall_s:
-            return None
-        return (f"one engine step has run for {self._clock() - since:.0f}s (limit {self.stall_s:.0f}s): "
-                "stuck on the GPU or in a collective")
 
 
 async def keep_heartbeat(path: str | Path, interval_s: float = HEARTBEAT_INTERVAL_S,

@@ -34,15 +34,16 @@ def add_up_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_up(args: argparse.Namespace) -> int:
-    from lorafleet.cli import _demo_model_and_adapters, _write_ready
     from lorafleet.common.embedded import start_broker, start_redis
+    from lorafleet.common.ready_file import write_ready_file
+    from lorafleet.demo.assets import demo_model_and_adapters
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     if args.ready_file:  # a file left by an earlier run would hand its dead addresses to `send` / `tail`
         Path(args.ready_file).unlink(missing_ok=True)
-    model, adapters = _demo_model_and_adapters(args.model, args.adapters)
+    model, adapters = demo_model_and_adapters(args.model, args.adapters)
     workdir = Path(tempfile.mkdtemp(prefix="lorafleet-up-"))
     broker = redis = None
     children = None
@@ -75,7 +76,7 @@ def run_up(args: argparse.Namespace) -> int:
             "kafka_bootstrap": bootstrap, "redis_url": redis_url,
             "requests_topic": settings.read("REQUESTS_TOPIC"), "dlq_topic": settings.read("DLQ_TOPIC"),
         }
-        _write_ready(args.ready_file, ready)
+        write_ready_file(args.ready_file, ready)
         print(json.dumps(ready), flush=True)
         while not stop.wait(0.5):
             for event in children.supervise():

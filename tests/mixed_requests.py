@@ -4,9 +4,8 @@ step mixes adapters of different ranks with base-only tokens."""
 
 from __future__ import annotations
 
-from lorafleet.engine.adapters.weights import load_peft_adapter_dir
 from lorafleet.engine.engine import LLMEngine, SamplingParams
-
+from lorafleet.formats.lora_weights import load_peft_adapter_dir
 from tests.zoo import ADAPTERS
 
 

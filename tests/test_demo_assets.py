@@ -19,8 +19,8 @@ from lorafleet.demo.assets import ensure_demo_assets, recipe_key
 from lorafleet.demo.build import build_demo_assets
 from lorafleet.demo.tiny_models import build_peft_adapter, build_tiny_model
 from lorafleet.demo.tokenizer import BOS_ID, EOS_ID, PAD_ID, build_tokenizer
-from lorafleet.engine.adapters.weights import load_peft_adapter_dir
-from lorafleet.engine.model_spec import ModelSpec
+from lorafleet.formats.lora_weights import load_peft_adapter_dir
+from lorafleet.formats.model_spec import ModelSpec
 
 
 def _digest(folder: Path) -> dict[str, str]:

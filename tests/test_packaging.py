@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorafleet.engine.config import TritonOpsUnavailable, select_elementwise_ops, select_ops
+from lorafleet.engine.ops.select import TritonOpsUnavailable, select_elementwise_ops, select_ops
 
 REPO = Path(__file__).resolve().parents[1]
 # Folders the layout keeps, and the import name each one is installed under.

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from lorafleet.bench.kernels.common import Row, time_graph_ms, time_ms
-from lorafleet.kernels.attention_ops import TritonAttentionOps
 from lorafleet.engine.ops.torch_ref import TorchAttentionOps
+from lorafleet.kernels.attention_ops import TritonAttentionOps
 from tests.kernels.kernel_fixtures import make_attention_case
 
 HEADS = {"llama7b-mha": (32, 32, 128), "gqa8-d128": (32, 8, 128)}

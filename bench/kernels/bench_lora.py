@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 
 from lorafleet.bench.kernels.common import Row, time_graph_ms, time_ms
-from lorafleet.kernels.lora_ops import TritonLoraOps
 from lorafleet.engine.ops.base import LoraContext
 from lorafleet.engine.ops.torch_ref import TorchLoraOps, read_lora_matrix
+from lorafleet.kernels.lora_ops import TritonLoraOps
 from tests.kernels.kernel_fixtures import DOWN, GATE_UP, QKV, make_adapter_tables, make_lora_batch, make_spec
 
 SPEC = make_spec(hidden=4096, heads=32, kv_heads=32, head_dim=128, intermediate=11008, layers=1)

@@ -18,7 +18,6 @@ import torch
 import triton.testing
 
 
-
 def run_with_out_and_commit(doc: str, default_out: str, run) -> None:
     """The command line of a one-call GPU benchmark: --out (results folder), --commit -> run(out, commit)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)

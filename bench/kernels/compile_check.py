@@ -15,7 +15,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource

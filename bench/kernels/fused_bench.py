@@ -21,14 +21,13 @@ import sys
 import time
 from pathlib import Path
 
-
 import torch
 
 from lorafleet.bench.kernels.common import Row, git_commit, measure_ceilings, time_graph_ms, time_ms, write_json
-from lorafleet.kernels.fused_ops import TritonElementwiseOps
 from lorafleet.engine.model import TorchElementwiseOps
-from lorafleet.engine.model_spec import RopeSpec
 from lorafleet.engine.rope import RotaryEmbedding
+from lorafleet.formats.model_spec import RopeSpec
+from lorafleet.kernels.fused_ops import TritonElementwiseOps
 
 MODELS = {"llama2-7b": (4096, 32, 32, 128, 11008), "llama3-8b": (4096, 32, 8, 128, 14336)}  # H, nh, nkv, D, I
 TOKENS = [1, 16, 64, 256, 1024, 4096]

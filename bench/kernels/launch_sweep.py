@@ -29,9 +29,9 @@ import torch
 
 from lorafleet.bench.kernels.common import run_with_out_and_commit, time_graph_ms
 from lorafleet.bench.report import environment
+from lorafleet.engine.ops.base import LoraContext
 from lorafleet.kernels.lora_ops import TritonLoraOps
 from lorafleet.kernels.lora_tiles import LoraLaunch
-from lorafleet.engine.ops.base import LoraContext
 from tests.kernels.kernel_fixtures import O_PROJ, QKV, make_decode_round_robin, make_spec
 
 LAYERS, CAPACITY, TOKENS, ADAPTERS = 8, 64, 64, 32

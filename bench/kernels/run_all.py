@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-
 import torch
 
 from lorafleet.bench.kernels import bench_attention, bench_lora

@@ -8,5 +8,5 @@
     server.py   the store process (run_adapter_store) and its TCP protocol (protocol.py)
     client.py   AdapterStoreClient: what engines use
 
-Nothing is imported here, so `lorafleet.adapter_store.ids` stays cheap for ingest (no torch).
+Nothing is imported here, so `lorafleet.common.ids` stays cheap for ingest (no torch).
 """

@@ -43,7 +43,7 @@ class _Failure:
     message: str
 
 
-class AdapterCache(Generic[V]):
+class LoadingLRU(Generic[V]):
     def __init__(
         self,
         load: Callable[[str], Awaitable[tuple[V, int]]],

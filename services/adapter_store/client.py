@@ -19,12 +19,12 @@ from pathlib import Path
 import msgspec
 import structlog
 
-from lorafleet.engine.adapters.weights import LoraWeights, load_canonical
-from lorafleet.engine.model_spec import ModelSpec
+from lorafleet.common.ids import validate_adapter_id
+from lorafleet.formats.lora_weights import LoraWeights, load_canonical
+from lorafleet.formats.model_spec import ModelSpec
 
 from .config import parse_address
 from .errors import AdapterNotFoundError, AdapterStoreUnavailable, InvalidAdapterError
-from .ids import validate_adapter_id
 from .protocol import MAX_LINE_BYTES, HealthInfo, StoreReply, StoreRequest, decode_reply, encode
 from .retry import RetryPolicy, with_retries
 

@@ -10,7 +10,7 @@ Transient, never cached, retried with backoff before it is raised:
 
 from __future__ import annotations
 
-from lorafleet.engine.adapters.peft_config import InvalidAdapterError
+from lorafleet.formats.peft_config import InvalidAdapterError
 
 __all__ = ["AdapterNotFoundError", "AdapterStoreUnavailable", "InvalidAdapterError"]
 

@@ -13,7 +13,7 @@ from typing import Callable
 import msgspec
 import structlog
 
-from lorafleet.engine.model_spec import ModelSpec
+from lorafleet.formats.model_spec import ModelSpec
 
 from .config import AdapterStoreConfig, parse_address
 from .errors import AdapterNotFoundError, AdapterStoreUnavailable, InvalidAdapterError

@@ -23,12 +23,12 @@ from typing import Callable
 
 import structlog
 
-from lorafleet.engine.adapters.weights import LoraWeights
-from lorafleet.engine.model_spec import ModelSpec
+from lorafleet.common.ids import validate_adapter_id
+from lorafleet.formats.lora_weights import LoraWeights
+from lorafleet.formats.model_spec import ModelSpec
 
-from .cache import AdapterCache
+from .cache import LoadingLRU
 from .errors import AdapterStoreUnavailable
-from .ids import validate_adapter_id
 from .source import AdapterSource
 from .spill import DiskSpill
 from .store import fetch_validated
@@ -82,7 +82,7 @@ class SharedMemoryStore:
         self.shm_dir.mkdir(parents=True, exist_ok=True)
         self._remove_stale_files()
         self._generation = itertools.count()
-        self.cache: AdapterCache[Path] = AdapterCache(
+        self.cache: LoadingLRU[Path] = LoadingLRU(
             self._load, budget_bytes=memory_bytes, negative_ttl_s=negative_ttl_s, on_evict=self._delete, clock=clock
         )
 

@@ -18,7 +18,7 @@ import structlog
 from obstore.exceptions import GenericError, NotFoundError, PermissionDeniedError, UnauthenticatedError
 from obstore.store import LocalStore, S3Store
 
-from lorafleet.engine.adapters.weights import CONFIG_FILE, WEIGHTS_FILE
+from lorafleet.formats.lora_weights import CONFIG_FILE, WEIGHTS_FILE
 
 from .errors import AdapterNotFoundError, AdapterStoreUnavailable, InvalidAdapterError
 from .retry import RetryPolicy, with_retries

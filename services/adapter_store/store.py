@@ -12,11 +12,11 @@ from typing import Callable
 
 import structlog
 
-from lorafleet.engine.adapters.weights import LoraWeights, load_peft_adapter
-from lorafleet.engine.model_spec import ModelSpec
+from lorafleet.common.ids import validate_adapter_id
+from lorafleet.formats.lora_weights import LoraWeights, load_peft_adapter
+from lorafleet.formats.model_spec import ModelSpec
 
-from .cache import AdapterCache
-from .ids import validate_adapter_id
+from .cache import LoadingLRU
 from .retry import RetryPolicy
 from .source import AdapterSource, S3Options
 
@@ -56,7 +56,7 @@ class AdapterStore:
         self.source = source
         self.spec = spec
         self.max_rank = max_rank
-        self.cache: AdapterCache[LoraWeights] = AdapterCache(
+        self.cache: LoadingLRU[LoraWeights] = LoadingLRU(
             self._load, budget_bytes=memory_bytes, negative_ttl_s=negative_ttl_s, clock=clock
         )
 

@@ -1,7 +1,7 @@
 """The public wire contract (CONTRACT.md), version 1, as typed messages and strict validation.
 
 Requests arrive as JSON objects on Kafka; this module turns their bytes into a validated
-:class:`Request` or a :class:`RequestError` whose message is one sentence naming the field or limit
+:class:`RequestMessage` or a :class:`RequestError` whose message is one sentence naming the field or limit
 at fault. Unknown fields are ignored (forward compatibility). Steps, in the order ingest runs them:
 
 1. :func:`read_envelope` - is it a JSON object with a readable ``id``? If not: dead-letter topic.
@@ -19,7 +19,7 @@ from typing import Any
 
 import msgspec
 
-from lorafleet.adapter_store.ids import validate_adapter_id
+from lorafleet.common.ids import validate_adapter_id
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 DEFAULT_REPLY_PREFIX = "lorafleet:out:"
@@ -61,7 +61,7 @@ class RequestError(Exception):
         self.message = message
 
 
-class Request(msgspec.Struct, frozen=True, kw_only=True):
+class RequestMessage(msgspec.Struct, frozen=True, kw_only=True):
     """A validated request; exactly one of ``prompt`` / ``prompt_token_ids`` is set and
     ``reply_stream`` is always resolved (never null)."""
 
@@ -229,7 +229,7 @@ def _prompt_fields(body: dict, vocab_size: int) -> tuple[str | None, list[int] |
     return None, token_ids
 
 
-def validate_request(body: dict, request_id: str, *, vocab_size: int) -> Request:
+def validate_request(body: dict, request_id: str, *, vocab_size: int) -> RequestMessage:
     """Check every field of a request object whose id `read_envelope` already accepted.
 
     Raises RequestError(invalid_request, one sentence naming the field). The context-length check
@@ -270,7 +270,7 @@ def validate_request(body: dict, request_id: str, *, vocab_size: int) -> Request
         problem = reply_stream_problem(reply_stream)
         if problem:
             raise _invalid(problem + ".")
-    return Request(
+    return RequestMessage(
         id=request_id,
         reply_stream=reply_stream if reply_stream is not None else default_reply_stream(request_id),
         adapter=adapter,

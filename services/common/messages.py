@@ -13,7 +13,7 @@ from typing import Mapping, Union
 
 import msgspec
 
-from lorafleet.common.contract import Request
+from lorafleet.common.contract import RequestMessage
 
 
 class WorkItem(msgspec.Struct, frozen=True, kw_only=True):
@@ -36,7 +36,7 @@ class WorkItem(msgspec.Struct, frozen=True, kw_only=True):
     deadline_ms: int | None = None  # unix milliseconds: past it the request ends with deadline_exceeded
 
     @classmethod
-    def from_request(cls, request: Request, prompt_token_ids: list[int], *,
+    def from_request(cls, request: RequestMessage, prompt_token_ids: list[int], *,
                      submitted_at: float, received_at: float) -> "WorkItem":
         return cls(
             id=request.id, adapter=request.adapter, prompt_token_ids=prompt_token_ids,

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
+from lorafleet.common import settings
 from lorafleet.demo import recipe as R
 from lorafleet.demo.corpus import CORPUS
 from lorafleet.demo.recipe import DemoExample
@@ -148,3 +149,12 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+
+def demo_model_and_adapters(model: str, adapters: str) -> tuple[str, str]:
+    """Fill in the built-in demo model / adapters where none is given (built once, cached under
+    LORAFLEET_CACHE_DIR)."""
+    if model and adapters:
+        return model, adapters
+    demo = ensure_demo_assets(Path(settings.read("CACHE_DIR")).expanduser())
+    return model or str(demo.model_dir), adapters or str(demo.adapters_root)

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import torch
 
+from lorafleet.formats.model_spec import LORA_MODULES, ModelSpec
+
 from .batch import ModelBatch
 from .model import LlamaModel
-from .model_spec import LORA_MODULES, ModelSpec
 from .ops.base import AdapterTables, AttentionMeta, LoraBatch, LoraContext
 from .weights_loader import ModelWeights
 

@@ -13,21 +13,22 @@ tokens while the GPU works -> wait for the sampled ids -> update (see step()).
 from __future__ import annotations
 
 from collections.abc import Callable
-
 from dataclasses import dataclass
 from itertools import islice
 
 import torch
 
-from .adapters.weights import LoraWeights
+from lorafleet.formats.lora_weights import LoraWeights
+
 from .batch import build_batch
-from .config import EngineConfig, Runtime, build_runtime
+from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer, decode_batch
 from .ops.base import LoraContext
 from .request import Request, SamplingParams
+from .runtime import Runtime, build_runtime
 from .sampling import sample
 from .scheduler import Scheduler
-
+from .tp.engine_runtime import build_tp_runtime
 
 PREFETCH_AHEAD = 64  # waiting requests (queue order) whose adapters are prefetched before admission
 
@@ -45,9 +46,12 @@ class RequestOutput:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, build: Callable[[EngineConfig], Runtime] = build_runtime):
-        """build: what assembles the runtime (config.build_runtime: tp_size > 1 gets the TP one);
-        tests and benchmarks pass tp.engine_runtime.build_tp_runtime to run the TP path at W = 1."""
+    def __init__(self, config: EngineConfig, build: Callable[[EngineConfig], Runtime] | None = None):
+        """build: what assembles the runtime (default: runtime.build_runtime, or the tensor-parallel
+        tp.engine_runtime.build_tp_runtime when tp_size > 1); tests and benchmarks pass
+        build_tp_runtime to run the TP path at W = 1."""
+        if build is None:
+            build = build_tp_runtime if config.tp_size > 1 else build_runtime
         rt = build(config)
         self.config, self.spec, self.tokenizer = config, rt.spec, rt.tokenizer
         self.device, self.pool, self.model = rt.device, rt.pool, rt.model

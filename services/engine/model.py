@@ -12,7 +12,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from .model_spec import LORA_MODULES, MODULE_INDEX, ModelSpec
+from lorafleet.formats.model_spec import LORA_MODULES, MODULE_INDEX, ModelSpec
+
 from .ops.base import AttentionMeta, AttentionOps, LoraContext, LoraOps
 from .rope import RotaryEmbedding
 from .weights_loader import ModelWeights

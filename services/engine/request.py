@@ -7,8 +7,7 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 
-from .adapters.weights import LoraWeights
-
+from lorafleet.formats.lora_weights import LoraWeights
 
 _INT32_LIMIT = 1 << 31
 

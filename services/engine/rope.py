@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .model_spec import RopeSpec
+from lorafleet.formats.model_spec import RopeSpec
 
 
 def inverse_frequencies(rope: RopeSpec, head_dim: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .model_spec import ModelSpec
+from lorafleet.formats.model_spec import ModelSpec
 
 
 @dataclass

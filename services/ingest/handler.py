@@ -31,7 +31,7 @@ from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from lorafleet.common.contract import (
     ErrorCode,
-    Request,
+    RequestMessage,
     RequestError,
     check_prompt_fits,
     deadline_problem,
@@ -69,7 +69,7 @@ class BatchHandler:
         """Route every record; returns once all outcomes are durable (raises otherwise)."""
         outcomes: list[Awaitable[Any]] = []
         errors: list[ErrorOut] = []
-        valid: list[tuple[Request, ConsumerRecord]] = []
+        valid: list[tuple[RequestMessage, ConsumerRecord]] = []
         records_by_id: dict[str, ConsumerRecord] = {}
         for record in records:
             envelope = read_envelope(record.value)

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorafleet.demo.tiny_models import build_peft_adapter, build_tiny_model
-from lorafleet.engine.model_spec import ModelSpec
+from lorafleet.formats.model_spec import ModelSpec
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"

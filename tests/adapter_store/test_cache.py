@@ -8,7 +8,7 @@ import asyncio
 import pytest
 from structlog.testing import capture_logs
 
-from lorafleet.adapter_store.cache import AdapterCache
+from lorafleet.adapter_store.cache import LoadingLRU
 from lorafleet.adapter_store.errors import AdapterNotFoundError, InvalidAdapterError
 from lorafleet.adapter_store.store import AdapterStore
 
@@ -152,7 +152,7 @@ async def test_ten_thousand_small_entries_evict_in_lru_order():
             raise AdapterNotFoundError(adapter_id)
         return adapter_id.upper(), 10
 
-    cache: AdapterCache[str] = AdapterCache(load, budget_bytes=10 * 5000, negative_ttl_s=60.0, negative_max_entries=100)
+    cache: LoadingLRU[str] = LoadingLRU(load, budget_bytes=10 * 5000, negative_ttl_s=60.0, negative_max_entries=100)
     with capture_logs() as logs:  # also keeps 15000 log lines off the console
         for i in range(10_000):
             assert await cache.get(f"a{i}") == f"A{i}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lorafleet.adapter_store.ids import is_valid_adapter_id, validate_adapter_id
+from lorafleet.common.ids import is_valid_adapter_id, validate_adapter_id
 
 
 @pytest.mark.parametrize(

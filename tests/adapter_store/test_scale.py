@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 from lorafleet.adapter_store.shm import FILE_SUFFIX, SharedMemoryStore
 from lorafleet.adapter_store.source import AdapterSource
 from lorafleet.adapter_store.spill import DiskSpill
-from lorafleet.engine.adapters.weights import load_canonical
+from lorafleet.formats.lora_weights import load_canonical
 
 NUM_ADAPTERS = 10_000
 IN_MEMORY = 100  # adapters the memory budget holds

@@ -17,7 +17,7 @@ from lorafleet.adapter_store.errors import AdapterNotFoundError, AdapterStoreUna
 from lorafleet.adapter_store.retry import RetryPolicy
 from lorafleet.adapter_store.server import run_adapter_store
 from lorafleet.adapter_store.shm import FILE_SUFFIX
-from lorafleet.engine.adapters.weights import load_peft_adapter_dir
+from lorafleet.formats.lora_weights import load_peft_adapter_dir
 from tests.s3_fixtures import free_port
 
 FAST_RETRY = RetryPolicy(attempts=3, base_delay_s=0.01, max_delay_s=0.05)

@@ -9,7 +9,7 @@ import torch
 from lorafleet.adapter_store.errors import AdapterNotFoundError, InvalidAdapterError
 from lorafleet.adapter_store.source import AdapterSource
 from lorafleet.adapter_store.store import AdapterStore
-from lorafleet.engine.adapters.weights import load_peft_adapter_dir
+from lorafleet.formats.lora_weights import load_peft_adapter_dir
 
 KINDS = [
     "missing_config",

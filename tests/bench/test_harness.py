@@ -12,14 +12,15 @@ import torch
 
 from lorafleet.bench.adapters import AdapterBank
 from lorafleet.bench.engine_bench import run_once
-from lorafleet.bench.hf_baseline import StepClock, build_peft_model, serve as hf_serve
+from lorafleet.bench.hf_baseline import StepClock, build_peft_model
+from lorafleet.bench.hf_baseline import serve as hf_serve
 from lorafleet.bench.merged_baseline import merge_adapter, plan
 from lorafleet.bench.roofline import Shape, estimate
 from lorafleet.bench.shapes import make_model_folder
 from lorafleet.bench.summary import main as summary_main
 from lorafleet.bench.workload import SETTINGS, generate_trace
 from lorafleet.engine.engine import EngineConfig, LLMEngine, SamplingParams, generated_ids
-from lorafleet.engine.model_spec import ModelSpec
+from lorafleet.formats.model_spec import ModelSpec
 
 
 def test_trace_is_deterministic_and_follows_the_distributions():

@@ -69,9 +69,8 @@ def test_a_spent_budget_skips_engines_and_still_writes_the_report(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_w1_tp_runs_world_one_through_the_tp_runtime(tmp_path):
-    from lorafleet.engine.tp.engine_runtime import TpDriverModel
-
     import lorafleet.bench.tp_bench as tp_bench
+    from lorafleet.engine.tp.engine_runtime import TpDriverModel
 
     seen = []
     real = tp_bench.run_once

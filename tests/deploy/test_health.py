@@ -21,10 +21,11 @@ from lorafleet.adapter_store.shm import FILE_SUFFIX
 from lorafleet.common.embedded import free_port
 from lorafleet.common.kafka import TopicSpec, ensure_topics
 from lorafleet.engine.config import EngineConfig
-from lorafleet.engine.model_spec import ModelSpec
-from lorafleet.engine.service import EngineService
-from lorafleet.engine.service_config import EngineServiceConfig
-from lorafleet.health import StallWatch, heartbeat_problem, kafka_problem, keep_heartbeat, problems, redis_problem
+from lorafleet.engine.serving.config import EngineServiceConfig
+from lorafleet.engine.serving.service import EngineService
+from lorafleet.engine.serving.stall_watch import StallWatch
+from lorafleet.formats.model_spec import ModelSpec
+from lorafleet.health import heartbeat_problem, kafka_problem, keep_heartbeat, problems, redis_problem
 from tests.infra_fixtures import unique_name
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]

@@ -70,7 +70,7 @@ def _build_config(args, env: dict[str, str]):
 
         return IngestConfig.from_args(args)
     if args.command == "engine":
-        from lorafleet.engine.service_config import EngineServiceConfig
+        from lorafleet.engine.serving.config import EngineServiceConfig
 
         return EngineServiceConfig.from_args(args)
     from lorafleet.adapter_store.config import AdapterStoreConfig

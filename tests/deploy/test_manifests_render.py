@@ -11,7 +11,13 @@ import textwrap
 import pytest
 
 from tests.deploy.manifests import (
-    KUBECTL_ENV, KUBECTL_MISSING, OVERLAYS, all_containers, find, kustomize_build, rendered,
+    KUBECTL_ENV,
+    KUBECTL_MISSING,
+    OVERLAYS,
+    all_containers,
+    find,
+    kustomize_build,
+    rendered,
 )
 
 NAMESPACE = "lorafleet"  # base/kustomization.yaml's `namespace:`

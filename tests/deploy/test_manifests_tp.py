@@ -44,7 +44,7 @@ def test_several_ranks_get_a_memory_backed_dev_shm_and_host_memory_per_rank(over
 
 
 def test_the_tp_check_the_engine_makes_refuses_what_the_manifest_must_not_ask_for():
-    from lorafleet.engine.model_spec import ModelSpec, RopeSpec
+    from lorafleet.formats.model_spec import ModelSpec, RopeSpec
 
     spec = ModelSpec(model_type="llama", num_layers=1, vocab_size=32, max_position=64, rms_norm_eps=1e-6,
                      rope=RopeSpec(theta=10000.0), tie_word_embeddings=False, eos_token_ids=(1,), bos_token_id=0,

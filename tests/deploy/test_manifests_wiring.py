@@ -10,7 +10,15 @@ import pytest
 from lorafleet.adapter_store.config import parse_address
 from lorafleet.health import CHECK_TIMEOUT_S
 from tests.deploy.manifests import (
-    OVERLAYS, all_containers, container_env, find, flag_value, lorafleet_containers, probes, quantity, rendered,
+    OVERLAYS,
+    all_containers,
+    container_env,
+    find,
+    flag_value,
+    lorafleet_containers,
+    probes,
+    quantity,
+    rendered,
 )
 
 # After the drain: the consumer leaves its group (<= 10 s, services' finally blocks), ingest also

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from lorafleet.bench.affinity import markdown, run as simulate_affinity, write_results
+from lorafleet.bench.affinity import markdown, write_results
+from lorafleet.bench.affinity import run as simulate_affinity
 from lorafleet.client import LorafleetClient
 from lorafleet.common.embedded import free_port
 from lorafleet.common.messages import DoneReply, ErrorReply, TokenReply, parse_entry

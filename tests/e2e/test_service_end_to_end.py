@@ -20,8 +20,8 @@ from lorafleet.client import LorafleetClient
 from lorafleet.common.embedded import free_port
 from lorafleet.common.messages import DoneReply, ErrorReply, TokenReply
 from lorafleet.engine.config import EngineConfig
-from lorafleet.engine.serve import run_engine_service
-from lorafleet.engine.service_config import EngineServiceConfig
+from lorafleet.engine.serving.config import EngineServiceConfig
+from lorafleet.engine.serving.serve import run_engine_service
 from lorafleet.ingest.config import IngestConfig
 from lorafleet.ingest.service import run_ingest
 from tests.infra_fixtures import unique_name

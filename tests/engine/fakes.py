@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from lorafleet.engine.adapters.peft_config import PeftLoraConfig, TargetEntry
-from lorafleet.engine.adapters.weights import LoraWeights
 from lorafleet.engine.memory.adapter_cache import AdapterCache
 from lorafleet.engine.memory.allocator import PageAllocator
 from lorafleet.engine.memory.kv_cache import KVCacheManager
 from lorafleet.engine.memory.layout import PoolGeometry
-from lorafleet.engine.model_spec import ModelSpec, RopeSpec
 from lorafleet.engine.request import Request, SamplingParams
 from lorafleet.engine.scheduler import Scheduler, SchedulerConfig
+from lorafleet.formats.lora_weights import LoraWeights
+from lorafleet.formats.model_spec import ModelSpec, RopeSpec
+from lorafleet.formats.peft_config import PeftLoraConfig, TargetEntry
 
 SPEC = ModelSpec(
     model_type="llama", hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,

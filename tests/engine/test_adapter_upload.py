@@ -11,17 +11,16 @@ import threading
 import time
 
 import pytest
-
 import torch
 
-from lorafleet.engine.adapters.peft_config import PeftLoraConfig, TargetEntry
-from lorafleet.engine.adapters.weights import LoraWeights
 from lorafleet.engine.memory.adapter_cache import AdapterCache
 from lorafleet.engine.memory.adapter_pack import HostAdapterCache, pack_adapter
 from lorafleet.engine.memory.adapter_upload import AdapterUploader
 from lorafleet.engine.memory.allocator import PageAllocator
-from lorafleet.engine.memory.layout import PoolGeometry
-from lorafleet.engine.model_spec import LORA_MODULES, MODULE_INDEX
+from lorafleet.engine.memory.layout import PoolGeometry, adapter_layout
+from lorafleet.formats.lora_weights import LoraWeights
+from lorafleet.formats.model_spec import LORA_MODULES, MODULE_INDEX
+from lorafleet.formats.peft_config import PeftLoraConfig, TargetEntry
 from tests.engine.fakes import BLOCK, SPEC, make_weights
 
 P = PoolGeometry.for_model(SPEC, 1, BLOCK).page_elems
@@ -29,7 +28,7 @@ P = PoolGeometry.for_model(SPEC, 1, BLOCK).page_elems
 
 def reference_pack(weights: LoraWeights, dtype: torch.dtype):
     """The per-(layer, module) slice writer the pool layout was defined with."""
-    layout = weights.layout(SPEC)
+    layout = adapter_layout(weights, SPEC)
     L, n = SPEC.num_layers, layout.num_pages(P)
     buf = torch.zeros(L, n * P, dtype=dtype)
     ranks = torch.zeros(L, len(LORA_MODULES), dtype=torch.int32)

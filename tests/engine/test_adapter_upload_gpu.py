@@ -13,9 +13,9 @@ import torch
 
 from lorafleet.engine.memory.adapter_cache import AdapterCache
 from lorafleet.engine.memory.allocator import PageAllocator
-from lorafleet.engine.model_spec import LORA_MODULES
 from lorafleet.engine.ops.base import LoraBatch, LoraContext
 from lorafleet.engine.ops.torch_ref import TorchLoraOps
+from lorafleet.formats.model_spec import LORA_MODULES
 from tests.engine.fakes import SPEC, make_weights
 from tests.engine.test_adapter_upload import P, reference_pack
 

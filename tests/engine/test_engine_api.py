@@ -93,8 +93,8 @@ def test_sampling_params_validation():
 def test_adapters_deep_in_the_queue_are_packed_as_they_come_near_admission(zoo):
     """At arrival only requests within PREFETCH_AHEAD of the queue head get their adapter packed;
     the others are packed by a later step's lookahead, before admission needs them."""
-    from lorafleet.engine.adapters.weights import load_peft_adapter_dir
     from lorafleet.engine.engine import PREFETCH_AHEAD
+    from lorafleet.formats.lora_weights import load_peft_adapter_dir
 
     eng = LLMEngine(EngineConfig(model_dir=str(zoo.model("mha")), num_pages=96, max_num_seqs=4))
     w = load_peft_adapter_dir(zoo.adapter("mha", "r1-attn"), eng.spec)
@@ -115,8 +115,8 @@ def test_arrivals_pack_only_what_half_the_host_budget_holds_so_nothing_is_packed
     """Packing every arrival's adapter overran a small host budget: the LRU dropped the packs of the
     oldest waiting requests (the next admitted), which were then packed again on the engine
     thread. Arrivals now follow the lookahead's rule (half the budget, queue order)."""
-    from lorafleet.engine.adapters.weights import load_peft_adapter_dir
     from lorafleet.engine.memory.adapter_pack import pack_adapter
+    from lorafleet.formats.lora_weights import load_peft_adapter_dir
 
     eng = LLMEngine(EngineConfig(model_dir=str(zoo.model("mha")), num_pages=96, max_num_seqs=1))
     w = load_peft_adapter_dir(zoo.adapter("mha", "r1-attn"), eng.spec)
@@ -133,7 +133,7 @@ def test_arrivals_pack_only_what_half_the_host_budget_holds_so_nothing_is_packed
 def test_on_the_cpu_the_engine_takes_every_core_but_one_unless_told(zoo, monkeypatch):
     import torch
 
-    from lorafleet.engine.config import cpu_threads
+    from lorafleet.engine.runtime import cpu_threads
 
     monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(8)))
     assert cpu_threads(EngineConfig(model_dir="-")) == 7

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lorafleet.engine.adapters.weights import load_peft_adapter_dir
 from lorafleet.engine.engine import EngineConfig, LLMEngine, SamplingParams, generated_ids
-
+from lorafleet.formats.lora_weights import load_peft_adapter_dir
 from tests.mixed_requests import add_mixed_requests, prompt_ids
 from tests.zoo import ADAPTERS
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorafleet.engine.adapters.weights import load_peft_adapter_dir
 from lorafleet.engine.engine import EngineConfig, LLMEngine, SamplingParams, generated_ids
+from lorafleet.formats.lora_weights import load_peft_adapter_dir
 from tests.zoo import ADAPTERS
 
 pytestmark = pytest.mark.gpu

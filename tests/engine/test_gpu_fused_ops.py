@@ -11,8 +11,8 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from lorafleet.engine.adapters.weights import load_peft_adapter_dir  # noqa: E402
 from lorafleet.engine.engine import EngineConfig, LLMEngine, SamplingParams, generated_ids  # noqa: E402
+from lorafleet.formats.lora_weights import load_peft_adapter_dir
 from tests.engine.test_gpu_engine import MARGIN, _hf_teacher_forced  # noqa: E402
 from tests.zoo import ADAPTERS  # noqa: E402
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from lorafleet.engine.adapters.weights import load_peft_adapter_dir
 from lorafleet.engine.cuda_graphs import LORA_VARIANTS, graph_key, graph_keys, lora_variant
-from lorafleet.engine.ops.base import LoraBatch
 from lorafleet.engine.engine import EngineConfig, LLMEngine, SamplingParams, generated_ids
-from lorafleet.engine.model_spec import LORA_MODULES
+from lorafleet.engine.ops.base import LoraBatch
+from lorafleet.formats.lora_weights import load_peft_adapter_dir
+from lorafleet.formats.model_spec import LORA_MODULES
 
 ATTN = frozenset({"q_proj", "k_proj", "v_proj", "o_proj"})
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorafleet.engine.adapters.peft_config import InvalidAdapterError, parse_peft_config
-from lorafleet.engine.adapters.weights import load_canonical, load_peft_adapter_dir
-from lorafleet.engine.model_spec import ModelSpec
+from lorafleet.formats.lora_weights import load_canonical, load_peft_adapter_dir
+from lorafleet.formats.model_spec import ModelSpec
+from lorafleet.formats.peft_config import InvalidAdapterError, parse_peft_config
 
 
 @pytest.fixture(scope="module")

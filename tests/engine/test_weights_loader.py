@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorafleet.engine.model_spec import ModelSpec
 from lorafleet.engine.tp.partition import make_plan
 from lorafleet.engine.tp.shard_weights import shard_layer, shard_model
 from lorafleet.engine.weights_loader import CheckpointError, ModelWeights, load_weights, random_weights
+from lorafleet.formats.model_spec import ModelSpec
 
 CPU = torch.device("cpu")
 

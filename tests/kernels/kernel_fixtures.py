@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from lorafleet.engine.memory.layout import AdapterLayout
-from lorafleet.engine.model_spec import LORA_MODULES, MODULE_INDEX, ModelSpec, RopeSpec
 from lorafleet.engine.ops.base import AdapterTables, AttentionMeta, LoraBatch, LoraContext
+from lorafleet.formats.model_spec import LORA_MODULES, MODULE_INDEX, ModelSpec, RopeSpec
 
 POPULARITY = ("distinct", "uniform", "skewed", "one", "none")
 QKV = (MODULE_INDEX["q_proj"], MODULE_INDEX["k_proj"], MODULE_INDEX["v_proj"])

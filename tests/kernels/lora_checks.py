@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from lorafleet.kernels.lora_ops import TritonLoraOps
 from lorafleet.engine.ops.base import LoraContext
 from lorafleet.engine.ops.torch_ref import TorchLoraOps
+from lorafleet.kernels.lora_ops import TritonLoraOps
 
 from .kernel_fixtures import DOWN, GATE_UP, O_PROJ, QKV, rel_err
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorafleet.kernels.attention_ops import TritonAttentionOps
 from lorafleet.engine.ops.torch_ref import TorchAttentionOps
+from lorafleet.kernels.attention_ops import TritonAttentionOps
 
 from .conftest import DEVICE, requires_gpu
 from .kernel_fixtures import make_attention_case, rel_err

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorafleet.engine.adapters.weights import load_peft_adapter_dir
 from lorafleet.engine.engine import EngineConfig, LLMEngine, SamplingParams, generated_ids
+from lorafleet.formats.lora_weights import load_peft_adapter_dir
 
 if torch.cuda.is_available():
     pytest.skip("on a GPU, tests/engine/test_gpu_engine.py covers the Triton ops in bf16", allow_module_level=True)

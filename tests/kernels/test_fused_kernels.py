@@ -8,11 +8,11 @@ import importlib
 import pytest
 import torch
 
+from lorafleet.engine.model import TorchElementwiseOps
+from lorafleet.engine.rope import RotaryEmbedding
+from lorafleet.formats.model_spec import RopeSpec
 from lorafleet.kernels import fused_kernels
 from lorafleet.kernels.fused_ops import TritonElementwiseOps
-from lorafleet.engine.model import TorchElementwiseOps
-from lorafleet.engine.model_spec import RopeSpec
-from lorafleet.engine.rope import RotaryEmbedding
 
 from .conftest import DEVICE, HAS_CUDA, requires_gpu
 

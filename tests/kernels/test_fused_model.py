@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorafleet.kernels.fused_ops import TritonElementwiseOps
-from lorafleet.engine.config import EngineConfig, select_elementwise_ops
+from lorafleet.engine.config import EngineConfig
 from lorafleet.engine.model import LlamaModel, TorchElementwiseOps
+from lorafleet.engine.ops.select import select_elementwise_ops
 from lorafleet.engine.ops.torch_ref import TorchAttentionOps, TorchLoraOps
 from lorafleet.engine.weights_loader import random_weights
+from lorafleet.kernels.fused_ops import TritonElementwiseOps
 
 from .conftest import DEVICE
 from .kernel_fixtures import make_attention_case, make_spec, rel_err

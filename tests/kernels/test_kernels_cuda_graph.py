@@ -6,13 +6,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorafleet.kernels.attention_ops import TritonAttentionOps
-from lorafleet.kernels.lora_ops import TritonLoraOps
 from lorafleet.engine.ops.base import AttentionMeta, LoraBatch, LoraContext
 from lorafleet.engine.ops.torch_ref import TorchAttentionOps, TorchLoraOps
+from lorafleet.kernels.attention_ops import TritonAttentionOps
+from lorafleet.kernels.lora_ops import TritonLoraOps
 
 from .conftest import requires_gpu
-from .kernel_fixtures import QKV, make_adapter_tables, make_lora_batch, make_spec, random_slot_ranks, rel_err, request_slots
+from .kernel_fixtures import (
+    QKV,
+    make_adapter_tables,
+    make_lora_batch,
+    make_spec,
+    random_slot_ranks,
+    rel_err,
+    request_slots,
+)
 
 T_CAP, G_CAP, R_CAP, SEQ_CAP, BLOCK = 32, 32, 64, 512, 16
 LAYER = 1

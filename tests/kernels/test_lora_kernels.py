@@ -8,10 +8,10 @@ import weakref
 import pytest
 import torch
 
-from lorafleet.kernels.lora_ops import TritonLoraOps
-from lorafleet.kernels import lora_kernels
 from lorafleet.engine.ops.base import LoraBatch, LoraContext
 from lorafleet.engine.ops.torch_ref import TorchLoraOps
+from lorafleet.kernels import lora_kernels
+from lorafleet.kernels.lora_ops import TritonLoraOps
 
 from .conftest import DEVICE, requires_gpu
 from .kernel_fixtures import GATE_UP, O_PROJ, POPULARITY, QKV, make_lora_case, make_spec

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-
 VOCAB_SIZE = 512
 CONTEXT_LEN = 64  # small, so prompt_too_long is easy to reach
 

@@ -1,5 +1,5 @@
 """Property tests of the request decoder and validator: over arbitrary bytes and arbitrary JSON,
-nothing escapes. Every message is a valid Request, a RequestError (an `error` entry with a
+nothing escapes. Every message is a valid RequestMessage, a RequestError (an `error` entry with a
 contract code and a one-line message), or a dead-letter reason: the three outcomes ingest has."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from lorafleet.common.contract import (
     MAX_MESSAGE_BYTES,
     ErrorCode,
-    Request,
+    RequestMessage,
     RequestError,
     read_envelope,
     resolve_reply_stream,
@@ -46,7 +46,7 @@ def outcome(raw: bytes):
     except RequestError as exc:
         assert exc.code in CODES and exc.message and "\n" not in exc.message
         return "error"
-    assert isinstance(request, Request) and request.id == envelope.request_id
+    assert isinstance(request, RequestMessage) and request.id == envelope.request_id
     assert (request.prompt is None) != (request.prompt_token_ids is None)
     assert 0 <= request.top_k <= VOCAB and 1 <= request.max_tokens
     msgspec.json.encode(request)  # what ingest forwards must encode

@@ -11,10 +11,10 @@ from lorafleet.common.messages import DoneReply, ErrorReply, TokenReply, WorkIte
 from lorafleet.common.replies import RequestState
 from lorafleet.engine.config import EngineConfig
 from lorafleet.engine.engine import RequestOutput
-from lorafleet.engine.engine_thread import EngineThread
-from lorafleet.engine.jobs import Job
-from lorafleet.engine.service import EngineService
-from lorafleet.engine.service_config import EngineServiceConfig
+from lorafleet.engine.serving.config import EngineServiceConfig
+from lorafleet.engine.serving.engine_thread import EngineThread
+from lorafleet.engine.serving.jobs import Job
+from lorafleet.engine.serving.service import EngineService
 
 
 class RecordingEngine:

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from lorafleet.engine.adapters.peft_config import PeftLoraConfig, TargetEntry
-from lorafleet.engine.adapters.weights import LoraWeights
-from lorafleet.engine.model_spec import LORA_MODULES, ModelSpec, RopeSpec
 from lorafleet.engine.weights_loader import LayerWeights, random_weights
+from lorafleet.formats.lora_weights import LoraWeights
+from lorafleet.formats.model_spec import LORA_MODULES, ModelSpec, RopeSpec
+from lorafleet.formats.peft_config import PeftLoraConfig, TargetEntry
 
 SPECS = {
     # MHA; intermediate 96 splits over 2 and 4 ranks.

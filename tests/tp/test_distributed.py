@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorafleet.engine.model_spec import ModelSpec
 from lorafleet.engine.tp import layer_collectives
+from lorafleet.formats.model_spec import ModelSpec
 from tests.tp import workers
 from tests.tp.cases import SCHEMES, SPECS, TOKEN_ADAPTER, local_columns, make_case, reference_outputs
 from tests.tp.harness import run_ranks

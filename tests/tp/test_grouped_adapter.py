@@ -9,10 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorafleet.engine.adapters.peft_config import PeftLoraConfig, TargetEntry
-from lorafleet.engine.adapters.weights import LoraWeights
 from lorafleet.engine.memory.layout import PoolGeometry
-from lorafleet.engine.model_spec import LORA_MODULES
 from lorafleet.engine.ops.torch_ref import TorchAttentionOps
 from lorafleet.engine.tp.collectives import TpComm
 from lorafleet.engine.tp.grouped_adapter import GroupedPacker, group_targets, grouped_numel, pack_grouped, targets_of
@@ -21,6 +18,9 @@ from lorafleet.engine.tp.rank_runner import RankRunner, adapter_pages
 from lorafleet.engine.tp.shard_adapters import Scheme
 from lorafleet.engine.tp.shard_weights import shard_model
 from lorafleet.engine.weights_loader import random_weights
+from lorafleet.formats.lora_weights import LoraWeights
+from lorafleet.formats.model_spec import LORA_MODULES
+from lorafleet.formats.peft_config import PeftLoraConfig, TargetEntry
 from tests.tp.cases import SCHEMES, make_spec
 
 LAYERS = 3

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorafleet.engine.adapters.weights import LoraWeights
 from lorafleet.engine.memory.layout import PoolGeometry
 from lorafleet.engine.ops.torch_ref import TorchAttentionOps, TorchLoraOps
 from lorafleet.engine.tp.collectives import TpComm
@@ -28,6 +27,7 @@ from lorafleet.engine.tp.rank_runner import RankRunner, adapter_pages
 from lorafleet.engine.tp.shard_adapters import Scheme, shard_lora
 from lorafleet.engine.tp.shard_weights import shard_model
 from lorafleet.engine.weights_loader import random_weights
+from lorafleet.formats.lora_weights import LoraWeights
 from tests.tp.cases import ADAPTER_RANKS, SCHEMES, TOKEN_ADAPTER, make_adapter, make_spec
 
 HAS_CUDA = torch.cuda.is_available()

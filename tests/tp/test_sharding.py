@@ -8,12 +8,24 @@ import pytest
 import torch
 
 from lorafleet.engine.memory.layout import AdapterLayout
-from lorafleet.engine.model_spec import LORA_MODULES
 from lorafleet.engine.tp import (
-    COLUMN_PARALLEL, Scheme, adapter_bytes_per_rank, ShardLayout, TensorParallelError, check_world, local_rank, local_spec, make_plan,
-    piece_width, rank_rows, shard_layer, shard_lora, shard_model,
+    COLUMN_PARALLEL,
+    Scheme,
+    ShardLayout,
+    TensorParallelError,
+    adapter_bytes_per_rank,
+    check_world,
+    local_rank,
+    local_spec,
+    make_plan,
+    piece_width,
+    rank_rows,
+    shard_layer,
+    shard_lora,
+    shard_model,
 )
 from lorafleet.engine.weights_loader import random_weights
+from lorafleet.formats.model_spec import LORA_MODULES
 from tests.tp.cases import ADAPTER_RANKS, make_adapter, make_case, make_spec
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorafleet.engine.model_spec import ModelSpec
 from lorafleet.engine.tp import Scheme, TpLoraBatch, column_parallel, make_plan, shard_lora, single_rank
+from lorafleet.formats.model_spec import ModelSpec
 from tests.tp.cases import make_case
 from tests.tp.reference import DECODER_JOB, reference_logits
 from tests.tp.workers import run_decoder_job

@@ -11,7 +11,7 @@ import argparse
 import pytest
 
 from lorafleet.engine.engine import EngineConfig, LLMEngine, generated_ids
-from lorafleet.engine.service_config import EngineServiceConfig
+from lorafleet.engine.serving.config import EngineServiceConfig
 from lorafleet.engine.tp import TensorParallelError
 from lorafleet.engine.tp.engine_workers import TensorParallelWorkerError
 from tests.mixed_requests import add_mixed_requests

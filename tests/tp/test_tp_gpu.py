@@ -26,10 +26,9 @@ import pytest
 import torch
 
 import lorafleet.engine.tp.engine_runtime as tp_runtime
-from lorafleet.engine.adapters.weights import load_peft_adapter_dir
-from lorafleet.engine.config import build_runtime
 from lorafleet.engine.engine import EngineConfig, LLMEngine, SamplingParams, generated_ids
 from lorafleet.engine.tp.engine_runtime import build_tp_runtime
+from lorafleet.formats.lora_weights import load_peft_adapter_dir
 from tests.zoo import ADAPTERS
 
 pytestmark = pytest.mark.gpu
@@ -52,7 +51,7 @@ def _jobs():
             yield f"{name}-{n}", name, [(17 * i + 3 * j + 11 * salt) % 500 + 4 for j in range(n)]
 
 
-def _run(zoo, model: str, build=build_runtime, **cfg) -> dict[str, list[int]]:
+def _run(zoo, model: str, build=None, **cfg) -> dict[str, list[int]]:
     config = EngineConfig(model_dir=str(zoo.model(model)), device="cuda", dtype="bfloat16", num_pages=256, ops="triton",
                           max_num_seqs=16, **cfg)
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
@@ -115,7 +114,7 @@ def test_tp_engine_on_gpus_matches_single_gpu(zoo, model, world, scheme, monkeyp
     monkeypatch.setattr(tp_runtime, "COLLECTIVE_TIMEOUT_S", WAIT_S)
     scheme, _, graphs = scheme.partition("+")
     # W = 1: the TP runtime itself (shards of one, pages read by rank-local tables, NCCL of one)
-    got = _run(zoo, model, build_tp_runtime if world == 1 else build_runtime, tp_size=world, tp_lora_scheme=scheme,
+    got = _run(zoo, model, build_tp_runtime if world == 1 else None, tp_size=world, tp_lora_scheme=scheme,
                tp_cuda_graphs=bool(graphs))
     assert sorted(got) == sorted(want)
     compared = total = 0

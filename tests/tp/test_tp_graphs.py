@@ -26,8 +26,8 @@ REPO = Path(__file__).resolve().parents[2]
 def run_case(model_dir: str, adapter_dirs: list[str]) -> dict:
     """(In the child.) The same requests through the TP engine (W = 2, Triton ops) without and
     with decode graphs -> {"eager": tokens, "graphs": tokens, "replays": n}."""
-    from lorafleet.engine.adapters.weights import load_peft_adapter_dir
     from lorafleet.engine.engine import EngineConfig, LLMEngine, SamplingParams, generated_ids
+    from lorafleet.formats.lora_weights import load_peft_adapter_dir
 
     out = {}
     for mode in ("eager", "graphs"):

@@ -9,15 +9,24 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lorafleet.engine.adapters.weights import load_peft_adapter_dir
 from lorafleet.engine.memory.layout import PoolGeometry
-from lorafleet.engine.model_spec import ModelSpec, RopeSpec
 from lorafleet.engine.ops.torch_ref import TorchAttentionOps
 from lorafleet.engine.tp import (
-    CommLog, TpComm, TpLlamaModel, TpLoraBatch, column_parallel, local_spec, make_plan, row_parallel, shard_layer,
-    shard_lora, shard_model,
+    CommLog,
+    TpComm,
+    TpLlamaModel,
+    TpLoraBatch,
+    column_parallel,
+    local_spec,
+    make_plan,
+    row_parallel,
+    shard_layer,
+    shard_lora,
+    shard_model,
 )
 from lorafleet.engine.weights_loader import load_weights
+from lorafleet.formats.lora_weights import load_peft_adapter_dir
+from lorafleet.formats.model_spec import ModelSpec, RopeSpec
 from tests.tp import paged
 from tests.tp.cases import SCHEMES, SPECS, make_case
 

@@ -23,13 +23,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..adapters.weights import LoraWeights
-from ..model_spec import LORA_MODULES, ModelSpec
+from lorafleet.formats.lora_weights import LoraWeights
+from lorafleet.formats.model_spec import LORA_MODULES, ModelSpec
+
 from ..ops.base import AdapterTables
 from .adapter_pack import HostAdapterCache
 from .adapter_upload import AdapterUploader
 from .allocator import PageAllocator
-from .layout import AdapterLayout
+from .layout import AdapterLayout, adapter_layout
 
 DEFAULT_PACKED_BYTES = 2 << 30  # host memory (pinned on CUDA) for packed adapters
 
@@ -59,8 +60,8 @@ class AdapterCache:
         self.pool = pool  # [L, num_pages, P]
         self.allocator = allocator
         # Prefetches leave this many pages free for KV growth. Without it, a pool full of KV
-        # evicts each prefetched adapter a step later and the lookahead loads it again: an H200
-        # run of S1 at n = 2000 (30 s trace, 1ea17d6) made 7277 loads for 1055 adapters.
+        # evicts each prefetched adapter a step later and the lookahead loads it again, so loads
+        # run many times over the adapters a trace touches (bench/results/h200/NOTES.md).
         self.prefetch_reserve_pages = pool.shape[1] // 16 if prefetch_reserve_pages is None else prefetch_reserve_pages
         self.spec = spec
         page_elems = pool.shape[2]
@@ -108,7 +109,7 @@ class AdapterCache:
         return adapter_id in self._resident
 
     def pages_to_load(self, weights: LoraWeights) -> int:
-        return weights.layout(self.spec).num_pages(self.pool.shape[2])
+        return adapter_layout(weights, self.spec).num_pages(self.pool.shape[2])
 
     def evictable_pages(self, exclude: str | None = None) -> int:
         n = self._evictable_pages
@@ -240,7 +241,7 @@ class AdapterCache:
         self.num_evictions += 1
 
     def _load(self, adapter_id: str, weights: LoraWeights) -> _Resident:
-        layout = weights.layout(self.spec)
+        layout = adapter_layout(weights, self.spec)
         n_pages = self.pages_to_load(weights)  # (a tensor-parallel cache counts its ranks' shares)
         if n_pages > self.max_pages_per_adapter:
             raise ValueError(f"adapter {adapter_id!r} needs {n_pages} pages, more than max_rank allows")

@@ -23,8 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..adapters.weights import LoraWeights
-from ..model_spec import LORA_MODULES, MODULE_INDEX, ModelSpec
+from lorafleet.formats.lora_weights import LoraWeights
+from lorafleet.formats.model_spec import LORA_MODULES, MODULE_INDEX, ModelSpec
+
+from .layout import adapter_layout
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ class PackedAdapter:
 
 def page_buffer_shape(weights: LoraWeights, spec: ModelSpec, page_elems: int) -> tuple[int, int]:
     """[L, n_pages * P]: the shape of the adapter's packed page buffer."""
-    return spec.num_layers, weights.layout(spec).num_pages(page_elems) * page_elems
+    return spec.num_layers, adapter_layout(weights, spec).num_pages(page_elems) * page_elems
 
 
 HUGE_PAGE = 2 << 20
@@ -62,8 +64,7 @@ def _madvise():
 
 def new_page_buffer(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised host buffer whose untouched pages are advised huge (Linux THP "madvise"
-    mode): a fresh pack's cost was mostly 4 KiB page faults (137 ms for a 128 MB rank-64 pack on
-    the H200 host at cdad633; zero + copy of a fresh 64 MB buffer 19 ms -> 8 ms here)."""
+    mode): a fresh pack's cost was mostly 4 KiB page faults (bench/results/h200/NOTES.md)."""
     buf = torch.empty(shape, dtype=dtype)
     madvise, nbytes = _madvise(), buf.numel() * buf.element_size()
     start = -(-buf.data_ptr() // HUGE_PAGE) * HUGE_PAGE  # the whole huge pages inside the buffer
@@ -79,7 +80,7 @@ def pack_adapter(weights: LoraWeights, spec: ModelSpec, page_elems: int, dtype: 
     matrices of all layers of one group are stacked and written with one copy (one more for the
     B^T), instead of two slice copies per (layer, module) target. `out`: a page buffer of the
     right shape and dtype to reuse (its old contents are cleared)."""
-    layout = weights.layout(spec)
+    layout = adapter_layout(weights, spec)
     shape = page_buffer_shape(weights, spec, page_elems)
     L, n_pages = shape[0], shape[1] // page_elems
     if out is None:
@@ -131,9 +132,9 @@ SPARE_BYTES = 2 << 30  # page buffers of evicted packs kept for reuse, at most (
 
 
 class SpareBuffers:
-    """Page buffers of evicted packs, by shape, for the next packs of that shape: a fresh 16 MB
-    buffer costs its page faults on first touch (pack 23.5 ms on the H200 host at 1ea17d6, ~2 ms
-    into a reused one), and with thousands of adapters every new pack evicts an old one.
+    """Page buffers of evicted packs, by shape, for the next packs of that shape: a fresh buffer
+    costs its page faults on first touch (a reused one does not), and with thousands of adapters
+    every new pack evicts an old one.
     Thread-safe: the caller's thread gives, the pack worker takes."""
 
     def __init__(self, max_bytes: int):

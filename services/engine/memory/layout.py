@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..model_spec import LORA_MODULES, ModelSpec
+from lorafleet.formats.model_spec import LORA_MODULES, ModelSpec
 
 ALIGN = 16  # elements; every matrix starts on a 16-element boundary (vector loads)
 
@@ -91,3 +91,14 @@ class AdapterLayout:
             pos = _align(pos + r * out_f)
             r_out.append(r)
         return cls(tuple(r_out), tuple(a_out), tuple(b_out), pos)
+
+
+def adapter_layout(weights, spec: ModelSpec) -> AdapterLayout:
+    """The AdapterLayout of LoraWeights `weights` under `spec`, memoized on the weights for the last
+    spec: the scheduler and the prefetch ask every step for the requests near the queue head, and
+    building one takes ~50 us. (Weights are never mutated after validation, so the layout of a
+    given spec never changes; the memo is the engine's, kept off the format's own fields.)"""
+    cached = weights.__dict__.get("_engine_layout")
+    if cached is None or cached[0] is not spec:
+        cached = weights.__dict__["_engine_layout"] = (spec, AdapterLayout.build(spec, weights.config.ranks_by_module()))
+    return cached[1]

@@ -7,14 +7,22 @@ engine_workers, wire, rank_runner; imported only when tp_size > 1). Next: the ra
 reading sharded adapter pages, and GPU runs; see docs/tp.md.
 """
 
-from .collectives import CommLog, Collective, TpComm, single_rank
+from .collectives import Collective, CommLog, TpComm, single_rank
 from .comm_model import PlannedCollective, adapter_bytes_per_rank, bytes_sent, layer_collectives, per_token_bytes
 from .linear import column_parallel, row_parallel
 from .lora_math import TpLoraBatch, expand, shrink
 from .model import TpLlamaModel
 from .partition import (
-    COLUMN_PARALLEL, ROW_PARALLEL, TensorParallelError, TpPlan, check_world, local_rank, local_spec, make_plan,
-    piece_width, rank_rows,
+    COLUMN_PARALLEL,
+    ROW_PARALLEL,
+    TensorParallelError,
+    TpPlan,
+    check_world,
+    local_rank,
+    local_spec,
+    make_plan,
+    piece_width,
+    rank_rows,
 )
 from .shard_adapters import LoraShard, Scheme, ShardLayout, shard_lora
 from .shard_weights import shard_layer, shard_model

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..model_spec import ModelSpec
+from lorafleet.formats.model_spec import ModelSpec
+
 from .collectives import Collective
 from .partition import piece_width
 from .shard_adapters import Scheme

@@ -18,17 +18,20 @@ import msgspec
 import torch
 
 from lorafleet.common.embedded import free_port
+from lorafleet.formats.lora_weights import LoraWeights
+from lorafleet.formats.model_spec import ModelSpec
 
-from ..adapters.weights import LoraWeights
-from ..config import EngineConfig, Runtime, _num_pages, resolve_device, resolve_dtype
+from ..batch import ModelBatch
+from ..config import EngineConfig
+from ..cuda_graphs import replayable
 from ..memory.adapter_cache import AdapterCache, max_adapter_pages
 from ..memory.allocator import PageAllocator
 from ..memory.kv_cache import KVCacheManager
-from ..memory.layout import PoolGeometry
-from ..model_spec import ModelSpec
-from ..batch import ModelBatch
-from ..cuda_graphs import replayable
+from ..memory.layout import PoolGeometry, adapter_layout
+from ..memory.sizing import pool_pages
 from ..ops.base import AttentionMeta, LoraBatch, LoraContext
+from ..ops.select import is_triton, select_elementwise_ops, select_ops
+from ..runtime import Runtime, resolve_device, resolve_dtype
 from ..scheduler import SchedulerConfig
 from . import wire
 from .engine_workers import TpWorkerGroup, build_graphs, build_runner, run_step
@@ -65,7 +68,7 @@ class TpAdapterCache(AdapterCache):
 
     def pages_to_load(self, weights: LoraWeights) -> int:
         # Asked by the scheduler for waiting requests on every step: memoized per rank pattern.
-        key = tuple(weights.layout(self.spec).ranks)  # per module; the layout is memoized on the weights
+        key = tuple(adapter_layout(weights, self.spec).ranks)  # per module; the layout is memoized on the weights
         n = self._pages.get(key)
         if n is None:
             ranks = weights.config.ranks_by_module()
@@ -132,7 +135,6 @@ class TpDriverModel:
 def build_tp_runtime(cfg: EngineConfig) -> Runtime:
     from transformers import AutoTokenizer
 
-    from ..config import select_elementwise_ops, select_ops
 
     model_dir = Path(cfg.model_dir)
     spec = ModelSpec.from_pretrained(model_dir)
@@ -145,20 +147,20 @@ def build_tp_runtime(cfg: EngineConfig) -> Runtime:
     dtype = resolve_dtype(cfg.dtype, device)
     spec_loc = local_spec(spec, cfg.tp_size)
     geom_loc = PoolGeometry.for_model(spec_loc, 1, cfg.block_size)  # one page of a rank's pool
-    num_pages = _num_pages(cfg, geom_loc, dtype, device)
+    num_pages = pool_pages(cfg, geom_loc, dtype, device)
     if device.type == "cuda" and not cfg.num_pages:
         # Sized before any rank loads its shard (every rank needs the number up front), so the
-        # shard's bytes are taken off the free memory _num_pages saw.
+        # shard's bytes are taken off the free memory pool_pages saw.
         page_bytes = geom_loc.page_bytes(dtype.itemsize)
         num_pages = max(1, num_pages - _shard_bytes(spec, cfg.tp_size, dtype.itemsize) // page_bytes)
     # As select_ops: auto is Triton on CUDA; "triton" on the CPU runs the kernels under the interpreter.
     attn_kind = "torch" if cfg.ops == "torch" or (cfg.ops == "auto" and device.type != "cuda") else "triton"
     if attn_kind == "triton":  # fall back to torch ops when the kernels cannot be imported
-        attn_kind = "triton" if type(select_ops(cfg.ops, device)[1]).__name__.startswith("Triton") else "torch"
+        attn_kind = "triton" if is_triton(select_ops(cfg.ops, device)[1]) else "torch"
     # The fused elementwise kernels where the Triton ops run (elementwise_ops auto), as in one process.
     ew_kind = "torch" if cfg.elementwise_ops == "torch" or attn_kind == "torch" else "triton"
     if ew_kind == "triton":  # (torch when the kernels cannot be imported here)
-        ew_kind = "triton" if type(select_elementwise_ops(cfg.elementwise_ops, "triton", device)).__name__.startswith("Triton") else "torch"
+        ew_kind = "triton" if is_triton(select_elementwise_ops(cfg.elementwise_ops, "triton", device)) else "torch"
     slots = cfg.max_adapter_slots or max(64, 2 * cfg.max_num_seqs)
     graphs_on = cfg.cuda_graphs and cfg.tp_cuda_graphs and attn_kind == "triton" and ew_kind == "triton"
     start = wire.WorkerStart(

@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ..model_spec import ModelSpec
+from lorafleet.formats.model_spec import ModelSpec
+
 from ..weights_loader import load_weights, random_weights
 from . import wire
 from .collectives import TpComm
@@ -70,8 +71,8 @@ def init_group(start: wire.WorkerStart) -> None:
 
 def build_runner(start: wire.WorkerStart, spec: ModelSpec) -> RankRunner:
     """This rank's shard of the weights, its pool (own KV heads), its model; no collective here."""
-    from ..config import select_ops
     from ..memory.layout import PoolGeometry
+    from ..ops.select import select_ops
 
     device, dtype = rank_device(start), _DTYPES[start.dtype]
     plan = make_plan(spec, start.world, start.rank)
@@ -266,9 +267,9 @@ class TpWorkerGroup:
 
         The driver destroys its group while the workers destroy theirs, before joining them:
         NCCL's communicator destroy is an intra-node collective, so a rank that destroys alone
-        waits for the others. Joining first made every W = 2 close on H200s (d18f232) take 30 s:
-        the worker waited in destroy for the driver, which waited in join for the worker, until
-        the worker's bounded _leave gave up."""
+        waits for the others. Joining first stalled every close: the worker waited in destroy for
+        the driver, which waited in join for the worker, until the worker's bounded _leave gave
+        up (docs/tp.md)."""
         if self._closed:
             return
         self._closed = True

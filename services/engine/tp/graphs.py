@@ -67,7 +67,7 @@ class TpDecodeGraphs:
 
     def release(self) -> None:
         """Free the captured graphs; idempotent. Must run before the process group is destroyed:
-        on an H200 pair (08bd423) a worker whose graphs were alive hung in destroy_process_group
+        a worker whose graphs were alive hung in destroy_process_group
         at close (their captured NCCL calls hold the communicator), and the driver in its join."""
         if self.capture and self.graphs:
             torch.cuda.synchronize()

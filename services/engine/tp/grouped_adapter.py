@@ -20,9 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..adapters.weights import LoraWeights
+from lorafleet.formats.lora_weights import LoraWeights
+from lorafleet.formats.model_spec import MODULE_INDEX, ModelSpec
+
 from ..memory.adapter_pack import new_page_buffer
-from ..model_spec import MODULE_INDEX, ModelSpec
 from .partition import TpPlan
 from .shard_adapters import Scheme, ShardLayout, a_part, b_part, share_rows
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lorafleet.formats.model_spec import ModelSpec
+
 from ..model import ElementwiseOps, TorchElementwiseOps
-from ..model_spec import ModelSpec
 from ..ops.base import AttentionMeta, AttentionOps
 from ..rope import RotaryEmbedding
 from ..weights_loader import ModelWeights

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model_spec import LORA_MODULES, MODULE_INDEX, ModelSpec
+from lorafleet.formats.model_spec import LORA_MODULES, MODULE_INDEX, ModelSpec
+
 from ..ops.base import AdapterTables, LoraBatch, LoraContext, LoraOps
 from .partition import TpPlan
 from .shard_adapters import Scheme, ShardLayout

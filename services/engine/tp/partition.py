@@ -25,7 +25,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..model_spec import ModelSpec
+from lorafleet.formats.model_spec import ModelSpec
+
 from ..weights_loader import WeightSlices
 
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")

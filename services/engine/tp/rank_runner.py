@@ -18,18 +18,19 @@ from __future__ import annotations
 
 import torch
 
-from ..adapters.peft_config import PeftLoraConfig, TargetEntry
-from ..adapters.weights import LoraWeights
+from lorafleet.formats.lora_weights import LoraWeights
+from lorafleet.formats.model_spec import MODULE_INDEX, ModelSpec
+from lorafleet.formats.peft_config import PeftLoraConfig, TargetEntry
+
 from ..model import ElementwiseOps
-from ..model_spec import MODULE_INDEX, ModelSpec
 from ..ops.base import AttentionMeta, AttentionOps, LoraBatch, LoraOps
 from ..ops.torch_ref import TorchLoraOps
 from ..weights_loader import ModelWeights
 from .collectives import TpComm
-from .model import TpLlamaModel
-from .partition import TpPlan, make_plan
-from .paged_lora import PagedLoraBatch, RankAdapterTables
 from .grouped_adapter import Target, share_entries, write_share
+from .model import TpLlamaModel
+from .paged_lora import PagedLoraBatch, RankAdapterTables
+from .partition import TpPlan, make_plan
 from .shard_adapters import Scheme, ShardLayout, shard_lora
 
 

@@ -30,9 +30,10 @@ from enum import Enum
 
 import torch
 
-from ..adapters.weights import LoraWeights
+from lorafleet.formats.lora_weights import LoraWeights
+from lorafleet.formats.model_spec import LORA_MODULES, ModelSpec
+
 from ..memory.layout import ALIGN
-from ..model_spec import LORA_MODULES, ModelSpec
 from .partition import COLUMN_PARALLEL, TpPlan, local_rank, rank_rows
 
 

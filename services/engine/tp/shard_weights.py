@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from ..model_spec import ModelSpec
+from lorafleet.formats.model_spec import ModelSpec
+
 from ..weights_loader import LayerWeights, ModelWeights
 from .partition import TpPlan
 

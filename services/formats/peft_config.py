@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..model_spec import LORA_MODULES, ModelSpec
+from .model_spec import LORA_MODULES, ModelSpec
 
 
 class InvalidAdapterError(ValueError):

@@ -18,9 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from lorafleet.health import StallWatch
-
 from .jobs import Job, sampling_params
+from .stall_watch import StallWatch
 
 
 @dataclass

@@ -10,9 +10,8 @@ from aiokafka import TopicPartition
 from lorafleet.common.contract import ErrorCode, deadline_problem
 from lorafleet.common.logging import request_logger
 from lorafleet.common.messages import WorkItem
-
-from .adapters.weights import LoraWeights
-from .request import SamplingParams
+from lorafleet.engine.request import SamplingParams
+from lorafleet.formats.lora_weights import LoraWeights
 
 
 @dataclass(eq=False)

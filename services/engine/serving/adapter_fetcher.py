@@ -13,8 +13,7 @@ from collections import OrderedDict
 from lorafleet.adapter_store.client import AdapterStoreClient
 from lorafleet.adapter_store.errors import AdapterStoreUnavailable
 from lorafleet.common.retry import Backoff
-
-from .adapters.weights import LoraWeights
+from lorafleet.formats.lora_weights import LoraWeights
 
 
 class AdapterFetcher:

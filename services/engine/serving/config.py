@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from lorafleet.common import settings
 
 if TYPE_CHECKING:  # importing the engine config pulls in torch: probes parse flags without it
-    from .config import EngineConfig
+    from lorafleet.engine.config import EngineConfig
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class EngineServiceConfig:
         model = model_dir if model_dir is not None else args.model
         if not model:
             raise ValueError("the engine needs a model folder: pass --model or set LORAFLEET_MODEL")
-        from .config import EngineConfig
+        from lorafleet.engine.config import EngineConfig
 
         engine = EngineConfig(
             model_dir=str(model), device=args.device, dtype=args.dtype, num_pages=args.pool_pages,

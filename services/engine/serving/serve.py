@@ -18,12 +18,12 @@ from lorafleet.common.kafka import (
 )
 from lorafleet.common.replies import ReplyWriter, connect_redis
 from lorafleet.common.signals import install_signal_stop
-from lorafleet.health import StallWatch
+from lorafleet.engine.engine import LLMEngine
 
-from .engine import LLMEngine
+from .config import EngineServiceConfig
 from .engine_thread import EngineThread
 from .service import EngineService
-from .service_config import EngineServiceConfig
+from .stall_watch import StallWatch
 
 
 class _Rebalance(ConsumerRebalanceListener):

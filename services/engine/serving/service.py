@@ -42,14 +42,14 @@ from lorafleet.common.messages import (
 )
 from lorafleet.common.replies import ReplyWriteError, ReplyWriter
 from lorafleet.common.retry import outage_backoff
-from lorafleet.health import StallWatch
+from lorafleet.engine.engine import LLMEngine
 
 from .adapter_fetcher import AdapterFetcher
-from .engine import LLMEngine
+from .config import EngineServiceConfig
 from .engine_thread import EngineThread, EngineTurn, run_turn
 from .jobs import Job, engine_error_code
 from .offsets import OffsetCommitter, OffsetTracker
-from .service_config import EngineServiceConfig
+from .stall_watch import StallWatch
 
 MAX_FAILED_STEPS = 3  # more failed steps in a row stop the engine (it is broken, not a request)
 

@@ -18,8 +18,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file as st_save_file
 
-from ..memory.layout import AdapterLayout
-from ..model_spec import LORA_MODULES, ModelSpec
+from .model_spec import LORA_MODULES, ModelSpec
 from .peft_config import InvalidAdapterError, PeftLoraConfig, parse_peft_config
 
 CONFIG_FILE = "adapter_config.json"
@@ -43,15 +42,6 @@ class LoraWeights:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values()))
-
-    def layout(self, spec: ModelSpec) -> AdapterLayout:
-        # Memoized for the last spec: the scheduler and the prefetch ask every step for the
-        # requests near the queue head, and building it takes ~50 us. (Weights are not mutated
-        # after validation, so the layout of a given spec never changes.)
-        cached = self.__dict__.get("_layout")
-        if cached is None or cached[0] is not spec:
-            cached = self.__dict__["_layout"] = (spec, AdapterLayout.build(spec, self.config.ranks_by_module()))
-        return cached[1]
 
     def save_canonical(self, path: Path) -> None:
         """One safetensors file holding the validated config and tensors (for engines on the node)."""

@@ -1,0 +1,58 @@
+"""The one place that picks op implementations: Triton kernels on CUDA (lorafleet.kernels), the
+torch reference ops elsewhere or when asked for. Every caller (single-GPU runtime, tensor-parallel
+ranks, benchmarks) goes through select_ops / select_elementwise_ops, and asks is_triton instead of
+reading class names."""
+
+from __future__ import annotations
+
+import torch
+
+from ..model import TorchElementwiseOps
+
+
+def is_triton(ops) -> bool:
+    """True for the Triton implementations (they carry backend = "triton")."""
+    return getattr(ops, "backend", "torch") == "triton"
+
+
+class TritonOpsUnavailable(RuntimeError):
+    """The Triton ops were due (a CUDA device, ops auto or triton) but could not be imported."""
+
+
+def _triton_ops_import_error(exc: ImportError) -> TritonOpsUnavailable:
+    # Loud on purpose: a silent fall back to the torch reference ops on a GPU serves at a fraction
+    # of the speed (a shadowed or broken install looked like a healthy engine before).
+    return TritonOpsUnavailable(
+        f"the Triton ops (lorafleet.kernels) could not be imported on a CUDA device: {exc}; "
+        "fix the install, or ask for the torch reference ops with --ops torch (LORAFLEET_OPS=torch)")
+
+
+def select_ops(kind: str, device: torch.device):
+    """(lora_ops, attention_ops): Triton on CUDA unless ``kind`` is "torch"; torch elsewhere.
+
+    "triton" on the CPU runs the kernels under the Triton interpreter (tests). A failed Triton
+    import raises TritonOpsUnavailable; it never falls back to torch ops by itself.
+    """
+    from .torch_ref import TorchAttentionOps, TorchLoraOps
+
+    if kind == "torch" or (kind == "auto" and device.type != "cuda"):
+        return TorchLoraOps(), TorchAttentionOps()
+    try:
+        from lorafleet.kernels.attention_ops import TritonAttentionOps
+        from lorafleet.kernels.lora_ops import TritonLoraOps
+    except ImportError as exc:
+        raise _triton_ops_import_error(exc) from exc
+    return TritonLoraOps(), TritonAttentionOps()
+
+
+def select_elementwise_ops(kind: str, ops_kind: str, device: torch.device):
+    """TritonElementwiseOps or TorchElementwiseOps, chosen like select_ops (kind auto: as ops_kind)."""
+    if kind == "auto":
+        kind = ops_kind
+    if kind == "torch" or (kind == "auto" and device.type != "cuda"):
+        return TorchElementwiseOps()
+    try:
+        from lorafleet.kernels.fused_ops import TritonElementwiseOps
+    except ImportError as exc:
+        raise _triton_ops_import_error(exc) from exc
+    return TritonElementwiseOps()
