@@ -9,7 +9,7 @@ each flag, and ``ENV_VARS`` is the table docs and the manifest tests read.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
 PREFIX = "LORAFLEET_"
@@ -25,6 +25,11 @@ class EnvVar:
     @property
     def full_name(self) -> str:
         return PREFIX + self.name
+
+
+def _optional_int(text: str) -> int | None:
+    """An integer, or None for an empty value or "none"."""
+    return None if text.strip().lower() in ("", "none") else int(text)
 
 
 def _bool(text: str) -> bool:
@@ -99,7 +104,12 @@ _DECLARED: list[EnvVar] = [
     EnvVar("ENGINE_STEP_STALL_S", float, 300.0, "an engine step running longer than this withholds the liveness heartbeat (a GPU or collective hang)"),
     EnvVar("ENGINE_MAX_QUEUE_S", float, 300.0, "a request with no token this many seconds after ingest took it ends with error overloaded (load shedding)"),
     EnvVar("ENGINE_ID", str, "", "name of this engine in logs and the consumer group; empty: hostname-pid"),
-    EnvVar("RANDOM_WEIGHTS_SEED", int, -1, "benchmarks only: random weights made on the device instead of the checkpoint's (-1: off)"),
+    EnvVar("RANDOM_WEIGHTS_SEED", _optional_int, None, "benchmarks only: random weights made on the device from this seed instead of the checkpoint's (unset: the checkpoint)"),
+    EnvVar("MAX_ADAPTER_SLOTS", int, 0, "adapters resident in the pool at once, at most; 0: 2 x max_num_seqs, at least 64"),
+    EnvVar("CPU_POOL_BYTES", int, 1 << 30, "bytes of the unified pool on the CPU device (when pool_pages is 0)"),
+    EnvVar("ELEMENTWISE_OPS", str, "auto", "RMSNorm / RoPE / SiLU-and-mul implementations: auto (as ops), torch, triton"),
+    EnvVar("CUDA_GRAPHS", _bool, True, "replay decode steps from CUDA graphs (CUDA with the Triton ops; 0: eager)"),
+    EnvVar("DECODE_STEPS_PER_PREFILL", _optional_int, None, "decode-only steps between prefill steps (0: every step mixes both; unset: 4 with CUDA graphs, else 0)"),
     EnvVar("OPS", str, "auto", "op implementations: auto (triton on CUDA), torch, triton"),
     EnvVar("TP_SIZE", int, 1, "tensor-parallel size: processes (GPUs) one engine spans; 1: no tensor parallelism"),
     EnvVar("TP_CUDA_GRAPHS", _bool, True, "decode CUDA graphs under tensor parallelism (0: eager decode steps on every rank)"),
@@ -134,8 +144,32 @@ def help_suffix(name: str, unset: str | None = None) -> str:
     return f" [env {var.full_name}, default {var.default!r}]"
 
 
+def config_field(name: str) -> Any:
+    """A dataclass field whose default is LORAFLEET_<name>'s declared default, marked so that
+    add_config_flags gives it a flag and config_values reads it back: a config's knob is
+    declared once, here, with its type, default and help."""
+    return field(default=ENV_VARS[name].default, metadata={"env": name})
+
+
+def _knobs(config_cls: type) -> list:
+    return [f for f in fields(config_cls) if "env" in f.metadata]
+
+
+def add_config_flags(parser: Any, config_cls: type) -> None:
+    """One flag per knob of a config dataclass: --max-num-seqs for LORAFLEET_MAX_NUM_SEQS, and so on."""
+    for f in _knobs(config_cls):
+        var = ENV_VARS[f.metadata["env"]]
+        flag = "--" + var.name.lower().replace("_", "-")
+        add_flag(parser, flag, var.name, var.parse, var.help, dest=f.name)
+
+
+def config_values(config_cls: type, args: Any) -> dict[str, Any]:
+    """The knobs of `config_cls` as parsed by add_config_flags (flag, else variable, else default)."""
+    return {f.name: getattr(args, f.name) for f in _knobs(config_cls)}
+
+
 def add_flag(parser: Any, flag: str, name: str, kind: Callable[[str], Any], text: str, *,
-             unset: str | None = None) -> None:
+             unset: str | None = None, dest: str | None = None) -> None:
     """A CLI flag whose default is ``LORAFLEET_<name>`` (or its declared default), shown in --help.
 
     ``unset`` names what the command does when neither the flag nor the variable is given, for a
@@ -146,4 +180,5 @@ def add_flag(parser: Any, flag: str, name: str, kind: Callable[[str], Any], text
         default = env_default(name)
     else:
         default = read(name) if ENV_VARS[name].full_name in os.environ else ""
-    parser.add_argument(flag, type=kind, default=default, help=text + help_suffix(name, unset))
+    extra = {"dest": dest} if dest else {}
+    parser.add_argument(flag, type=kind, default=default, help=text + help_suffix(name, unset), **extra)

@@ -28,8 +28,8 @@ from .request import Request, RequestStatus
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 256
-    max_batched_tokens: int = 2048
+    max_num_seqs: int  # EngineConfig's: the scheduler declares no defaults of its own
+    max_batched_tokens: int
     # 0: every step mixes decodes and prefill chunks. k > 0: steps are either all decodes (which a
     # CUDA graph replays) or all prefill (run eagerly), with a prefill step at least every k+1.
     decode_steps_per_prefill: int = 0

@@ -26,13 +26,13 @@ import torch
 from lorafleet.formats.lora_weights import LoraWeights
 from lorafleet.formats.model_spec import LORA_MODULES, ModelSpec
 
+from ..config import EngineConfig
 from ..ops.base import AdapterTables
 from .adapter_pack import HostAdapterCache
 from .adapter_upload import AdapterUploader
 from .allocator import PageAllocator
 from .layout import AdapterLayout, adapter_layout
 
-DEFAULT_PACKED_BYTES = 2 << 30  # host memory (pinned on CUDA) for packed adapters
 
 
 @dataclass
@@ -53,7 +53,7 @@ def max_adapter_pages(spec: ModelSpec, max_rank: int, page_elems: int) -> int:
 
 class AdapterCache:
     def __init__(self, pool: torch.Tensor, allocator: PageAllocator, spec: ModelSpec, max_slots: int, max_rank: int,
-                 packed_bytes: int = DEFAULT_PACKED_BYTES, prefetch_reserve_pages: int | None = None,
+                 packed_bytes: int = EngineConfig.packed_adapter_bytes, prefetch_reserve_pages: int | None = None,
                  pack_threads: int = 4, packer=None):
         """packer: the packed host form (adapter_pack.PagePacker by default); a subclass that
         packs another form overrides `_upload` too (TpAdapterCache)."""

@@ -7,12 +7,8 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 from lorafleet.common import settings
-
-if TYPE_CHECKING:  # importing the engine config pulls in torch: probes parse flags without it
-    from lorafleet.engine.config import EngineConfig
+from lorafleet.engine.config import EngineConfig  # no torch: probes parse these flags without it
 
 
 @dataclass(frozen=True)
@@ -57,39 +53,15 @@ class EngineServiceConfig:
         settings.add_flag(parser, "--work-partitions", "WORK_PARTITIONS", int, "work topic partitions, when created")
         settings.add_flag(parser, "--group-id", "ENGINE_GROUP", str, "consumer group of the engines")
         settings.add_flag(parser, "--engine-id", "ENGINE_ID", str, "this engine's name")
-        settings.add_flag(parser, "--device", "DEVICE", str, "cpu, cuda or auto")
-        settings.add_flag(parser, "--dtype", "DTYPE", str, "auto, bfloat16, float16 or float32")
-        settings.add_flag(parser, "--pool-pages", "POOL_PAGES", int, "pages in the unified pool (0: from memory)")
-        settings.add_flag(parser, "--block-size", "BLOCK_SIZE", int, "tokens per KV page")
-        settings.add_flag(parser, "--max-num-seqs", "MAX_NUM_SEQS", int, "most requests in one batch")
-        settings.add_flag(parser, "--max-batched-tokens", "MAX_BATCHED_TOKENS", int, "token budget of one step")
-        settings.add_flag(parser, "--max-adapter-rank", "MAX_ADAPTER_RANK", int, "largest LoRA rank accepted")
-        settings.add_flag(parser, "--cpu-threads", "CPU_THREADS", int, "torch threads on the CPU device (0: all cores but one)")
-        settings.add_flag(parser, "--gpu-memory-fraction", "GPU_MEMORY_FRACTION", float, "share of GPU memory for the pool")
-        settings.add_flag(parser, "--ops", "OPS", str, "op implementations: auto, torch, triton")
-        settings.add_flag(parser, "--tp-size", "TP_SIZE", int, "tensor-parallel size: GPUs (processes) this engine spans")
-        settings.add_flag(parser, "--tp-lora-scheme", "TP_LORA_SCHEME", str, "adapter sharding under tensor parallelism")
         settings.add_flag(parser, "--drain-timeout-s", "DRAIN_TIMEOUT_S", float, "drain limit on SIGTERM")
+        settings.add_config_flags(parser, EngineConfig)  # every engine knob, from its field
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, model_dir: Path | str | None = None) -> "EngineServiceConfig":
         model = model_dir if model_dir is not None else args.model
         if not model:
             raise ValueError("the engine needs a model folder: pass --model or set LORAFLEET_MODEL")
-        from lorafleet.engine.config import EngineConfig
-
-        engine = EngineConfig(
-            model_dir=str(model), device=args.device, dtype=args.dtype, num_pages=args.pool_pages,
-            block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-            max_batched_tokens=args.max_batched_tokens, max_adapter_rank=args.max_adapter_rank,
-            cpu_threads=args.cpu_threads,
-            gpu_memory_fraction=args.gpu_memory_fraction, ops=args.ops,
-            tp_size=args.tp_size, tp_lora_scheme=args.tp_lora_scheme,
-            tp_cuda_graphs=settings.read("TP_CUDA_GRAPHS"),
-            packed_adapter_bytes=settings.read("ENGINE_PACKED_ADAPTER_BYTES"),
-            adapter_pack_threads=settings.read("ENGINE_ADAPTER_PACK_THREADS"),
-            random_weights_seed=None if (seed := settings.read("RANDOM_WEIGHTS_SEED")) < 0 else seed,
-        )
+        engine = EngineConfig(model_dir=str(model), **settings.config_values(EngineConfig, args))
         return cls(
             kafka_bootstrap=args.kafka_bootstrap, redis_url=args.redis_url, store_address=args.store_address,
             engine=engine, work_topic=args.work_topic, work_partitions=args.work_partitions,

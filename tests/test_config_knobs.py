@@ -1,0 +1,43 @@
+"""Each engine knob is declared once (its LORAFLEET_* variable: type, default, help) and reaches
+the engine from the command line: every EngineConfig field but the model folder is a knob, the
+engine's flags are derived from the fields, and flag / variable / default reach the config."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, fields
+
+from lorafleet.common import settings
+from lorafleet.engine.config import EngineConfig
+from lorafleet.engine.scheduler import SchedulerConfig
+from lorafleet.engine.serving.config import EngineServiceConfig
+
+
+def _parse(argv: list[str]) -> EngineConfig:
+    parser = argparse.ArgumentParser()
+    EngineServiceConfig.add_arguments(parser)
+    return EngineServiceConfig.from_args(parser.parse_args(argv), model_dir="m").engine
+
+
+def test_every_engine_field_is_a_declared_knob_with_its_default():
+    for f in fields(EngineConfig):
+        if f.name == "model_dir":
+            continue
+        var = settings.ENV_VARS[f.metadata["env"]]  # KeyError: a field without a knob
+        assert f.default == var.default, f.name
+
+
+def test_flags_variables_and_defaults_reach_the_config(monkeypatch):
+    assert _parse([]) == EngineConfig(model_dir="m")
+    config = _parse(["--max-num-seqs", "7", "--cuda-graphs", "0", "--decode-steps-per-prefill", "2",
+                     "--max-adapter-slots", "9", "--elementwise-ops", "torch", "--random-weights-seed", "3"])
+    assert (config.max_num_seqs, config.cuda_graphs, config.decode_steps_per_prefill) == (7, False, 2)
+    assert (config.max_adapter_slots, config.elementwise_ops, config.random_weights_seed) == (9, "torch", 3)
+    monkeypatch.setenv("LORAFLEET_CPU_POOL_BYTES", "12345")
+    monkeypatch.setenv("LORAFLEET_MAX_NUM_SEQS", "11")
+    config = _parse(["--max-num-seqs", "5"])
+    assert (config.cpu_pool_bytes, config.max_num_seqs) == (12345, 5)  # the flag wins over the variable
+
+
+def test_the_scheduler_declares_no_defaults_of_its_own():
+    assert {f.name for f in fields(SchedulerConfig) if f.default is MISSING} >= {"max_num_seqs", "max_batched_tokens"}
