@@ -113,7 +113,7 @@ def _config(args, model_dir: Path, plan: EnginePlan, max_rank: int) -> EngineCon
         cuda_graphs=bool(args.graphs or (args.w1_graphs and plan.world == 1)), tp_cuda_graphs=args.graphs,
         tp_size=plan.world,
         elementwise_ops=args.elementwise,
-        tp_lora_scheme=plan.scheme if plan.scheme != "-" else "fused",
+        tp_lora_scheme=plan.scheme if plan.scheme != "-" else "fused", tp_research_schemes=True,
     )
 
 

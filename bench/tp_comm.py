@@ -1,7 +1,7 @@
 """What the LoRA part costs under tensor parallelism, per scheme, from shapes alone (no GPU).
 
 For Llama-7B shapes and W in {2, 4, 8}: bytes each GPU sends per token for the LoRA part (ring
-algorithms: services/engine/tp/comm_model.py, checked against the real collectives by
+algorithms: bench/tp_comm_model.py, checked against the real collectives by
 tests/tp/test_distributed.py), LoRA collectives per layer, adapter bytes per rank, and a MODELED
 step cost (collective latency + bytes over link bandwidth + adapter bytes read from HBM) for a
 decode step and a prefill chunk. The model's constants are assumptions, printed with the tables;
@@ -18,7 +18,8 @@ from pathlib import Path
 
 from lorafleet.bench.report import environment
 from lorafleet.bench.shapes import SHAPES, VOCAB
-from lorafleet.engine.tp import Scheme, adapter_bytes_per_rank, bytes_sent, layer_collectives, per_token_bytes
+from lorafleet.bench.tp_comm_model import adapter_bytes_per_rank, bytes_sent, layer_collectives, per_token_bytes
+from lorafleet.engine.tp import Scheme
 from lorafleet.formats.model_spec import ModelSpec, RopeSpec
 
 OUT = Path(__file__).resolve().parent / "results" / "tp"

@@ -113,7 +113,8 @@ _DECLARED: list[EnvVar] = [
     EnvVar("OPS", str, "auto", "op implementations: auto (triton on CUDA), torch, triton"),
     EnvVar("TP_SIZE", int, 1, "tensor-parallel size: processes (GPUs) one engine spans; 1: no tensor parallelism"),
     EnvVar("TP_CUDA_GRAPHS", _bool, True, "decode CUDA graphs under tensor parallelism (0: eager decode steps on every rank)"),
-    EnvVar("TP_LORA_SCHEME", str, "fused", "how adapters are sharded under tensor parallelism: fused, slora, replicated_a, gather_outputs"),
+    EnvVar("TP_LORA_SCHEME", str, "fused", "how adapters are sharded under tensor parallelism: fused (fastest, docs/tp.md) or slora (the paper's)"),
+    EnvVar("TP_RESEARCH_SCHEMES", _bool, False, "benchmarks only: also allow the TP LoRA schemes replicated_a and gather_outputs (measured slower, docs/tp.md)"),
 ]
 
 ENV_VARS: dict[str, EnvVar] = {v.name: v for v in _DECLARED}

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 from lorafleet.common import settings
 
-_TP_SCHEMES = ("fused", "slora", "replicated_a", "gather_outputs")  # tp.Scheme's values
+_TP_SCHEMES = ("fused", "slora")  # production's tp.Scheme values
+_TP_RESEARCH_SCHEMES = ("replicated_a", "gather_outputs")  # the other two, compared in docs/tp.md
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class EngineConfig:
     # their equality with the one-GPU engine and their speed are measured in docs/tp.md. On the
     # CPU the same padded steps run eagerly (what the CPU tests check).
     tp_cuda_graphs: bool = settings.config_field("TP_CUDA_GRAPHS")
+    tp_research_schemes: bool = settings.config_field("TP_RESEARCH_SCHEMES")  # benchmarks and tests only
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -72,5 +74,8 @@ class EngineConfig:
             raise ValueError(f"cpu_threads must be >= 0 (0: all cores but one), got {self.cpu_threads}")
         if self.tp_size < 1:
             raise ValueError(f"tp_size must be >= 1, got {self.tp_size}")
-        if self.tp_lora_scheme not in _TP_SCHEMES:
+        if self.tp_lora_scheme in _TP_RESEARCH_SCHEMES and not self.tp_research_schemes:
+            raise ValueError(f"tp_lora_scheme {self.tp_lora_scheme!r} is for benchmarks only (set tp_research_schemes, "
+                             "LORAFLEET_TP_RESEARCH_SCHEMES=1); production runs fused or slora")
+        if self.tp_lora_scheme not in _TP_SCHEMES + _TP_RESEARCH_SCHEMES:
             raise ValueError(f"tp_lora_scheme must be one of {', '.join(_TP_SCHEMES)}; got {self.tp_lora_scheme!r}")

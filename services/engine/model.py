@@ -1,4 +1,6 @@
-"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2) with its own forward over the unified pool.
+"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2) with its own forward over the unified pool,
+on one device or as one rank of a tensor-parallel group (the same forward: only the projections
+know the group, see LlamaModel).
 
 The base model is one dense matmul per projection for the whole batch; the LoRA part is added by
 the LoRA ops (shrink, then expand into the matching output columns) for the tokens that have an
@@ -7,6 +9,7 @@ adapter:  y = x W^T + sum over adapters (x_i A_i^T) B_i^T * scale_i.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -14,8 +17,11 @@ import torch.nn.functional as F
 
 from lorafleet.formats.model_spec import LORA_MODULES, MODULE_INDEX, ModelSpec
 
-from .ops.base import AttentionMeta, AttentionOps, LoraContext, LoraOps
+from .ops.base import AttentionMeta, AttentionOps, LoraOps
 from .rope import RotaryEmbedding
+from .tp.collectives import TpComm
+from .tp.linear import column_parallel, row_parallel
+from .tp.partition import TpPlan
 from .weights_loader import ModelWeights
 
 QKV = (MODULE_INDEX["q_proj"], MODULE_INDEX["k_proj"], MODULE_INDEX["v_proj"])
@@ -81,26 +87,56 @@ def default_elementwise_ops(device: torch.device) -> ElementwiseOps:
     return TritonElementwiseOps()
 
 
-class LlamaModel:
-    """elementwise_ops: None picks default_elementwise_ops(the weights' device); the decode CUDA
-    graphs (cuda_graphs.py) build their model that way, so on CUDA they replay the fused kernels."""
+@dataclass(frozen=True)
+class TensorParallel:
+    """This rank's place in a tensor-parallel group: the plan (its heads, KV heads and columns,
+    tp/partition.py) and the group's collectives (tp/collectives.py)."""
 
-    def __init__(self, spec: ModelSpec, weights: ModelWeights, lora_ops: LoraOps, attn_ops: AttentionOps,
-                 elementwise_ops: ElementwiseOps | None = None):  # fmt: skip
-        self.spec = spec
-        self.w = weights
-        self.lora_ops = lora_ops
-        self.attn_ops = attn_ops
-        self.ew = elementwise_ops if elementwise_ops is not None else default_elementwise_ops(weights.embed.device)
+    plan: TpPlan
+    comm: TpComm
+
+
+class LlamaModel:
+    """The decoder, on one device or as one rank of a tensor-parallel group.
+
+    tp None: every projection is one matmul plus the LoRA part through `lora_ops` (LoraContext).
+    tp given: the rank holds its heads, KV heads and intermediate columns (tp/shard_weights.py)
+    and a pool of its own KV heads; q/k/v and gate/up are column-parallel, o and down
+    row-parallel with the base model's all-reduce, and the LoRA part follows the batch's scheme
+    (tp/linear.py; `lora` is then a TpLoraBatch or PagedLoraBatch). Activations between blocks
+    are the same on every rank.
+
+    elementwise_ops: None picks default_elementwise_ops(the weights' device) on one device (the
+    decode CUDA graphs build their model that way, so on CUDA they replay the fused kernels) and
+    the torch sequence on a rank (the engine passes its choice to the ranks).
+    """
+
+    def __init__(self, spec: ModelSpec, weights: ModelWeights, lora_ops: LoraOps | None, attn_ops: AttentionOps,
+                 elementwise_ops: ElementwiseOps | None = None, tp: TensorParallel | None = None):  # fmt: skip
+        if tp is not None and (tp.comm.world, tp.comm.rank) != (tp.plan.world, tp.plan.rank):
+            raise ValueError(f"plan is rank {tp.plan.rank} of {tp.plan.world}, the group rank {tp.comm.rank} of "
+                             f"{tp.comm.world}")
+        self.spec, self.w, self.lora_ops, self.attn_ops, self.tp = spec, weights, lora_ops, attn_ops, tp
+        if elementwise_ops is None:
+            elementwise_ops = TorchElementwiseOps() if tp is not None else default_elementwise_ops(weights.embed.device)
+        self.ew = elementwise_ops
         self.dtype = weights.embed.dtype
         self.device = weights.embed.device
         self.rope = RotaryEmbedding(spec.rope, spec.head_dim, spec.max_position, self.dtype, self.device)
         self.scale = spec.head_dim ** -0.5
-        s = spec
-        self._qkv_offsets = (0, s.q_width, s.q_width + s.kv_width)
-        self._gate_up_offsets = (0, s.intermediate_size)
+        world = tp.plan.world if tp is not None else 1
+        self.heads = tp.plan.heads_per_rank if tp is not None else spec.num_heads  # this rank's
+        self.kv_heads = tp.plan.kv_heads_per_rank if tp is not None else spec.num_kv_heads
+        q_width, kv_width = self.heads * spec.head_dim, self.kv_heads * spec.head_dim
+        self._qkv_split = (q_width, kv_width, kv_width)
+        self._qkv_offsets = (0, q_width, q_width + kv_width)
+        self._gate_up_offsets = (0, spec.intermediate_size // world)
 
-    def _linear(self, x, weight, layer, modules, offsets, lora: LoraContext | None, bias=None):
+    def _column(self, x, weight, bias, layer, modules, offsets, lora):
+        """x [T, H] (the same on every rank) -> this rank's output columns [T, N_loc]."""
+        if self.tp is not None:
+            return column_parallel(x, weight, bias, layer, tuple(LORA_MODULES[m] for m in modules), offsets, lora,
+                                   self.tp.comm)
         y = F.linear(x, weight, bias)  # [T, N]
         # A group no adapter of the batch targets launches nothing (its kernels would only exit).
         if lora is not None and not lora.batch.empty and lora.batch.targets_any(_NAMES[modules]):
@@ -108,37 +144,43 @@ class LlamaModel:
             self.lora_ops.expand(y, u, layer, modules, offsets, lora)
         return y
 
+    def _row(self, x, weight, layer, module, lora):
+        """x [T, in_loc] (this rank's input columns) -> the whole output [T, H], the same on every rank."""
+        if self.tp is not None:
+            return row_parallel(x, weight, layer, LORA_MODULES[module[0]], self.tp.plan, lora, self.tp.comm)
+        return self._column(x, weight, None, layer, module, (0,), lora)
+
     @torch.inference_mode()
     def forward(
         self,
         input_ids: torch.Tensor,  # [T] int64
         positions: torch.Tensor,  # [T] int64
-        pool: torch.Tensor,  # [L, num_pages, P]
+        pool: torch.Tensor,  # [L, num_pages, P]: under tp, this rank's KV heads only
         attn: AttentionMeta,
-        lora: LoraContext | None,
+        lora,  # LoraContext | None; under tp: TpLoraBatch | PagedLoraBatch | None
     ) -> torch.Tensor:
-        """Hidden states after the final norm: [T, H]."""
-        s, ew, eps = self.spec, self.ew, self.spec.rms_norm_eps
+        """Hidden states after the final norm: [T, H] (under tp, the same on every rank)."""
+        D, ew, eps = self.spec.head_dim, self.ew, self.spec.rms_norm_eps
         layers = self.w.layers
         x = self.w.embed[input_ids]  # [T, H], a fresh tensor: the residual stream, updated in place
         h = ew.rms_norm(x, layers[0].input_norm, eps) if layers else x
         for i, lw in enumerate(layers):
-            qkv = self._linear(h, lw.qkv, i, QKV, self._qkv_offsets, lora, lw.qkv_bias)  # [T, q + 2kv]
-            ew.rope_qk(qkv, positions, self.rope, s.num_heads, s.num_kv_heads)  # q, k rotated in place
-            q, k, v = qkv.split((s.q_width, s.kv_width, s.kv_width), dim=-1)
-            q = q.reshape(-1, s.num_heads, s.head_dim)  # [T, nh, D] (a view of qkv)
-            k = k.reshape(-1, s.num_kv_heads, s.head_dim)  # [T, nkv, D]
-            v = v.reshape(-1, s.num_kv_heads, s.head_dim)
+            qkv = self._column(h, lw.qkv, lw.qkv_bias, i, QKV, self._qkv_offsets, lora)  # [T, q + 2kv] (per rank)
+            ew.rope_qk(qkv, positions, self.rope, self.heads, self.kv_heads)  # q, k rotated in place
+            q, k, v = qkv.split(self._qkv_split, dim=-1)
+            q = q.reshape(-1, self.heads, D)  # [T, nh, D] (a view of qkv)
+            k = k.reshape(-1, self.kv_heads, D)  # [T, nkv, D]
+            v = v.reshape(-1, self.kv_heads, D)
             self.attn_ops.write_kv(pool, i, k, v, attn)
-            o = self.attn_ops.attend(q, pool, i, attn, self.scale).reshape(-1, s.q_width)  # [T, q]
-            h = ew.add_rms_norm(x, self._linear(o, lw.o, i, O, (0,), lora), lw.post_norm, eps)  # x += o W_o^T
-            gu = self._linear(h, lw.gate_up, i, GATE_UP, self._gate_up_offsets, lora)  # [T, 2I]
-            down = self._linear(ew.silu_mul(gu), lw.down, i, DOWN, (0,), lora)  # [T, H]
+            o = self.attn_ops.attend(q, pool, i, attn, self.scale).reshape(-1, self._qkv_split[0])  # [T, q]
+            h = ew.add_rms_norm(x, self._row(o, lw.o, i, O, lora), lw.post_norm, eps)  # x += o W_o^T
+            gu = self._column(h, lw.gate_up, None, i, GATE_UP, self._gate_up_offsets, lora)  # [T, 2I] (per rank)
+            down = self._row(ew.silu_mul(gu), lw.down, i, DOWN, lora)  # [T, H]
             # This layer's residual add fused with the next layer's input norm (or the final norm).
             next_norm = layers[i + 1].input_norm if i + 1 < len(layers) else self.w.final_norm
             h = ew.add_rms_norm(x, down, next_norm, eps)
         return h if layers else ew.rms_norm(x, self.w.final_norm, eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [N, H] -> logits [N, V] float32."""
+        """hidden: [N, H] -> logits [N, V] float32 (lm_head replicated under tp: no collective)."""
         return F.linear(hidden, self.w.lm_head).float()

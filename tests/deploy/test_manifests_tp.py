@@ -40,7 +40,7 @@ def test_several_ranks_get_a_memory_backed_dev_shm_and_host_memory_per_rank(over
     assert volume["emptyDir"]["medium"] == "Memory"
     assert quantity(volume["emptyDir"]["sizeLimit"]) >= tp * 2**30
     assert quantity(engine.spec["resources"]["limits"]["memory"]) >= tp * 16 * 2**30  # a 7B checkpoint per rank, at load
-    assert env.get("LORAFLEET_TP_LORA_SCHEME", "fused") in ("fused", "slora", "replicated_a", "gather_outputs")
+    assert env.get("LORAFLEET_TP_LORA_SCHEME", "fused") in ("fused", "slora")  # production's schemes
 
 
 def test_the_tp_check_the_engine_makes_refuses_what_the_manifest_must_not_ask_for():

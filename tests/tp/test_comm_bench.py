@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 
 from lorafleet.bench import tp_comm
-from lorafleet.engine.tp import Scheme, per_token_bytes
+from lorafleet.bench.tp_comm_model import per_token_bytes
+from lorafleet.engine.tp import Scheme
 
 
 def test_world_of_one_communicates_nothing():

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorafleet.engine.tp import layer_collectives
+from lorafleet.bench.tp_comm_model import layer_collectives
 from lorafleet.formats.model_spec import ModelSpec
 from tests.tp import workers
 from tests.tp.cases import SCHEMES, SPECS, TOKEN_ADAPTER, local_columns, make_case, reference_outputs

@@ -20,7 +20,6 @@ import torch
 from lorafleet.engine.memory.layout import PoolGeometry
 from lorafleet.engine.ops.torch_ref import TorchAttentionOps, TorchLoraOps
 from lorafleet.engine.tp.collectives import TpComm
-from lorafleet.engine.tp.lora_math import TpLoraBatch
 from lorafleet.engine.tp.paged_lora import PagedLoraBatch, segments
 from lorafleet.engine.tp.partition import local_spec, make_plan, piece_width
 from lorafleet.engine.tp.rank_runner import RankRunner, adapter_pages
@@ -29,6 +28,7 @@ from lorafleet.engine.tp.shard_weights import shard_model
 from lorafleet.engine.weights_loader import random_weights
 from lorafleet.formats.lora_weights import LoraWeights
 from tests.tp.cases import ADAPTER_RANKS, SCHEMES, TOKEN_ADAPTER, make_adapter, make_spec
+from tests.tp.lora_math import TpLoraBatch
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")

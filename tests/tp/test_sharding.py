@@ -7,13 +7,13 @@ import dataclasses
 import pytest
 import torch
 
+from lorafleet.bench.tp_comm_model import adapter_bytes_per_rank
 from lorafleet.engine.memory.layout import AdapterLayout
 from lorafleet.engine.tp import (
     COLUMN_PARALLEL,
     Scheme,
     ShardLayout,
     TensorParallelError,
-    adapter_bytes_per_rank,
     check_world,
     local_rank,
     local_spec,

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorafleet.engine.tp import Scheme, TpLoraBatch, column_parallel, make_plan, shard_lora, single_rank
+from lorafleet.engine.tp import Scheme, column_parallel, make_plan, shard_lora, single_rank
 from lorafleet.formats.model_spec import ModelSpec
 from tests.tp.cases import make_case
+from tests.tp.lora_math import TpLoraBatch
 from tests.tp.reference import DECODER_JOB, reference_logits
 from tests.tp.workers import run_decoder_job
 from tests.zoo import ADAPTERS

@@ -27,7 +27,7 @@ def _add_mixed(eng: LLMEngine, zoo, model: str) -> list[str]:
 
 def _config(zoo, model: str, num_pages: int, **extra) -> EngineConfig:
     return EngineConfig(model_dir=str(zoo.model(model)), device="cpu", num_pages=num_pages, max_batched_tokens=24,
-                        **extra)
+                        tp_research_schemes=True, **extra)  # every scheme stays tested
 
 
 def _single(zoo, model: str, num_pages: int) -> dict[str, list[int]]:
@@ -119,6 +119,10 @@ def test_tp_config_is_checked_before_any_process_starts(zoo):
         EngineConfig(model_dir="x", tp_size=0)
     with pytest.raises(ValueError, match="tp_lora_scheme"):
         EngineConfig(model_dir="x", tp_lora_scheme="megatron")
+    for research in ("replicated_a", "gather_outputs"):  # benchmarks only, by name
+        with pytest.raises(ValueError, match="TP_RESEARCH_SCHEMES"):
+            EngineConfig(model_dir="x", tp_size=2, tp_lora_scheme=research)
+        assert EngineConfig(model_dir="x", tp_size=2, tp_lora_scheme=research, tp_research_schemes=True)
     with pytest.raises(TensorParallelError, match="num_attention_heads 4"):
         LLMEngine(_config(zoo, "mha", 16, tp_size=3))
 

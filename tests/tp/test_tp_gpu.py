@@ -114,7 +114,7 @@ def test_tp_engine_on_gpus_matches_single_gpu(zoo, model, world, scheme, monkeyp
     monkeypatch.setattr(tp_runtime, "COLLECTIVE_TIMEOUT_S", WAIT_S)
     scheme, _, graphs = scheme.partition("+")
     # W = 1: the TP runtime itself (shards of one, pages read by rank-local tables, NCCL of one)
-    got = _run(zoo, model, build_tp_runtime if world == 1 else None, tp_size=world, tp_lora_scheme=scheme,
+    got = _run(zoo, model, build_tp_runtime if world == 1 else None, tp_size=world, tp_lora_scheme=scheme, tp_research_schemes=True,
                tp_cuda_graphs=bool(graphs))
     assert sorted(got) == sorted(want)
     compared = total = 0

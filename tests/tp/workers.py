@@ -10,12 +10,11 @@ import torch
 from safetensors.torch import save_file
 
 from lorafleet.engine.memory.layout import PoolGeometry
+from lorafleet.engine.model import LlamaModel, TensorParallel
 from lorafleet.engine.ops.torch_ref import TorchAttentionOps
 from lorafleet.engine.tp import (
     CommLog,
     TpComm,
-    TpLlamaModel,
-    TpLoraBatch,
     column_parallel,
     local_spec,
     make_plan,
@@ -29,6 +28,7 @@ from lorafleet.formats.lora_weights import load_peft_adapter_dir
 from lorafleet.formats.model_spec import ModelSpec, RopeSpec
 from tests.tp import paged
 from tests.tp.cases import SCHEMES, SPECS, make_case
+from tests.tp.lora_math import TpLoraBatch
 
 QKV, GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
 
@@ -106,7 +106,7 @@ def run_decoder_job(spec: ModelSpec, model_dir: str, job: dict, plan, comm: TpCo
         from lorafleet.kernels.fused_ops import TritonElementwiseOps
 
         elementwise = TritonElementwiseOps()
-    model = TpLlamaModel(spec, plan, weights, TorchAttentionOps(), comm, elementwise)
+    model = LlamaModel(spec, weights, None, TorchAttentionOps(), elementwise, TensorParallel(plan, comm))
     lens = [len(p) for p in prompts]
     results = {}
     for scheme in SCHEMES:

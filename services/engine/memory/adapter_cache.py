@@ -34,7 +34,6 @@ from .allocator import PageAllocator
 from .layout import AdapterLayout, adapter_layout
 
 
-
 @dataclass
 class _Resident:
     adapter_id: str

@@ -7,6 +7,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+
 from lorafleet.common import settings
 from lorafleet.engine.config import EngineConfig  # no torch: probes parse these flags without it
 

@@ -1,17 +1,13 @@
 """Tensor parallelism: Megatron sharding of the base model and the S-LoRA scheme for the LoRA part.
 
 Built and CPU-tested over gloo: the sharding of weights and adapters, the sharded linear math for
-the LoRA schemes compared, one rank's decoder forward over its own pool, an analytic
-communication model, and the engine integration (EngineConfig(tp_size=W): engine_runtime,
+the LoRA schemes compared, and the engine integration (EngineConfig(tp_size=W): engine_runtime,
 engine_workers, wire, rank_runner; imported only when tp_size > 1). Next: the rank's Triton ops
 reading sharded adapter pages, and GPU runs; see docs/tp.md.
 """
 
 from .collectives import Collective, CommLog, TpComm, single_rank
-from .comm_model import PlannedCollective, adapter_bytes_per_rank, bytes_sent, layer_collectives, per_token_bytes
 from .linear import column_parallel, row_parallel
-from .lora_math import TpLoraBatch, expand, shrink
-from .model import TpLlamaModel
 from .partition import (
     COLUMN_PARALLEL,
     ROW_PARALLEL,
@@ -29,8 +25,7 @@ from .shard_weights import shard_layer, shard_model
 
 __all__ = [
     "COLUMN_PARALLEL", "ROW_PARALLEL", "Collective", "CommLog", "LoraShard", "Scheme", "ShardLayout",
-    "TensorParallelError", "TpComm", "TpLlamaModel", "TpLoraBatch", "TpPlan", "check_world", "column_parallel",
-    "PlannedCollective", "adapter_bytes_per_rank", "bytes_sent", "layer_collectives",
-    "expand", "local_rank", "local_spec", "make_plan", "per_token_bytes", "piece_width",
-    "rank_rows", "row_parallel", "shard_layer", "shard_lora", "shard_model", "shrink", "single_rank",
+    "TensorParallelError", "TpComm", "TpPlan", "check_world", "column_parallel",
+    "local_rank", "local_spec", "make_plan", "piece_width",
+    "rank_rows", "row_parallel", "shard_layer", "shard_lora", "shard_model", "single_rank",
 ]

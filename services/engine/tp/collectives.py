@@ -2,7 +2,7 @@
 
 `group=None` with `world == 1` runs without torch.distributed at all (no process group needed).
 An optional CommLog records every call (op, elements, element size) so tests can check the
-communication model in comm_model.py against what the code really sends.
+communication model in bench/tp_comm_model.py against what the code really sends.
 """
 
 from __future__ import annotations

@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 
 from ..cuda_graphs import LORA_VARIANTS, DecodeBuffers, capture_graphs, graph_buckets, graph_key, graph_keys
+from ..model import LlamaModel
 from ..ops.base import AttentionMeta, LoraBatch
-from .model import TpLlamaModel
 from .paged_lora import PagedLoraBatch
 from .rank_runner import RankRunner
 
@@ -43,8 +43,8 @@ class TpDecodeGraphs:
         self.max_batch, self.max_rank, self.block_size = max_batch, max_rank, block_size
         self.buf = DecodeBuffers(max_batch, -(-spec.max_position // block_size), runner.pool.device)
         rm = runner.model
-        self.model = TpLlamaModel(spec, runner.plan, rm.w, TritonAttentionOps(capture=True, max_seq_len=spec.max_position),
-                                  rm.comm, rm.ew)
+        self.model = LlamaModel(spec, rm.w, None, TritonAttentionOps(capture=True, max_seq_len=spec.max_position),
+                                rm.ew, rm.tp)
         # shrink and expand ops: two instances, as the eager path (each caches its own table checks)
         self.lora_ops = (TritonLoraOps(capture=True, max_rank=max_rank), TritonLoraOps(capture=True, max_rank=max_rank))
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (bucket, LoRA variant) -> graph

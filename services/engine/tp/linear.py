@@ -35,13 +35,12 @@ import torch
 import torch.nn.functional as F
 
 from .collectives import TpComm
-from .lora_math import TpLoraBatch
-from .paged_lora import PagedLoraBatch
+from .paged_lora import PagedLoraBatch  # or any batch with its interface (the tests' plain-torch TpLoraBatch)
 from .partition import TpPlan, piece_width
 from .shard_adapters import Scheme
 
 
-def batch_scheme(lora: TpLoraBatch | PagedLoraBatch) -> Scheme:
+def batch_scheme(lora: PagedLoraBatch) -> Scheme:
     return lora.scheme
 
 
@@ -52,7 +51,7 @@ def column_parallel(
     layer: int,
     modules: tuple[str, ...],
     out_offsets: tuple[int, ...],  # each module's first column in the rank's fused output
-    lora: TpLoraBatch | PagedLoraBatch | None,
+    lora: PagedLoraBatch | None,
     comm: TpComm,
 ) -> torch.Tensor:
     """The rank's output columns [T, N_loc]."""
@@ -75,7 +74,7 @@ def row_parallel(
     layer: int,
     module: str,
     plan: TpPlan,
-    lora: TpLoraBatch | PagedLoraBatch | None,
+    lora: PagedLoraBatch | None,
     comm: TpComm,
 ) -> torch.Tensor:
     """The full output [T, H], the same on every rank."""

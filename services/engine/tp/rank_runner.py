@@ -22,13 +22,12 @@ from lorafleet.formats.lora_weights import LoraWeights
 from lorafleet.formats.model_spec import MODULE_INDEX, ModelSpec
 from lorafleet.formats.peft_config import PeftLoraConfig, TargetEntry
 
-from ..model import ElementwiseOps
+from ..model import ElementwiseOps, LlamaModel, TensorParallel
 from ..ops.base import AttentionMeta, AttentionOps, LoraBatch, LoraOps
 from ..ops.torch_ref import TorchLoraOps
 from ..weights_loader import ModelWeights
 from .collectives import TpComm
 from .grouped_adapter import Target, share_entries, write_share
-from .model import TpLlamaModel
 from .paged_lora import PagedLoraBatch, RankAdapterTables
 from .partition import TpPlan, make_plan
 from .shard_adapters import Scheme, ShardLayout, shard_lora
@@ -49,7 +48,7 @@ class RankRunner:
         under slora; default: the torch reference ops. slots, max_pages: the tables' first capacity."""
         self.spec, self.plan, self.scheme = spec, plan, Scheme(scheme)
         self.pool = pool  # [L, num_pages, P_loc]
-        self.model = TpLlamaModel(spec, plan, weights, attn_ops, comm, elementwise_ops)
+        self.model = LlamaModel(spec, weights, None, attn_ops, elementwise_ops, TensorParallel(plan, comm))
         self.tables = RankAdapterTables(spec, plan, self.scheme, pool.device, slots, max_pages)
         self.shrink_ops, self.expand_ops = lora_ops or (TorchLoraOps(), TorchLoraOps())
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .shard_adapters import LoraShard, Scheme
+from lorafleet.engine.tp.shard_adapters import LoraShard, Scheme
 
 
 @dataclass

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lorafleet.engine.tp.collectives import Collective
+from lorafleet.engine.tp.partition import piece_width
+from lorafleet.engine.tp.shard_adapters import Scheme
 from lorafleet.formats.model_spec import ModelSpec
-
-from .collectives import Collective
-from .partition import piece_width
-from .shard_adapters import Scheme
 
 FP32 = 4
 
