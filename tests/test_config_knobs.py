@@ -11,6 +11,7 @@ from lorafleet.common import settings
 from lorafleet.engine.config import EngineConfig
 from lorafleet.engine.scheduler import SchedulerConfig
 from lorafleet.engine.serving.config import EngineServiceConfig
+from lorafleet.ingest.config import IngestConfig
 
 
 def _parse(argv: list[str]) -> EngineConfig:
@@ -19,12 +20,26 @@ def _parse(argv: list[str]) -> EngineConfig:
     return EngineServiceConfig.from_args(parser.parse_args(argv), model_dir="m").engine
 
 
-def test_every_engine_field_is_a_declared_knob_with_its_default():
-    for f in fields(EngineConfig):
-        if f.name == "model_dir":
-            continue
-        var = settings.ENV_VARS[f.metadata["env"]]  # KeyError: a field without a knob
-        assert f.default == var.default, f.name
+def test_every_config_field_is_a_declared_knob_with_its_default():
+    for config in (EngineConfig, EngineServiceConfig, IngestConfig):
+        for f in fields(config):
+            if f.name in ("model_dir", "engine"):  # --model (the demo's when unset); the engine's own knobs
+                continue
+            var = settings.ENV_VARS[f.metadata["env"]]  # KeyError: a field without a knob
+            assert f.default is MISSING or f.default == var.default, (config.__name__, f.name)
+
+
+def test_service_knobs_reach_their_configs(monkeypatch):
+    monkeypatch.setenv("LORAFLEET_HOT_WINDOW_S", "3.5")  # read when the flags are made
+    parser = argparse.ArgumentParser()
+    IngestConfig.add_arguments(parser)
+    ingest = IngestConfig.from_args(parser.parse_args(["--ingest-max-batch", "9", "--group-id", "g"]), model_dir="m")
+    assert (ingest.max_batch, ingest.group_id, ingest.hot_window_s) == (9, "g", 3.5)
+    parser = argparse.ArgumentParser()
+    EngineServiceConfig.add_arguments(parser)
+    service = EngineServiceConfig.from_args(parser.parse_args(["--engine-max-inflight", "3", "--store-address", "h:1"]),
+                                            model_dir="m")
+    assert (service.max_inflight, service.store_address, service.engine.model_dir) == (3, "h:1", "m")
 
 
 def test_flags_variables_and_defaults_reach_the_config(monkeypatch):

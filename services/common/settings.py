@@ -77,6 +77,8 @@ _DECLARED: list[EnvVar] = [
     EnvVar("REDIS_TIMEOUT_S", float, 10.0, "socket timeout of every Redis call: a Redis that stops answering is an error, not a hang"),
     EnvVar("REDIS_SERVER_BIN", str, "", "redis-server binary for an embedded Redis; empty: PATH, then /usr/bin"),
     EnvVar("INGEST_GROUP", str, "lorafleet-ingest", "consumer group of the ingest service"),
+    EnvVar("ENGINE_MAX_INFLIGHT", int, 1024, "work messages an engine holds (queued and running) before its consumer pauses"),
+    EnvVar("ENGINE_ADAPTER_UNAVAILABLE_S", float, 60.0, "an engine gives up on an adapter its node's store cannot serve after this many seconds"),
     EnvVar("INGEST_MAX_BATCH", int, 500, "most request messages ingest handles per batch"),
     EnvVar("HOT_ADAPTER_RPS", float, 20.0, "requests/s of one adapter one work partition takes before it spreads"),
     EnvVar("HOT_WINDOW_S", float, 10.0, "sliding window over which ingest measures each adapter's request rate"),
@@ -145,11 +147,13 @@ def help_suffix(name: str, unset: str | None = None) -> str:
     return f" [env {var.full_name}, default {var.default!r}]"
 
 
-def config_field(name: str) -> Any:
+def config_field(name: str, *, flag: str | None = None, required: bool = False) -> Any:
     """A dataclass field whose default is LORAFLEET_<name>'s declared default, marked so that
-    add_config_flags gives it a flag and config_values reads it back: a config's knob is
-    declared once, here, with its type, default and help."""
-    return field(default=ENV_VARS[name].default, metadata={"env": name})
+    add_config_flags gives it a flag (`flag`, else --<name in lower case>) and config_values
+    reads it back: a config's knob is declared once, here, with its type, default and help.
+    required: no default in the dataclass (callers pass it), still a flag with the variable's."""
+    metadata = {"env": name, "flag": flag}
+    return field(metadata=metadata) if required else field(default=ENV_VARS[name].default, metadata=metadata)
 
 
 def _knobs(config_cls: type) -> list:
@@ -160,7 +164,7 @@ def add_config_flags(parser: Any, config_cls: type) -> None:
     """One flag per knob of a config dataclass: --max-num-seqs for LORAFLEET_MAX_NUM_SEQS, and so on."""
     for f in _knobs(config_cls):
         var = ENV_VARS[f.metadata["env"]]
-        flag = "--" + var.name.lower().replace("_", "-")
+        flag = f.metadata["flag"] or "--" + var.name.lower().replace("_", "-")
         add_flag(parser, flag, var.name, var.parse, var.help, dest=f.name)
 
 

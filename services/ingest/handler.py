@@ -31,8 +31,8 @@ from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from lorafleet.common.contract import (
     ErrorCode,
-    RequestMessage,
     RequestError,
+    RequestMessage,
     check_prompt_fits,
     deadline_problem,
     default_reply_stream,
