@@ -22,8 +22,9 @@ import torch
 from lorafleet.formats.model_spec import LORA_MODULES, ModelSpec
 
 from .batch import ModelBatch
-from .model import LlamaModel
+from .model import ElementwiseOps, LlamaModel
 from .ops.base import AdapterTables, AttentionMeta, LoraBatch, LoraContext
+from .ops.select import graph_ops
 from .weights_loader import ModelWeights
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
@@ -130,15 +131,13 @@ class DecodeBuffers:
 
 class DecodeGraphs:
     def __init__(self, spec: ModelSpec, weights: ModelWeights, pool: torch.Tensor, tables: AdapterTables,
-                 max_batch: int, max_rank: int, block_size: int):
-        from lorafleet.kernels.attention_ops import TritonAttentionOps
-        from lorafleet.kernels.lora_ops import TritonLoraOps
-
+                 max_batch: int, max_rank: int, block_size: int, elementwise_ops: ElementwiseOps):
+        """elementwise_ops: the engine's (the fused kernels: graphs are captured only with them)."""
         self.buckets = graph_buckets(max_batch)
         self.max_batch = max_batch
         self.buf = DecodeBuffers(max_batch, -(-spec.max_position // block_size), pool.device)
-        self.model = LlamaModel(spec, weights, TritonLoraOps(capture=True, max_rank=max_rank),
-                                TritonAttentionOps(capture=True, max_seq_len=spec.max_position))
+        lora_ops, attn_ops = graph_ops(max_rank, spec.max_position)
+        self.model = LlamaModel(spec, weights, lora_ops, attn_ops, elementwise_ops)
         self.pool, self.tables, self.max_rank, self.block_size = pool, tables, max_rank, block_size
         # (bucket, LoRA variant) -> its graph, and the logits [b, V] it writes
         self.graphs, self.logits = capture_graphs(graph_keys(self.buckets), self._forward)

@@ -76,17 +76,6 @@ class TorchElementwiseOps:
         return F.silu(gate) * up
 
 
-def default_elementwise_ops(device: torch.device) -> ElementwiseOps:
-    """The fused Triton kernels on CUDA (when Triton imports), the torch sequence elsewhere."""
-    if device.type != "cuda":
-        return TorchElementwiseOps()
-    try:
-        from lorafleet.kernels.fused_ops import TritonElementwiseOps
-    except ImportError:
-        return TorchElementwiseOps()
-    return TritonElementwiseOps()
-
-
 @dataclass(frozen=True)
 class TensorParallel:
     """This rank's place in a tensor-parallel group: the plan (its heads, KV heads and columns,
@@ -106,9 +95,8 @@ class LlamaModel:
     (tp/linear.py; `lora` is then a TpLoraBatch or PagedLoraBatch). Activations between blocks
     are the same on every rank.
 
-    elementwise_ops: None picks default_elementwise_ops(the weights' device) on one device (the
-    decode CUDA graphs build their model that way, so on CUDA they replay the fused kernels) and
-    the torch sequence on a rank (the engine passes its choice to the ranks).
+    elementwise_ops: what ops/select.py chose (the fused kernels or the torch sequence); None:
+    the torch sequence.
     """
 
     def __init__(self, spec: ModelSpec, weights: ModelWeights, lora_ops: LoraOps | None, attn_ops: AttentionOps,
@@ -117,9 +105,7 @@ class LlamaModel:
             raise ValueError(f"plan is rank {tp.plan.rank} of {tp.plan.world}, the group rank {tp.comm.rank} of "
                              f"{tp.comm.world}")
         self.spec, self.w, self.lora_ops, self.attn_ops, self.tp = spec, weights, lora_ops, attn_ops, tp
-        if elementwise_ops is None:
-            elementwise_ops = TorchElementwiseOps() if tp is not None else default_elementwise_ops(weights.embed.device)
-        self.ew = elementwise_ops
+        self.ew = elementwise_ops if elementwise_ops is not None else TorchElementwiseOps()
         self.dtype = weights.embed.dtype
         self.device = weights.embed.device
         self.rope = RotaryEmbedding(spec.rope, spec.head_dim, spec.max_position, self.dtype, self.device)

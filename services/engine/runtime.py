@@ -96,7 +96,8 @@ def build_runtime(cfg: EngineConfig) -> Runtime:
     if cfg.cuda_graphs and device.type == "cuda" and is_triton(lora_ops) and is_triton(elementwise):
         from .cuda_graphs import DecodeGraphs
 
-        graphs = DecodeGraphs(spec, weights, pool, adapters.tables, max_batch=min(cfg.max_num_seqs, cfg.max_batched_tokens),
+        graphs = DecodeGraphs(spec, weights, pool, adapters.tables, elementwise_ops=elementwise,
+                              max_batch=min(cfg.max_num_seqs, cfg.max_batched_tokens),
                               max_rank=cfg.max_adapter_rank, block_size=cfg.block_size)
     split = cfg.decode_steps_per_prefill
     if split is None:

@@ -45,6 +45,17 @@ def select_ops(kind: str, device: torch.device):
     return TritonLoraOps(), TritonAttentionOps()
 
 
+def graph_ops(max_rank: int, max_seq_len: int):
+    """(lora_ops, attention_ops) for CUDA-graph capture: the Triton ops in static-capacity mode
+    (decode graphs replay only these)."""
+    try:
+        from lorafleet.kernels.attention_ops import TritonAttentionOps
+        from lorafleet.kernels.lora_ops import TritonLoraOps
+    except ImportError as exc:
+        raise _triton_ops_import_error(exc) from exc
+    return TritonLoraOps(capture=True, max_rank=max_rank), TritonAttentionOps(capture=True, max_seq_len=max_seq_len)
+
+
 def select_elementwise_ops(kind: str, ops_kind: str, device: torch.device):
     """TritonElementwiseOps or TorchElementwiseOps, chosen like select_ops (kind auto: as ops_kind)."""
     if kind == "auto":

@@ -91,7 +91,7 @@ def build_runner(start: wire.WorkerStart, spec: ModelSpec) -> RankRunner:
     expand_ops = select_ops(start.attn_ops, device)[0]  # its own instance: its own cached table checks
     comm = TpComm.from_group()
     return RankRunner(spec, plan, weights, attn_ops, comm, pool, Scheme(start.scheme), (shrink_ops, expand_ops),
-                      _elementwise_ops(start.elementwise_ops), start.max_slots, start.max_adapter_pages)
+                      _elementwise_ops(start.elementwise_ops, device), start.max_slots, start.max_adapter_pages)
 
 
 def build_graphs(runner: RankRunner, start: wire.WorkerStart) -> TpDecodeGraphs | None:
@@ -103,14 +103,11 @@ def build_graphs(runner: RankRunner, start: wire.WorkerStart) -> TpDecodeGraphs 
                           capture=start.device == "cuda", with_logits=start.rank == 0)
 
 
-def _elementwise_ops(kind: str):
-    if kind == "triton":
-        from lorafleet.kernels.fused_ops import TritonElementwiseOps
+def _elementwise_ops(kind: str, device: torch.device):
+    """The driver's choice ("triton" or "torch"), made here through the one ops selection."""
+    from ..ops.select import select_elementwise_ops
 
-        return TritonElementwiseOps()
-    from ..model import TorchElementwiseOps
-
-    return TorchElementwiseOps()
+    return select_elementwise_ops(kind, kind, device)
 
 
 def run_step(runner: RankRunner, step: wire.Step, ints: torch.Tensor | None = None,

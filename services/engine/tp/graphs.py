@@ -27,6 +27,7 @@ import torch
 from ..cuda_graphs import LORA_VARIANTS, DecodeBuffers, capture_graphs, graph_buckets, graph_key, graph_keys
 from ..model import LlamaModel
 from ..ops.base import AttentionMeta, LoraBatch
+from ..ops.select import graph_ops
 from .paged_lora import PagedLoraBatch
 from .rank_runner import RankRunner
 
@@ -34,19 +35,16 @@ from .rank_runner import RankRunner
 class TpDecodeGraphs:
     def __init__(self, runner: RankRunner, max_batch: int, max_rank: int, block_size: int, *,
                  capture: bool, with_logits: bool):
-        from lorafleet.kernels.attention_ops import TritonAttentionOps
-        from lorafleet.kernels.lora_ops import TritonLoraOps
-
         spec = runner.spec
         self.runner, self.capture, self.with_logits = runner, capture, with_logits
         self.buckets = graph_buckets(max_batch)
         self.max_batch, self.max_rank, self.block_size = max_batch, max_rank, block_size
         self.buf = DecodeBuffers(max_batch, -(-spec.max_position // block_size), runner.pool.device)
         rm = runner.model
-        self.model = LlamaModel(spec, rm.w, None, TritonAttentionOps(capture=True, max_seq_len=spec.max_position),
-                                rm.ew, rm.tp)
+        shrink_ops, attn_ops = graph_ops(max_rank, spec.max_position)
+        self.model = LlamaModel(spec, rm.w, None, attn_ops, rm.ew, rm.tp)
         # shrink and expand ops: two instances, as the eager path (each caches its own table checks)
-        self.lora_ops = (TritonLoraOps(capture=True, max_rank=max_rank), TritonLoraOps(capture=True, max_rank=max_rank))
+        self.lora_ops = (shrink_ops, graph_ops(max_rank, spec.max_position)[0])
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (bucket, LoRA variant) -> graph
         self.out: dict[tuple[int, int], torch.Tensor] = {}  # -> [b, V] logits (rank 0) or [b, H] hidden
         self.replays = 0  # graph steps run (tests and metrics)
