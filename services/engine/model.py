@@ -29,6 +29,7 @@ O = (MODULE_INDEX["o_proj"],)
 GATE_UP = (MODULE_INDEX["gate_proj"], MODULE_INDEX["up_proj"])
 DOWN = (MODULE_INDEX["down_proj"],)
 _NAMES = {group: frozenset(LORA_MODULES[m] for m in group) for group in (QKV, O, GATE_UP, DOWN)}
+_TP_NAMES = {group: tuple(LORA_MODULES[m] for m in group) for group in (QKV, O, GATE_UP, DOWN)}  # tp/linear.py's
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -121,8 +122,7 @@ class LlamaModel:
     def _column(self, x, weight, bias, layer, modules, offsets, lora):
         """x [T, H] (the same on every rank) -> this rank's output columns [T, N_loc]."""
         if self.tp is not None:
-            return column_parallel(x, weight, bias, layer, tuple(LORA_MODULES[m] for m in modules), offsets, lora,
-                                   self.tp.comm)
+            return column_parallel(x, weight, bias, layer, _TP_NAMES[modules], offsets, lora, self.tp.comm)
         y = F.linear(x, weight, bias)  # [T, N]
         # A group no adapter of the batch targets launches nothing (its kernels would only exit).
         if lora is not None and not lora.batch.empty and lora.batch.targets_any(_NAMES[modules]):
@@ -133,7 +133,7 @@ class LlamaModel:
     def _row(self, x, weight, layer, module, lora):
         """x [T, in_loc] (this rank's input columns) -> the whole output [T, H], the same on every rank."""
         if self.tp is not None:
-            return row_parallel(x, weight, layer, LORA_MODULES[module[0]], self.tp.plan, lora, self.tp.comm)
+            return row_parallel(x, weight, layer, _TP_NAMES[module][0], self.tp.plan, lora, self.tp.comm)
         return self._column(x, weight, None, layer, module, (0,), lora)
 
     @torch.inference_mode()
