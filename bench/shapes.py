@@ -10,6 +10,9 @@ SHAPES = {
     # Llama-2 7B / 13B shapes (MHA, vocab 32000), as in the S-LoRA paper.
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),
     "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40),
+    # Llama-7B's 32 layers around a tiny width: host work per step as at 7B, a trivial forward
+    # (bench/host_step.py, on the CPU)
+    "host": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=32, num_attention_heads=4, num_key_value_heads=4),
     # small enough for a CPU smoke run of the harness itself
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4),
 }

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import islice
+from time import perf_counter
 
 import torch
 
@@ -45,6 +46,10 @@ class RequestOutput:
     num_output_tokens: int
 
 
+# The parts of one step, in order (LLMEngine.step_seconds).
+STEP_PHASES = ("prefetch", "schedule", "build_batch", "launch", "outputs", "wait", "update")
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, build: Callable[[EngineConfig], Runtime] | None = None):
         """build: what assembles the runtime (default: runtime.build_runtime, or the tensor-parallel
@@ -58,6 +63,10 @@ class LLMEngine:
         self.kv, self.adapters = rt.kv, rt.adapters
         self.decode_graphs = rt.decode_graphs  # None on the CPU or when disabled
         self.graph_steps = 0  # steps replayed from decode graphs (benchmarks and metrics)
+        # Seconds spent in each part of step(), summed over steps (bench/host_step.py). On CUDA,
+        # "launch" is the host queueing the forward and "wait" the GPU time not hidden behind the
+        # host; on the CPU, "launch" is the forward itself.
+        self.step_seconds = dict.fromkeys(STEP_PHASES, 0.0)
         self.scheduler = Scheduler(rt.scheduler_config, rt.kv, rt.adapters)
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self.eos_ids = rt.spec.eos_token_ids or ((self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ())
@@ -155,19 +164,29 @@ class LLMEngine:
         token the request got in the meantime is dropped (update_from_output skips finished ones),
         so what is emitted is exactly what a non-overlapped loop would emit.
         """
+        marks = [perf_counter()]  # one after each phase
         # Requests deeper in the queue than PREFETCH_AHEAD at arrival get their adapters packed
         # (and loaded into free pages) as they come near admission.
         self._prefetch_queue_front()
+        marks.append(perf_counter())
         sched = self.scheduler.schedule()
+        marks.append(perf_counter())
         pending, self._pending = self._pending, []
         if sched.empty:
             return self._outputs(pending)
         batch = build_batch(sched, self.kv, self.adapters, self.device)
+        marks.append(perf_counter())
         ids = self._launch(batch)  # [N] int64, still being computed
+        marks.append(perf_counter())
         outputs = self._outputs(pending)  # host work overlapped with the GPU
+        marks.append(perf_counter())
         sampled_ids = self._fetch(ids)
+        marks.append(perf_counter())
         sampled = {e.request.request_id: t for e, t in zip(batch.sampled, sampled_ids)}
         self._pending = self.scheduler.update_from_output(sched, sampled, self.eos_ids)
+        marks.append(perf_counter())
+        for phase, start, end in zip(STEP_PHASES, marks, marks[1:]):
+            self.step_seconds[phase] += end - start
         return outputs
 
     def _launch(self, batch) -> torch.Tensor | None:
