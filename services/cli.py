@@ -62,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     store = sub.add_parser("adapter-store", help="run the node's adapter store")
     settings.add_flag(store, "--model", "MODEL", str, "base model folder")
     settings.add_flag(store, "--adapters", "ADAPTERS", str, "adapter root URL")
-    settings.add_flag(store, "--address", "STORE_ADDRESS", str, "listen host:port")
-    settings.add_flag(store, "--shm-dir", "STORE_SHM_DIR", str, "shared host-memory folder")
+    from lorafleet.adapter_store.config import AdapterStoreConfig
+
+    settings.add_config_flags(store, AdapterStoreConfig)  # every store knob, from its fields
     _ready_file_flag(store)
     _check_flag(store)
 
@@ -108,7 +109,8 @@ async def _run_store(args) -> None:
     from lorafleet.common.signals import install_signal_stop
 
     model, adapters = demo_model_and_adapters(args.model, args.adapters)
-    cfg = AdapterStoreConfig.from_env_and_args(model_dir=model, adapters_root=adapters, address=args.address, shm_dir=args.shm_dir)
+    cfg = AdapterStoreConfig.from_env_and_args(model_dir=model, adapters_root=adapters,
+                                               **settings.config_values(AdapterStoreConfig, args))
     # SIGTERM must close the server and delete the shared files: killed by the default handler,
     # the store would leave its adapters in the node's /dev/shm (host memory) after the pod is gone.
     stop, _installed = install_signal_stop(None)

@@ -7,6 +7,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import MISSING, fields
 
+import pytest
+
+from lorafleet.adapter_store.config import AdapterStoreConfig
 from lorafleet.common import settings
 from lorafleet.engine.config import EngineConfig
 from lorafleet.engine.scheduler import SchedulerConfig
@@ -21,9 +24,9 @@ def _parse(argv: list[str]) -> EngineConfig:
 
 
 def test_every_config_field_is_a_declared_knob_with_its_default():
-    for config in (EngineConfig, EngineServiceConfig, IngestConfig):
+    for config in (EngineConfig, EngineServiceConfig, IngestConfig, AdapterStoreConfig):
         for f in fields(config):
-            if f.name in ("model_dir", "engine"):  # --model (the demo's when unset); the engine's own knobs
+            if f.name in ("model_dir", "engine", "adapters_root"):  # --model (the demo's when unset); the engine's own knobs
                 continue
             var = settings.ENV_VARS[f.metadata["env"]]  # KeyError: a field without a knob
             assert f.default is MISSING or f.default == var.default, (config.__name__, f.name)
@@ -56,3 +59,14 @@ def test_flags_variables_and_defaults_reach_the_config(monkeypatch):
 
 def test_the_scheduler_declares_no_defaults_of_its_own():
     assert {f.name for f in fields(SchedulerConfig) if f.default is MISSING} >= {"max_num_seqs", "max_batched_tokens"}
+
+
+def test_store_knobs_reach_its_config_from_flags_and_the_environment():
+    environ = {"LORAFLEET_MODEL": "m", "LORAFLEET_ADAPTERS": "file:///a", "LORAFLEET_STORE_FETCH_ATTEMPTS": "7",
+               "LORAFLEET_S3_ALLOW_HTTP": "1", "LORAFLEET_STORE_SPILL_DIR": "/tmp/spill"}
+    config = AdapterStoreConfig.from_env_and_args(environ=environ, memory_bytes=4 << 30, shm_dir="/tmp/shm")
+    assert (config.memory_bytes, str(config.shm_dir), str(config.spill_dir)) == (4 << 30, "/tmp/shm", "/tmp/spill")
+    assert (config.retry.attempts, config.s3.allow_http) == (7, True)
+    assert AdapterStoreConfig.from_env_and_args(environ={**environ, "LORAFLEET_STORE_SPILL_DIR": ""}).spill_dir is None
+    with pytest.raises(TypeError, match="memory_byte"):
+        AdapterStoreConfig.from_env_and_args(environ=environ, memory_byte=1)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 from lorafleet.common import settings
 
@@ -24,18 +24,33 @@ def parse_address(address: str) -> tuple[str, int]:
 class AdapterStoreConfig:
     model_dir: Path  # the base model: adapters are validated against its shapes
     adapters_root: str  # file:///abs, a plain path, or s3://bucket/prefix
-    address: str = "127.0.0.1:7070"  # where the store listens; port 0: any free port
-    shm_dir: Path = Path("/dev/shm/lorafleet-adapters")
-    memory_bytes: int = 8 << 30
-    max_adapter_bytes: int = 2 << 30
-    negative_ttl_s: float = 10.0
-    max_rank: int = 256
-    spill_dir: Path | None = None  # local disk for adapters evicted from memory (None: no spill)
-    spill_bytes: int = 64 << 30
-    s3: S3Options = field(default_factory=S3Options)
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # where the store listens; port 0: any free port
+    address: str = settings.config_field("STORE_ADDRESS", flag="--address")
+    shm_dir: Path = settings.config_field("STORE_SHM_DIR", flag="--shm-dir")  # a Path after __post_init__
+    memory_bytes: int = settings.config_field("STORE_MEMORY_BYTES")
+    max_adapter_bytes: int = settings.config_field("STORE_MAX_ADAPTER_BYTES")
+    negative_ttl_s: float = settings.config_field("STORE_NEGATIVE_TTL_S")
+    max_rank: int = settings.config_field("MAX_ADAPTER_RANK")
+    # local disk for adapters evicted from memory; "" or None: no spill (None after __post_init__)
+    spill_dir: Path | None = settings.config_field("STORE_SPILL_DIR")
+    spill_bytes: int = settings.config_field("STORE_SPILL_BYTES")
+    fetch_attempts: int = settings.config_field("STORE_FETCH_ATTEMPTS")
+    s3_endpoint: str = settings.config_field("S3_ENDPOINT")
+    s3_allow_http: bool = settings.config_field("S3_ALLOW_HTTP")
+    request_timeout_s: float = settings.config_field("STORE_REQUEST_TIMEOUT_S")
+
+    @property
+    def s3(self) -> S3Options:
+        return S3Options(endpoint=self.s3_endpoint, allow_http=self.s3_allow_http,
+                         request_timeout_s=self.request_timeout_s)
+
+    @property
+    def retry(self) -> RetryPolicy:
+        return RetryPolicy(attempts=self.fetch_attempts)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "shm_dir", Path(self.shm_dir))
+        object.__setattr__(self, "spill_dir", Path(self.spill_dir) if self.spill_dir else None)
         parse_address(self.address)
         if not str(self.adapters_root):
             raise ValueError("adapters_root is empty: pass --adapters or set LORAFLEET_ADAPTERS")
@@ -52,43 +67,22 @@ class AdapterStoreConfig:
             raise ValueError(f"LORAFLEET_MAX_ADAPTER_RANK must be >= 1, got {self.max_rank}")
 
     @classmethod
-    def from_env_and_args(
-        cls,
-        *,
-        model_dir: str | Path | None = None,
-        adapters_root: str | None = None,
-        address: str | None = None,
-        shm_dir: str | Path | None = None,
-        environ: Mapping[str, str] | None = None,
-    ) -> "AdapterStoreConfig":
-        """Arguments given (CLI flags) win; the rest comes from LORAFLEET_* variables or their defaults.
+    def from_env_and_args(cls, *, model_dir: str | Path | None = None, adapters_root: str | None = None,
+                          environ: Mapping[str, str] | None = None, **given: Any) -> "AdapterStoreConfig":
+        """Values given (CLI flags, by field name: address=..., memory_bytes=...) win; the rest come
+        from LORAFLEET_* variables (`environ`, default os.environ) or their declared defaults.
 
         The CLI resolves the demo model and adapters when LORAFLEET_MODEL / LORAFLEET_ADAPTERS are
         empty; here an empty value is an error naming the variable.
         """
         env = dict(environ) if environ is not None else None
-
-        def read(name: str):
-            return settings.read(name, env)
-
-        model = model_dir if model_dir is not None else read("MODEL")
+        model = model_dir if model_dir is not None else settings.read("MODEL", env)
         if not str(model):
             raise ValueError("no base model: pass --model or set LORAFLEET_MODEL")
-        return cls(
-            model_dir=Path(model),
-            adapters_root=adapters_root if adapters_root is not None else read("ADAPTERS"),
-            address=address if address is not None else read("STORE_ADDRESS"),
-            shm_dir=Path(shm_dir if shm_dir is not None else read("STORE_SHM_DIR")),
-            memory_bytes=read("STORE_MEMORY_BYTES"),
-            max_adapter_bytes=read("STORE_MAX_ADAPTER_BYTES"),
-            negative_ttl_s=read("STORE_NEGATIVE_TTL_S"),
-            max_rank=read("MAX_ADAPTER_RANK"),
-            spill_dir=Path(read("STORE_SPILL_DIR")) if read("STORE_SPILL_DIR") else None,
-            spill_bytes=read("STORE_SPILL_BYTES"),
-            s3=S3Options(
-                endpoint=read("S3_ENDPOINT"),
-                allow_http=read("S3_ALLOW_HTTP"),
-                request_timeout_s=read("STORE_REQUEST_TIMEOUT_S"),
-            ),
-            retry=RetryPolicy(attempts=read("STORE_FETCH_ATTEMPTS")),
-        )
+        knobs = settings.config_env_values(cls, env)
+        unknown = set(given) - set(knobs)
+        if unknown:
+            raise TypeError(f"AdapterStoreConfig has no knob {', '.join(sorted(unknown))}")
+        knobs.update({name: value for name, value in given.items() if value is not None})
+        root = adapters_root if adapters_root is not None else settings.read("ADAPTERS", env)
+        return cls(model_dir=Path(model), adapters_root=root, **knobs)

@@ -168,6 +168,11 @@ def add_config_flags(parser: Any, config_cls: type) -> None:
         add_flag(parser, flag, var.name, var.parse, var.help, dest=f.name)
 
 
+def config_env_values(config_cls: type, environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """The knobs of `config_cls` from LORAFLEET_* variables (`environ`, default os.environ) or defaults."""
+    return {f.name: read(f.metadata["env"], environ) for f in _knobs(config_cls)}
+
+
 def config_values(config_cls: type, args: Any) -> dict[str, Any]:
     """The knobs of `config_cls` as parsed by add_config_flags (flag, else variable, else default)."""
     return {f.name: getattr(args, f.name) for f in _knobs(config_cls)}
