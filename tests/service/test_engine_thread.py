@@ -144,3 +144,32 @@ async def test_a_refused_admission_and_a_failed_step_end_their_requests_with_err
     assert isinstance(failed, ErrorReply) and failed.code == "internal_error"
     await asyncio.sleep(0)
     assert not engine.left, "the request of the failed step was aborted in the engine"
+
+
+async def test_a_stuck_engine_thread_cannot_keep_the_process_alive():
+    """A step stuck on a hung GPU: shutdown gives up after its timeout, and the thread is a daemon
+    (the process exits after the drain; the liveness probe restarts the pod)."""
+    release = threading.Event()
+    thread = EngineThread()
+    stuck = asyncio.ensure_future(thread.call(release.wait, 30))
+    await asyncio.sleep(0.05)
+    assert thread.shutdown(timeout_s=0.1) is False and thread._thread.daemon
+    release.set()
+    assert await stuck is True
+    assert thread.shutdown(timeout_s=5) is True
+
+
+async def test_errors_reach_the_caller():
+    thread = EngineThread()
+
+    def broken():
+        raise KeyError("no such request")
+
+    try:
+        await thread.call(broken)
+    except KeyError as exc:
+        assert "no such request" in str(exc)
+    else:
+        raise AssertionError("the error was swallowed")
+    assert await thread.call(sum, [1, 2]) == 3  # the thread survives it
+    thread.shutdown()

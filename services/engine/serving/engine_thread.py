@@ -14,7 +14,9 @@ result (service.py); the turn touches nothing but the engine, and reads the jobs
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
+import queue
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -32,16 +34,34 @@ class EngineTurn:
 
 
 class EngineThread:
-    """One worker thread; `call` runs a function on it and awaits the result."""
+    """One daemon thread; `call` runs a function on it and awaits the result. Daemon: a step stuck
+    on a hung GPU or a dead collective must not keep the process alive after the service has
+    drained and given up on it (the liveness probe restarts the pod)."""
 
     def __init__(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorafleet-engine")
+        self._work: queue.SimpleQueue = queue.SimpleQueue()  # (fn, args, future) or None to stop
+        self._thread = threading.Thread(target=self._serve, name="lorafleet-engine", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while (work := self._work.get()) is not None:
+            fn, args, future = work
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as exc:  # handed to the awaiting caller, whatever it is
+                    future.set_exception(exc)
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        future: Future = Future()
+        self._work.put((fn, args, future))
+        return await asyncio.wrap_future(future)
 
-    def shutdown(self) -> None:
-        self._executor.shutdown(wait=True)
+    def shutdown(self, timeout_s: float | None = None) -> bool:
+        """Stop after the calls queued so far; False when the thread is still busy after timeout_s."""
+        self._work.put(None)
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
 
 
 def run_turn(engine, watch: StallWatch, aborts: list[str], admits: list[Job]) -> EngineTurn:

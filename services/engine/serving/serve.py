@@ -25,6 +25,8 @@ from .engine_thread import EngineThread
 from .service import EngineService
 from .stall_watch import StallWatch
 
+ENGINE_CLOSE_S = 30.0  # how long the drained service waits for the engine thread to close the engine
+
 
 class _Rebalance(ConsumerRebalanceListener):
     def __init__(self, service: EngineService):
@@ -85,5 +87,8 @@ async def run_engine_service(cfg: EngineServiceConfig, *, stop: asyncio.Event | 
         with suppress(Exception):
             await asyncio.wait_for(consumer.stop(), 10)
         await redis.aclose()
-        await thread.call(engine.close)  # stops tensor-parallel worker ranks (a no-op when tp_size is 1)
-        thread.shutdown()
+        try:  # stops tensor-parallel worker ranks (a no-op when tp_size is 1); queued behind a stuck step
+            await asyncio.wait_for(thread.call(engine.close), ENGINE_CLOSE_S)
+        except asyncio.TimeoutError:
+            log.error("the engine thread is still busy (a stuck step?); exiting without closing the engine")
+        thread.shutdown(timeout_s=0)
