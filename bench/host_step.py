@@ -8,8 +8,8 @@ step; this measures it without a GPU, so a change that removes host work is chec
 Model: the "host" shape (bench/shapes.py): 32 layers like Llama-7B (per-layer host loops cost
 what they cost there) but hidden size 64, random weights, so the forward ("launch" on the CPU)
 is short and not the subject. Adapters: rank 8 on q/k/v/o (S1's), random (bench/adapters.py).
-Each of `batch` requests takes adapter i % adapters; once all are decoding, `steps` decode steps
-are timed phase by phase (LLMEngine.step_seconds). Results: bench/results/host-step/<commit>/.
+Each of `batch` requests takes adapter i % adapters; once all are decoding (step_probe's
+decoding_batch), `steps` decode steps are timed phase by phase (LLMEngine.step_seconds). Results: bench/results/host-step/<commit>/.
 """
 
 from __future__ import annotations
@@ -26,29 +26,20 @@ import torch
 from lorafleet.bench.adapters import AdapterBank
 from lorafleet.bench.report import environment
 from lorafleet.bench.shapes import make_model_folder
-from lorafleet.engine.engine import STEP_PHASES, EngineConfig, LLMEngine, SamplingParams
+from lorafleet.bench.step_probe import decoding_batch
+from lorafleet.engine.engine import STEP_PHASES, EngineConfig, LLMEngine
 
 HOST_PHASES = ("prefetch", "schedule", "build_batch", "outputs", "update")  # "launch" is the forward here
 
 
 def measure(engine: LLMEngine, bank: AdapterBank, batch: int, adapters: int, steps: int) -> dict:
-    rng = np.random.default_rng(5)
-    params = SamplingParams(max_tokens=steps + 64, temperature=0, ignore_eos=True)
-    for i in range(batch):
-        engine.add_request(f"h{i}", prompt_token_ids=rng.integers(3, engine.spec.vocab_size, 32).tolist(),
-                           params=params, adapter_id=f"a{i % adapters}", adapter=bank.get(i % adapters))
-    while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.requests.values()):
-        engine.step()
-    for _ in range(3):  # every request decoding, outputs flowing
-        engine.step()
     per_step: dict[str, list[float]] = {phase: [] for phase in STEP_PHASES}
-    for _ in range(steps):
-        before = dict(engine.step_seconds)
-        engine.step()
-        for phase in STEP_PHASES:
-            per_step[phase].append((engine.step_seconds[phase] - before[phase]) * 1000)
-    for i in range(batch):
-        engine.abort_request(f"h{i}")
+    with decoding_batch(engine, bank, batch, adapters, prompt_len=32, steps=steps, tag="h"):
+        for _ in range(steps):
+            before = dict(engine.step_seconds)
+            engine.step()
+            for phase in STEP_PHASES:
+                per_step[phase].append((engine.step_seconds[phase] - before[phase]) * 1000)
     host = [sum(per_step[p][k] for p in HOST_PHASES) for k in range(steps)]
     return {"batch": batch, "adapters": adapters, "steps": steps,
             "host_ms_p50": float(np.median(host)), "host_ms_p90": float(np.percentile(host, 90)),

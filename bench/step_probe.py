@@ -8,12 +8,15 @@ where the engine has them), and `steps` of them are timed one by one (each engin
 the host reading the sampled ids, so its wall time is the step's). The requests are then aborted.
 
     decode_step_ms(engine, bank, batch=64, adapters=32)   # -> {"step_ms_p50": ..., ...}
+    with decoding_batch(engine, bank, 256, 200, 32, 40, "h"): ...   # time what you need (host_step.py)
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -23,8 +26,11 @@ from lorafleet.engine.engine import LLMEngine, SamplingParams
 ADAPTER_BASE = 5_000_000  # probe adapters' numbers in the bank (apart from any trace's)
 
 
-def decode_step_ms(engine: LLMEngine, bank: AdapterBank | None, batch: int = 64, adapters: int = 32,
-                   prompt_len: int = 128, steps: int = 32, tag: str = "probe") -> dict:
+@contextmanager
+def decoding_batch(engine: LLMEngine, bank: AdapterBank | None, batch: int, adapters: int, prompt_len: int,
+                   steps: int, tag: str) -> Iterator[None]:
+    """`batch` requests (request i on adapter i % adapters of the bank, or none) admitted and all
+    decoding, for `steps` more steps at least; on exit they are aborted and the engine is idle."""
     assert not engine.has_unfinished(), "the probe needs an idle engine"
     rng = np.random.default_rng(11)
     vocab = engine.spec.vocab_size
@@ -43,18 +49,25 @@ def decode_step_ms(engine: LLMEngine, bank: AdapterBank | None, batch: int = 64,
             break
     else:
         raise RuntimeError(f"only {len(started)} of {batch} probe requests started (pool too small?)")
-    graphs0, times, full = engine.graph_steps, [], 0
-    for _ in range(steps):
-        t = time.perf_counter()
-        outs = engine.step()
-        times.append(time.perf_counter() - t)
-        full += len(outs) == batch  # a token for every request: the whole batch decoded
+    try:
+        yield
+    finally:
+        for i in range(batch):
+            engine.abort_request(f"{tag}-{i}")
+        while engine.has_unfinished():
+            engine.step()
 
-    graph_steps = engine.graph_steps - graphs0
-    for i in range(batch):
-        engine.abort_request(f"{tag}-{i}")
-    while engine.has_unfinished():
-        engine.step()
+
+def decode_step_ms(engine: LLMEngine, bank: AdapterBank | None, batch: int = 64, adapters: int = 32,
+                   prompt_len: int = 128, steps: int = 32, tag: str = "probe") -> dict:
+    with decoding_batch(engine, bank, batch, adapters, prompt_len, steps, tag):
+        graphs0, times, full = engine.graph_steps, [], 0
+        for _ in range(steps):
+            t = time.perf_counter()
+            outs = engine.step()
+            times.append(time.perf_counter() - t)
+            full += len(outs) == batch  # a token for every request: the whole batch decoded
+        graph_steps = engine.graph_steps - graphs0
     times.sort()
     return {"step_ms_p50": 1e3 * statistics.median(times), "step_ms_p10": 1e3 * times[len(times) // 10],
             "step_ms_p90": 1e3 * times[(9 * len(times)) // 10], "batch": batch,
