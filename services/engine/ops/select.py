@@ -27,6 +27,18 @@ def _triton_ops_import_error(exc: ImportError) -> TritonOpsUnavailable:
         "fix the install, or ask for the torch reference ops with --ops torch (LORAFLEET_OPS=torch)")
 
 
+def _triton_classes():
+    """(TritonLoraOps, TritonAttentionOps, TritonElementwiseOps); a failed import raises
+    TritonOpsUnavailable, never a fall back to the torch ops."""
+    try:
+        from lorafleet.kernels.attention_ops import TritonAttentionOps
+        from lorafleet.kernels.fused_ops import TritonElementwiseOps
+        from lorafleet.kernels.lora_ops import TritonLoraOps
+    except ImportError as exc:
+        raise _triton_ops_import_error(exc) from exc
+    return TritonLoraOps, TritonAttentionOps, TritonElementwiseOps
+
+
 def select_ops(kind: str, device: torch.device):
     """(lora_ops, attention_ops): Triton on CUDA unless ``kind`` is "torch"; torch elsewhere.
 
@@ -37,23 +49,15 @@ def select_ops(kind: str, device: torch.device):
 
     if kind == "torch" or (kind == "auto" and device.type != "cuda"):
         return TorchLoraOps(), TorchAttentionOps()
-    try:
-        from lorafleet.kernels.attention_ops import TritonAttentionOps
-        from lorafleet.kernels.lora_ops import TritonLoraOps
-    except ImportError as exc:
-        raise _triton_ops_import_error(exc) from exc
-    return TritonLoraOps(), TritonAttentionOps()
+    lora_ops, attention_ops, _ = _triton_classes()
+    return lora_ops(), attention_ops()
 
 
 def graph_ops(max_rank: int, max_seq_len: int):
     """(lora_ops, attention_ops) for CUDA-graph capture: the Triton ops in static-capacity mode
     (decode graphs replay only these)."""
-    try:
-        from lorafleet.kernels.attention_ops import TritonAttentionOps
-        from lorafleet.kernels.lora_ops import TritonLoraOps
-    except ImportError as exc:
-        raise _triton_ops_import_error(exc) from exc
-    return TritonLoraOps(capture=True, max_rank=max_rank), TritonAttentionOps(capture=True, max_seq_len=max_seq_len)
+    lora_ops, attention_ops, _ = _triton_classes()
+    return lora_ops(capture=True, max_rank=max_rank), attention_ops(capture=True, max_seq_len=max_seq_len)
 
 
 def select_elementwise_ops(kind: str, ops_kind: str, device: torch.device):
@@ -62,8 +66,4 @@ def select_elementwise_ops(kind: str, ops_kind: str, device: torch.device):
         kind = ops_kind
     if kind == "torch" or (kind == "auto" and device.type != "cuda"):
         return TorchElementwiseOps()
-    try:
-        from lorafleet.kernels.fused_ops import TritonElementwiseOps
-    except ImportError as exc:
-        raise _triton_ops_import_error(exc) from exc
-    return TritonElementwiseOps()
+    return _triton_classes()[2]()

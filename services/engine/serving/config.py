@@ -47,7 +47,6 @@ class EngineServiceConfig:
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-
         settings.add_flag(parser, "--model", "MODEL", str, "Hugging Face model folder")
         settings.add_config_flags(parser, EngineServiceConfig)  # the service's knobs, from its fields
         settings.add_config_flags(parser, EngineConfig)  # every engine knob, from its fields

@@ -1,6 +1,6 @@
 """The engine process: connects Kafka, Redis and the node's adapter store to one EngineService,
-runs its consume and step loops, and drains on SIGTERM/SIGINT (services/engine/service.py is the
-loop itself)."""
+runs its consume and step loops, and drains on SIGTERM/SIGINT (service.py beside it is the loop
+itself)."""
 
 from __future__ import annotations
 

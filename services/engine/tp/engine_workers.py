@@ -72,7 +72,7 @@ def init_group(start: wire.WorkerStart) -> None:
 def build_runner(start: wire.WorkerStart, spec: ModelSpec) -> RankRunner:
     """This rank's shard of the weights, its pool (own KV heads), its model; no collective here."""
     from ..memory.layout import PoolGeometry
-    from ..ops.select import select_ops
+    from ..ops.select import select_elementwise_ops, select_ops
 
     device, dtype = rank_device(start), _DTYPES[start.dtype]
     plan = make_plan(spec, start.world, start.rank)
@@ -91,7 +91,7 @@ def build_runner(start: wire.WorkerStart, spec: ModelSpec) -> RankRunner:
     expand_ops = select_ops(start.attn_ops, device)[0]  # its own instance: its own cached table checks
     comm = TpComm.from_group()
     return RankRunner(spec, plan, weights, attn_ops, comm, pool, Scheme(start.scheme), (shrink_ops, expand_ops),
-                      _elementwise_ops(start.elementwise_ops, device), start.max_slots, start.max_adapter_pages)
+                      select_elementwise_ops(start.elementwise_ops, start.elementwise_ops, device), start.max_slots, start.max_adapter_pages)
 
 
 def build_graphs(runner: RankRunner, start: wire.WorkerStart) -> TpDecodeGraphs | None:
@@ -101,13 +101,6 @@ def build_graphs(runner: RankRunner, start: wire.WorkerStart) -> TpDecodeGraphs 
         return None
     return TpDecodeGraphs(runner, start.graph_max_batch, start.graph_max_rank, start.block_size,
                           capture=start.device == "cuda", with_logits=start.rank == 0)
-
-
-def _elementwise_ops(kind: str, device: torch.device):
-    """The driver's choice ("triton" or "torch"), made here through the one ops selection."""
-    from ..ops.select import select_elementwise_ops
-
-    return select_elementwise_ops(kind, kind, device)
 
 
 def run_step(runner: RankRunner, step: wire.Step, ints: torch.Tensor | None = None,
