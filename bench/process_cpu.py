@@ -5,9 +5,10 @@ thread of the ones that matter), between two snapshots.
     before = cpu.snapshot(); ...; report = cpu.since(before, wall_s)
 
 Processes are named by role from their command line (`lorafleet.cli engine` -> "engine",
-tansu -> "broker", redis-server -> "redis"); threads of lorafleet processes by name where Python
-named them (asyncio's worker threads: "asyncio_N"), else by thread id. Figures are CPU seconds
-and the share of one core over the window (1.0 = one core busy the whole time).
+tansu -> "broker", redis-server -> "redis"); threads by their OS name (/proc/<pid>/task/<tid>/comm:
+Tansu names its workers, Python threads all carry the process's name, so tell those apart by
+their CPU, or name them with py-spy). Figures are CPU seconds and the share of one core over the
+window (1.0 = one core busy the whole time).
 """
 
 from __future__ import annotations
@@ -32,18 +33,12 @@ def role(proc: psutil.Process) -> str:
     return proc.name()
 
 
-def _thread_names(pid: int) -> dict[int, str]:
-    names = {}
+def _thread_name(pid: int, tid: int) -> str:
     try:
-        for t in psutil.Process(pid).threads():
-            try:
-                with open(f"/proc/{pid}/task/{t.id}/comm") as f:
-                    names[t.id] = f.read().strip()
-            except OSError:
-                pass
-    except psutil.NoSuchProcess:
-        pass
-    return names
+        with open(f"/proc/{pid}/task/{tid}/comm") as f:
+            return f.read().strip()
+    except OSError:  # gone meanwhile
+        return str(tid)
 
 
 class ProcessCpu:
@@ -67,7 +62,8 @@ class ProcessCpu:
                 threads = {th.id: th.user_time + th.system_time for th in p.threads()}
             except psutil.NoSuchProcess:
                 continue
-            snap[pid] = {"role": name, "cpu": t.user + t.system, "threads": threads, "names": _thread_names(pid)}
+            snap[pid] = {"role": name, "cpu": t.user + t.system, "threads": threads,
+                         "names": {tid: _thread_name(pid, tid) for tid in threads}}
         return snap
 
     def since(self, before: dict, wall_s: float, top_threads: int = 6) -> list[dict]:

@@ -164,7 +164,7 @@ def measure_pair(engine, weights: dict, ready: dict, requests: list[dict], cpu: 
 
 
 def start_py_spy(up_pid: int, args: argparse.Namespace, workdir: Path, n: int) -> list[subprocess.Popen]:
-    """With --py-spy DIR: sample every lorafleet process (all threads, idle included) over the
+    """With --py-spy DIR: sample ingest and the engine (all threads, idle included) over the
     stack run into DIR/<role>-<n>.txt (collapsed stacks, one line per stack with its sample count)."""
     if not args.py_spy:
         return []
