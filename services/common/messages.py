@@ -108,7 +108,8 @@ def token_fields(entry: TokenReply) -> list[str]:
 def entry_fields(entry: ReplyEntry) -> dict[str, str]:
     """The flat string map written to the stream (field order is the one in CONTRACT.md)."""
     if isinstance(entry, TokenReply):
-        return dict(zip(*[iter(token_fields(entry))] * 2))
+        fields = token_fields(entry)
+        return dict(zip(fields[::2], fields[1::2]))
     if isinstance(entry, DoneReply):
         return {"type": "done", "finish_reason": entry.finish_reason,
                 "prompt_tokens": str(entry.prompt_tokens),
