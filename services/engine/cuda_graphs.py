@@ -3,29 +3,38 @@
 One graph per (batch-size bucket, LoRA variant), captured once at start-up over static buffers
 sized for the largest bucket; a decode step copies its metadata into the first n rows, pads the
 bucket with inert rows (slot -1: no KV write; seq_len 0: no attention; adapter slot -1: no LoRA),
-replays, and reads the logits of its n rows. Prefill and mixed steps run eagerly.
+replays, and reads the output of its n rows. Prefill and mixed steps run eagerly.
+
+The same class serves one device and every rank of a tensor-parallel group: under TP each rank
+captures ITS part of the step, the collectives between its kernels included (NCCL calls are
+captured like kernels); the driver marks a decode-only step `graph` in the step header and every
+rank replays the same bucket's graph of the same LoRA variant, so the collectives inside meet.
+Rank 0 (and one device) computes the logits, the other ranks stop at the hidden states.
+capture=False (TP on the CPU, gloo: no graphs): `run` executes the same padded forward eagerly,
+which is what the CPU tests check against the eager path.
 
 LoRA variants (LORA_VARIANTS): which module groups run LoRA kernels in the graph. A step replays
-the smallest variant that covers the modules its adapters target: without them every step ran
-the LoRA kernels of all seven modules, which only exit where nothing is targeted, and on an
-H200 (e62db42, 7B, batch 64) a base-only step spent 0.39 ms in such kernels and S1 (q/k/v/o
-adapters) half of its 1.30 ms of LoRA kernels in the MLP's.
+the smallest variant that covers the modules its adapters target: otherwise every step would
+run the LoRA kernels of all seven modules, which only exit where nothing is targeted
+(docs/structure.md gives the measured cost).
 
-NOTE: the captured model shares the eager model's weights, the pool and the AdapterCache's
-tables (updated in place), so adapters loaded after capture are seen by every replay.
+NOTE: the captured model shares the eager model's weights, the pool and the slot tables (updated
+in place; under TP built at the driver's slot and page capacity, never reallocated after
+capture), so adapters loaded after capture are seen by every replay.
 """
 
 from __future__ import annotations
 
 import torch
 
-from lorafleet.formats.model_spec import LORA_MODULES, ModelSpec
+from lorafleet.formats.model_spec import LORA_MODULES
 
 from .batch import ModelBatch
-from .model import ElementwiseOps, LlamaModel
-from .ops.base import AdapterTables, AttentionMeta, LoraBatch, LoraContext
+from .lora_step import LoraStep
+from .model import LlamaModel
+from .ops.base import AdapterTables, AttentionMeta, LoraBatch
 from .ops.select import graph_ops
-from .weights_loader import ModelWeights
+from .tp.shard_adapters import Scheme
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 # Module sets whose LoRA a graph runs, smallest first: none (base-only steps), attention (S-LoRA's
@@ -87,7 +96,7 @@ def capture_graphs(keys: list, forward) -> tuple[dict, dict]:
 class DecodeBuffers:
     """The static inputs of captured decode steps, `cap` rows: a step's n rows go into the first n
     and the rest of its bucket b is made inert (slot -1: no KV write; seq_len 0: no attention;
-    adapter slot -1 and empty segments: no LoRA). Shared by DecodeGraphs and tp/graphs.py."""
+    adapter slot -1 and empty segments: no LoRA)."""
 
     def __init__(self, cap: int, max_blocks: int, device: torch.device):
         i32, i64 = dict(dtype=torch.int32, device=device), dict(dtype=torch.int64, device=device)
@@ -130,36 +139,68 @@ class DecodeBuffers:
 
 
 class DecodeGraphs:
-    def __init__(self, spec: ModelSpec, weights: ModelWeights, pool: torch.Tensor, tables: AdapterTables,
-                 max_batch: int, max_rank: int, block_size: int, elementwise_ops: ElementwiseOps):
-        """elementwise_ops: the engine's (the fused kernels: graphs are captured only with them)."""
+    def __init__(self, model: LlamaModel, pool: torch.Tensor, tables: tuple[AdapterTables, AdapterTables],
+                 max_batch: int, max_rank: int, block_size: int, *, scheme: Scheme = Scheme.FUSED,
+                 capture: bool = True, with_logits: bool = True):
+        """model: the eager model (its weights, elementwise ops and TP world are shared; the graphs
+        get their own capture-mode attention and LoRA ops). tables: (shrink, expand) slot tables,
+        one object twice on one device. max_rank: the LoRA capacity captured."""
+        spec = model.spec
         self.buckets = graph_buckets(max_batch)
-        self.max_batch = max_batch
+        self.max_batch, self.max_rank, self.block_size = max_batch, max_rank, block_size
+        self.capture, self.with_logits = capture, with_logits
         self.buf = DecodeBuffers(max_batch, -(-spec.max_position // block_size), pool.device)
-        lora_ops, attn_ops = graph_ops(max_rank, spec.max_position)
-        self.model = LlamaModel(spec, weights, lora_ops, attn_ops, elementwise_ops)
-        self.pool, self.tables, self.max_rank, self.block_size = pool, tables, max_rank, block_size
-        # (bucket, LoRA variant) -> its graph, and the logits [b, V] it writes
-        self.graphs, self.logits = capture_graphs(graph_keys(self.buckets), self._forward)
+        shrink_ops, attn_ops = graph_ops(max_rank, spec.max_position)
+        # two ops instances when the tables differ (each caches the checks of its own tables)
+        expand_ops = shrink_ops if tables[0] is tables[1] else graph_ops(max_rank, spec.max_position)[0]
+        self.model = LlamaModel(spec, model.w, attn_ops, model.ew, model.tp)
+        self.pool, self.tables, self.scheme, self.lora_ops = pool, tables, scheme, (shrink_ops, expand_ops)
         self.variant_replays = [0] * len(LORA_VARIANTS)  # graph steps per LoRA variant (tests, metrics)
+        # (bucket, LoRA variant) -> its graph, and the output it writes: logits [b, V] or hidden [b, H]
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.out: dict[tuple[int, int], torch.Tensor] = {}
+        if capture:
+            self.graphs, self.out = capture_graphs(graph_keys(self.buckets), self._forward)
 
     def _forward(self, key: tuple[int, int]) -> torch.Tensor:
         b, variant = key
         meta = self.buf.attention(b, self.model.spec.max_position, self.block_size)
         targets = LORA_VARIANTS[variant]
-        lora = LoraContext(self.pool, self.tables, self.buf.lora(b, self.max_rank, targets)) if targets else None
-        hidden = self.model.forward(self.buf.input_ids[:b], self.buf.positions[:b], self.pool, meta, lora)
-        return self.model.logits(hidden)
+        lora = None
+        if targets:
+            lora = LoraStep(self.pool, *self.tables, self.buf.lora(b, self.max_rank, targets), *self.lora_ops,
+                            self.scheme)
+        hidden = self.model.forward(self.buf.input_ids[:b], self.buf.positions[:b], self.pool, meta, lora)  # [b, H]
+        return self.model.logits(hidden) if self.with_logits else hidden
 
     def can_run(self, batch: ModelBatch) -> bool:
         return replayable(batch, self.max_batch)
 
-    def run(self, batch: ModelBatch) -> torch.Tensor:
-        """Logits [n, V] of an all-decode batch (every token sampled, in batch order)."""
-        n = batch.input_ids.shape[0]
-        lora = None if batch.lora is None or batch.lora.empty else batch.lora
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMeta,
+            lora: LoraBatch | None) -> torch.Tensor:
+        """A decode-only step of n <= max_batch tokens, every token sampled, in batch order ->
+        logits [n, V] float32 (with_logits) or hidden [n, H]. The LoRA variant comes from
+        lora.targets (under TP the step header's: the same on every rank)."""
+        n = input_ids.shape[0]
+        if not (attn.num_decodes == n <= self.max_batch):
+            raise ValueError(f"a graph step takes up to {self.max_batch} decodes, got {n} tokens, {attn.num_decodes} decodes")
+        lora = None if lora is None or lora.empty else lora
+        if lora is not None and lora.max_rank > self.max_rank:
+            raise ValueError(f"the step's rank {lora.max_rank} exceeds the graphs' capacity {self.max_rank}")
         key = graph_key(self.buckets, n, lora)
-        self.buf.fill(key[0], batch.input_ids, batch.positions, batch.attn, lora)
-        self.graphs[key].replay()
+        self.buf.fill(key[0], input_ids, positions, attn, lora)
         self.variant_replays[key[1]] += 1
-        return self.logits[key][:n]
+        if not self.capture:
+            return self._forward(key)[:n]
+        self.graphs[key].replay()
+        return self.out[key][:n]
+
+    def release(self) -> None:
+        """Free the captured graphs; idempotent. Under TP it must run before the process group is
+        destroyed: a worker whose graphs were alive hung in destroy_process_group at close (their
+        captured NCCL calls hold the communicator), and the driver in its join."""
+        if self.capture and self.graphs:
+            torch.cuda.synchronize()
+            for graph in self.graphs.values():
+                graph.reset()
+        self.graphs, self.out = {}, {}

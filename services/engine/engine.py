@@ -24,7 +24,7 @@ from lorafleet.formats.lora_weights import LoraWeights
 from .batch import build_batch
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer, decode_batch
-from .ops.base import LoraContext
+from .lora_step import LoraStep
 from .request import Request, SamplingParams
 from .runtime import Runtime, build_runtime
 from .sampling import sample
@@ -60,6 +60,7 @@ class LLMEngine:
         rt = build(config)
         self.config, self.spec, self.tokenizer = config, rt.spec, rt.tokenizer
         self.device, self.pool, self.model = rt.device, rt.pool, rt.model
+        self.lora_ops = rt.lora_ops  # the eager steps' LoRA ops (LoraStep)
         self.kv, self.adapters = rt.kv, rt.adapters
         self.decode_graphs = rt.decode_graphs  # None on the CPU or when disabled
         self.graph_steps = 0  # steps replayed from decode graphs (benchmarks and metrics)
@@ -192,10 +193,12 @@ class LLMEngine:
     def _launch(self, batch) -> torch.Tensor | None:
         """Queue the forward pass and sampling; returns the sampled ids on the device (no sync)."""
         if self.decode_graphs is not None and self.decode_graphs.can_run(batch):
-            logits = self.decode_graphs.run(batch)  # [N, V] float32, from a replayed CUDA graph
+            # [N, V] float32, from a replayed CUDA graph
+            logits = self.decode_graphs.run(batch.input_ids, batch.positions, batch.attn, batch.lora)
             self.graph_steps += 1
         else:
-            lora = None if batch.lora.empty else LoraContext(self.pool, self.adapters.tables, batch.lora)
+            lora = None if batch.lora.empty else LoraStep.one_device(self.pool, self.adapters.tables, batch.lora,
+                                                                     self.lora_ops)
             hidden = self.model.forward(batch.input_ids, batch.positions, self.pool, batch.attn, lora)
             logits = self.model.logits(hidden[batch.logits_index]) if batch.sampled else None  # [N, V] float32
         return None if logits is None else sample(logits, batch.sampling)

@@ -15,21 +15,20 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from lorafleet.formats.model_spec import LORA_MODULES, MODULE_INDEX, ModelSpec
+from lorafleet.formats.model_spec import MODULE_INDEX, ModelSpec
 
-from .ops.base import AttentionMeta, AttentionOps, LoraOps
+from .lora_step import LoraStep
+from .ops.base import AttentionMeta, AttentionOps
 from .rope import RotaryEmbedding
-from .tp.collectives import TpComm
+from .tp.collectives import TpComm, single_rank
 from .tp.linear import column_parallel, row_parallel
-from .tp.partition import TpPlan
+from .tp.partition import TpPlan, make_plan
 from .weights_loader import ModelWeights
 
 QKV = (MODULE_INDEX["q_proj"], MODULE_INDEX["k_proj"], MODULE_INDEX["v_proj"])
 O = (MODULE_INDEX["o_proj"],)
 GATE_UP = (MODULE_INDEX["gate_proj"], MODULE_INDEX["up_proj"])
 DOWN = (MODULE_INDEX["down_proj"],)
-_NAMES = {group: frozenset(LORA_MODULES[m] for m in group) for group in (QKV, O, GATE_UP, DOWN)}
-_TP_NAMES = {group: tuple(LORA_MODULES[m] for m in group) for group in (QKV, O, GATE_UP, DOWN)}  # tp/linear.py's
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -89,52 +88,42 @@ class TensorParallel:
 class LlamaModel:
     """The decoder, on one device or as one rank of a tensor-parallel group.
 
-    tp None: every projection is one matmul plus the LoRA part through `lora_ops` (LoraContext).
-    tp given: the rank holds its heads, KV heads and intermediate columns (tp/shard_weights.py)
-    and a pool of its own KV heads; q/k/v and gate/up are column-parallel, o and down
-    row-parallel with the base model's all-reduce, and the LoRA part follows the batch's scheme
-    (tp/linear.py; `lora` is then a TpLoraBatch or PagedLoraBatch). Activations between blocks
-    are the same on every rank.
+    tp None: world 1 (every collective the identity). tp given: the rank holds its heads, KV
+    heads and intermediate columns (tp/shard_weights.py) and a pool of its own KV heads. Either
+    way q/k/v and gate/up are column-parallel, o and down row-parallel (tp/linear.py: at world 1
+    one matmul plus the LoRA part, with no collective), and the LoRA part is the step's LoraStep
+    (its ops and tables; under TP its scheme). Activations between blocks are the same on every rank.
 
     elementwise_ops: what ops/select.py chose (the fused kernels or the torch sequence); None:
     the torch sequence.
     """
 
-    def __init__(self, spec: ModelSpec, weights: ModelWeights, lora_ops: LoraOps | None, attn_ops: AttentionOps,
+    def __init__(self, spec: ModelSpec, weights: ModelWeights, attn_ops: AttentionOps,
                  elementwise_ops: ElementwiseOps | None = None, tp: TensorParallel | None = None):  # fmt: skip
-        if tp is not None and (tp.comm.world, tp.comm.rank) != (tp.plan.world, tp.plan.rank):
+        if tp is None:
+            tp = TensorParallel(make_plan(spec, 1, 0), single_rank())
+        if (tp.comm.world, tp.comm.rank) != (tp.plan.world, tp.plan.rank):
             raise ValueError(f"plan is rank {tp.plan.rank} of {tp.plan.world}, the group rank {tp.comm.rank} of "
                              f"{tp.comm.world}")
-        self.spec, self.w, self.lora_ops, self.attn_ops, self.tp = spec, weights, lora_ops, attn_ops, tp
+        self.spec, self.w, self.attn_ops, self.tp = spec, weights, attn_ops, tp
         self.ew = elementwise_ops if elementwise_ops is not None else TorchElementwiseOps()
         self.dtype = weights.embed.dtype
         self.device = weights.embed.device
         self.rope = RotaryEmbedding(spec.rope, spec.head_dim, spec.max_position, self.dtype, self.device)
         self.scale = spec.head_dim ** -0.5
-        world = tp.plan.world if tp is not None else 1
-        self.heads = tp.plan.heads_per_rank if tp is not None else spec.num_heads  # this rank's
-        self.kv_heads = tp.plan.kv_heads_per_rank if tp is not None else spec.num_kv_heads
+        self.heads, self.kv_heads = tp.plan.heads_per_rank, tp.plan.kv_heads_per_rank  # this rank's
         q_width, kv_width = self.heads * spec.head_dim, self.kv_heads * spec.head_dim
         self._qkv_split = (q_width, kv_width, kv_width)
         self._qkv_offsets = (0, q_width, q_width + kv_width)
-        self._gate_up_offsets = (0, spec.intermediate_size // world)
+        self._gate_up_offsets = (0, spec.intermediate_size // tp.plan.world)
 
     def _column(self, x, weight, bias, layer, modules, offsets, lora):
         """x [T, H] (the same on every rank) -> this rank's output columns [T, N_loc]."""
-        if self.tp is not None:
-            return column_parallel(x, weight, bias, layer, _TP_NAMES[modules], offsets, lora, self.tp.comm)
-        y = F.linear(x, weight, bias)  # [T, N]
-        # A group no adapter of the batch targets launches nothing (its kernels would only exit).
-        if lora is not None and not lora.batch.empty and lora.batch.targets_any(_NAMES[modules]):
-            u = self.lora_ops.shrink(x, layer, modules, lora)  # [T, len(modules), R]
-            self.lora_ops.expand(y, u, layer, modules, offsets, lora)
-        return y
+        return column_parallel(x, weight, bias, layer, modules, offsets, lora, self.tp.comm)
 
-    def _row(self, x, weight, layer, module, lora):
+    def _row(self, x, weight, layer, modules, lora):
         """x [T, in_loc] (this rank's input columns) -> the whole output [T, H], the same on every rank."""
-        if self.tp is not None:
-            return row_parallel(x, weight, layer, _TP_NAMES[module][0], self.tp.plan, lora, self.tp.comm)
-        return self._column(x, weight, None, layer, module, (0,), lora)
+        return row_parallel(x, weight, layer, modules, self.tp.plan, lora, self.tp.comm)
 
     @torch.inference_mode()
     def forward(
@@ -143,7 +132,7 @@ class LlamaModel:
         positions: torch.Tensor,  # [T] int64
         pool: torch.Tensor,  # [L, num_pages, P]: under tp, this rank's KV heads only
         attn: AttentionMeta,
-        lora,  # LoraContext | None; under tp: TpLoraBatch | PagedLoraBatch | None
+        lora: LoraStep | None,
     ) -> torch.Tensor:
         """Hidden states after the final norm: [T, H] (under tp, the same on every rank)."""
         D, ew, eps = self.spec.head_dim, self.ew, self.spec.rms_norm_eps

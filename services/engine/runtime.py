@@ -19,6 +19,7 @@ from .memory.kv_cache import KVCacheManager
 from .memory.layout import PoolGeometry
 from .memory.sizing import pool_pages
 from .model import LlamaModel
+from .ops.base import LoraOps
 from .ops.select import is_triton, select_elementwise_ops, select_ops
 from .scheduler import SchedulerConfig
 from .weights_loader import load_weights, random_weights
@@ -33,10 +34,11 @@ class Runtime:
     device: torch.device
     pool: torch.Tensor
     model: LlamaModel
+    lora_ops: LoraOps  # what the eager steps' LoraStep runs (under TP the driver's rank 0 ops)
     kv: KVCacheManager
     adapters: AdapterCache
     scheduler_config: SchedulerConfig
-    decode_graphs: Any  # DecodeGraphs | None
+    decode_graphs: Any  # DecodeGraphs | None (under TP the driver model: can_run / run / max_batch)
     close: Callable[[], None] | None = None  # ends what the runtime started (TP worker processes)
 
 
@@ -90,13 +92,13 @@ def build_runtime(cfg: EngineConfig) -> Runtime:
     kv = KVCacheManager(allocator, adapters, cfg.block_size)
     lora_ops, attn_ops = select_ops(cfg.ops, device)
     elementwise = select_elementwise_ops(cfg.elementwise_ops, cfg.ops, device)
-    model = LlamaModel(spec, weights, lora_ops, attn_ops, elementwise)
+    model = LlamaModel(spec, weights, attn_ops, elementwise)
     graphs = None
     # The graphs replay the Triton LoRA and fused elementwise kernels: both must be the Triton ones.
     if cfg.cuda_graphs and device.type == "cuda" and is_triton(lora_ops) and is_triton(elementwise):
         from .cuda_graphs import DecodeGraphs
 
-        graphs = DecodeGraphs(spec, weights, pool, adapters.tables, elementwise_ops=elementwise,
+        graphs = DecodeGraphs(model, pool, (adapters.tables, adapters.tables),
                               max_batch=min(cfg.max_num_seqs, cfg.max_batched_tokens),
                               max_rank=cfg.max_adapter_rank, block_size=cfg.block_size)
     split = cfg.decode_steps_per_prefill
@@ -104,4 +106,4 @@ def build_runtime(cfg: EngineConfig) -> Runtime:
         split = 4 if graphs is not None else 0
     sched = SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_batched_tokens=cfg.max_batched_tokens,
                             decode_steps_per_prefill=split)
-    return Runtime(spec, tokenizer, device, pool, model, kv, adapters, sched, graphs)
+    return Runtime(spec, tokenizer, device, pool, model, lora_ops, kv, adapters, sched, graphs)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from lorafleet.engine.tp import check_world
+from lorafleet.engine.tp.partition import check_world
 from tests.deploy.manifests import OVERLAYS, container_env, lorafleet_containers, quantity, rendered
 
 EXPECTED_TP = {"base": 1, "single-gpu-node": 1, "production": 1, "tensor-parallel": 4}

@@ -62,7 +62,7 @@ CASES = {
 def test_untargeted_groups_launch_nothing_and_tokens_match_hf(zoo, reference, case):
     names, want_modules = CASES[case]
     eng = LLMEngine(EngineConfig(model_dir=str(zoo.model("mha")), num_pages=128))
-    counting = eng.model.lora_ops = CountingOps(eng.model.lora_ops)
+    counting = eng.lora_ops = CountingOps(eng.lora_ops)
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     jobs = []
     for i, name in enumerate(names):

@@ -18,7 +18,7 @@ MAX_TOKENS = 4
 @pytest.mark.parametrize("model", ["mha", "gqa"])
 def test_mixed_batch_with_triton_ops_matches_hf_peft(zoo, reference, model):
     eng = LLMEngine(EngineConfig(model_dir=str(zoo.model(model)), num_pages=64, ops="triton", max_batched_tokens=32))
-    assert type(eng.model.lora_ops).__name__ == "TritonLoraOps"
+    assert type(eng.lora_ops).__name__ == "TritonLoraOps"
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
     jobs = {}
     for i, name in enumerate((None, "r1-attn", "r8-all-rslora", "r4-pattern")):

@@ -9,7 +9,7 @@ import torch
 from lorafleet.engine.config import EngineConfig
 from lorafleet.engine.model import LlamaModel, TorchElementwiseOps
 from lorafleet.engine.ops.select import select_elementwise_ops
-from lorafleet.engine.ops.torch_ref import TorchAttentionOps, TorchLoraOps
+from lorafleet.engine.ops.torch_ref import TorchAttentionOps
 from lorafleet.engine.weights_loader import random_weights
 from lorafleet.kernels.fused_ops import TritonElementwiseOps
 
@@ -33,7 +33,7 @@ def test_forward_fused_equals_torch_elementwise(dtype):
     input_ids = torch.tensor([3, 17, 5, 9, 44, 2, 100, 71], device=DEVICE)
     outs, pools = [], []
     for ew in (TorchElementwiseOps(), TritonElementwiseOps()):
-        model = LlamaModel(spec, weights, TorchLoraOps(), TorchAttentionOps(), ew)
+        model = LlamaModel(spec, weights, TorchAttentionOps(), ew)
         p = pool.clone()
         outs.append(model.forward(input_ids, positions, p, meta, None))
         pools.append(p)

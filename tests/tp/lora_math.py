@@ -1,8 +1,9 @@
 """Plain-torch LoRA shrink/expand over one rank's adapter shares, for a batch mixing adapters.
 
 Same semantics as the engine's LoraOps (ops/base.py), but reading LoraShard tensors instead of
-pool pages. The engine's ranks use paged_lora.PagedLoraBatch instead (the same interface:
-scheme, max_rank, empty, shrink, expand), which runs the engine's LoraOps on the pages::
+pool pages. The engine uses lora_step.LoraStep instead (the same interface: scheme, max_rank,
+empty, targets_any, shrink, expand; module groups as index tuples into LORA_MODULES), which runs
+the engine's LoraOps on the pages::
 
     shrink:  u[t, i, :n] = x[t] @ A_i^T          A_i: this rank's A share of modules[i], n rows
     expand:  y[t, off_i : off_i + out_i] += scale_i * u[t, i, :r] @ B_i^T      B_i: [out_i, r]
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lorafleet.engine.tp.shard_adapters import LoraShard, Scheme
+from lorafleet.formats.model_spec import LORA_MODULES
 
 
 @dataclass
@@ -44,6 +46,9 @@ class TpLoraBatch:
         """Modules any adapter of the batch targets (in any layer)."""
         return frozenset(m for ad, _ in self.groups() for (_, m), r in ad.ranks.items() if r > 0)
 
+    def targets_any(self, modules: tuple[int, ...]) -> bool:
+        return any(LORA_MODULES[m] in self.targets for m in modules)
+
     @property
     def scheme(self) -> Scheme:
         schemes = {ad.scheme for ad, _ in self.groups()}
@@ -51,13 +56,14 @@ class TpLoraBatch:
             raise ValueError(f"a batch mixes adapters sharded for different schemes: {sorted(s.value for s in schemes)}")
         return schemes.pop()
 
-    def shrink(self, x: torch.Tensor, layer: int, modules: tuple[str, ...], width: int,
+    def shrink(self, x: torch.Tensor, layer: int, modules: tuple[int, ...], width: int | None = None,
                dtype: torch.dtype | None = None) -> torch.Tensor:
-        return shrink(x, layer, modules, self, width, dtype)
+        names = tuple(LORA_MODULES[m] for m in modules)
+        return shrink(x, layer, names, self, self.max_rank if width is None else width, dtype)
 
-    def expand(self, y: torch.Tensor, u: torch.Tensor, layer: int, modules: tuple[str, ...],
+    def expand(self, y: torch.Tensor, u: torch.Tensor, layer: int, modules: tuple[int, ...],
                out_offsets: tuple[int, ...]) -> None:
-        expand(y, u, layer, modules, out_offsets, self)
+        expand(y, u, layer, tuple(LORA_MODULES[m] for m in modules), out_offsets, self)
 
     def groups(self) -> list[tuple[LoraShard, torch.Tensor]]:
         """(adapter, its token indices [n] int64) for each adapter the batch uses."""

@@ -7,7 +7,7 @@ import json
 
 from lorafleet.bench import tp_comm
 from lorafleet.bench.tp_comm_model import per_token_bytes
-from lorafleet.engine.tp import Scheme
+from lorafleet.engine.tp.shard_adapters import Scheme
 
 
 def test_world_of_one_communicates_nothing():

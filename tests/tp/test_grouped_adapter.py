@@ -73,8 +73,10 @@ def test_grouped_load_writes_what_the_per_target_load_writes(name, world, rank, 
         assert packed.buf.dtype == dtype and packed.buf.numel() == grouped_numel(spec, packed.targets)
         fast.load_grouped(slot, pages, packed.ranks_by_module, packed.targets, packed.buf)
         assert torch.equal(fast.pool, ref.pool), f"{label}: pool pages differ"
-        for table in ("page_table", "a_rows", "ranks", "scales", "a_off", "b_off"):
-            assert torch.equal(getattr(fast.tables, table), getattr(ref.tables, table)), f"{label}: {table}"
+        for tables in ("shrink_tables", "expand_tables"):
+            for table in ("page_table", "ranks", "scales", "a_off", "b_off"):
+                got, want = getattr(getattr(fast.tables, tables), table), getattr(getattr(ref.tables, tables), table)
+                assert torch.equal(got, want), f"{label}: {tables}.{table}"
         assert fast.tables.max_rank == ref.tables.max_rank and fast.tables.modules == ref.tables.modules
 
 

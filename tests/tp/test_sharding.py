@@ -9,10 +9,8 @@ import torch
 
 from lorafleet.bench.tp_comm_model import adapter_bytes_per_rank
 from lorafleet.engine.memory.layout import AdapterLayout
-from lorafleet.engine.tp import (
+from lorafleet.engine.tp.partition import (
     COLUMN_PARALLEL,
-    Scheme,
-    ShardLayout,
     TensorParallelError,
     check_world,
     local_rank,
@@ -20,10 +18,9 @@ from lorafleet.engine.tp import (
     make_plan,
     piece_width,
     rank_rows,
-    shard_layer,
-    shard_lora,
-    shard_model,
 )
+from lorafleet.engine.tp.shard_adapters import Scheme, ShardLayout, shard_lora
+from lorafleet.engine.tp.shard_weights import shard_layer, shard_model
 from lorafleet.engine.weights_loader import random_weights
 from lorafleet.formats.model_spec import LORA_MODULES
 from tests.tp.cases import ADAPTER_RANKS, make_adapter, make_case, make_spec

@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorafleet.engine.tp import Scheme, column_parallel, make_plan, shard_lora, single_rank
+from lorafleet.engine.model import QKV
+from lorafleet.engine.tp.collectives import TpComm, single_rank
+from lorafleet.engine.tp.linear import column_parallel
+from lorafleet.engine.tp.partition import make_plan
+from lorafleet.engine.tp.shard_adapters import Scheme, shard_lora
 from lorafleet.formats.model_spec import ModelSpec
 from tests.tp.cases import make_case
 from tests.tp.lora_math import TpLoraBatch
@@ -45,7 +49,8 @@ def test_a_batch_mixing_schemes_is_refused():
     shares = [shard_lora(case.adapters[0], plan, Scheme.SLORA), shard_lora(case.adapters[3], plan, Scheme.FUSED)]
     lora = TpLoraBatch(torch.tensor([0, 1]), shares)
     with pytest.raises(ValueError, match="mixes adapters sharded for different schemes"):
-        column_parallel(case.x[:2], case.layer.qkv, None, 0, ("q_proj", "k_proj", "v_proj"), (0, 64, 128), lora, single_rank())
+        # (a world of two: at one the scheme is never read; the refusal comes before any collective)
+        column_parallel(case.x[:2], case.layer.qkv, None, 0, QKV, (0, 64, 128), lora, TpComm(2, 0))
 
 
 def test_token_adapter_out_of_range_is_refused():

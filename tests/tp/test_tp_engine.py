@@ -12,8 +12,8 @@ import pytest
 
 from lorafleet.engine.engine import EngineConfig, LLMEngine, generated_ids
 from lorafleet.engine.serving.config import EngineServiceConfig
-from lorafleet.engine.tp import TensorParallelError
 from lorafleet.engine.tp.engine_workers import TensorParallelWorkerError
+from lorafleet.engine.tp.partition import TensorParallelError
 from tests.mixed_requests import add_mixed_requests
 
 PROMPT_LENGTHS = (3, 17, 33)

@@ -1,4 +1,4 @@
-"""Decode graphs under tensor parallelism (tp/graphs.py) on the CPU: no CUDA graph can be captured
+"""Decode graphs under tensor parallelism (cuda_graphs.DecodeGraphs on every rank) on the CPU: no CUDA graph can be captured
 here, so every rank runs the graph steps' padded static-buffer forward eagerly (capture=False).
 That is everything of a graph step but the capture: the bucket chosen the same way on every rank,
 the inert padding rows, the capacity-mode Triton ops (under the interpreter), the rank-0 logits,
@@ -45,7 +45,7 @@ def run_case(model_dir: str, adapter_dirs: list[str]) -> dict:
             results = eng.run_to_completion()
             out[mode] = {rid: generated_ids(outs) for rid, outs in results.items()}
             if mode == "graphs":
-                out["replays"] = eng.decode_graphs.graphs.replays
+                out["replays"] = sum(eng.decode_graphs.graphs.variant_replays)
                 out["buckets"] = eng.decode_graphs.graphs.buckets
     return out
 

@@ -10,27 +10,19 @@ import torch
 from safetensors.torch import save_file
 
 from lorafleet.engine.memory.layout import PoolGeometry
-from lorafleet.engine.model import LlamaModel, TensorParallel
+from lorafleet.engine.model import DOWN, GATE_UP, QKV, LlamaModel, O, TensorParallel
 from lorafleet.engine.ops.torch_ref import TorchAttentionOps
-from lorafleet.engine.tp import (
-    CommLog,
-    TpComm,
-    column_parallel,
-    local_spec,
-    make_plan,
-    row_parallel,
-    shard_layer,
-    shard_lora,
-    shard_model,
-)
+from lorafleet.engine.tp.collectives import CommLog, TpComm
+from lorafleet.engine.tp.linear import column_parallel, row_parallel
+from lorafleet.engine.tp.partition import local_spec, make_plan
+from lorafleet.engine.tp.shard_adapters import shard_lora
+from lorafleet.engine.tp.shard_weights import shard_layer, shard_model
 from lorafleet.engine.weights_loader import load_weights
 from lorafleet.formats.lora_weights import load_peft_adapter_dir
 from lorafleet.formats.model_spec import ModelSpec, RopeSpec
 from tests.tp import paged
 from tests.tp.cases import SCHEMES, SPECS, make_case
 from tests.tp.lora_math import TpLoraBatch
-
-QKV, GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
 
 
 def spec_to_json(spec: ModelSpec) -> str:
@@ -60,9 +52,9 @@ def layer_worker(rank: int, world: int, out_dir: str) -> None:
                 lora = TpLoraBatch(case.token_adapter, [shard_lora(a, plan, scheme) for a in case.adapters])
             out = {
                 "qkv": column_parallel(case.x, lw.qkv, lw.qkv_bias, 0, QKV, (0, q_loc, q_loc + kv_loc), lora, comm),
-                "o": row_parallel(x_o, lw.o, 0, "o_proj", plan, lora, comm),
+                "o": row_parallel(x_o, lw.o, 0, O, plan, lora, comm),
                 "gate_up": column_parallel(case.x, lw.gate_up, None, 0, GATE_UP, (0, i_loc), lora, comm),
-                "down": row_parallel(x_down, lw.down, 0, "down_proj", plan, lora, comm),
+                "down": row_parallel(x_down, lw.down, 0, DOWN, plan, lora, comm),
             }
             tag = f"{name}-{scheme or 'base'}"
             save_file({k: v.contiguous() for k, v in out.items()}, str(Path(out_dir, f"{tag}-rank{rank}.safetensors")))
@@ -106,7 +98,7 @@ def run_decoder_job(spec: ModelSpec, model_dir: str, job: dict, plan, comm: TpCo
         from lorafleet.kernels.fused_ops import TritonElementwiseOps
 
         elementwise = TritonElementwiseOps()
-    model = LlamaModel(spec, weights, None, TorchAttentionOps(), elementwise, TensorParallel(plan, comm))
+    model = LlamaModel(spec, weights, TorchAttentionOps(), elementwise, TensorParallel(plan, comm))
     lens = [len(p) for p in prompts]
     results = {}
     for scheme in SCHEMES:

@@ -65,24 +65,17 @@ class AdapterCache:
         self.spec = spec
         page_elems = pool.shape[2]
         self.max_pages_per_adapter = max_adapter_pages(spec, max_rank, page_elems)
-        dev, L, S = pool.device, spec.num_layers, max_slots
-        self.tables = AdapterTables(
-            page_table=torch.zeros(S, self.max_pages_per_adapter, dtype=torch.int32, device=dev),
-            ranks=torch.zeros(S, L, len(LORA_MODULES), dtype=torch.int32, device=dev),
-            scales=torch.zeros(S, L, len(LORA_MODULES), dtype=torch.float32, device=dev),
-            a_off=torch.zeros(S, len(LORA_MODULES), dtype=torch.int64, device=dev),
-            b_off=torch.zeros(S, len(LORA_MODULES), dtype=torch.int64, device=dev),
-            module_shapes=tuple(spec.module_shape(m) for m in LORA_MODULES),
-        )
+        self.tables = AdapterTables.zeros(max_slots, self.max_pages_per_adapter, spec.num_layers,
+                                          tuple(spec.module_shape(m) for m in LORA_MODULES), pool.device)
         self._resident: dict[str, _Resident] = {}
         self._lru: OrderedDict[str, None] = OrderedDict()  # unpinned residents, oldest first
         self._evictable_pages = 0  # pages held by unpinned residents (kept in step with _lru)
-        self._free_slots = list(range(S - 1, -1, -1))
+        self._free_slots = list(range(max_slots - 1, -1, -1))
         # resident adapter -> (its largest rank, the modules it targets): read by every build_batch
         self._targets: dict[str, tuple[int, frozenset[str]]] = {}
         self.num_loads = 0  # adapters copied into the pool (counters for tests and metrics)
         self.num_evictions = 0
-        on_cuda = dev.type == "cuda"
+        on_cuda = pool.device.type == "cuda"
         # Packs are pageable (the uploader pins its ring and rows once, never per load): adapter_upload.py.
         self.host = HostAdapterCache(spec, page_elems, pool.dtype, budget_bytes=packed_bytes,
                                      background=on_cuda, workers=pack_threads, packer=packer)

@@ -27,6 +27,18 @@ class AdapterTables:
     b_off: torch.Tensor  # [S, 7] int64: element offset of B_m^T ([r, out] row-major)
     module_shapes: tuple[tuple[int, int], ...]  # [7] (in_features, out_features) of each module
 
+    @classmethod
+    def zeros(cls, slots: int, max_pages: int, layers: int, module_shapes: tuple[tuple[int, int], ...],
+              device: torch.device) -> "AdapterTables":
+        """Tables of `slots` empty slots (rank 0 everywhere: no slot targets anything yet)."""
+        M = len(module_shapes)
+        return cls(page_table=torch.zeros(slots, max_pages, dtype=torch.int32, device=device),
+                   ranks=torch.zeros(slots, layers, M, dtype=torch.int32, device=device),
+                   scales=torch.zeros(slots, layers, M, dtype=torch.float32, device=device),
+                   a_off=torch.zeros(slots, M, dtype=torch.int64, device=device),
+                   b_off=torch.zeros(slots, M, dtype=torch.int64, device=device),
+                   module_shapes=module_shapes)
+
 
 @dataclass
 class LoraBatch:

@@ -23,19 +23,19 @@ from lorafleet.formats.model_spec import ModelSpec
 
 from ..batch import ModelBatch
 from ..config import EngineConfig
-from ..cuda_graphs import replayable
+from ..cuda_graphs import DecodeGraphs, replayable
+from ..lora_step import LoraStep
 from ..memory.adapter_cache import AdapterCache, max_adapter_pages
 from ..memory.allocator import PageAllocator
 from ..memory.kv_cache import KVCacheManager
 from ..memory.layout import PoolGeometry, adapter_layout
 from ..memory.sizing import pool_pages
-from ..ops.base import AttentionMeta, LoraBatch, LoraContext
+from ..ops.base import AttentionMeta, LoraBatch
 from ..ops.select import is_triton, select_elementwise_ops, select_ops
 from ..runtime import Runtime, resolve_device, resolve_dtype
 from ..scheduler import SchedulerConfig
 from . import wire
 from .engine_workers import TpWorkerGroup, build_graphs, build_runner, run_step
-from .graphs import TpDecodeGraphs
 from .grouped_adapter import GroupedAdapter, GroupedPacker
 from .partition import check_world, local_spec
 from .rank_runner import RankRunner, adapter_pages
@@ -90,22 +90,27 @@ class TpAdapterCache(AdapterCache):
 
 class TpDriverModel:
     """model.forward / model.logits for LLMEngine.step, over all ranks (rank 0 runs here); with
-    decode graphs also the engine's `decode_graphs` (can_run / run, as cuda_graphs.DecodeGraphs)."""
+    decode graphs also the engine's `decode_graphs` (can_run / run / max_batch, as cuda_graphs.DecodeGraphs)."""
 
     def __init__(self, runner: RankRunner, group: TpWorkerGroup, adapters: TpAdapterCache,
-                 graphs: TpDecodeGraphs | None = None):
+                 graphs: DecodeGraphs | None = None):
         self.runner, self.group, self.adapters, self.graphs = runner, group, adapters, graphs
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, pool: torch.Tensor, attn: AttentionMeta,
-                lora: LoraContext | None) -> torch.Tensor:
+                lora: LoraStep | None) -> torch.Tensor:
         return self._step(input_ids, positions, attn, None if lora is None else lora.batch, graph=False)
 
     def can_run(self, batch: ModelBatch) -> bool:
         return self.graphs is not None and replayable(batch, self.graphs.max_batch)
 
-    def run(self, batch: ModelBatch) -> torch.Tensor:
-        """Logits [n, V] of an all-decode batch, every rank replaying its graph of the bucket."""
-        return self._step(batch.input_ids, batch.positions, batch.attn, batch.lora, graph=True)
+    @property
+    def max_batch(self) -> int:
+        return self.graphs.max_batch
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMeta,
+            lora: LoraBatch | None) -> torch.Tensor:
+        """Logits [n, V] of an all-decode step, every rank replaying its graph of the bucket."""
+        return self._step(input_ids, positions, attn, lora, graph=True)
 
     def _step(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMeta,
               batch: LoraBatch | None, graph: bool) -> torch.Tensor:
@@ -198,10 +203,10 @@ def build_tp_runtime(cfg: EngineConfig) -> Runtime:
 
     def close() -> None:
         if graphs is not None:
-            graphs.release()  # before the group is destroyed (TpDecodeGraphs.release)
+            graphs.release()  # before the group is destroyed (DecodeGraphs.release)
         group.close()
 
-    return Runtime(spec, tokenizer, runner.pool.device, runner.pool, model, kv, adapters, sched,
+    return Runtime(spec, tokenizer, runner.pool.device, runner.pool, model, runner.shrink_ops, kv, adapters, sched,
                    model if graphs is not None else None, close=close)
 
 

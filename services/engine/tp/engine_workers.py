@@ -31,10 +31,10 @@ import torch.multiprocessing as mp
 
 from lorafleet.formats.model_spec import ModelSpec
 
+from ..cuda_graphs import DecodeGraphs
 from ..weights_loader import load_weights, random_weights
 from . import wire
 from .collectives import TpComm
-from .graphs import TpDecodeGraphs
 from .grouped_adapter import grouped_numel
 from .partition import local_spec, make_plan
 from .rank_runner import RankRunner
@@ -94,17 +94,19 @@ def build_runner(start: wire.WorkerStart, spec: ModelSpec) -> RankRunner:
                       select_elementwise_ops(start.elementwise_ops, start.elementwise_ops, device), start.max_slots, start.max_adapter_pages)
 
 
-def build_graphs(runner: RankRunner, start: wire.WorkerStart) -> TpDecodeGraphs | None:
+def build_graphs(runner: RankRunner, start: wire.WorkerStart) -> DecodeGraphs | None:
     """This rank's decode graphs when the driver asked for them (every rank in the same order:
     the warm-up and captures run collectives). On the CPU: the same padded steps, run eagerly."""
     if start.graph_max_batch <= 0:
         return None
-    return TpDecodeGraphs(runner, start.graph_max_batch, start.graph_max_rank, start.block_size,
-                          capture=start.device == "cuda", with_logits=start.rank == 0)
+    t = runner.tables
+    return DecodeGraphs(runner.model, runner.pool, (t.shrink_tables, t.expand_tables), start.graph_max_batch,
+                        start.graph_max_rank, start.block_size, scheme=runner.scheme,
+                        capture=start.device == "cuda", with_logits=start.rank == 0)
 
 
 def run_step(runner: RankRunner, step: wire.Step, ints: torch.Tensor | None = None,
-             adapter_flat: torch.Tensor | None = None, graphs: TpDecodeGraphs | None = None) -> torch.Tensor:
+             adapter_flat: torch.Tensor | None = None, graphs: DecodeGraphs | None = None) -> torch.Tensor:
     """One step on this rank: receive (or, on rank 0, send) the step's tensors, apply the adapter
     loads, run the forward (or replay the decode graph: step.graph). Every rank calls this with the
     same header. -> hidden [T, H] (a graph step: rank 0's logits [T, V], the others' hidden).
@@ -152,11 +154,11 @@ def worker_main(start_raw: bytes, conn) -> None:
         _serve(runner, conn, graphs)
     finally:
         if graphs is not None:
-            graphs.release()  # before the group (TpDecodeGraphs.release)
+            graphs.release()  # before the group (DecodeGraphs.release)
         _leave()
 
 
-def _serve(runner: RankRunner, conn, graphs: TpDecodeGraphs | None) -> None:
+def _serve(runner: RankRunner, conn, graphs: DecodeGraphs | None) -> None:
     parent = mp.parent_process()
     while True:
         while not conn.poll(1.0):

@@ -1,4 +1,5 @@
-"""Tensor-parallel linear layers with the LoRA part, for the three schemes compared.
+"""The decoder's linear layers with the LoRA part, on one device (world 1) or sharded over W ranks
+under each of the LoRA schemes compared.
 
 Shapes for rank i of W (T tokens, M fused modules, R the batch's largest rank, p = ceil(R/W))::
 
@@ -23,6 +24,13 @@ Shapes for rank i of W (T tokens, M fused modules, R the batch's largest rank, p
                         y += scale * u @ B^T       (whole B, the same on every rank): the LoRA
                         intermediate rides in the base model's all-reduce, no collective of its own
 
+World 1 (one device, `collectives.single_rank()`): every collective is the identity and both
+layers are y = x W^T plus shrink then expand into y, whatever the scheme (no rank pieces, no
+widened all-reduce): the single-device engine's kernels and nothing more.
+
+`lora` is a LoraStep (lora_step.py), or any object with its interface (the tests' plain-torch
+TpLoraBatch); module groups are index tuples into LORA_MODULES.
+
 NOTE: every rank must make the same collective calls in the same order: the decision to skip
 the LoRA part depends only on the batch (identical on every rank), never on a rank's share. A
 module group no adapter of the batch targets (in any layer) is skipped whole: no kernels, and no
@@ -34,14 +42,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..lora_step import LoraStep
 from .collectives import TpComm
-from .paged_lora import PagedLoraBatch  # or any batch with its interface (the tests' plain-torch TpLoraBatch)
 from .partition import TpPlan, piece_width
 from .shard_adapters import Scheme
-
-
-def batch_scheme(lora: PagedLoraBatch) -> Scheme:
-    return lora.scheme
 
 
 def column_parallel(
@@ -49,21 +53,20 @@ def column_parallel(
     weight: torch.Tensor,  # [N_loc, H]
     bias: torch.Tensor | None,  # [N_loc]
     layer: int,
-    modules: tuple[str, ...],
+    modules: tuple[int, ...],
     out_offsets: tuple[int, ...],  # each module's first column in the rank's fused output
-    lora: PagedLoraBatch | None,
+    lora: LoraStep | None,
     comm: TpComm,
 ) -> torch.Tensor:
     """The rank's output columns [T, N_loc]."""
     y = F.linear(x, weight, bias)  # [T, N_loc]
-    if lora is None or lora.empty or lora.targets.isdisjoint(modules):
-        return y
-    R = lora.max_rank
-    if batch_scheme(lora).splits_column_rank:
-        u_loc = lora.shrink(x, layer, modules, piece_width(R, comm.world))  # [T, M, p]
+    if lora is None or lora.empty or not lora.targets_any(modules):
+        return y  # a group no adapter of the batch targets launches nothing (its kernels would only exit)
+    if comm.world > 1 and lora.scheme.splits_column_rank:
+        u_loc = lora.shrink(x, layer, modules, piece_width(lora.max_rank, comm.world))  # [T, M, p]
         u = comm.gather_rank_pieces(u_loc)  # [T, M, p*W]: rows past each adapter's rank are 0
     else:
-        u = lora.shrink(x, layer, modules, R)  # [T, M, R]: whole A on this rank
+        u = lora.shrink(x, layer, modules)  # [T, M, >= R]: whole A on this rank
     lora.expand(y, u, layer, modules, out_offsets)
     return y
 
@@ -72,16 +75,19 @@ def row_parallel(
     x_loc: torch.Tensor,  # [T, in/W] this rank's input columns
     weight: torch.Tensor,  # [H, in/W]
     layer: int,
-    module: str,
+    modules: tuple[int],  # the one module (o_proj or down_proj)
     plan: TpPlan,
-    lora: PagedLoraBatch | None,
+    lora: LoraStep | None,
     comm: TpComm,
 ) -> torch.Tensor:
     """The full output [T, H], the same on every rank."""
     y = F.linear(x_loc, weight)  # [T, H] partial sum over this rank's input columns
-    if lora is None or lora.empty or module not in lora.targets:
+    if lora is None or lora.empty or not lora.targets_any(modules):
         return comm.all_reduce_(y)
-    modules, R, scheme = (module,), lora.max_rank, batch_scheme(lora)
+    if comm.world == 1:  # y is whole already, and so is the intermediate
+        lora.expand(y, lora.shrink(x_loc, layer, modules), layer, modules, (0,))
+        return comm.all_reduce_(y)
+    R, scheme = lora.max_rank, lora.scheme
     if scheme == Scheme.FUSED:
         T, H = y.shape
         u_part = lora.shrink(x_loc, layer, modules, R, dtype=y.dtype).view(T, R)  # [T, R] partial
@@ -92,7 +98,7 @@ def row_parallel(
     if scheme == Scheme.GATHER_OUTPUTS:
         comm.all_reduce_(y)
         x = comm.gather_columns(x_loc)  # [T, in]
-        u = lora.shrink(x, layer, modules, R)  # [T, 1, R]
+        u = lora.shrink(x, layer, modules)  # [T, 1, >= R]
         lora.expand(y, u, layer, modules, (0,))
         return y
     # fp32: the partial intermediates are summed, and at [T, R] the extra bytes cost nothing.

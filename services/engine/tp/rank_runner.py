@@ -9,7 +9,7 @@ Page ids and slots are the driver's (one allocator, one AdapterCache): the same 
 An adapter's share on this rank is written into ITS pages with the rank's ShardLayout (per-layer
 virtual buffer: A share [a_rows, a_cols] row-major, B share transposed [r, out_loc]), exactly the
 format of memory/layout.py with the rank's shapes, and the engine's LoraOps (Triton on CUDA)
-read it from there with rank-local tables (paged_lora.py): what runs is what the pages hold, and
+read it from there with rank-local tables (rank_tables.py): what runs is what the pages hold, and
 no step copies a share (a page reused by KV after an eviction is never read as an adapter,
 because evicted slots are never in a batch; a reused slot's table rows are rewritten by its load).
 """
@@ -28,8 +28,8 @@ from ..ops.torch_ref import TorchLoraOps
 from ..weights_loader import ModelWeights
 from .collectives import TpComm
 from .grouped_adapter import Target, share_entries, write_share
-from .paged_lora import PagedLoraBatch, RankAdapterTables
 from .partition import TpPlan, make_plan
+from .rank_tables import RankAdapterTables
 from .shard_adapters import Scheme, ShardLayout, shard_lora
 
 
@@ -48,7 +48,7 @@ class RankRunner:
         under slora; default: the torch reference ops. slots, max_pages: the tables' first capacity."""
         self.spec, self.plan, self.scheme = spec, plan, Scheme(scheme)
         self.pool = pool  # [L, num_pages, P_loc]
-        self.model = LlamaModel(spec, weights, None, attn_ops, elementwise_ops, TensorParallel(plan, comm))
+        self.model = LlamaModel(spec, weights, attn_ops, elementwise_ops, TensorParallel(plan, comm))
         self.tables = RankAdapterTables(spec, plan, self.scheme, pool.device, slots, max_pages)
         self.shrink_ops, self.expand_ops = lora_ops or (TorchLoraOps(), TorchLoraOps())
 
@@ -97,13 +97,12 @@ class RankRunner:
                 lora: LoraBatch | None) -> torch.Tensor:
         """lora: the step's segments (driver slots) and the modules its adapters target (the
         header's, wire.unpack_ints), or None -> hidden [T, H], the same on every rank."""
-        paged = None
+        step = None
         if lora is not None:
             if lora.targets is None:
                 raise ValueError("a rank's LoRA batch needs the step's targets (wire.unpack_ints sets them)")
-            paged = PagedLoraBatch(self.scheme, self.pool, self.tables, lora, self.shrink_ops, self.expand_ops,
-                                   lora.targets)
-        return self.model.forward(input_ids, positions, self.pool, attn, paged)
+            step = self.tables.lora_step(self.pool, lora, self.shrink_ops, self.expand_ops)
+        return self.model.forward(input_ids, positions, self.pool, attn, step)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.logits(hidden)

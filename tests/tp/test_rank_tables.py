@@ -1,5 +1,5 @@
-"""One rank's LoRA read straight from its pool pages (RankRunner.load_adapter + PagedLoraBatch,
-the engine's LoraOps on rank-local tables) equals the plain-torch math over the same rank's shares
+"""One rank's LoRA read straight from its pool pages (RankRunner.load_adapter, then a LoraStep:
+the engine's LoraOps on the rank's tables) equals the plain-torch math over the same rank's shares
 (lora_math over shard_lora), for every scheme, rank and module group. No collectives are made
 here: shrink and expand are checked on their own, as each rank runs them between collectives.
 
@@ -18,11 +18,12 @@ import pytest
 import torch
 
 from lorafleet.engine.memory.layout import PoolGeometry
+from lorafleet.engine.model import DOWN, GATE_UP, QKV, O
 from lorafleet.engine.ops.torch_ref import TorchAttentionOps, TorchLoraOps
 from lorafleet.engine.tp.collectives import TpComm
-from lorafleet.engine.tp.paged_lora import PagedLoraBatch, segments
 from lorafleet.engine.tp.partition import local_spec, make_plan, piece_width
 from lorafleet.engine.tp.rank_runner import RankRunner, adapter_pages
+from lorafleet.engine.tp.rank_tables import segments
 from lorafleet.engine.tp.shard_adapters import Scheme, shard_lora
 from lorafleet.engine.tp.shard_weights import shard_model
 from lorafleet.engine.weights_loader import random_weights
@@ -74,7 +75,7 @@ TRITON_CASES = [(n, w, w - 1, s) for n, w in (("mha", 2), ("gqa", 4)) for s in S
 
 
 @pytest.mark.parametrize("name,world,rank,scheme", CASES, ids=[f"{n}-W{w}r{r}-{s}" for n, w, r, s in CASES])
-def test_paged_lora_equals_share_math(name, world, rank, scheme):
+def test_rank_lora_step_equals_share_math(name, world, rank, scheme):
     check_case(name, world, rank, scheme, "torch")
 
 
@@ -84,7 +85,7 @@ def test_triton_kernels_on_rank_shares():
         run_triton_cases()
         return
     env = {**os.environ, "TRITON_INTERPRET": "1"}  # the child's environment only
-    proc = subprocess.run([sys.executable, "-c", "import tests.tp.test_paged_lora as t; t.run_triton_cases()"],
+    proc = subprocess.run([sys.executable, "-c", "import tests.tp.test_rank_tables as t; t.run_triton_cases()"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert proc.stdout.count("ok ") == len(TRITON_CASES), proc.stdout
@@ -101,21 +102,22 @@ def check_case(name: str, world: int, rank: int, scheme: str, ops: str) -> None:
     spec, plan, runner, adapters, slots = _runner(name, world, rank, scheme, ops, dtype)
     token_adapter = torch.tensor(TOKEN_ADAPTER, device=DEVICE)
     token_slot = torch.tensor([slots[a] if a >= 0 else -1 for a in TOKEN_ADAPTER], dtype=torch.int32, device=DEVICE)
-    paged = PagedLoraBatch.build(token_slot, runner.pool, runner.tables, runner.shrink_ops, runner.expand_ops)
+    batch = runner.tables.batch_of(token_slot)
+    paged = runner.tables.lora_step(runner.pool, batch, runner.shrink_ops, runner.expand_ops)
     ref = TpLoraBatch(token_adapter, [shard_lora(ad, plan, scheme) for ad in adapters])
-    assert (paged.scheme, paged.max_rank, paged.empty, paged.targets) == (ref.scheme, ref.max_rank, False, ref.targets)
+    assert (paged.scheme, paged.max_rank, paged.empty, batch.targets) == (ref.scheme, ref.max_rank, False, ref.targets)
     g = torch.Generator(device=DEVICE).manual_seed(5)
     T, R, sch = len(TOKEN_ADAPTER), ref.max_rank, Scheme(scheme)
     q_loc, kv_loc, i_loc = plan.heads_per_rank * spec.head_dim, plan.kv_heads_per_rank * spec.head_dim, \
         spec.intermediate_size // world
     groups = [  # (modules, shrink input width, shrink width, expand width, y width, out offsets)
-        (("q_proj", "k_proj", "v_proj"), spec.hidden_size, None, None, q_loc + 2 * kv_loc, (0, q_loc, q_loc + kv_loc)),
-        (("gate_proj", "up_proj"), spec.hidden_size, None, None, 2 * i_loc, (0, i_loc)),
+        (QKV, spec.hidden_size, None, None, q_loc + 2 * kv_loc, (0, q_loc, q_loc + kv_loc)),
+        (GATE_UP, spec.hidden_size, None, None, 2 * i_loc, (0, i_loc)),
     ]
-    for module, full_in in (("o_proj", spec.q_width), ("down_proj", spec.intermediate_size)):
+    for module, full_in in ((O, spec.q_width), (DOWN, spec.intermediate_size)):
         k = full_in if sch.whole_row_a else full_in // world
         off = 0 if sch.whole_row_b else plan.hidden_cols.start
-        groups.append(((module,), k, R, R, spec.hidden_size, (off,)))
+        groups.append((module, k, R, R, spec.hidden_size, (off,)))
     for modules, k, w_shrink, w_expand, n_out, offsets in groups:
         if w_shrink is None:  # column-parallel: slora holds strided rank rows, padded to p
             w_shrink = piece_width(R, world) if sch.splits_column_rank else R
@@ -149,16 +151,17 @@ def test_groups_no_adapter_of_the_batch_targets_cost_no_lora_work(scheme):
     spec, plan, runner, adapters, slots = _runner("mha", 1, 0, scheme, "torch", torch.float32)
     attn_only = [i for i, ranks in enumerate(ADAPTER_RANKS) if set(ranks) <= {"q_proj", "k_proj", "v_proj", "o_proj"}]
     token_slot = torch.tensor([slots[attn_only[0]]] * 3 + [-1], dtype=torch.int32, device=DEVICE)
-    paged = PagedLoraBatch.build(token_slot, runner.pool, runner.tables, runner.shrink_ops, runner.expand_ops)
-    assert paged.targets == frozenset(ADAPTER_RANKS[attn_only[0]])
+    batch = runner.tables.batch_of(token_slot)
+    paged = runner.tables.lora_step(runner.pool, batch, runner.shrink_ops, runner.expand_ops)
+    assert batch.targets == frozenset(ADAPTER_RANKS[attn_only[0]])
     log = CommLog()
     comm = TpComm(1, 0, log=log)
     lw = runner.model.w.layers[0]
     h = torch.randn(4, spec.hidden_size, device=DEVICE)
-    gu = column_parallel(h, lw.gate_up, None, 0, ("gate_proj", "up_proj"), (0, spec.intermediate_size), paged, comm)
+    gu = column_parallel(h, lw.gate_up, None, 0, GATE_UP, (0, spec.intermediate_size), paged, comm)
     torch.testing.assert_close(gu, h @ lw.gate_up.T)
     x_down = torch.randn(4, spec.intermediate_size, device=DEVICE)
-    torch.testing.assert_close(row_parallel(x_down, lw.down, 0, "down_proj", plan, paged, comm), x_down @ lw.down.T)
+    torch.testing.assert_close(row_parallel(x_down, lw.down, 0, DOWN, plan, paged, comm), x_down @ lw.down.T)
     assert [(c.op, c.elements) for c in log.calls] == [("all_reduce", 4 * spec.hidden_size)]
-    o = row_parallel(torch.randn(4, spec.q_width, device=DEVICE), lw.o, 0, "o_proj", plan, paged, comm)
+    o = row_parallel(torch.randn(4, spec.q_width, device=DEVICE), lw.o, 0, O, plan, paged, comm)
     assert o.shape == (4, spec.hidden_size) and len(log.calls) > 1  # o_proj is targeted: its LoRA runs
