@@ -111,6 +111,7 @@ _DECLARED: list[EnvVar] = [
     EnvVar("CPU_POOL_BYTES", int, 1 << 30, "bytes of the unified pool on the CPU device (when pool_pages is 0)"),
     EnvVar("ELEMENTWISE_OPS", str, "auto", "RMSNorm / RoPE / SiLU-and-mul implementations: auto (as ops), torch, triton"),
     EnvVar("CUDA_GRAPHS", _bool, True, "replay decode steps from CUDA graphs (CUDA with the Triton ops; 0: eager)"),
+    EnvVar("ASYNC_SCHEDULING", _bool, True, "schedule and build each step while the previous one runs on the device, feeding its sampled tokens on the device (0: one step at a time)"),
     EnvVar("DECODE_STEPS_PER_PREFILL", _optional_int, None, "decode-only steps between prefill steps (0: every step mixes both; unset: 4 with CUDA graphs, else 0)"),
     EnvVar("OPS", str, "auto", "op implementations: auto (triton on CUDA), torch, triton"),
     EnvVar("TP_SIZE", int, 1, "tensor-parallel size: processes (GPUs) one engine spans; 1: no tensor parallelism"),

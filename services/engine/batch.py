@@ -4,6 +4,11 @@ The per-token arrays are computed with numpy from per-request values (no Python 
 tokens), packed into one host buffer and sent to the device in ONE copy; the ModelBatch fields are
 views of that device buffer. On CUDA the host buffer is pinned, so the copy is asynchronous.
 
+Asynchronous scheduling: a step may be built while the previous one still runs, so the token a
+decode reads may not be known on the host yet (Request.num_pending). Its input id is then taken
+on the device from the previous step's sampled ids (in_flight.InFlightStep), after the one copy: no host
+round trip.
+
 NOTE (staging reuse): the pinned staging buffer is reused by the next build; an event recorded
 after each copy is waited on before the buffer is written again (a step that samples nothing does
 not otherwise wait for its GPU work).
@@ -17,6 +22,7 @@ from itertools import chain
 import numpy as np
 import torch
 
+from .in_flight import InFlightStep
 from .memory.adapter_cache import AdapterCache
 from .memory.kv_cache import KVCacheManager
 from .ops.base import AttentionMeta, LoraBatch
@@ -76,12 +82,14 @@ class _Staging:
 _staging = _Staging()
 
 
-def build_batch(out: SchedulerOutput, kv: KVCacheManager, adapters: AdapterCache, device: torch.device) -> ModelBatch:
+def build_batch(out: SchedulerOutput, kv: KVCacheManager, adapters: AdapterCache, device: torch.device,
+                in_flight: InFlightStep | None = None) -> ModelBatch:
+    """in_flight: the step still running, whose sampled ids feed this step's pending tokens."""
     entries = order_for_batch(out, adapters)
     bs, B = kv.block_size, len(entries)
     reqs = [e.request for e in entries]
     n = np.fromiter((e.num_tokens for e in entries), dtype=np.int64, count=B)  # new tokens per sequence
-    c = np.fromiter((r.num_computed_tokens for r in reqs), dtype=np.int64, count=B)  # cached tokens
+    c = np.fromiter((e.start for e in entries), dtype=np.int64, count=B)  # cached tokens
     slot = np.fromiter((-1 if r.adapter_id is None else adapters.slot_of(r.adapter_id) for r in reqs),
                        dtype=np.int64, count=B)
     ends = np.cumsum(n)
@@ -89,6 +97,12 @@ def build_batch(out: SchedulerOutput, kv: KVCacheManager, adapters: AdapterCache
     seq_of_token = np.repeat(np.arange(B), n)  # [T]
     positions = np.arange(T, dtype=np.int64) - np.repeat(starts - c, n)  # [T]
     ids = np.fromiter(chain.from_iterable(_new_tokens(e) for e in entries), dtype=np.int64, count=T)
+    # Pending tokens: the last token of a sequence's range (at most one per sequence, see Request).
+    fed = [k for k, e in enumerate(entries) if e.start + e.num_tokens > _known(e.request)]
+    feed_dst = (ends - 1)[fed] if fed else np.zeros(0, np.int64)  # [F] token index in this step
+    if fed and in_flight is None:
+        raise RuntimeError("a step reads a pending token but no step is in flight")
+    feed_src = np.fromiter((in_flight.row_of(entries[k].request.request_id) for k in fed), np.int64, len(fed))
     # Block tables: every request's page list, flattened, then scattered into a [B, max_blocks] grid.
     tables = [kv.block_table(r.request_id) for r in reqs]
     lens = np.fromiter((len(t) for t in tables), dtype=np.int64, count=B)
@@ -111,12 +125,15 @@ def build_batch(out: SchedulerOutput, kv: KVCacheManager, adapters: AdapterCache
     N = len(sampled)
     top_k = np.fromiter((r.params.top_k for r in sreqs), np.int64, N)
     seeds = np.fromiter((r.seed & _I63 for r in sreqs), np.int64, N)
-    steps = np.fromiter((len(r.output_token_ids) for r in sreqs), np.int64, N)
+    steps = np.fromiter((r.num_output_tokens - 1 for r in sreqs), np.int64, N)  # this step's token was counted
     query_start = np.concatenate(([0], ends))
     seq_lens = c + n
-    (d_ids, d_pos, d_slots, d_qs, d_sl, d_bt, d_tslot, d_ss, d_sn, d_sslot, d_li, d_topk, d_seeds, d_steps) = _staging.send(
+    (d_ids, d_pos, d_slots, d_qs, d_sl, d_bt, d_tslot, d_ss, d_sn, d_sslot, d_li, d_topk, d_seeds, d_steps,
+     d_dst, d_src) = _staging.send(
         [ids, positions, slot_mapping, query_start, seq_lens, block_tables.reshape(-1), token_slot,
-         seg_start, seg_lens, seg_slot, logits_index, top_k, seeds, steps], device)
+         seg_start, seg_lens, seg_slot, logits_index, top_k, seeds, steps, feed_dst, feed_src], device)
+    if fed:  # on the device's stream, after the step in flight sampled them
+        d_ids[d_dst] = in_flight.ids[d_src]
     i32 = torch.int32
     attn = AttentionMeta(
         query_start=d_qs.to(i32), seq_lens=d_sl.to(i32), block_tables=d_bt.view(B, max_blocks).to(i32),
@@ -142,12 +159,22 @@ def build_batch(out: SchedulerOutput, kv: KVCacheManager, adapters: AdapterCache
                       sampled=sampled, sampling=sampling)
 
 
+def _known(r) -> int:
+    """Tokens of the request whose values the host knows (prompt + outputs read back)."""
+    return len(r.prompt_token_ids) + len(r.output_token_ids)
+
+
 def _new_tokens(e: ScheduledRequest) -> list[int]:
-    """The token ids this step computes for the entry: [c, c + n) of prompt + outputs."""
-    r, c, n = e.request, e.request.num_computed_tokens, e.num_tokens
-    p = len(r.prompt_token_ids)
-    if c + n <= p:
-        return r.prompt_token_ids[c : c + n]
-    if c >= p:
-        return r.output_token_ids[c - p : c - p + n]
-    return r.prompt_token_ids[c:] + r.output_token_ids[: c + n - p]
+    """The token ids this step computes for the entry: [c, c + n) of prompt + outputs, with 0 for
+    a pending token (its value is fed on the device)."""
+    r, c, n = e.request, e.start, e.num_tokens
+    p, end = len(r.prompt_token_ids), min(c + n, _known(r))
+    if end <= p:
+        ids = r.prompt_token_ids[c:end]
+    elif c >= p:
+        ids = r.output_token_ids[c - p : end - p]
+    else:
+        ids = r.prompt_token_ids[c:] + r.output_token_ids[: end - p]
+    if c + n - end > 1:
+        raise RuntimeError(f"request {r.request_id}: {c + n - end} pending tokens in one step (at most 1)")
+    return ids + [0] * (c + n - end)

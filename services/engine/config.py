@@ -45,6 +45,8 @@ class EngineConfig:
     random_weights_seed: int | None = settings.config_field("RANDOM_WEIGHTS_SEED")
     # replay decode steps from CUDA graphs (CUDA with the Triton ops only)
     cuda_graphs: bool = settings.config_field("CUDA_GRAPHS")
+    # The host schedules and builds step t+1 while step t runs (engine.py); off: one step at a time
+    async_scheduling: bool = settings.config_field("ASYNC_SCHEDULING")
     # Decode-only steps between prefill steps; None: 4 when CUDA graphs replay decodes, else 0
     # (0: every step mixes decodes with prefill chunks).
     decode_steps_per_prefill: int | None = settings.config_field("DECODE_STEPS_PER_PREFILL")
@@ -53,7 +55,7 @@ class EngineConfig:
     tp_size: int = settings.config_field("TP_SIZE")
     # fused | slora | replicated_a | gather_outputs (docs/tp.md)
     tp_lora_scheme: str = settings.config_field("TP_LORA_SCHEME")
-    # Decode CUDA graphs under tp_size > 1 (tp/graphs.py; with cuda_graphs and the Triton ops);
+    # Decode CUDA graphs under tp_size > 1 (cuda_graphs.DecodeGraphs on every rank; with cuda_graphs and the Triton ops);
     # their equality with the one-GPU engine and their speed are measured in docs/tp.md. On the
     # CPU the same padded steps run eagerly (what the CPU tests check).
     tp_cuda_graphs: bool = settings.config_field("TP_CUDA_GRAPHS")

@@ -6,8 +6,11 @@
     while engine.has_unfinished():
         for out in engine.step(): ...
 
-One step = schedule -> build batch -> launch forward + sample -> detokenize the previous step's
-tokens while the GPU works -> wait for the sampled ids -> update (see step()).
+One step (asynchronous scheduling, the default): schedule -> build the batch -> launch the forward
+and sampling -> wait for the PREVIOUS step's sampled ids -> update -> detokenize them, so the host
+prepares each step while the device still runs the one before, and a decode reads the token the
+previous step sampled straight from the device (see step()). With async_scheduling off: schedule
+-> build -> launch -> detokenize the previous step's tokens -> wait for this step's -> update.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from lorafleet.formats.lora_weights import LoraWeights
 from .batch import build_batch
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer, decode_batch
+from .in_flight import InFlightStep, SampledIdsReadback
 from .lora_step import LoraStep
 from .request import Request, SamplingParams
 from .runtime import Runtime, build_runtime
@@ -46,8 +50,9 @@ class RequestOutput:
     num_output_tokens: int
 
 
-# The parts of one step, in order (LLMEngine.step_seconds).
+# The parts of one step (LLMEngine.step_seconds), in the order a synchronous step runs them.
 STEP_PHASES = ("prefetch", "schedule", "build_batch", "launch", "outputs", "wait", "update")
+
 
 
 class LLMEngine:
@@ -68,14 +73,17 @@ class LLMEngine:
         # "launch" is the host queueing the forward and "wait" the GPU time not hidden behind the
         # host; on the CPU, "launch" is the forward itself.
         self.step_seconds = dict.fromkeys(STEP_PHASES, 0.0)
+        # Host seconds between reading a step's sampled ids and launching the next forward while no
+        # other step was queued: time a GPU would sit idle waiting for the host (bench/host_step.py).
+        self.device_idle_seconds = 0.0
         self.scheduler = Scheduler(rt.scheduler_config, rt.kv, rt.adapters)
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self.eos_ids = rt.spec.eos_token_ids or ((self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ())
         self._close = rt.close  # tp_size > 1: stops the worker ranks (also registered with atexit)
-        self._pending: list[Request] = []  # requests sampled last step, not yet detokenized (see step)
-        if self.device.type == "cuda":
-            self._ids_host = torch.empty(512, dtype=torch.int64, pin_memory=True)
-            self._ids_ready = torch.cuda.Event()
+        self._pending: list[Request] = []  # requests sampled last step, not yet detokenized (synchronous steps)
+        self._in_flight: InFlightStep | None = None  # launched, sampled ids not read yet (asynchronous steps)
+        self._ids_read_at: float | None = None  # when the host last read sampled ids with nothing else queued
+        self._readback = SampledIdsReadback(self.device)
 
     def close(self) -> None:
         """Release what the engine started (tensor-parallel worker processes); idempotent."""
@@ -132,6 +140,8 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
+        # A step still in flight holds nothing to emit once the scheduler has no request: a request
+        # leaves it only finished, by a read-back that emitted its last output, or by abort / stop.
         return self.scheduler.has_unfinished() or bool(self._pending)
 
     @property
@@ -157,13 +167,16 @@ class LLMEngine:
 
     # --- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One step: schedule, build, launch the forward and sampling, then (while the GPU works)
-        detokenize the tokens of the PREVIOUS step, then wait for this step's tokens.
+        """One step. Asynchronous (the default): schedule and build this step while the previous
+        one may still run on the device, launch it, then wait for the PREVIOUS step's sampled ids,
+        update and detokenize them, while the device runs this one. Outputs are the previous
+        step's; a request the previous step finished (EOS, max_tokens, a stop string) may have been
+        scheduled in this one: that extra token is dropped (update_from_output skips finished
+        requests), so what is emitted is exactly what one step at a time would emit.
 
-        Outputs therefore trail the GPU by one step; `has_unfinished` stays true until the last
-        ones are out. A stop string found in that overlap finishes its request one step late: the
-        token the request got in the meantime is dropped (update_from_output skips finished ones),
-        so what is emitted is exactly what a non-overlapped loop would emit.
+        Synchronous: launch this step, detokenize the previous step's tokens while the device
+        works, wait for this step's ids and update. Either way `has_unfinished` stays true until
+        the last outputs are out.
         """
         marks = [perf_counter()]  # one after each phase
         # Requests deeper in the queue than PREFETCH_AHEAD at arrival get their adapters packed
@@ -172,23 +185,49 @@ class LLMEngine:
         marks.append(perf_counter())
         sched = self.scheduler.schedule()
         marks.append(perf_counter())
-        pending, self._pending = self._pending, []
-        if sched.empty:
-            return self._outputs(pending)
-        batch = build_batch(sched, self.kv, self.adapters, self.device)
+        launched = None
+        if not sched.empty:
+            batch = build_batch(sched, self.kv, self.adapters, self.device, self._in_flight)
+            marks.append(perf_counter())
+            self._note_launch(marks[-1])
+            launched = self._readback.launched(sched, batch.sampled, self._launch(batch))  # ids still being computed
+        else:
+            marks.append(marks[-1])
         marks.append(perf_counter())
-        ids = self._launch(batch)  # [N] int64, still being computed
-        marks.append(perf_counter())
-        outputs = self._outputs(pending)  # host work overlapped with the GPU
-        marks.append(perf_counter())
-        sampled_ids = self._fetch(ids)
-        marks.append(perf_counter())
-        sampled = {e.request.request_id: t for e, t in zip(batch.sampled, sampled_ids)}
-        self._pending = self.scheduler.update_from_output(sched, sampled, self.eos_ids)
-        marks.append(perf_counter())
-        for phase, start, end in zip(STEP_PHASES, marks, marks[1:]):
+        if self.config.async_scheduling:
+            done, self._in_flight = self._in_flight, launched
+            touched = self._read_back(done, queued=launched is not None, marks=marks)
+            outputs = self._outputs(touched)  # the device runs `launched` meanwhile
+            marks.append(perf_counter())
+            phases = ("prefetch", "schedule", "build_batch", "launch", "wait", "update", "outputs")
+        else:
+            outputs = self._outputs(self._pending)  # host work overlapped with the device
+            marks.append(perf_counter())
+            self._pending = self._read_back(launched, queued=False, marks=marks)
+            phases = STEP_PHASES
+        for phase, start, end in zip(phases, marks, marks[1:]):
             self.step_seconds[phase] += end - start
         return outputs
+
+    def _note_launch(self, now: float) -> None:
+        """Count the host time since the last read-back during which the device had nothing queued."""
+        if self._ids_read_at is not None and self._in_flight is None:
+            self.device_idle_seconds += now - self._ids_read_at
+        self._ids_read_at = None
+
+    def _read_back(self, step: InFlightStep | None, queued: bool, marks: list[float]) -> list[Request]:
+        """Wait for a launched step's sampled ids and apply them (two marks: wait, update).
+        queued: another step is already queued behind it (the device is not left idle)."""
+        if step is None:
+            marks += [marks[-1], marks[-1]]
+            return []
+        sampled_ids = self._readback.read(step)
+        marks.append(perf_counter())
+        self._ids_read_at = None if queued else marks[-1]
+        sampled = {e.request.request_id: t for e, t in zip(step.sampled, sampled_ids)}
+        touched = self.scheduler.update_from_output(step.sched, sampled, self.eos_ids)
+        marks.append(perf_counter())
+        return touched
 
     def _launch(self, batch) -> torch.Tensor | None:
         """Queue the forward pass and sampling; returns the sampled ids on the device (no sync)."""
@@ -202,21 +241,6 @@ class LLMEngine:
             hidden = self.model.forward(batch.input_ids, batch.positions, self.pool, batch.attn, lora)
             logits = self.model.logits(hidden[batch.logits_index]) if batch.sampled else None  # [N, V] float32
         return None if logits is None else sample(logits, batch.sampling)
-
-    def _fetch(self, ids: torch.Tensor | None) -> list[int]:
-        """Wait for the sampled ids (the step's only host-device synchronisation) and read them."""
-        if ids is None:
-            return []
-        if ids.device.type != "cuda":
-            return ids.tolist()
-        n = ids.shape[0]
-        if self._ids_host.numel() < n:
-            self._ids_host = torch.empty(max(n, 2 * self._ids_host.numel()), dtype=torch.int64, pin_memory=True)
-        host = self._ids_host[:n]
-        host.copy_(ids, non_blocking=True)
-        self._ids_ready.record()
-        self._ids_ready.synchronize()
-        return host.tolist()
 
     def _outputs(self, touched: list[Request]) -> list[RequestOutput]:
         """Detokenize every request's new token (one batched tokenizer call), apply stop strings."""

@@ -60,7 +60,11 @@ class Request:
     # --- state owned by the scheduler ---
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
-    num_computed_tokens: int = 0  # tokens whose K/V are in the pool
+    num_computed_tokens: int = 0  # tokens whose K/V are in the pool, or being written by a step already launched
+    # Tokens sampled by a step already launched whose values the host does not know yet (0 or 1:
+    # the engine reads a step's tokens before it schedules the step after next). They count in
+    # num_tokens; the next step reads such a token's value on the device (asynchronous scheduling).
+    num_pending: int = 0
     num_preemptions: int = 0
     finish_reason: str | None = None
 
@@ -69,7 +73,12 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Output tokens sampled so far, known or pending (the index of the next one to draw)."""
+        return len(self.output_token_ids) + self.num_pending
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -14,6 +14,13 @@ NOTE invariants:
   large request is never starved by a stream of small ones.
 - add_request rejects a request that could not run even alone in an empty pool, so preemption
   always ends with progress: no deadlock.
+- Scheduling a step advances its requests' computed tokens and counts the token each sampling
+  request will get as pending (Request.num_pending) at once, before the step runs: the engine may
+  schedule the next step while this one is on the GPU (asynchronous scheduling), and then feeds
+  the pending token to it on the device. update_from_output later replaces pending tokens by their
+  values. A request whose pending token is its last (max_tokens) is not scheduled again; one that
+  ends on EOS or a stop string meanwhile has its extra token dropped. A preempted request waits
+  until its pending token is known (it is recomputed from its tokens).
 """
 
 from __future__ import annotations
@@ -43,8 +50,9 @@ class SchedulerConfig:
 @dataclass
 class ScheduledRequest:
     request: Request
-    num_tokens: int  # tokens computed this step, starting at request.num_computed_tokens
-    samples: bool  # True when this step completes the request's known tokens: sample one more
+    start: int  # the request's computed tokens before this step: it computes tokens [start, start + num_tokens)
+    num_tokens: int
+    samples: bool  # True when this step completes the request's tokens: it samples one more
 
 
 @dataclass
@@ -114,6 +122,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             remaining = req.num_tokens - req.num_computed_tokens
+            if req.num_pending and req.num_output_tokens >= req.params.max_tokens:
+                i += 1  # its last token is being sampled: nothing more to compute
+                continue
             if (phase == "decode" and remaining != 1) or (phase == "prefill" and remaining == 1):
                 i += 1
                 continue
@@ -134,7 +145,10 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self._can_admit(req, n):
+            # A request preempted while its token was pending is recomputed once that token is known
+            # (the engine reads a step back before scheduling the step after next, so it waits one
+            # step at most; a schedule() right after a preemption admits nobody anyway).
+            if req.num_pending or not self._can_admit(req, n):
                 break  # FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
             if req.adapter_id is not None:
@@ -190,19 +204,17 @@ class Scheduler:
         return tokens
 
     def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int], eos_ids: tuple[int, ...]) -> list[Request]:
-        """Advance computed tokens, append sampled tokens, finish on EOS or max_tokens.
+        """The step `out` has run: its pending tokens become `sampled`; finish on EOS or max_tokens.
 
         Returns the requests that got a new token this step (finished ones included).
         """
         touched = []
         for entry in out.scheduled:
             req = entry.request
-            if req.status is RequestStatus.FINISHED:
-                continue  # finished by a stop string while this step ran (engine overlap): drop its token
-            req.num_computed_tokens += entry.num_tokens
-            if not entry.samples:
-                continue
+            if not entry.samples or req.status is RequestStatus.FINISHED:
+                continue  # finished while this step ran (stop string, EOS, abort): drop its token
             token = sampled[req.request_id]
+            req.num_pending -= 1
             req.output_token_ids.append(token)
             touched.append(req)
             if token in eos_ids and not req.params.ignore_eos:
@@ -213,7 +225,12 @@ class Scheduler:
 
     # --- internals -------------------------------------------------------------------------
     def _entry(self, req: Request, n: int) -> ScheduledRequest:
-        return ScheduledRequest(req, n, samples=req.num_computed_tokens + n == req.num_tokens)
+        """Schedules n tokens of req: advances its computed tokens now, and counts a pending token
+        when the step samples one."""
+        entry = ScheduledRequest(req, req.num_computed_tokens, n, samples=req.num_computed_tokens + n == req.num_tokens)
+        req.num_computed_tokens += n
+        req.num_pending += entry.samples
+        return entry
 
     def _can_admit(self, req: Request, n: int) -> bool:
         kv_pages = self.kv.pages_needed(req.request_id, req.num_computed_tokens + n)
@@ -236,7 +253,4 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def _finish(self, req: Request, reason: str) -> None:
-        self.running.remove(req)
-        self._release(req)
-        del self.requests[req.request_id]
-        req.status, req.finish_reason = RequestStatus.FINISHED, reason
+        self.finish_request(req.request_id, reason)  # running, or preempted while its last token was pending

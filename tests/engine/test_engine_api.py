@@ -55,10 +55,11 @@ def test_abort(engine):
     assert engine.kv.used_pages() == 0
 
 
-def test_outputs_trail_the_gpu_by_one_step_and_the_last_one_is_never_lost(engine):
-    """step() returns the tokens sampled by the previous step (detokenized while this step runs).
-    A request that finished in the last step still gets its final output, even if the caller
-    aborts it meanwhile (abort says False: it was already finished)."""
+def test_outputs_trail_the_gpu_by_one_step_and_the_last_one_is_never_lost(zoo):
+    """Synchronous steps: step() returns the tokens sampled by the previous step (detokenized
+    while this step runs). A request that finished in the last step still gets its final output,
+    even if the caller aborts it meanwhile (abort says False: it was already finished)."""
+    engine = LLMEngine(EngineConfig(model_dir=str(zoo.model("mha")), num_pages=64, async_scheduling=False))
     engine.add_request("lag", prompt="Hello", params=SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
     assert engine.step() == []  # prefill: its token is sampled, not yet detokenized
     first = engine.step()  # decode of token 2; outputs: token 1
@@ -67,6 +68,31 @@ def test_outputs_trail_the_gpu_by_one_step_and_the_last_one_is_never_lost(engine
     last = engine.step()  # nothing left to compute: the pending final output comes out
     assert [(o.index, o.finished, o.finish_reason) for o in last] == [(1, True, "length")]
     assert not engine.has_unfinished() and engine.kv.used_pages() == 0
+
+
+def test_asynchronous_steps_read_each_step_back_after_launching_the_next(engine):
+    """Asynchronous steps: step t+1 is launched before step t's ids are read, so outputs also trail
+    by one step; a request is finished only once its last token is read back, and the step that
+    reads it computes nothing more for it (its last token was known to be its last)."""
+    assert engine.config.async_scheduling
+    engine.add_request("lag", prompt="Hello", params=SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    assert engine.step() == []  # prefill launched; nothing read back yet
+    first = engine.step()  # decode of token 2 launched, then token 1 read back
+    assert [(o.index, o.finished) for o in first] == [(0, False)]
+    launched = engine.scheduler.schedule()
+    assert launched.empty  # token 2 is pending and is the last: nothing to compute
+    last = engine.step()
+    assert [(o.index, o.finished, o.finish_reason) for o in last] == [(1, True, "length")]
+    assert not engine.has_unfinished() and engine.kv.used_pages() == 0
+
+
+def test_an_abort_while_a_step_is_in_flight_drops_its_token(engine):
+    engine.add_request("gone", prompt="Hello", params=SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    engine.step()
+    engine.step()  # token 1 out, token 2 in flight
+    assert engine.abort_request("gone") and not engine.has_unfinished() and engine.kv.used_pages() == 0
+    assert engine.step() == []  # the in-flight step is read back: its token belongs to no one
+    assert not engine.has_unfinished()
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,8 @@ import random
 
 import pytest
 
+from lorafleet.engine.request import SamplingParams
+
 from .fakes import check_accounting, fake_step, make_request, make_scheduler, make_weights
 
 
@@ -156,8 +158,9 @@ def test_split_phases_steps_are_pure_and_everyone_finishes(k):
             s.add_request(pending.pop(0))
         partial = any(r.num_tokens - r.num_computed_tokens > 1 for r in s.running)
         admissible, waited = s._admissible_tokens(), s._decode_steps  # before this step
+        before = {r.request_id: r.num_tokens - r.num_computed_tokens for r in [*s.running, *s.waiting]}
         out = s.schedule()
-        remaining = [e.request.num_tokens - e.request.num_computed_tokens for e in out.scheduled]
+        remaining = [before[e.request.request_id] for e in out.scheduled]
         if out.scheduled and all(r == 1 for r in remaining):
             saw_decode_step = True
             # A prefill step is due after k decode steps when a prompt is half done or enough
@@ -166,7 +169,7 @@ def test_split_phases_steps_are_pure_and_everyone_finishes(k):
             assert not (waited >= 4 * k and admissible > 0), "admissible prefill work waited past 4k"
         else:
             # a prefill step never carries a running request's decode token
-            assert all(r > 1 or e.request.num_computed_tokens == 0 for r, e in zip(remaining, out.scheduled))
+            assert all(r > 1 or e.start == 0 for r, e in zip(remaining, out.scheduled))
         s.update_from_output(out, {e.request.request_id: 7 for e in out.scheduled if e.samples}, eos_ids=(2,))
         check_accounting(s)
     assert not s.has_unfinished() and not pending
@@ -212,3 +215,116 @@ def test_prefetch_uses_only_free_pages_and_admission_finds_the_adapter_resident(
     assert s.kv.allocator.num_free == 0
     assert not s.adapters.prefetch("other", other) and s.adapters.is_resident("ad")
     check_accounting(s)
+
+
+# --- asynchronous scheduling: a step scheduled before the previous one's tokens are known ------
+
+
+def _lagged_loop(s, eos_at: dict[str, int] | None = None, steps: int = 500):
+    """schedule(t+1) before update(t), as the engine's asynchronous steps do; the fake model
+    samples 7, or EOS (2) at a request's output index eos_at[rid]. -> finished requests' outputs."""
+    eos_at, prev, outputs = eos_at or {}, None, {}
+    for _ in range(steps):
+        out = s.schedule()
+        check_accounting(s)
+        for e in out.scheduled:
+            r = e.request
+            assert r.num_pending <= 2 and e.start + e.num_tokens <= r.num_tokens
+            # a step reads at most one token whose value is not known yet: the previous step's
+            assert e.start + e.num_tokens - (len(r.prompt_token_ids) + len(r.output_token_ids)) <= 1
+        if prev is not None:
+            sampled = {e.request.request_id: 2 if eos_at.get(e.request.request_id) == e.request.num_output_tokens - e.request.num_pending else 7
+                       for e in prev.scheduled if e.samples}
+            for r in s.update_from_output(prev, sampled, eos_ids=(2,)):
+                if r.finished:
+                    outputs[r.request_id] = (list(r.output_token_ids), r.finish_reason)
+        prev = None if out.empty else out
+        if prev is None and not s.has_unfinished():
+            break
+    return outputs
+
+
+def test_a_pending_last_token_is_not_scheduled_again():
+    s = make_scheduler(num_pages=50)
+    s.add_request(make_request("a", prompt_len=5, max_tokens=2))
+    first = s.schedule()  # prompt: token 1 pending
+    second = s.schedule()  # decode of token 2 before token 1 is known
+    assert [(e.start, e.num_tokens, e.samples) for e in second.scheduled] == [(5, 1, True)]
+    assert s.requests["a"].num_pending == 2
+    assert s.schedule().empty  # token 2 is the last: nothing more to compute
+    s.update_from_output(first, {"a": 7}, eos_ids=(2,))
+    s.update_from_output(second, {"a": 8}, eos_ids=(2,))
+    assert "a" not in s.requests and s.kv.used_pages() == 0
+
+
+def test_eos_while_the_next_step_runs_drops_that_steps_token_and_frees_everything():
+    w = make_weights(rank=2)
+    s = make_scheduler(num_pages=60)
+    s.add_request(make_request("a", prompt_len=5, max_tokens=9, adapter=("ad", w)))
+    s.requests["a"].params = SamplingParams(max_tokens=9, temperature=0)  # EOS counts
+    first = s.schedule()
+    second = s.schedule()  # decode launched before the prompt's token is known
+    touched = s.update_from_output(first, {"a": 2}, eos_ids=(2,))  # it was EOS
+    assert touched[0].finish_reason == "stop" and touched[0].output_token_ids == [2]
+    assert s.kv.used_pages() == 0 and s.adapters.pins("ad") == 0
+    assert s.update_from_output(second, {"a": 9}, eos_ids=(2,)) == []  # dropped
+    assert touched[0].output_token_ids == [2]
+
+
+def test_a_request_preempted_with_a_pending_token_waits_for_it_then_recomputes():
+    s = make_scheduler(num_pages=6, max_batched_tokens=64)  # 6 pages of 4 tokens
+    s.add_request(make_request("old", prompt_len=8, max_tokens=12))
+    s.add_request(make_request("new", prompt_len=7, max_tokens=12))
+    first = s.schedule()  # both prompts: 2 + 2 pages, one token pending each
+    assert [e.request.request_id for e in first.scheduled] == ["old", "new"]
+    while True:  # decode until the pool runs short and "new" (the newest) is preempted
+        out = s.schedule()
+        if out.preempted:
+            break
+        s.update_from_output(first, {e.request.request_id: 7 for e in first.scheduled if e.samples}, (2,))
+        first = out
+    new = s.requests["new"]
+    assert out.preempted == ["new"] and new.num_pending == 1 and new.num_computed_tokens == 0
+    s.update_from_output(first, {e.request.request_id: 7 for e in first.scheduled if e.samples}, (2,))
+    assert new.num_pending == 0 and new in s.waiting  # its token is known: it can be recomputed
+    check_accounting(s)
+
+
+def test_a_waiting_request_with_a_pending_token_is_not_admitted_until_it_is_known():
+    s = make_scheduler(num_pages=50)
+    s.add_request(make_request("a", prompt_len=6, max_tokens=5))
+    first = s.schedule()
+    s._preempt(s.requests["a"])  # as a preemption in the next schedule() would
+    assert s.schedule().empty  # plenty of pages, but its last token is not known
+    s.update_from_output(first, {"a": 7}, eos_ids=(2,))
+    again = s.schedule()
+    assert [(e.start, e.num_tokens, e.samples) for e in again.scheduled] == [(0, 7, True)]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_lagged_steps_finish_everyone_with_the_tokens_of_one_step_at_a_time(seed):
+    """A random mix (chunked prompts, preemption, EOS at random indices, max_tokens 1): the lagged
+    loop ends every request with the outputs the one-step-at-a-time loop gives."""
+    rng = random.Random(seed)
+    specs = [(f"r{i}", rng.randint(1, 30), rng.randint(1, 10)) for i in range(10)]
+    eos_at = {rid: rng.randint(0, mt) for rid, _, mt in specs if rng.random() < 0.4}
+
+    def fresh():
+        s = make_scheduler(num_pages=16, max_batched_tokens=rng.choice([8, 16, 64]), max_num_seqs=6)
+        for rid, n, mt in specs:
+            r = make_request(rid, prompt_len=n, max_tokens=mt)
+            r.params = SamplingParams(max_tokens=mt, temperature=0)
+            s.add_request(r)
+        return s
+
+    s = fresh()
+    want = {}
+    while s.has_unfinished():
+        out = s.schedule()
+        sampled = {e.request.request_id: 2 if eos_at.get(e.request.request_id) == len(e.request.output_token_ids) else 7
+                   for e in out.scheduled if e.samples}
+        for r in s.update_from_output(out, sampled, eos_ids=(2,)):
+            if r.finished:
+                want[r.request_id] = (list(r.output_token_ids), r.finish_reason)
+    got = _lagged_loop(fresh(), eos_at)
+    assert got == want and len(got) == len(specs)
