@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# One GPU call: this tree's GPU tests, then the decode step of this tree against a baseline tree,
-# side by side (bench/step_ab.py: fresh processes per tree, alternating, base-only and LoRA).
-#   bash bench/device_step_ab.sh COMMIT BASE_NAME     # COMMIT: `git rev-parse HEAD` here
-# Carry .ab (git archive BASE -o .ab/base.tar), .devkit (bash bench/devkit.sh) and .whl
-# (pytest-asyncio, pytest-timeout). Env: TESTS (pytest paths; "" skips the tests), SETTINGS (S1 S2),
-# BATCH (64), ROUNDS (2). Results in $OUT: pytest-gpu.log, step_ab.log, step_ab.tgz.
+# One GPU call: this tree's GPU tests, then the decode step of earlier trees and this one side by
+# side (bench/step_ab.py: fresh processes per tree, alternating, base-only and LoRA).
+#   bash bench/device_step_ab.sh COMMIT BASE [BASE...]   # COMMIT: `git rev-parse HEAD` here
+# Carry .ab (for each BASE: git archive BASE -o .ab/BASE.tar), .devkit (bash bench/devkit.sh) and
+# .whl (pytest-asyncio, pytest-timeout). Env: TESTS (pytest paths; "" skips the tests), SETTINGS
+# (S1 S2), BATCH (64), ROUNDS (2). Results in $OUT: pytest-gpu.log, step_ab.log, step_ab.tgz.
 set -o pipefail
 export PYTHONUNBUFFERED=1
-COMMIT=${1:?usage: bash bench/device_step_ab.sh COMMIT BASE_NAME}
-BASE_NAME=${2:?usage: bash bench/device_step_ab.sh COMMIT BASE_NAME}
+COMMIT=${1:?usage: bash bench/device_step_ab.sh COMMIT BASE [BASE...]}
+shift
+(($#)) || { echo "usage: bash bench/device_step_ab.sh COMMIT BASE [BASE...]"; exit 2; }
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 pipt() { python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --upgrade \
@@ -16,7 +17,11 @@ pipt() { python3 -m pip install -q --no-index --no-deps --no-build-isolation --n
 # The dependencies the device lacks in one folder, each tree in its own (a child imports one tree only).
 shopt -s nullglob; pipt /tmp/deps .whl/*.whl .devkit/*.whl; shopt -u nullglob
 pipt /tmp/site-new .
-mkdir -p /tmp/base && tar -xf .ab/base.tar -C /tmp/base && pipt /tmp/site-old /tmp/base
+trees=()
+for base in "$@"; do
+  mkdir -p "/tmp/src-$base" && tar -xf ".ab/$base.tar" -C "/tmp/src-$base" && pipt "/tmp/site-$base" "/tmp/src-$base"
+  trees+=(--tree "$base=/tmp/site-$base:/tmp/deps")
+done
 export PYTHONPATH=/tmp/site-new:/tmp/deps
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, triton, sys; print(sys.version.split()[0], torch.__version__, triton.__version__)"
@@ -27,7 +32,7 @@ if [[ -n $TESTS ]]; then
   tail -8 "$OUT/pytest-gpu.log"
 fi
 for s in ${SETTINGS:-S1 S2}; do
-  timeout "${AB_TIMEOUT:-280}" python3 -m lorafleet.bench.step_ab --tree "$BASE_NAME=/tmp/site-old:/tmp/deps" \
+  timeout "${AB_TIMEOUT:-280}" python3 -m lorafleet.bench.step_ab "${trees[@]}" \
     --tree "$COMMIT=/tmp/site-new:/tmp/deps" --setting "$s" --batch "${BATCH:-64}" --adapters 32 \
     --rounds "${ROUNDS:-2}" --commit "$COMMIT" --out "$OUT/step_ab/$s" >> "$OUT/step_ab.log" 2>&1
   echo "step_ab $s rc $?"

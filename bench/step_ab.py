@@ -86,6 +86,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     trees = [tuple(t.split("=", 1)) for t in args.tree]
     runs: dict[str, list[dict]] = {name: [] for name, _ in trees}
+    args.out.mkdir(parents=True, exist_ok=True)
     for r in range(args.rounds):
         order = trees if r % 2 == 0 else trees[::-1]  # alternate who goes first (clocks, caches)
         for name, site in order:
@@ -93,13 +94,14 @@ def main(argv=None) -> dict:
             lora = runs[name][-1]["lora"]["step_ms_p50"]
             print(f"round {r} {name}: base {runs[name][-1]['base']['step_ms_p50']:.3f} ms, lora {lora:.3f} ms",
                   flush=True)
+            # what is measured so far survives a run cut short by its time limit
+            (args.out / "step_ab.partial.json").write_text(json.dumps(runs, indent=1))
     medians = {name: {mode: statistics.median(run[mode]["step_ms_p50"] for run in rs) for mode in ("base", "lora")}
                for name, rs in runs.items()}
     first = trees[0][0]
     ratios = {name: {mode: m[mode] / medians[first][mode] for mode in m} for name, m in medians.items()}
     result = {"args": {k: str(v) for k, v in vars(args).items()}, "env": environment(args.commit),
               "runs": runs, "median_step_ms": medians, "ratio_to_" + first: ratios}
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "step_ab.json").write_text(json.dumps(result, indent=1))
     lines = [f"# Decode step, {args.setting} shapes, batch {args.batch} ({args.adapters} adapters), "
              f"{args.rounds} processes per tree", "", f"Command: `python -m lorafleet.bench.step_ab {' '.join(argv or sys.argv[1:])}`",
