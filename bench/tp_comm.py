@@ -19,7 +19,7 @@ from pathlib import Path
 from lorafleet.bench.report import environment
 from lorafleet.bench.shapes import SHAPES, VOCAB
 from lorafleet.bench.tp_comm_model import adapter_bytes_per_rank, bytes_sent, layer_collectives, per_token_bytes
-from lorafleet.engine.tp import Scheme
+from lorafleet.engine.tp.shard_adapters import Scheme
 from lorafleet.formats.model_spec import ModelSpec, RopeSpec
 
 OUT = Path(__file__).resolve().parent / "results" / "tp"
