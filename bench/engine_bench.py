@@ -107,8 +107,9 @@ def build_engine(setting_name: str, args) -> LLMEngine:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setting", choices=sorted(SETTINGS), default="S1")
-    p.add_argument("--packed-adapter-gb", type=int, default=2,
-                   help="host memory for packed adapters (the engine's LRU; LORAFLEET_ENGINE_PACKED_ADAPTER_BYTES in the service)")
+    p.add_argument("--packed-adapter-gb", type=int, default=0,
+                   help="host memory for packed adapters (the engine's LRU; LORAFLEET_ENGINE_PACKED_ADAPTER_BYTES in the "
+                        "service); 0: sized to the work")
     p.add_argument("--pack-threads", type=int, default=EngineConfig.adapter_pack_threads,
                    help="threads packing adapters (LORAFLEET_ENGINE_ADAPTER_PACK_THREADS in the service)")
     p.add_argument("--n", type=int, nargs="*", default=[5, 100, 2000])

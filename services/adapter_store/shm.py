@@ -3,12 +3,14 @@ folder shared with the engines of the node (tmpfs: /dev/shm, or a Kubernetes emp
 medium Memory), so engines never download or validate an adapter again.
 
 Files appear atomically (write a hidden temp file, then rename) and are deleted when the LRU
-byte budget evicts them. An engine that already holds the path may be reading at that moment:
-POSIX keeps an unlinked file's data until its last reader closes it, and engines copy the file
-into their own memory right away, so deleting is safe. An engine that got a path and was too slow
-finds the file gone and simply asks again (AdapterStoreClient does).
+byte budget evicts them; a file is never rewritten in place. Engines map the file (safetensors
+maps it: formats.lora_weights.load_canonical): their weights ARE these pages, not a copy. POSIX keeps an
+unlinked file's data until its last mapping goes, so deleting is safe; an engine that got a path
+and was too slow finds the file gone and simply asks again (AdapterStoreClient does).
 
-The budget counts file bytes: on tmpfs the files ARE the host memory the adapters take.
+The budget counts file bytes: on tmpfs the files ARE the host memory the adapters take, plus
+those an engine still maps after their eviction (each engine's AdapterFetcher LRU bounds them:
+LORAFLEET_ENGINE_HOST_ADAPTER_BYTES).
 """
 
 from __future__ import annotations

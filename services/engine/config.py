@@ -26,7 +26,8 @@ class EngineConfig:
     max_adapter_rank: int = settings.config_field("MAX_ADAPTER_RANK")
     max_adapter_slots: int = settings.config_field("MAX_ADAPTER_SLOTS")  # 0: 2 * max_num_seqs, at least 64
     # Host bytes of packed adapters ready for one copy to the pool (LRU): a reload after
-    # eviction costs one memcpy + DMA, not a repack (memory/adapter_pack.py).
+    # eviction costs one memcpy + DMA, not a repack (memory/adapter_pack.py); 0: sized to the work
+    # (memory/host_budget.py).
     packed_adapter_bytes: int = settings.config_field("ENGINE_PACKED_ADAPTER_BYTES")
     # CUDA: threads packing adapters beside the engine loop
     adapter_pack_threads: int = settings.config_field("ENGINE_ADAPTER_PACK_THREADS")

@@ -155,13 +155,15 @@ class LLMEngine:
             "free_pages": self.kv.allocator.num_free,
         }
 
-    def _prefetch_queue_front(self) -> None:
+    def _prefetch_queue_front(self, step: bool = False) -> None:
         """Packs finished in the background go to free pages, then the adapters of the next
         waiting requests are prefetched in queue order, as far as half the packed-host budget
         goes (AdapterCache.prefetch_ahead). At arrival too: prefetching every arrival's adapter
         packed more than the budget holds (S2: 64 x up to 128 MB), and the host LRU dropped
         packs before their requests were admitted, which then packed again on this thread."""
         self.adapters.poll()
+        # before the lookahead reads it; `step`: only a step's call may lower it
+        self.adapters.fit_host_budget(self.scheduler.adapter_demand.bytes, step)
         self.adapters.prefetch_ahead((r.adapter_id, r.adapter_weights)
                                      for r in islice(self.scheduler.waiting, PREFETCH_AHEAD) if r.adapter_id is not None)
 
@@ -181,7 +183,7 @@ class LLMEngine:
         marks = [perf_counter()]  # one after each phase
         # Requests deeper in the queue than PREFETCH_AHEAD at arrival get their adapters packed
         # (and loaded into free pages) as they come near admission.
-        self._prefetch_queue_front()
+        self._prefetch_queue_front(step=True)
         marks.append(perf_counter())
         sched = self.scheduler.schedule()
         marks.append(perf_counter())

@@ -29,6 +29,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .memory.adapter_cache import AdapterCache
+from .memory.host_budget import AdapterDemand
 from .memory.kv_cache import KVCacheManager
 from .request import Request, RequestStatus
 
@@ -78,6 +79,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.adapter_demand = AdapterDemand()  # packs of the distinct adapters of requests in the engine
         self._decode_steps = 0  # decode-only steps since the last prefill step (split phases)
 
     # --- requests in and out ---------------------------------------------------------------
@@ -96,6 +98,8 @@ class Scheduler:
             )
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        if request.adapter_id is not None:
+            self.adapter_demand.add(request.adapter_id, self.adapters.pack_bytes(request.adapter_weights))
 
     def finish_request(self, request_id: str, reason: str) -> Request | None:
         """Remove a request (finished by a stop string, or aborted); frees what it holds."""
@@ -107,6 +111,8 @@ class Scheduler:
             self._release(req)
         elif req in self.waiting:
             self.waiting.remove(req)
+        if req.adapter_id is not None:
+            self.adapter_demand.remove(req.adapter_id)
         req.status, req.finish_reason = RequestStatus.FINISHED, reason
         return req
 

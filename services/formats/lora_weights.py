@@ -59,18 +59,25 @@ class LoraWeights:
 
 
 def load_canonical(path: Path, spec: ModelSpec, max_rank: int) -> LoraWeights:
-    """Read a file written by save_canonical; shapes are checked again (cheap, and files can rot)."""
+    """Read a file written by save_canonical; header, shapes and values are checked again (cheap,
+    and files can rot: anything malformed is an InvalidAdapterError).
+
+    The tensors are the file's pages, mapped by the safetensors library, not a copy: an engine's
+    adapters in hand are the node store's shared memory (tests/formats guards this)."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {})["lorafleet"])
     from .peft_config import TargetEntry
 
-    targets = tuple(TargetEntry(int(l), str(m), int(r), float(s)) for l, m, r, s in meta["targets"])
-    cfg = PeftLoraConfig(int(meta["rank"]), float(meta["lora_alpha"]), bool(meta["use_rslora"]), targets)
-    raw = st_load_file(str(path))
-    a = {(t.layer, t.module): raw.pop(f"{t.layer}.{t.module}.A") for t in targets}
-    b = {(t.layer, t.module): raw.pop(f"{t.layer}.{t.module}.B") for t in targets}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["lorafleet"])
+        targets = tuple(TargetEntry(int(l), str(m), int(r), float(s)) for l, m, r, s in meta["targets"])
+        cfg = PeftLoraConfig(int(meta["rank"]), float(meta["lora_alpha"]), bool(meta["use_rslora"]), targets)
+        raw = st_load_file(str(path))
+        a = {(t.layer, t.module): raw.pop(f"{t.layer}.{t.module}.A") for t in targets}
+        b = {(t.layer, t.module): raw.pop(f"{t.layer}.{t.module}.B") for t in targets}
+    except (SafetensorError, KeyError, TypeError, ValueError) as exc:  # (json errors are ValueErrors)
+        raise InvalidAdapterError(f"canonical adapter file {path.name} is malformed: {exc!r}") from None
     if raw:
         raise InvalidAdapterError(f"canonical adapter file has unexpected tensors: {sorted(raw)[:3]}")
     weights = LoraWeights(cfg, a, b)

@@ -144,7 +144,8 @@ def test_arrivals_pack_only_what_half_the_host_budget_holds_so_nothing_is_packed
     from lorafleet.engine.memory.adapter_pack import pack_adapter
     from lorafleet.formats.lora_weights import load_peft_adapter_dir
 
-    eng = LLMEngine(EngineConfig(model_dir=str(zoo.model("mha")), num_pages=96, max_num_seqs=1))
+    # a fixed budget (packed_adapter_bytes > 0), set below to four packs
+    eng = LLMEngine(EngineConfig(model_dir=str(zoo.model("mha")), num_pages=96, max_num_seqs=1, packed_adapter_bytes=1))
     w = load_peft_adapter_dir(zoo.adapter("mha", "r1-attn"), eng.spec)
     one = pack_adapter(w, eng.spec, eng.pool.shape[2], eng.pool.dtype).nbytes
     eng.adapters.host.budget_bytes = 4 * one

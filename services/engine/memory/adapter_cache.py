@@ -31,6 +31,7 @@ from ..ops.base import AdapterTables
 from .adapter_pack import HostAdapterCache
 from .adapter_upload import AdapterUploader
 from .allocator import PageAllocator
+from .host_budget import PackBudget
 from .layout import AdapterLayout, adapter_layout
 
 
@@ -53,9 +54,11 @@ def max_adapter_pages(spec: ModelSpec, max_rank: int, page_elems: int) -> int:
 class AdapterCache:
     def __init__(self, pool: torch.Tensor, allocator: PageAllocator, spec: ModelSpec, max_slots: int, max_rank: int,
                  packed_bytes: int = EngineConfig.packed_adapter_bytes, prefetch_reserve_pages: int | None = None,
-                 pack_threads: int = 4, packer=None):
+                 pack_threads: int = 4, packer=None, pack_budget: PackBudget | None = None):
         """packer: the packed host form (adapter_pack.PagePacker by default); a subclass that
-        packs another form overrides `_upload` too (TpAdapterCache)."""
+        packs another form overrides `_upload` too (TpAdapterCache). packed_bytes 0: the host
+        budget of packs follows the work (`fit_host_budget`) within `pack_budget` (default: sized
+        from the host memory available now, host_budget.PackBudget.from_host)."""
         self.pool = pool  # [L, num_pages, P]
         self.allocator = allocator
         # Prefetches leave this many pages free for KV growth. Without it, a pool full of KV
@@ -77,8 +80,13 @@ class AdapterCache:
         self.num_evictions = 0
         on_cuda = pool.device.type == "cuda"
         # Packs are pageable (the uploader pins its ring and rows once, never per load): adapter_upload.py.
-        self.host = HostAdapterCache(spec, page_elems, pool.dtype, budget_bytes=packed_bytes,
-                                     background=on_cuda, workers=pack_threads, packer=packer)
+        if packed_bytes == 0 and pack_budget is None:
+            pack_budget = PackBudget.from_host()
+        self.pack_budget = pack_budget if packed_bytes == 0 else None
+        self.host = HostAdapterCache(spec, page_elems, pool.dtype,
+                                     budget_bytes=packed_bytes if self.pack_budget is None else pack_budget.floor,
+                                     background=on_cuda, workers=pack_threads, packer=packer,
+                                     max_budget_bytes=None if self.pack_budget is None else pack_budget.ceiling)
         self.uploader = self._new_uploader()
         self.upload_s = 0.0  # the caller's time in `_upload` (copies issued or made; benchmarks)
         # Prefetches whose pack was still running (CUDA): loaded by `poll` once packed, so that
@@ -197,6 +205,17 @@ class AdapterCache:
         self._lru[adapter_id] = None
         self._evictable_pages += len(self._resident[adapter_id].pages)
         return True
+
+    def pack_bytes(self, weights: LoraWeights) -> int:
+        return self.host.pack_bytes(weights)
+
+    def fit_host_budget(self, demand_bytes: int, step: bool) -> None:
+        """The packs' host budget for this demand (host_budget.AdapterDemand.bytes), when it follows
+        the work: up at once; down only by PackBudget.shrink_per_step each step (step=True)."""
+        if self.pack_budget is not None:
+            budget = self.pack_budget.next_budget(self.host.budget_bytes, demand_bytes, step)
+            if budget != self.host.budget_bytes:
+                self.host.resize(budget)
 
     def stage(self, adapter_id: str, weights: LoraWeights) -> None:
         """Start packing the adapter's host form (when its request arrives; on CUDA in a worker

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -174,8 +175,9 @@ class HostAdapterCache:
     """
 
     def __init__(self, spec: ModelSpec, page_elems: int, dtype: torch.dtype, budget_bytes: int,
-                 background: bool = False, workers: int = 4, packer=None):
-        """packer: what a pack is (shape(weights), pack(weights, out) -> .buf, .nbytes); PagePacker by default."""
+                 background: bool = False, workers: int = 4, packer=None, max_budget_bytes: int | None = None):
+        """packer: what a pack is (shape(weights), pack(weights, out) -> .buf, .nbytes); PagePacker by
+        default. max_budget_bytes: the most `resize` may give (sizes the spare buffers; default: budget_bytes)."""
         if budget_bytes < 0:
             raise ValueError(f"the packed adapter budget must be >= 0 bytes, got {budget_bytes}")
         self.dtype = dtype
@@ -183,7 +185,7 @@ class HostAdapterCache:
         self.budget_bytes = budget_bytes
         if workers < 1:
             raise ValueError(f"adapter pack threads must be >= 1, got {workers}")
-        self.spares = SpareBuffers(min(budget_bytes // 4, SPARE_BYTES))
+        self.spares = SpareBuffers(min(max(budget_bytes, max_budget_bytes or 0) // 4, SPARE_BYTES))
         self._packed: OrderedDict = OrderedDict()  # id -> the packer's pack, least recently used first
         self._pending: dict[str, Future] = {}  # adapter id -> pack running in a worker
         self._unclaimed: set[str] = set()  # packed in the background and not yet taken by `get`
@@ -191,6 +193,7 @@ class HostAdapterCache:
         self.used_bytes = 0
         self.num_packs = 0  # adapters packed (a hit packs nothing; counters for tests and metrics)
         self.wait_s = 0.0  # the caller's time in `get` waiting for a pack or packing (benchmarks)
+        self.num_packed_on_demand = 0  # packs `get` had to make itself: none was staged or kept (the load waits)
 
     def __contains__(self, adapter_id: str) -> bool:
         return adapter_id in self._packed or adapter_id in self._pending
@@ -226,10 +229,22 @@ class HostAdapterCache:
             return packed
         pending = self._pending.pop(adapter_id, None)
         t = time.perf_counter()
+        if pending is None:
+            self.num_packed_on_demand += 1
         packed = pending.result() if pending is not None else self._pack(weights)  # waits only for a running pack
         self.wait_s += time.perf_counter() - t
         self._admit(adapter_id, packed)
         return packed
+
+    def pack_bytes(self, weights: LoraWeights) -> int:
+        """Host bytes the adapter's pack takes (without packing it)."""
+        return math.prod(self.packer.shape(weights)) * self.dtype.itemsize
+
+    def resize(self, budget_bytes: int) -> None:
+        """A new budget (host_budget.PackBudget). A smaller one takes effect as new packs come in:
+        packs in hand are not thrown away while nothing needs their room (a lull between bursts
+        would otherwise drop exactly the packs the next burst's popular adapters reuse)."""
+        self.budget_bytes = budget_bytes
 
     def _pack(self, weights: LoraWeights):
         """(Worker thread.) Into a recycled page buffer of the right shape when there is one."""
