@@ -126,10 +126,11 @@ def lora_shrink_kernel(
 
     The fused slices are the rows of one tile: row j of u[t] (flattened [n * R]) is rank j % R of
     slice j // R, so one program reads x once for every slice its BLOCK_R rows cover.
-    x: [T, K] (fp16/bf16/fp32); u: [T, n, R] (R = rank_cap), pre-zeroed by the caller; with ATOMIC
-    u is float32 and each of the num_k_splits programs of a tile adds its partial sum over
-    k_per_split columns of K (split-K, for grids too small to fill the GPU).
-    Grid: (cdiv(n * R, BLOCK_R) * num_k_splits, work items); writes u only where r > 0.
+    x: [T, K] (fp16/bf16/fp32); u: [T, n, R] (R = rank_cap). Writes u[t, i, :r] of the segments'
+    tokens and nothing else (the rest of u is undefined: LoraOps.shrink). With ATOMIC u is float32,
+    pre-zeroed by the caller, and each of the num_k_splits programs of a tile adds its partial sum
+    over k_per_split columns of K (split-K, for grids too small to fill the GPU).
+    Grid: (cdiv(n * R, BLOCK_R) * num_k_splits, work items).
     """
     # Row blocks x K splits vary fastest: programs launched together share the x tile in L2.
     rb = tl.program_id(0) // num_k_splits

@@ -77,7 +77,7 @@ class TritonLoraOps:
                 raise ValueError(f"module {m} takes in_features {tables.module_shapes[m][0]}, x has K={k}")
         rank_cap = self._rank_cap(batch.max_rank)
         if not self._has_work(ctx, num_tokens):
-            return torch.zeros(num_tokens, len(modules), rank_cap, dtype=x.dtype, device=x.device)
+            return torch.empty(num_tokens, len(modules), rank_cap, dtype=x.dtype, device=x.device)  # nothing defined
         tiles = self._tiles(ctx, rank_cap)
         work_seg, work_blk = self._work_list(ctx, num_tokens, tiles.block_t)
         num_work = work_seg.shape[0]
@@ -85,8 +85,11 @@ class TritonLoraOps:
         row_blocks = cdiv(len(modules) * rank_cap, block_r)
         k_splits, k_per_split = (_splits(cdiv(k, block_k), block_k, row_blocks * num_work, self.launch.shrink_programs_per_sm,
                                          pool.device) if tiles.name == "decode" else (1, k))
-        # Split-K partial sums meet in a float32 u (cast once after); otherwise u is stored directly.
-        u = torch.zeros(num_tokens, len(modules), rank_cap, dtype=torch.float32 if k_splits > 1 else x.dtype, device=x.device)
+        # Split-K partial sums meet in a float32 u, zeroed for the atomics. Otherwise u is stored
+        # directly, and only where it is defined (rows of segments, columns below each rank): the
+        # rest stays unwritten, as LoraOps.shrink allows, which saves a memset per call.
+        u_shape, u_dtype = (num_tokens, len(modules), rank_cap), torch.float32 if k_splits > 1 else x.dtype
+        u = torch.zeros(u_shape, dtype=u_dtype, device=x.device) if k_splits > 1 else torch.empty(u_shape, dtype=u_dtype, device=x.device)
         widths = [k] + [tables.module_shapes[m][0] for m in modules]
         K.lora_shrink_kernel[(row_blocks * k_splits, num_work)](
             x, u, self._layer_view(pool, layer), tables.page_table, tables.ranks, tables.a_off,

@@ -202,3 +202,12 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     if torch.isnan(out).any():
         return float("inf")
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def defined_entries(ctx: LoraContext, layer: int, modules: tuple[int, ...], width: int) -> torch.Tensor:
+    """[T, M, width] bool: the entries of u that shrink defines (token t has an adapter whose
+    module modules[i] has rank r in `layer`, column < r)."""
+    slot = ctx.batch.token_slot.long()  # [T]
+    ranks = ctx.tables.ranks[slot.clamp(min=0), layer][:, list(modules)]  # [T, M]
+    ranks = torch.where((slot >= 0)[:, None], ranks, 0)
+    return torch.arange(width, device=slot.device)[None, None, :] < ranks[:, :, None]

@@ -14,6 +14,7 @@ from lorafleet.kernels.lora_ops import TritonLoraOps
 from .conftest import requires_gpu
 from .kernel_fixtures import (
     QKV,
+    defined_entries,
     make_adapter_tables,
     make_lora_batch,
     make_spec,
@@ -118,9 +119,10 @@ def test_decode_step_capture_and_replay():
         real_ctx = LoraContext(pool_before, tables, real)
         u_ref = TorchLoraOps().shrink(x[:n], LAYER, QKV, real_ctx)
         r = u_ref.shape[2]
-        assert not u_out[n:].any() and not u_out[:, :, r:].any(), f"trial {trial}: u written outside the batch"
+        # only the real tokens' entries below their ranks are defined (LoraOps.shrink)
+        u_got = torch.where(defined_entries(real_ctx, LAYER, QKV, u_out.shape[2])[:n], u_out[:n], 0)[:, :, :r]
         if u_ref.any():
-            assert rel_err(u_out[:n, :, :r], u_ref) <= TOL, f"trial {trial}: shrink"
+            assert rel_err(u_got, u_ref) <= TOL, f"trial {trial}: shrink"
         y_ref = y_base[:n].clone()
         TorchLoraOps().expand(y_ref, u_ref, LAYER, QKV, offsets, real_ctx)
         assert torch.equal(y_out[n:], y_base[n:]), f"trial {trial}: expand touched padding tokens"

@@ -96,8 +96,10 @@ class LoraOps(Protocol):
     def shrink(self, x: torch.Tensor, layer: int, modules: tuple[int, ...], ctx: LoraContext) -> torch.Tensor:
         """u[t, i, :r] = x[t] @ A_{modules[i]}^T of token t's adapter in `layer`.
 
-        x: [T, K]. Returns u: [T, len(modules), max_rank] in x's dtype or float32 (fp32
-        accumulation); entries past a module's rank, and rows of tokens without adapter, are zero.
+        x: [T, K]. Returns u: [T, len(modules), R >= max_rank] in x's dtype or float32 (fp32
+        accumulation). Only u[t, i, :r] of tokens with an adapter is defined (r: the module's rank
+        for that adapter and layer, 0 where it is not targeted); the rest may hold anything (the
+        Triton ops leave it unwritten: no memset per call), and `expand` never reads it.
         """
         ...
 
@@ -110,7 +112,8 @@ class LoraOps(Protocol):
         out_offsets: tuple[int, ...],
         ctx: LoraContext,
     ) -> None:
-        """y[t, off_i : off_i + out_i] += scale_i * u[t, i, :r_i] @ B_{modules[i]}^T, in place.
+        """y[t, off_i : off_i + out_i] += scale_i * u[t, i, :r_i] @ B_{modules[i]}^T, in place; reads
+        only those entries of u (what shrink defines), whatever the others hold.
 
         y: [T, N]; u in y's dtype or float32, rounded to y's dtype before the product (so a
         float32 u from shrink gives what its cast would). Tokens without adapter, and modules
