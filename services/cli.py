@@ -28,6 +28,11 @@ def _ready_file_flag(p: argparse.ArgumentParser) -> None:
     settings.add_flag(p, "--ready-file", "READY_FILE", str, "write a JSON object here once ready to take work")
 
 
+def _metrics_flag(p: argparse.ArgumentParser) -> None:
+    settings.add_flag(p, "--metrics-port", "METRICS_PORT", int,
+                      "HTTP port of /metrics, /health and /ready (0: any free port, in the ready file; -1: none)")
+
+
 def _check_flag(p: argparse.ArgumentParser) -> None:
     """Probes (services/health.py): run the check with the service's own flags and exit 0/1."""
     p.add_argument("--check", choices=("live", "ready"), default=None,
@@ -52,11 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     ingest = sub.add_parser("ingest", help="run the ingest service")
     IngestConfig.add_arguments(ingest)
     _ready_file_flag(ingest)
+    _metrics_flag(ingest)
     _check_flag(ingest)
 
     engine = sub.add_parser("engine", help="run one engine")
     EngineServiceConfig.add_arguments(engine)
     _ready_file_flag(engine)
+    _metrics_flag(engine)
     _check_flag(engine)
 
     store = sub.add_parser("adapter-store", help="run the node's adapter store")
@@ -66,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     settings.add_config_flags(store, AdapterStoreConfig)  # every store knob, from its fields
     _ready_file_flag(store)
+    _metrics_flag(store)
     _check_flag(store)
 
     demo = sub.add_parser("demo", help="start the stack with the demo model and adapters and stream replies")
@@ -81,17 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def _run_ingest(args) -> None:
     from lorafleet.ingest.config import IngestConfig
+    from lorafleet.ingest.metrics import IngestMetrics
     from lorafleet.ingest.service import run_ingest
 
     model, _ = demo_model_and_adapters(args.model, "-")
     cfg = IngestConfig.from_args(args, model_dir=model)
     ready = asyncio.Event()
-    task = asyncio.create_task(run_ingest(cfg, ready=ready))
-    await _signal_ready(task, ready, args.ready_file, {"service": "ingest"})
+    metrics = IngestMetrics(_process_registry())
+    task = asyncio.create_task(run_ingest(cfg, ready=ready, metrics=metrics))
+    await _signal_ready(task, ready, args, {"service": "ingest"}, metrics.registry)
 
 
 async def _run_engine(args) -> None:
     from lorafleet.engine.serving.config import EngineServiceConfig
+    from lorafleet.engine.serving.metrics import EngineMetrics
     from lorafleet.engine.serving.serve import run_engine_service
     from lorafleet.engine.serving.stall_watch import StallWatch
 
@@ -99,12 +110,15 @@ async def _run_engine(args) -> None:
     cfg = EngineServiceConfig.from_args(args, model_dir=model)
     ready = asyncio.Event()
     watch = StallWatch(cfg.step_stall_s)  # a hung step withholds the heartbeat (liveness)
-    task = asyncio.create_task(run_engine_service(cfg, ready=ready, watch=watch))
-    await _signal_ready(task, ready, args.ready_file, {"service": "engine", "engine_id": cfg.name}, watch.problem)
+    metrics = EngineMetrics(cfg.name, settings.read("METRICS_ADAPTER_LABELS"), _process_registry())
+    task = asyncio.create_task(run_engine_service(cfg, ready=ready, watch=watch, metrics=metrics))
+    await _signal_ready(task, ready, args, {"service": "engine", "engine_id": cfg.name}, metrics.registry,
+                        watch.problem)
 
 
 async def _run_store(args) -> None:
     from lorafleet.adapter_store.config import AdapterStoreConfig
+    from lorafleet.adapter_store.metrics import StoreMetrics
     from lorafleet.adapter_store.server import run_adapter_store
     from lorafleet.common.signals import install_signal_stop
 
@@ -121,17 +135,36 @@ async def _run_store(args) -> None:
         payload["address"] = address
         ready.set()
 
-    task = asyncio.create_task(run_adapter_store(cfg, stop=stop, on_ready=on_ready))
-    await _signal_ready(task, ready, args.ready_file, payload)
+    metrics = StoreMetrics(_process_registry())
+    task = asyncio.create_task(run_adapter_store(cfg, stop=stop, on_ready=on_ready, metrics=metrics))
+    await _signal_ready(task, ready, args, payload, metrics.registry)
 
 
-async def _signal_ready(task: asyncio.Task, ready: asyncio.Event, ready_file: str | None, payload: dict,
-                        problem=None) -> None:
-    """Write the ready file once the service is ready, then keep its heartbeat (the liveness
-    probe's evidence that the event loop turns) until the service returns; withheld while
-    problem() names one (keep_heartbeat)."""
-    from lorafleet.health import keep_heartbeat
+def _process_registry():
+    """A registry with the process's own metrics (CPU, memory, open files, Python GC)."""
+    from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
+    registry = CollectorRegistry()
+    for collector in (ProcessCollector, PlatformCollector, GCCollector):
+        collector(registry=registry)
+    return registry
+
+
+async def _signal_ready(task: asyncio.Task, ready: asyncio.Event, args: argparse.Namespace, payload: dict,
+                        registry, problem=None) -> None:
+    """Serve /metrics, /health and /ready (common/service_http.py) from the start; write the
+    ready file (with the metrics port) once the service is ready, then keep its heartbeat (the
+    liveness probe's evidence that the event loop turns) until the service returns; withheld
+    while problem() names one (keep_heartbeat)."""
+    from lorafleet.common.service_http import ServiceHttp
+    from lorafleet.health import keep_heartbeat, problems
+
+    ready_file, http = args.ready_file, None
+    if args.metrics_port >= 0:
+        # Each probe request runs the exec probe's checks in the server's thread (its own loop).
+        http = ServiceHttp(args.metrics_port, registry,
+                           lambda mode: asyncio.run(problems(args.command, mode, args))).start()
+        payload = {**payload, "metrics_port": http.port}
     waiter = asyncio.create_task(ready.wait())
     await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
     heartbeat = None
@@ -145,6 +178,8 @@ async def _signal_ready(task: asyncio.Task, ready: asyncio.Event, ready_file: st
     finally:
         if heartbeat is not None:
             heartbeat.cancel()
+        if http is not None:
+            http.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,6 +64,8 @@ def run_up(args: argparse.Namespace) -> int:
             "LORAFLEET_ADAPTERS": adapters, "LORAFLEET_DEVICE": args.device,
             "LORAFLEET_STORE_ADDRESS": env.get("LORAFLEET_STORE_ADDRESS") or f"127.0.0.1:{free_port()}",
             "LORAFLEET_STORE_SHM_DIR": env.get("LORAFLEET_STORE_SHM_DIR") or str(workdir / "adapters"),
+            # services on one host cannot share a port: each takes a free one (its ready file says which)
+            "LORAFLEET_METRICS_PORT": "0",
         })
         children = Supervisor(workdir, env, restart_limit=settings.read("UP_RESTART_LIMIT"),
                               restart_window_s=settings.read("UP_RESTART_WINDOW_S"))
@@ -75,6 +77,9 @@ def run_up(args: argparse.Namespace) -> int:
         ready = {
             "kafka_bootstrap": bootstrap, "redis_url": redis_url,
             "requests_topic": settings.read("REQUESTS_TOPIC"), "dlq_topic": settings.read("DLQ_TOPIC"),
+            # each service's /metrics, /health and /ready (a restarted service may take another port)
+            "metrics": {child.name: f"http://127.0.0.1:{json.loads(child.ready.read_text())['metrics_port']}"
+                        for child in children.children},
         }
         write_ready_file(args.ready_file, ready)
         print(json.dumps(ready), flush=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Callable
 
 import msgspec
@@ -17,6 +18,7 @@ from lorafleet.formats.model_spec import ModelSpec
 
 from .config import AdapterStoreConfig, parse_address
 from .errors import AdapterNotFoundError, AdapterStoreUnavailable, InvalidAdapterError
+from .metrics import StoreMetrics
 from .protocol import MAX_LINE_BYTES, HealthInfo, StoreReply, decode_request, encode
 from .shm import SharedMemoryStore
 from .source import AdapterSource
@@ -26,8 +28,9 @@ log = structlog.get_logger()
 
 
 class AdapterStoreServer:
-    def __init__(self, store: SharedMemoryStore, address: str) -> None:
+    def __init__(self, store: SharedMemoryStore, address: str, metrics: StoreMetrics | None = None) -> None:
         self.store = store
+        self.metrics = metrics or StoreMetrics()
         self._host, self._port = parse_address(address)
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[asyncio.Task] = set()
@@ -76,10 +79,20 @@ class AdapterStoreServer:
                 await writer.wait_closed()
 
     async def answer(self, line: bytes) -> StoreReply:
+        started = time.monotonic()
         try:
             request = decode_request(line)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            self.metrics.requests.labels("malformed", "bad_request").inc()
             return StoreReply("bad_request", message=f"malformed store request: {exc}")
+        cached = request.adapter is not None and request.adapter in self.store.cache
+        reply = await self._answer(request)
+        self.metrics.requests.labels(request.op, reply.status).inc()
+        if request.op == "get":
+            self.metrics.gets.labels("true" if cached else "false").observe(time.monotonic() - started)
+        return reply
+
+    async def _answer(self, request) -> StoreReply:
         if request.op == "health":
             return StoreReply("ok", health=self.health())
         if request.adapter is None:
@@ -139,10 +152,14 @@ async def run_adapter_store(
     *,
     stop: asyncio.Event | None = None,
     on_ready: Callable[[str], None] | None = None,
+    metrics: StoreMetrics | None = None,
 ) -> None:
-    """Serve until `stop` is set (or the task is cancelled); then close and delete the shared files."""
+    """Serve until `stop` is set (or the task is cancelled); then close and delete the shared files.
+    metrics: /metrics' source (requests counted, the store's holdings read at each scrape)."""
     store = build_shared_store(config)
-    server = AdapterStoreServer(store, config.address)
+    if metrics is not None:
+        metrics.watch(store)
+    server = AdapterStoreServer(store, config.address, metrics)
     address = await server.start()
     log.info(
         "adapter_store_ready",

@@ -54,6 +54,8 @@ _DECLARED: list[EnvVar] = [
     EnvVar("CACHE_DIR", str, "~/.cache/lorafleet", "where the demo model and adapters are built and kept"),
     EnvVar("LOG_LEVEL", str, "info", "log level: debug, info, warning, error"),
     EnvVar("DRAIN_TIMEOUT_S", float, 30.0, "seconds a service may take to drain on SIGTERM"),
+    EnvVar("METRICS_PORT", int, 9400, "HTTP port of the service's /metrics, /health and /ready (0: any free port, written to its ready file; -1: none)"),
+    EnvVar("METRICS_ADAPTER_LABELS", int, 50, "adapters with their own label in per-adapter metrics; the others count as adapter=\"other\""),
     EnvVar("STREAM_MAXLEN", int, 10000, "approximate cap on entries per reply stream (XADD MAXLEN ~)"),
     EnvVar("STREAM_TTL_S", int, 86400, "reply streams expire this many seconds after their terminal entry"),
     # --- adapter store ------------------------------------------------------------------

@@ -44,6 +44,7 @@ from lorafleet.common.kafka import is_transient_kafka_error, with_kafka_retries
 from lorafleet.common.logging import request_logger
 from lorafleet.common.messages import ErrorReply, WorkItem, encode_work_item, error_entry
 from lorafleet.common.replies import ReplyWriter
+from lorafleet.ingest.metrics import IngestMetrics
 from lorafleet.ingest.prompts import PromptEncoder
 from lorafleet.ingest.routing import Router
 
@@ -55,7 +56,8 @@ ErrorOut = tuple[str, str, ErrorReply]  # (reply stream, request id, entry)
 
 class BatchHandler:
     def __init__(self, *, encoder: PromptEncoder, writer: ReplyWriter, producer: AIOKafkaProducer,
-                 router: Router, work_topic: str, dlq_topic: str, log: Any) -> None:
+                 router: Router, work_topic: str, dlq_topic: str, log: Any,
+                 metrics: IngestMetrics | None = None) -> None:
         self.encoder = encoder
         self.writer = writer
         self.producer = producer
@@ -63,7 +65,8 @@ class BatchHandler:
         self.work_topic = work_topic
         self.dlq_topic = dlq_topic
         self.log = log
-        self.counts = {"work": 0, "error": 0, "dead_letter": 0, "duplicate": 0}
+        self.counts = {"work": 0, "error": 0, "dead_letter": 0, "duplicate": 0}  # this run's, for the stop log
+        self.metrics = metrics or IngestMetrics()  # what /metrics serves
 
     async def handle(self, records: list[ConsumerRecord]) -> None:
         """Route every record; returns once all outcomes are durable (raises otherwise)."""
@@ -71,6 +74,7 @@ class BatchHandler:
         errors: list[ErrorOut] = []
         valid: list[tuple[RequestMessage, ConsumerRecord]] = []
         records_by_id: dict[str, ConsumerRecord] = {}
+        self.metrics.consumed.inc(len(records))
         for record in records:
             envelope = read_envelope(record.value)
             if envelope.request_id is None:
@@ -79,6 +83,7 @@ class BatchHandler:
             request_id = envelope.request_id
             if request_id in records_by_id:  # one outcome per id: the first delivery's
                 self.counts["duplicate"] += 1
+                self.metrics.duplicates.inc()
                 continue
             records_by_id[request_id] = record
             stream = resolve_reply_stream(envelope.body or {}, request_id)
@@ -130,6 +135,7 @@ class BatchHandler:
             return (item.reply_stream, item.id, error_entry(
                 ErrorCode.INTERNAL_ERROR, f"the broker refused the request's work message: {type(refused).__name__}."))
         self.counts["work"] += 1
+        self.metrics.routed.inc()
         request_logger(self.log, item.id, item.adapter).debug(
             "routed", partition=partition, prompt_tokens=len(item.prompt_token_ids))
         return None
@@ -153,6 +159,8 @@ class BatchHandler:
             return
         states = await self.writer.publish(errors)
         self.counts["error"] += len(errors)
+        for _, _, entry in errors:
+            self.metrics.rejected.labels(entry.code).inc()
         retry: list[ErrorOut] = []
         for stream, request_id, entry in errors:
             state = states.get(request_id)
@@ -191,5 +199,6 @@ class BatchHandler:
                 lambda: self.producer.send_and_wait(self.dlq_topic, None, headers=headers),
                 "produce dead letter (reason only)")
         self.counts["dead_letter"] += 1
+        self.metrics.dead_lettered.inc()
         self.log.warning("dead letter", reason=reason, source_topic=record.topic,
                          partition=record.partition, offset=record.offset)

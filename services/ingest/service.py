@@ -36,6 +36,7 @@ from lorafleet.common.retry import outage_backoff
 from lorafleet.common.signals import install_signal_stop
 from lorafleet.ingest.config import IngestConfig
 from lorafleet.ingest.handler import BatchHandler
+from lorafleet.ingest.metrics import IngestMetrics
 from lorafleet.ingest.prompts import PromptEncoder
 from lorafleet.ingest.routing import Router
 
@@ -56,9 +57,9 @@ class _WaitForBatchOnRevoke(ConsumerRebalanceListener):
 
 
 async def run_ingest(config: IngestConfig, *, stop: asyncio.Event | None = None,
-                     ready: asyncio.Event | None = None) -> None:
+                     ready: asyncio.Event | None = None, metrics: IngestMetrics | None = None) -> None:
     """Run until `stop` is set (default: until SIGTERM/SIGINT), then drain and return.
-    `ready` is set once topics exist and the consumer has joined its group."""
+    `ready` is set once topics exist and the consumer has joined its group; metrics: /metrics' source."""
     log = get_logger("ingest", group=config.group_id)
     stop, installed = install_signal_stop(stop)
     encoder = await asyncio.to_thread(PromptEncoder.load, config.model_dir)
@@ -81,7 +82,7 @@ async def run_ingest(config: IngestConfig, *, stop: asyncio.Event | None = None,
         router = Router(await partition_count(producer, config.work_topic), config.hot_adapter_rps,
                         config.hot_window_s, time.monotonic)
         handler = BatchHandler(encoder=encoder, writer=writer, producer=producer, router=router,
-                               work_topic=config.work_topic, dlq_topic=config.dlq_topic, log=log)
+                               work_topic=config.work_topic, dlq_topic=config.dlq_topic, log=log, metrics=metrics)
         await consumer.start()
         log.info("ingest ready", requests_topic=config.requests_topic, work_topic=config.work_topic,
                  work_partitions=router.n_partitions, vocab_size=encoder.limits.vocab_size,

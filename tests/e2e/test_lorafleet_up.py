@@ -33,7 +33,7 @@ async def test_up_serves_a_request_and_stops_cleanly(zoo, reference, tmp_path):
             assert time.monotonic() < deadline, "lorafleet up was not ready in time"
             await asyncio.sleep(0.2)
         ready = json.loads(ready_file.read_text())
-        assert set(ready) == {"kafka_bootstrap", "redis_url", "requests_topic", "dlq_topic"}
+        assert set(ready) == {"kafka_bootstrap", "redis_url", "requests_topic", "dlq_topic", "metrics"}
         assert ready["requests_topic"] == "lorafleet.requests" and ready["dlq_topic"] == "lorafleet.requests.dlq"
         printed = json.loads(proc.stdout.readline())
         assert printed == ready

@@ -117,6 +117,11 @@ class AdapterCache:
             n -= len(self._resident[exclude].pages)
         return n
 
+    @property
+    def num_resident(self) -> int:
+        """Adapters in the pool (pinned or cached)."""
+        return len(self._resident)
+
     def resident_pages(self) -> int:
         return sum(len(r.pages) for r in self._resident.values())
 

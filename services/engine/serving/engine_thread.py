@@ -16,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from .jobs import Job, sampling_params
+from .metrics import EngineStats, engine_stats
 from .stall_watch import StallWatch
 
 
@@ -31,6 +33,8 @@ class EngineTurn:
     stepped: bool  # a step ran (it may have raised)
     step_error: Exception | None  # the step raised
     unfinished: bool  # the engine holds unfinished requests after the step
+    stats: EngineStats | None = None  # the engine's state after the turn (when asked for: metrics)
+    seconds: float = 0.0  # the turn's wall time
 
 
 class EngineThread:
@@ -64,8 +68,10 @@ class EngineThread:
         return not self._thread.is_alive()
 
 
-def run_turn(engine, watch: StallWatch, aborts: list[str], admits: list[Job]) -> EngineTurn:
-    """On the engine thread: abort, admit, step once (between watch.started and watch.finished)."""
+def run_turn(engine, watch: StallWatch, aborts: list[str], admits: list[Job], with_stats: bool = False) -> EngineTurn:
+    """On the engine thread: abort, admit, step once (between watch.started and watch.finished);
+    with_stats: also copy the engine's state out for the metrics (metrics.engine_stats)."""
+    started = time.perf_counter()
     for request_id in aborts:
         engine.abort_request(request_id)
     refused = []
@@ -82,4 +88,5 @@ def run_turn(engine, watch: StallWatch, aborts: list[str], admits: list[Job]) ->
             outputs = watch.timed(engine.step)
         except Exception as exc:
             error = exc
-    return EngineTurn(refused, outputs, stepped, error, engine.has_unfinished())
+    stats = engine_stats(engine) if with_stats else None
+    return EngineTurn(refused, outputs, stepped, error, engine.has_unfinished(), stats, time.perf_counter() - started)

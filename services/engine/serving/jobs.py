@@ -27,6 +27,7 @@ class Job:
     terminal: Any = None  # its done/error entry once made
     settled: bool = False  # its terminal entry is written (or it is given up): its offsets may be committed
     admitted: bool = False  # handed to the engine (add_request succeeded)
+    last_output_at: float = 0.0  # time.time() of its last output (inter-token latency)
 
     def __post_init__(self) -> None:
         self.log = request_logger(self.log, self.item.id, self.item.adapter)

@@ -22,6 +22,7 @@ from lorafleet.engine.engine import LLMEngine
 
 from .config import EngineServiceConfig
 from .engine_thread import EngineThread
+from .metrics import EngineMetrics
 from .service import EngineService
 from .stall_watch import StallWatch
 
@@ -40,9 +41,10 @@ class _Rebalance(ConsumerRebalanceListener):
 
 
 async def run_engine_service(cfg: EngineServiceConfig, *, stop: asyncio.Event | None = None,
-                             ready: asyncio.Event | None = None, watch: StallWatch | None = None) -> None:
+                             ready: asyncio.Event | None = None, watch: StallWatch | None = None,
+                             metrics: EngineMetrics | None = None) -> None:
     """Serve until `stop` (default: SIGTERM/SIGINT), then drain within cfg.drain_timeout_s.
-    watch: the engine steps' StallWatch (the caller's heartbeat reads it)."""
+    watch: the engine steps' StallWatch (the caller's heartbeat reads it); metrics: /metrics' source."""
     stop, installed = install_signal_stop(stop)
     thread = EngineThread()  # the engine's one thread, from construction to close
     engine = await thread.call(LLMEngine, cfg.engine)
@@ -50,7 +52,7 @@ async def run_engine_service(cfg: EngineServiceConfig, *, stop: asyncio.Event | 
     redis = connect_redis(cfg.redis_url)
     store = AdapterStoreClient(cfg.store_address, engine.spec, max_rank=cfg.engine.max_adapter_rank)
     writer = ReplyWriter(redis)
-    service = EngineService(cfg, engine, writer, store, watch, thread)
+    service = EngineService(cfg, engine, writer, store, watch, thread, metrics)
     consumer = make_consumer(cfg.kafka_bootstrap, [], cfg.group_id, session_timeout_ms=cfg.session_timeout_ms,
                              client_id=f"lorafleet-engine-{cfg.name}", max_poll_records=cfg.max_inflight)
     consumer.subscribe([cfg.work_topic], listener=_Rebalance(service))

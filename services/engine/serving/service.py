@@ -48,6 +48,7 @@ from .adapter_fetcher import AdapterFetcher
 from .config import EngineServiceConfig
 from .engine_thread import EngineThread, EngineTurn, run_turn
 from .jobs import Job, engine_error_code
+from .metrics import EngineMetrics
 from .offsets import OffsetCommitter, OffsetTracker
 from .stall_watch import StallWatch
 
@@ -56,10 +57,12 @@ MAX_FAILED_STEPS = 3  # more failed steps in a row stop the engine (it is broken
 
 class EngineService:
     def __init__(self, cfg: EngineServiceConfig, engine: LLMEngine, writer: ReplyWriter, store: AdapterStoreClient,
-                 watch: StallWatch | None = None, thread: EngineThread | None = None):
+                 watch: StallWatch | None = None, thread: EngineThread | None = None,
+                 metrics: EngineMetrics | None = None):
         """watch: told when each engine step starts and ends (the liveness heartbeat reads it);
-        thread: the thread that built the engine (engine_thread.py), or a new one."""
-        self.cfg, self.engine, self.writer = cfg, engine, writer
+        thread: the thread that built the engine (engine_thread.py), or a new one; metrics: what
+        /metrics serves (metrics.py), or none."""
+        self.cfg, self.engine, self.writer, self.metrics = cfg, engine, writer, metrics
         self.thread = thread if thread is not None else EngineThread()
         self.watch = watch if watch is not None else StallWatch(cfg.step_stall_s)
         self.log = get_logger("engine", engine_id=cfg.name)
@@ -159,6 +162,8 @@ class EngineService:
 
     def _apply_turn(self, turn: EngineTurn) -> None:
         self.unfinished = turn.unfinished
+        if self.metrics is not None and turn.stats is not None:
+            self.metrics.on_turn(turn.stats, turn.seconds)
         for job, exc in turn.refused:
             job.admitted = False
             if isinstance(exc, ValueError):
@@ -186,11 +191,14 @@ class EngineService:
                            f"({type(exc).__name__}); it may be sent again.")
 
     def _collect(self, outputs) -> None:
+        now = time.time()
         for out in outputs:
             job = self.jobs.get(out.request_id)
             if job is None or job.terminal_queued:  # e.g. failed while this step ran
                 continue
             item = job.item
+            if self.metrics is not None:
+                self.metrics.on_output(job, out, now)
             if out.new_token_ids:
                 entry = token_entry(out.new_text, out.new_token_ids, out.index)
                 job.history.append(entry)
@@ -210,7 +218,8 @@ class EngineService:
             aborts, admits = self._turn_input()
             turn = None
             if aborts or admits or self.unfinished:
-                turn = asyncio.ensure_future(self.thread.call(run_turn, self.engine, self.watch, aborts, admits))
+                turn = asyncio.ensure_future(self.thread.call(run_turn, self.engine, self.watch, aborts, admits,
+                                                              self.metrics is not None))
             try:
                 await self.flush()
             finally:  # even when the publish failed: the step's outputs must reach the outbox
