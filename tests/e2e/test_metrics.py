@@ -4,7 +4,9 @@ loads) and carry vLLM's `vllm:lora_requests_info` for LoRA-affinity routers."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+import time
 import urllib.error
 import urllib.request
 
@@ -78,6 +80,16 @@ async def test_each_service_serves_metrics_and_probes_and_the_engine_counts_its_
         assert _value(m, "lorafleet_engine_adapters_on_gpu") >= 2  # cached after use
         assert _value(m, "lorafleet_engine_requests_running") == 0
         assert _value(m, "lorafleet_engine_turn_seconds_count") > 0
+        # Consumer lag per partition the engine holds, measured every 10 s: once the offsets of the
+        # finished requests are committed, every partition's lag is 0.
+        deadline, lags = time.monotonic() + 40, {}
+        while time.monotonic() < deadline:
+            lags = {dict(labels)["partition"]: v for (name, labels), v in _samples(urls["engine-0"]).items()
+                    if name == "lorafleet_engine_kafka_lag"}
+            if lags and set(lags.values()) == {0.0}:
+                break
+            await asyncio.sleep(1)
+        assert lags and set(lags.values()) == {0.0}, lags
         info = [labels for (name, labels) in m if name == "vllm:lora_requests_info"]
         assert len(info) == 1
         labels = dict(info[0])

@@ -93,6 +93,8 @@ class EngineMetrics:
         self.adapter_requests = Counter(p + "adapter_requests", "finished requests per adapter", ["adapter"],
                                         registry=r)
         self.adapter_tokens = Counter(p + "adapter_tokens", "generated tokens per adapter", ["adapter"], registry=r)
+        self.kafka_lag = Gauge(p + "kafka_lag", "work messages not yet finished: partition end offset minus the "
+                               "engine's committed offset", ["partition"], registry=r)
         self.lora_info = Gauge("vllm:lora_requests_info", "running and waiting LoRA adapters (vLLM's gauge)",
                                ["running_lora_adapters", "waiting_lora_adapters", "max_lora"], registry=r)
         self._last: EngineStats | None = None

@@ -22,6 +22,7 @@ from lorafleet.engine.engine import LLMEngine
 
 from .config import EngineServiceConfig
 from .engine_thread import EngineThread
+from .kafka_lag import report_lag
 from .metrics import EngineMetrics
 from .service import EngineService
 from .stall_watch import StallWatch
@@ -66,6 +67,7 @@ async def run_engine_service(cfg: EngineServiceConfig, *, stop: asyncio.Event | 
             ready.set()
         drained = asyncio.Event()
         consume = asyncio.create_task(service.consume_loop(stop))
+        lag = asyncio.create_task(report_lag(consumer, metrics.kafka_lag, stop, log)) if metrics is not None else None
         steps = asyncio.create_task(service.step_loop(stop, drained))
         stopper = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait({consume, steps, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -81,6 +83,8 @@ async def run_engine_service(cfg: EngineServiceConfig, *, stop: asyncio.Event | 
         steps.cancel()
         with suppress(asyncio.CancelledError):
             await steps
+        if lag is not None:
+            lag.cancel()
         await service.commit()
         log.info("engine stopped")
     finally:
