@@ -1,7 +1,8 @@
 """Every rendered manifest validates strictly (unknown fields are errors) against the Kubernetes API
 schemas, offline (kubernetes-validate ships them), for the oldest and newest Kubernetes versions
-we claim. KEDA's ScaledObject is a custom resource the core schemas do not know: it is validated
-against tests/deploy/schemas/keda-scaledobject.schema.json, written from KEDA's documented fields.
+we claim. KEDA's ScaledObject and the Prometheus Operator's PodMonitor are custom resources the core
+schemas do not know: they are validated against tests/deploy/schemas/keda-scaledobject.schema.json
+and prometheus-podmonitor.schema.json, written from their projects' documented fields.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import pytest
 from tests.deploy.manifests import OVERLAYS, rendered, secret_example
 
 KUBERNETES_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())  # internalTrafficPolicy is GA since 1.26
-CUSTOM_KINDS = {("keda.sh/v1alpha1", "ScaledObject")}
+CUSTOM_KINDS = {("keda.sh/v1alpha1", "ScaledObject"), ("monitoring.coreos.com/v1", "PodMonitor")}
 KEDA_SCHEMA = json.loads((Path(__file__).parent / "schemas" / "keda-scaledobject.schema.json").read_text())
+PODMONITOR_SCHEMA = json.loads((Path(__file__).parent / "schemas" / "prometheus-podmonitor.schema.json").read_text())
 
 
 def _core(objects):
@@ -68,3 +70,29 @@ def test_keda_schema_rejects_broken_scaled_objects(breakage):
     damage(obj)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(obj, KEDA_SCHEMA, cls=jsonschema.Draft202012Validator)
+
+
+def test_production_pod_monitor_scrapes_every_lorafleet_pod_and_validates():
+    objects = rendered("production")
+    (monitor,) = [o for o in objects if o["kind"] == "PodMonitor"]
+    jsonschema.validate(monitor, PODMONITOR_SCHEMA, cls=jsonschema.Draft202012Validator)
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    for obj in objects:
+        if obj["kind"] in ("Deployment", "DaemonSet"):
+            pod = obj["spec"]["template"]
+            assert selector.items() <= pod["metadata"]["labels"].items(), obj["metadata"]["name"]
+            ports = [p["name"] for c in pod["spec"]["containers"] for p in c.get("ports", [])]
+            assert endpoint["port"] in ports, obj["metadata"]["name"]
+
+
+@pytest.mark.parametrize("damage", [
+    lambda o: o["spec"].__setitem__("endpoints", []),  # a ServiceMonitor's field
+    lambda o: o["spec"]["podMetricsEndpoints"][0].__setitem__("interval", "15 seconds"),
+    lambda o: o["spec"].pop("selector"),
+])
+def test_pod_monitor_schema_rejects_broken_monitors(damage):
+    obj = copy.deepcopy(next(o for o in rendered("production") if o["kind"] == "PodMonitor"))
+    damage(obj)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(obj, PODMONITOR_SCHEMA, cls=jsonschema.Draft202012Validator)
