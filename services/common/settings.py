@@ -55,7 +55,7 @@ _DECLARED: list[EnvVar] = [
     EnvVar("LOG_LEVEL", str, "info", "log level: debug, info, warning, error"),
     EnvVar("DRAIN_TIMEOUT_S", float, 30.0, "seconds a service may take to drain on SIGTERM"),
     EnvVar("METRICS_PORT", int, 9400, "HTTP port of the service's /metrics, /health and /ready (0: any free port, written to its ready file; -1: none)"),
-    EnvVar("METRICS_ADAPTER_LABELS", int, 50, "adapters with their own label in per-adapter metrics; the others count as adapter=\"other\""),
+    EnvVar("METRICS_ADAPTER_LABELS", int, 50, "adapters with their own series in the per-adapter metrics: the top ones by finished requests at each scrape"),
     EnvVar("STREAM_MAXLEN", int, 10000, "approximate cap on entries per reply stream (XADD MAXLEN ~)"),
     EnvVar("STREAM_TTL_S", int, 86400, "reply streams expire this many seconds after their terminal entry"),
     # --- adapter store ------------------------------------------------------------------

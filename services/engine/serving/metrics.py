@@ -5,9 +5,12 @@ turn and copies the engine's state out as plain numbers (EngineStats); the event
 the gauges from it, and observes latencies and counts tokens as it turns outputs into reply
 entries (EngineMetrics.on_output). Nothing here reads the engine from another thread.
 
-Per-adapter series are bounded: the first METRICS_ADAPTER_LABELS adapters seen get a label of
-their own, every other adapter counts under adapter="other" (a label, once given, is kept, so each
-series only grows, as a Prometheus counter must).
+Per-adapter series are bounded (AdapterTopK): at each scrape only the METRICS_ADAPTER_LABELS
+adapters with the most finished requests get a series, each holding that adapter's whole count (so
+a series only grows, even when it drops out of the top and comes back); the rest is the difference
+to the totals (`lorafleet_engine_finished_requests_total`, `..._generated_tokens_total`): in
+PromQL, other = total - sum(per adapter). An adapter="other" series would have to shrink whenever an
+adapter enters the top, which Prometheus reads as a counter reset.
 
 `vllm:lora_requests_info` is vLLM's gauge, with its labels, for routers that send requests to the
 engine already holding their adapter (the Kubernetes Gateway API inference extension's LoRA
@@ -18,11 +21,13 @@ value is the scrape time, as vLLM sets it.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from itertools import islice
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
@@ -67,8 +72,7 @@ def engine_stats(engine) -> EngineStats:
 class EngineMetrics:
     def __init__(self, engine_id: str, adapter_labels: int, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
-        self.engine_id, self.adapter_labels = engine_id, adapter_labels
-        self._labeled: set[str] = set()
+        self.engine_id = engine_id
         r, p = self.registry, "lorafleet_engine_"
         self.running = Gauge(p + "requests_running", "requests in the running batch", registry=r)
         self.waiting = Gauge(p + "requests_waiting", "requests queued in the engine", registry=r)
@@ -90,9 +94,9 @@ class EngineMetrics:
         self.e2e = Histogram(p + "request_seconds", "ingest to the last token", buckets=LATENCY_BUCKETS, registry=r)
         self.step = Histogram(p + "turn_seconds", "one engine turn (admissions and a step)", buckets=STEP_BUCKETS,
                               registry=r)
-        self.adapter_requests = Counter(p + "adapter_requests", "finished requests per adapter", ["adapter"],
-                                        registry=r)
-        self.adapter_tokens = Counter(p + "adapter_tokens", "generated tokens per adapter", ["adapter"], registry=r)
+        self.finished = Counter(p + "finished_requests", "requests finished (any reason)", registry=r)
+        self.per_adapter = AdapterTopK(adapter_labels)  # adapter_requests / adapter_tokens, top adapters
+        r.register(self.per_adapter)
         self.kafka_lag = Gauge(p + "kafka_lag", "work messages not yet finished: partition end offset minus the "
                                "engine's committed offset", ["partition"], registry=r)
         self.lora_info = Gauge("vllm:lora_requests_info", "running and waiting LoRA adapters (vLLM's gauge)",
@@ -132,20 +136,41 @@ class EngineMetrics:
                 self.itl.observe(gap)
         job.last_output_at = now
         self.tokens.inc(new_tokens)
-        label = self._label(job.item.adapter)
-        if label is not None:
-            self.adapter_tokens.labels(label).inc(new_tokens)
-            if out.finished:
-                self.adapter_requests.labels(label).inc()
+        if job.item.adapter is not None:
+            self.per_adapter.add(job.item.adapter, int(out.finished), new_tokens)
         if out.finished:
+            self.finished.inc()
             self.e2e.observe(max(now - received_at, 0.0))
 
-    def _label(self, adapter: str | None) -> str | None:
-        if adapter is None:
-            return None
-        if adapter in self._labeled:
-            return adapter
-        if len(self._labeled) < self.adapter_labels:
-            self._labeled.add(adapter)
-            return adapter
-        return "other"
+
+class AdapterTopK:
+    """Finished requests and tokens per adapter, exported for the `k` adapters with the most
+    requests at each scrape (a Prometheus custom collector). Updated on the event loop, read by
+    the scrape thread: a lock guards the dict."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self._counts: dict[str, list[int]] = {}  # adapter -> [finished requests, tokens]
+        self._lock = threading.Lock()
+
+    def add(self, adapter: str, requests: int, tokens: int) -> None:
+        with self._lock:
+            counts = self._counts.setdefault(adapter, [0, 0])
+            counts[0] += requests
+            counts[1] += tokens
+
+    def collect(self):
+        with self._lock:
+            top = sorted(self._counts.items(), key=lambda item: (-item[1][0], -item[1][1], item[0]))[: self.k]
+        requests = CounterMetricFamily("lorafleet_engine_adapter_requests", "finished requests of each of the top "
+                                       "adapters (the rest: finished_requests_total minus their sum)", labels=["adapter"])
+        tokens = CounterMetricFamily("lorafleet_engine_adapter_tokens", "generated tokens of each of the top adapters",
+                                     labels=["adapter"])
+        for adapter, (n_requests, n_tokens) in top:
+            requests.add_metric([adapter], n_requests)
+            tokens.add_metric([adapter], n_tokens)
+        yield requests
+        yield tokens
+
+    def describe(self):
+        return []  # names known only at collect time: registration does not pre-check them

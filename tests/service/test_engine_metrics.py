@@ -1,0 +1,47 @@
+"""The engine's metrics arithmetic: per-adapter series only for the top adapters, each holding
+that adapter's whole count (never shrinking); counters advanced by what the engine's own totals
+gained between turns; vLLM's gauge carrying the current adapters only."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry
+
+from lorafleet.engine.serving.metrics import AdapterTopK, EngineMetrics, EngineStats
+
+
+def _series(registry: CollectorRegistry, name: str) -> dict:
+    return {tuple(sorted(s.labels.items())): s.value for f in registry.collect() for s in f.samples if s.name == name}
+
+
+def test_only_the_top_adapters_get_series_and_each_keeps_its_whole_count():
+    registry = CollectorRegistry()
+    top = AdapterTopK(k=2)
+    registry.register(top)
+    for adapter, requests in (("a", 3), ("b", 1), ("c", 2)):
+        for _ in range(requests):
+            top.add(adapter, 1, 10)
+    assert _series(registry, "lorafleet_engine_adapter_requests_total") == {(("adapter", "a"),): 3, (("adapter", "c"),): 2}
+    for _ in range(5):
+        top.add("b", 1, 1)  # b overtakes both: c leaves the top, a stays with its whole count
+    assert _series(registry, "lorafleet_engine_adapter_requests_total") == {(("adapter", "b"),): 6, (("adapter", "a"),): 3}
+    assert _series(registry, "lorafleet_engine_adapter_tokens_total") == {(("adapter", "b"),): 15, (("adapter", "a"),): 30}
+
+
+def _stats(**kw) -> EngineStats:
+    base = dict(running=0, waiting=0, kv_pages=0, free_pages=10, adapter_pages=0, adapters_on_gpu=0, adapters_packed=0,
+                packed_bytes=0, adapter_slots=64, adapter_loads=0, adapter_evictions=0, packs_on_demand=0,
+                preemptions=0, running_adapters=(), waiting_adapters=())
+    return EngineStats(**{**base, **kw})
+
+
+def test_counters_advance_by_the_engines_gains_and_the_lora_gauge_shows_the_current_adapters():
+    m = EngineMetrics("e", 5)
+    m.on_turn(_stats(adapter_loads=2, running=1, running_adapters=("x",), waiting_adapters=("y", "z")), 0.01)
+    m.on_turn(_stats(adapter_loads=5, preemptions=1, running_adapters=("y",)), 0.02)
+    m.on_turn(_stats(adapter_loads=5, preemptions=1, running_adapters=("y",)), 0.02)
+    assert _series(m.registry, "lorafleet_engine_adapter_loads_total") == {(): 5}
+    assert _series(m.registry, "lorafleet_engine_preemptions_total") == {(): 1}
+    assert _series(m.registry, "lorafleet_engine_requests_running") == {(): 0}
+    (labels,) = _series(m.registry, "vllm:lora_requests_info")
+    assert dict(labels) == {"running_lora_adapters": "y", "waiting_lora_adapters": "", "max_lora": "64"}
+    assert _series(m.registry, "lorafleet_engine_turn_seconds_count") == {(): 3}
