@@ -103,6 +103,22 @@ async def test_each_service_serves_metrics_and_probes_and_the_engine_counts_its_
         assert _value(store, "lorafleet_store_adapters") == 2 and _value(store, "lorafleet_store_fetches_total") == 2
         assert _value(store, "lorafleet_store_requests_total", op="get", status="ok") >= 2
         assert _value(store, "lorafleet_store_get_seconds_count", cached="false") == 2  # each fetched once
+        # While a long request runs, vLLM's gauge names its adapter among the running ones.
+        async with LorafleetClient(stack.ready["kafka_bootstrap"], stack.ready["redis_url"]) as client:
+            await client.submit({"id": "m-long", "adapter": "t/r4-pattern", "prompt_token_ids": [5, 9],
+                                 "max_tokens": 500, "temperature": 0, "ignore_eos": True})
+            seen, deadline = None, time.monotonic() + 60
+            while seen is None and time.monotonic() < deadline:
+                for (name, labels) in _samples(urls["engine-0"]):
+                    if name == "vllm:lora_requests_info" and dict(labels)["running_lora_adapters"] == "t/r4-pattern":
+                        seen = dict(labels)
+                await asyncio.sleep(0.05)
+            assert seen is not None, "the running adapter never appeared in vllm:lora_requests_info"
+            running = _value(_samples(urls["engine-0"]), "lorafleet_engine_requests_running")
+            await client.cancel("m-long")
+            entries = [e async for e in client.replies("m-long", timeout=60)]
+            assert type(entries[-1]).__name__ in ("ErrorReply", "DoneReply") and any(isinstance(e, TokenReply) for e in entries)
+        assert running in (0, 1)
         stack.alive()
     finally:
         stack.stop()
