@@ -27,7 +27,8 @@ def _level_number(level: str) -> int:
 
 
 class _ServiceField:
-    """Labels lines from standard-library loggers with the process's service name."""
+    """Labels lines with the process's service name unless their logger bound one (get_logger):
+    standard-library loggers' lines, and structlog loggers made without get_logger."""
 
     def __init__(self, service: str) -> None:
         self.service = service
@@ -50,7 +51,7 @@ def configure_logging(service: str, level: str | None = None) -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     structlog.configure(
-        processors=[*shared, structlog.processors.format_exc_info,
+        processors=[*shared, _ServiceField(service), structlog.processors.format_exc_info,
                     structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.make_filtering_bound_logger(number),

@@ -45,3 +45,14 @@ def test_counters_advance_by_the_engines_gains_and_the_lora_gauge_shows_the_curr
     (labels,) = _series(m.registry, "vllm:lora_requests_info")
     assert dict(labels) == {"running_lora_adapters": "y", "waiting_lora_adapters": "", "max_lora": "64"}
     assert _series(m.registry, "lorafleet_engine_turn_seconds_count") == {(): 3}
+
+
+def test_the_request_done_log_carries_first_token_total_and_decode_speed():
+    from types import SimpleNamespace
+
+    from lorafleet.engine.serving.jobs import done_latencies
+
+    job = SimpleNamespace(item=SimpleNamespace(received_at=100.0), first_token_at=100.25)
+    assert done_latencies(job, tokens=11, now=101.25) == {"first_token_s": 0.25, "total_s": 1.25, "tokens_per_s": 10.0}
+    job.first_token_at = 0.0  # ended before its first token (an abort, a deadline)
+    assert done_latencies(job, tokens=0, now=100.5) == {"first_token_s": None, "total_s": 0.5, "tokens_per_s": None}

@@ -28,6 +28,7 @@ class Job:
     settled: bool = False  # its terminal entry is written (or it is given up): its offsets may be committed
     admitted: bool = False  # handed to the engine (add_request succeeded)
     last_output_at: float = 0.0  # time.time() of its last output (inter-token latency)
+    first_token_at: float = 0.0  # time.time() of its first token (the request-done log)
 
     def __post_init__(self) -> None:
         self.log = request_logger(self.log, self.item.id, self.item.adapter)
@@ -70,3 +71,13 @@ def engine_error_code(exc: ValueError) -> str:
     if "context" in text or "pages" in text:
         return "prompt_too_long"
     return "invalid_request"
+
+
+def done_latencies(job: Job, tokens: int, now: float) -> dict[str, float | None]:
+    """The request-done log's figures (seconds from ingest taking the request; this delivery's
+    tokens per second after the first)."""
+    received = job.item.received_at
+    first = job.first_token_at or None
+    decode_s = now - first if first else 0.0
+    return {"first_token_s": round(first - received, 4) if first else None, "total_s": round(now - received, 4),
+            "tokens_per_s": round((tokens - 1) / decode_s, 2) if first and decode_s > 0 and tokens > 1 else None}

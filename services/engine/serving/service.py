@@ -47,7 +47,7 @@ from lorafleet.engine.engine import LLMEngine
 from .adapter_fetcher import AdapterFetcher
 from .config import EngineServiceConfig
 from .engine_thread import EngineThread, EngineTurn, run_turn
-from .jobs import Job, engine_error_code
+from .jobs import Job, done_latencies, engine_error_code
 from .metrics import EngineMetrics
 from .offsets import OffsetCommitter, OffsetTracker
 from .stall_watch import StallWatch
@@ -200,6 +200,7 @@ class EngineService:
             if self.metrics is not None:
                 self.metrics.on_output(job, out, now)
             if out.new_token_ids:
+                job.first_token_at = job.first_token_at or now
                 entry = token_entry(out.new_text, out.new_token_ids, out.index)
                 job.history.append(entry)
                 if out.index >= job.already_published:
@@ -209,7 +210,8 @@ class EngineService:
                 self.outbox.append((job.stream, item.id, job.terminal))
                 job.terminal_queued = True
                 # which engine served what (engine_id, request_id, adapter_id bound): tests, operators
-                job.log.info("request done", finish_reason=out.finish_reason, completion_tokens=out.num_output_tokens)
+                job.log.info("request done", finish_reason=out.finish_reason, completion_tokens=out.num_output_tokens,
+                             **done_latencies(job, out.num_output_tokens, now))
 
     async def step_once(self) -> None:
         """One engine turn on the engine thread while the previous step's replies are published and
