@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     _metrics_flag(store)
     _check_flag(store)
 
+    from lorafleet.adapter_tools import add_adapters_arguments
+
+    add_adapters_arguments(sub.add_parser("adapters", help="validate, push and list adapters (file:// or s3:// roots)"))
+
     demo = sub.add_parser("demo", help="start the stack with the demo model and adapters and stream replies")
     settings.add_flag(demo, "--device", "DEVICE", str, "cpu, cuda or auto")
 
@@ -200,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
             from lorafleet.demo.run import run_demo
 
             return run_demo(args)
+        if args.command == "adapters":
+            from lorafleet.adapter_tools import run_adapters
+
+            return run_adapters(args)
         if args.command in ("send", "tail", "cancel"):
             from lorafleet import client_cli
 

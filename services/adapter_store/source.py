@@ -121,6 +121,11 @@ class AdapterSource:
             raise AdapterNotFoundError(f"adapter {adapter_id!r} not found: no files under {where}/")
         pickles = sorted(name for name in sizes if name.endswith(PICKLE_SUFFIXES))
         hint = f" (found {pickles}: pickle files are never loaded; save with safe_serialization=True)" if pickles else ""
+        if CONFIG_FILE not in sizes and WEIGHTS_FILE in sizes:
+            # `lorafleet adapters push` writes the config last: weights alone are an upload under
+            # way (or abandoned), not an adapter yet, and must not be remembered as invalid.
+            raise AdapterNotFoundError(f"adapter {adapter_id!r} not found: {where}/ has {WEIGHTS_FILE} but no "
+                                       f"{CONFIG_FILE} (yet: an upload in progress?)")
         if CONFIG_FILE not in sizes:
             raise InvalidAdapterError(f"{CONFIG_FILE} is missing in {where}{hint}")
         if WEIGHTS_FILE not in sizes:

@@ -50,7 +50,11 @@ class ServiceHttp:
             start_response("404 Not Found", [("Content-Type", "text/plain")])
             return [b"not found: /metrics, /health, /ready\n"]
 
-        self._server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
+        try:
+            self._server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
+        except OSError as exc:
+            raise OSError(exc.errno, f"the metrics port {port} cannot be opened ({exc.strerror}): another service on "
+                          "this host? Pass --metrics-port 0 (any free port) or -1 (none)") from exc
         self.port = self._server.server_port
         self._thread = threading.Thread(target=self._server.serve_forever, name="lorafleet-http", daemon=True)
 

@@ -12,7 +12,6 @@ from lorafleet.adapter_store.store import AdapterStore
 from lorafleet.formats.lora_weights import load_peft_adapter_dir
 
 KINDS = [
-    "missing_config",
     "unparseable_config",
     "pickle_only",
     "wrong_tensor_names",
@@ -125,3 +124,13 @@ def test_bad_roots_are_refused_at_start(root, words):
         AdapterSource(root, max_adapter_bytes=1 << 20)
     for word in words:
         assert word in str(info.value)
+
+
+async def test_weights_without_a_config_are_not_an_adapter_yet(adapter_root, spec, broken_adapter_kinds):
+    """A push writes the config last: a folder with weights only is an upload under way, answered
+    not found (retried later), never remembered as an invalid adapter."""
+    build, _ = broken_adapter_kinds["missing_config"]
+    build(adapter_root, "bad/half-pushed")
+    store = make_store(str(adapter_root.path), spec)
+    with pytest.raises(AdapterNotFoundError, match="no adapter_config.json .yet"):
+        await store.get("bad/half-pushed")
