@@ -71,7 +71,9 @@ async def kafka_problem(bootstrap: str, topics: list[str]) -> str | None:
     """None when the brokers answer metadata and every topic in `topics` exists."""
     from aiokafka.admin import AIOKafkaAdminClient
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="lorafleet-check",
+    from lorafleet.common.kafka import security_options
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="lorafleet-check", **security_options(),
                                 request_timeout_ms=int(CHECK_TIMEOUT_S * 1000))
     try:
         await admin.start()

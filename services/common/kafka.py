@@ -64,7 +64,7 @@ async def ensure_topics(bootstrap: str, topics: list[TopicSpec], budget_s: float
     count included). Safe when several services race to create the same topic."""
 
     async def attempt() -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="lorafleet-admin")
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="lorafleet-admin", **security_options())
         await admin.start()
         try:
             existing = set(await admin.list_topics())
@@ -92,10 +92,48 @@ async def partition_count(producer: AIOKafkaProducer, topic: str) -> int:
     return len(partitions)
 
 
+PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+def security_options(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """aiokafka's security arguments from the LORAFLEET_KAFKA_* settings, for every Kafka client
+    (producers, consumers, admin clients, the probes); ValueError naming the variable when they
+    do not fit together."""
+    protocol = settings.read("KAFKA_SECURITY_PROTOCOL", environ).upper()
+    mechanism = settings.read("KAFKA_SASL_MECHANISM", environ).upper()
+    user, password = settings.read("KAFKA_SASL_USERNAME", environ), settings.read("KAFKA_SASL_PASSWORD", environ)
+    cafile, certfile, keyfile = (settings.read(n, environ) for n in ("KAFKA_SSL_CAFILE", "KAFKA_SSL_CERTFILE",
+                                                                     "KAFKA_SSL_KEYFILE"))
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"LORAFLEET_KAFKA_SECURITY_PROTOCOL must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    options: dict[str, Any] = {"security_protocol": protocol}
+    if protocol.startswith("SASL_"):
+        if mechanism not in SASL_MECHANISMS:
+            raise ValueError(f"LORAFLEET_KAFKA_SASL_MECHANISM must be one of {', '.join(SASL_MECHANISMS)} with "
+                             f"{protocol}, got {mechanism!r}")
+        if not user or not password:
+            raise ValueError(f"{protocol} needs LORAFLEET_KAFKA_SASL_USERNAME and LORAFLEET_KAFKA_SASL_PASSWORD")
+        options.update(sasl_mechanism=mechanism, sasl_plain_username=user, sasl_plain_password=password)
+    elif mechanism or user or password:
+        raise ValueError(f"SASL settings are given but LORAFLEET_KAFKA_SECURITY_PROTOCOL is {protocol}: use SASL_SSL "
+                         "or SASL_PLAINTEXT")
+    if protocol.endswith("SSL"):
+        if bool(certfile) != bool(keyfile):
+            raise ValueError("mutual TLS needs both LORAFLEET_KAFKA_SSL_CERTFILE and LORAFLEET_KAFKA_SSL_KEYFILE")
+        from aiokafka.helpers import create_ssl_context
+
+        options["ssl_context"] = create_ssl_context(cafile=cafile or None, certfile=certfile or None,
+                                                    keyfile=keyfile or None)
+    elif cafile or certfile or keyfile:
+        raise ValueError(f"TLS files are given but LORAFLEET_KAFKA_SECURITY_PROTOCOL is {protocol}: use SSL or SASL_SSL")
+    return options
+
+
 def make_producer(bootstrap: str, **overrides: Any) -> AIOKafkaProducer:
     """A producer whose sends are durable once awaited (acks=all), never idempotent (Tansu)."""
     options: dict[str, Any] = dict(bootstrap_servers=bootstrap, enable_idempotence=False, acks="all",
-                                   linger_ms=2, request_timeout_ms=30000)
+                                   linger_ms=2, request_timeout_ms=30000, **security_options())
     options.update(overrides)
     options["enable_idempotence"] = False
     return AIOKafkaProducer(**options)
@@ -108,7 +146,7 @@ def make_consumer(bootstrap: str, topics: list[str], group_id: str, **overrides:
     options: dict[str, Any] = dict(
         bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False,
         auto_offset_reset="earliest", session_timeout_ms=session_ms,
-        heartbeat_interval_ms=max(100, session_ms // 5), fetch_max_wait_ms=100,
+        heartbeat_interval_ms=max(100, session_ms // 5), fetch_max_wait_ms=100, **security_options(),
     )
     options.update(overrides)
     return AIOKafkaConsumer(*topics, **options)

@@ -72,6 +72,13 @@ _DECLARED: list[EnvVar] = [
     EnvVar("S3_ALLOW_HTTP", _bool, False, "allow plain-http S3 endpoints (test servers, in-cluster MinIO)"),
     # --- service plumbing: kafka, redis, ingest ----------------------------------------------
     EnvVar("REQUESTS_PARTITIONS", int, 4, "partitions of the requests topic when lorafleet creates it"),
+    EnvVar("KAFKA_SECURITY_PROTOCOL", str, "PLAINTEXT", "Kafka security: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL (MSK, Confluent Cloud, Event Hubs: SASL_SSL)"),
+    EnvVar("KAFKA_SASL_MECHANISM", str, "", "SASL mechanism with a SASL_* protocol: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"),
+    EnvVar("KAFKA_SASL_USERNAME", str, "", "SASL user name"),
+    EnvVar("KAFKA_SASL_PASSWORD", str, "", "SASL password (put it in the secret, not the config map)"),
+    EnvVar("KAFKA_SSL_CAFILE", str, "", "CA bundle that signs the brokers' certificates (empty: the system's)"),
+    EnvVar("KAFKA_SSL_CERTFILE", str, "", "client certificate for mutual TLS (with KAFKA_SSL_KEYFILE)"),
+    EnvVar("KAFKA_SSL_KEYFILE", str, "", "client key for mutual TLS"),
     EnvVar("KAFKA_SESSION_TIMEOUT_MS", int, 10000, "consumer-group session timeout (Tansu: joins take ~half of it)"),
     EnvVar("KAFKA_RETRY_S", float, 30.0, "how long transient Kafka errors are retried before giving up"),
     EnvVar("KAFKA_TIMEOUT_S", float, 10.0, "bound of one offset commit on the engine's step path (a failed one is retried with the next)"),
