@@ -26,6 +26,7 @@ from lorafleet.bench.report import write_results
 from lorafleet.bench.roofline import estimate
 from lorafleet.bench.shapes import make_model_folder
 from lorafleet.bench.workload import SETTINGS, generate_trace
+from lorafleet.common.progress import request_bar
 from lorafleet.engine.engine import EngineConfig, LLMEngine, SamplingParams
 
 
@@ -63,6 +64,7 @@ def run_once(engine: LLMEngine, bank: AdapterBank | None, trace, vocab: int, tag
     times = Timeline()
     peak_kv = peak_adapter = steps = 0
     pending = deque(trace)
+    bar = request_bar(len(trace), tag)
     t0 = time.perf_counter()
     while pending or engine.has_unfinished():
         now = time.perf_counter() - t0
@@ -80,8 +82,10 @@ def run_once(engine: LLMEngine, bank: AdapterBank | None, trace, vocab: int, tag
         outs = engine.step()
         steps += 1
         times.record(outs, time.perf_counter() - t0)
+        bar.update(sum(o.finished for o in outs))
         peak_kv = max(peak_kv, engine.kv.used_pages())
         peak_adapter = max(peak_adapter, engine.adapters.resident_pages())
+    bar.close()
     after = _counters(engine)
     page_bytes = engine.pool[:, 0].numel() * engine.pool.element_size()
     host_bytes = sum(bank.get(k).nbytes for k in distinct) if bank is not None else 0

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from lorafleet.common.progress import progress
 from lorafleet.formats.model_spec import LORA_MODULES
 
 from .batch import ModelBatch
@@ -85,7 +86,7 @@ def capture_graphs(keys: list, forward) -> tuple[dict, dict]:
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     graphs, outputs = {}, {}
-    for key in reversed(keys):
+    for key in progress(list(reversed(keys)), "capturing CUDA graphs", unit="graph"):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=mempool):
             outputs[key] = forward(key)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from lorafleet.common.progress import progress
 from lorafleet.formats.model_spec import ModelSpec
 
 
@@ -111,7 +112,7 @@ def _assemble(ckpt: _Checkpoint, spec: ModelSpec, sl: WeightSlices, put) -> Mode
 
     embed = take("model.embed_tokens.weight", (V, H))
     layers = []
-    for i in range(spec.num_layers):
+    for i in progress(range(spec.num_layers), "loading weights", unit="layer"):
         p = f"model.layers.{i}."
         qkv = torch.cat([take(p + "self_attn.q_proj.weight", (q, H), rows=sl.q),
                          take(p + "self_attn.k_proj.weight", (kv, H), rows=sl.kv),
