@@ -25,6 +25,7 @@ LAYERS = [
     "lorafleet.health",
     "lorafleet.client",
     "lorafleet.client_cli",
+    "lorafleet.adapter_tools",
     "lorafleet.demo",
     "lorafleet.supervisor",
     "lorafleet.stack",
