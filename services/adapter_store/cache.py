@@ -116,7 +116,7 @@ class LoadingLRU(Generic[V]):
             value, nbytes = await self._load(adapter_id)
         except FATAL_ERRORS as exc:
             self._remember_failure(adapter_id, exc)
-            log.info("adapter_rejected", error=type(exc).__name__, reason=str(exc), negative_ttl_s=self.negative_ttl_s)
+            log.info("adapter rejected", error=type(exc).__name__, reason=str(exc), negative_ttl_s=self.negative_ttl_s)
             raise
         finally:
             self._inflight.pop(adapter_id, None)
@@ -132,12 +132,12 @@ class LoadingLRU(Generic[V]):
         while self.used_bytes > self.budget_bytes and len(self._entries) > 1:
             old_id, old = self._entries.popitem(last=False)
             self.used_bytes -= old.nbytes
-            structlog.get_logger().bind(adapter_id=old_id).info("adapter_evicted", nbytes=old.nbytes, used_bytes=self.used_bytes)
+            structlog.get_logger().bind(adapter_id=old_id).info("adapter evicted", nbytes=old.nbytes, used_bytes=self.used_bytes)
             if self._on_evict is not None:
                 self._on_evict(old_id, old.value)
         if nbytes > self.budget_bytes:
-            log.warning("adapter_larger_than_budget", nbytes=nbytes, budget_bytes=self.budget_bytes)
-        log.info("adapter_cached", nbytes=nbytes, used_bytes=self.used_bytes, adapters=len(self._entries))
+            log.warning("adapter larger than budget", nbytes=nbytes, budget_bytes=self.budget_bytes)
+        log.info("adapter cached", nbytes=nbytes, used_bytes=self.used_bytes, adapters=len(self._entries))
 
     def _remember_failure(self, adapter_id: str, exc: Exception) -> None:
         if self.negative_ttl_s <= 0 or self._negative_max == 0:

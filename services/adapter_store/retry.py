@@ -46,6 +46,6 @@ async def with_retries(
             if not is_transient(exc) or attempt == policy.attempts:
                 raise
             delay = policy.delay_s(attempt)
-            log.warning("transient_error_retrying", what=what, attempt=attempt, delay_s=round(delay, 3), error=str(exc)[:300])
+            log.warning("transient error retrying", what=what, attempt=attempt, delay_s=round(delay, 3), error=str(exc)[:300])
             await asyncio.sleep(delay)
     raise AssertionError("unreachable")  # the loop always returns or raises

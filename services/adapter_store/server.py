@@ -112,7 +112,7 @@ class AdapterStoreServer:
         except AdapterStoreUnavailable as exc:
             return StoreReply("error", message=str(exc))
         except Exception as exc:  # a bug must not kill the connection loop; say so and log it
-            log.bind(adapter_id=request.adapter).exception("store_request_failed")
+            log.bind(adapter_id=request.adapter).exception("store request failed")
             return StoreReply("error", message=f"internal error: {type(exc).__name__}: {exc}")
 
     def health(self) -> HealthInfo:
@@ -162,7 +162,7 @@ async def run_adapter_store(
     server = AdapterStoreServer(store, config.address, metrics)
     address = await server.start()
     log.info(
-        "adapter_store_ready",
+        "adapter store ready",
         address=address,
         adapters_root=config.adapters_root,
         shm_dir=str(config.shm_dir),
@@ -175,4 +175,4 @@ async def run_adapter_store(
     finally:
         await server.close()
         await store.aclose()
-        log.info("adapter_store_stopped", address=address)
+        log.info("adapter store stopped", address=address)

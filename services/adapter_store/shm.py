@@ -108,14 +108,14 @@ class SharedMemoryStore:
         if self.spill is not None and adapter_id in self.spill:
             nbytes = await asyncio.to_thread(self.spill.restore, adapter_id, path)
             if nbytes is not None:  # validated when first fetched; engines re-check shapes on load
-                structlog.get_logger().bind(adapter_id=adapter_id).info("adapter_restored_from_disk", path=str(path))
+                structlog.get_logger().bind(adapter_id=adapter_id).info("adapter restored from disk", path=str(path))
                 return path, nbytes
         weights = await fetch_validated(self.source, adapter_id, self.spec, self.max_rank)
         try:
             nbytes = await asyncio.to_thread(write_canonical_atomically, weights, path)
         except OSError as exc:  # e.g. ENOSPC: the tmpfs is smaller than the budget; not the adapter's fault
             raise AdapterStoreUnavailable(f"cannot write adapter {adapter_id!r} to {self.shm_dir}: {exc}") from exc
-        structlog.get_logger().bind(adapter_id=adapter_id).info("adapter_file_written", path=str(path), nbytes=nbytes)
+        structlog.get_logger().bind(adapter_id=adapter_id).info("adapter file written", path=str(path), nbytes=nbytes)
         return path, nbytes
 
     def _delete(self, adapter_id: str, path: Path) -> None:
@@ -123,7 +123,7 @@ class SharedMemoryStore:
             try:
                 self.spill.keep(adapter_id, path, path.name)
             except OSError as exc:  # a full or failing disk only costs a later re-download
-                structlog.get_logger().bind(adapter_id=adapter_id).warning("adapter_spill_failed", error=str(exc))
+                structlog.get_logger().bind(adapter_id=adapter_id).warning("adapter spill failed", error=str(exc))
         path.unlink(missing_ok=True)
 
     def _remove_stale_files(self) -> None:
@@ -132,4 +132,4 @@ class SharedMemoryStore:
         for p in stale:
             p.unlink(missing_ok=True)
         if stale:
-            structlog.get_logger().info("stale_adapter_files_removed", count=len(stale), shm_dir=str(self.shm_dir))
+            structlog.get_logger().info("stale adapter files removed", count=len(stale), shm_dir=str(self.shm_dir))

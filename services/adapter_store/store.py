@@ -27,7 +27,7 @@ async def fetch_validated(source: AdapterSource, adapter_id: str, spec: ModelSpe
     started = time.monotonic()
     weights = await asyncio.to_thread(load_peft_adapter, fetched.config_bytes, fetched.weights_bytes, spec, max_rank)
     structlog.get_logger().bind(adapter_id=adapter_id).info(
-        "adapter_validated",
+        "adapter validated",
         rank=weights.config.rank,
         modules=len(weights.config.targets),
         nbytes=weights.nbytes,

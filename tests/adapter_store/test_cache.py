@@ -36,7 +36,7 @@ async def test_concurrent_gets_share_one_storage_read(adapter_root, spec):
     with capture_logs() as logs:
         results = await asyncio.gather(*[store.get("hot/one") for _ in range(25)])
     assert store.source.stats.fetches == 1
-    cached = [e for e in logs if e["event"] == "adapter_cached"]
+    cached = [e for e in logs if e["event"] == "adapter cached"]
     assert len(cached) == 1 and cached[0]["adapter_id"] == "hot/one"
     assert store.source.stats.lists == 1 and store.source.stats.gets == 2
     assert all(r is results[0] for r in results)
@@ -156,7 +156,7 @@ async def test_ten_thousand_small_entries_evict_in_lru_order():
     with capture_logs() as logs:  # also keeps 15000 log lines off the console
         for i in range(10_000):
             assert await cache.get(f"a{i}") == f"A{i}"
-    evicted = [e["adapter_id"] for e in logs if e["event"] == "adapter_evicted"]
+    evicted = [e["adapter_id"] for e in logs if e["event"] == "adapter evicted"]
     assert evicted == [f"a{i}" for i in range(5000)]
     assert len(cache) == 5000 and cache.used_bytes == 50_000
     assert cache.ids()[0] == "a5000" and cache.ids()[-1] == "a9999"
