@@ -83,11 +83,11 @@ class AdapterStoreServer:
         try:
             request = decode_request(line)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            self.metrics.requests.labels("malformed", "bad_request").inc()
+            self.metrics.on_reply("malformed", "bad_request", None)
             return StoreReply("bad_request", message=f"malformed store request: {exc}")
         cached = request.adapter is not None and request.adapter in self.store.cache
         reply = await self._answer(request)
-        self.metrics.requests.labels(request.op, reply.status).inc()
+        self.metrics.on_reply(request.op, reply.status, reply.message)
         if request.op == "get":
             self.metrics.gets.labels("true" if cached else "false").observe(time.monotonic() - started)
         return reply

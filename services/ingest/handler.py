@@ -122,7 +122,7 @@ class BatchHandler:
 
     async def _send_work(self, item: WorkItem) -> ErrorOut | None:
         """Produce one work item; its error entry instead when the broker refuses it for good."""
-        partition = self.router.route(item.id, item.adapter)
+        partition, route = self.router.route_and_kind(item.id, item.adapter)
         value = encode_work_item(item)
         if len(value) > WORK_ITEM_BYTES:
             return (item.reply_stream, item.id, error_entry(
@@ -135,7 +135,7 @@ class BatchHandler:
             return (item.reply_stream, item.id, error_entry(
                 ErrorCode.INTERNAL_ERROR, f"the broker refused the request's work message: {type(refused).__name__}."))
         self.counts["work"] += 1
-        self.metrics.routed.inc()
+        self.metrics.routed.labels(route).inc()
         request_logger(self.log, item.id, item.adapter).debug(
             "routed", partition=partition, prompt_tokens=len(item.prompt_token_ids))
         return None

@@ -117,8 +117,14 @@ class Router:
         self.rates = AdapterRates(window_s, cap, clock)
 
     def route(self, request_id: str, adapter: str | None) -> int:
+        return self.route_and_kind(request_id, adapter)[0]
+
+    def route_and_kind(self, request_id: str, adapter: str | None) -> tuple[int, str]:
+        """(partition, how it was chosen): "base" (no adapter: by request id), "home" (the
+        adapter's one partition: every engine request of it lands where it is resident), "spread"
+        (a hot adapter over several partitions)."""
         if adapter is None:
-            return choose_partition(request_id, None, self.n_partitions)
+            return choose_partition(request_id, None, self.n_partitions), "base"
         rate = self.rates.record(adapter)
         spread = spread_for_rate(rate, self.per_partition_rate, self.n_partitions)
-        return choose_partition(request_id, adapter, self.n_partitions, spread)
+        return choose_partition(request_id, adapter, self.n_partitions, spread), "home" if spread <= 1 else "spread"

@@ -23,7 +23,8 @@ def _exported() -> set[str]:
     registries = [EngineMetrics("e", 5).registry, IngestMetrics().registry, StoreMetrics().registry]
     # StoreCollector reads a store at scrape: an empty one stands in (only the names matter here)
     empty_cache = type("EmptyCache", (), {"__len__": lambda self: 0, "used_bytes": 0, "budget_bytes": 0, "loading": 0})
-    store = SimpleNamespace(cache=empty_cache(), source=SimpleNamespace(stats=SimpleNamespace(fetches=0, bytes_read=0)))
+    store = SimpleNamespace(cache=empty_cache(), source=SimpleNamespace(stats=SimpleNamespace(fetches=0, bytes_read=0)),
+                            spill=None)
     registries[2].register(StoreCollector(store))
     process = CollectorRegistry()
     for collector in (ProcessCollector, PlatformCollector, GCCollector):

@@ -97,7 +97,8 @@ async def test_each_service_serves_metrics_and_probes_and_the_engine_counts_its_
         assert int(labels["max_lora"]) >= 2
         ingest = _samples(urls["ingest"])
         assert _value(ingest, "lorafleet_ingest_consumed_total") == 5
-        assert _value(ingest, "lorafleet_ingest_routed_total") == 4
+        assert _value(ingest, "lorafleet_ingest_routed_total", route="home") == 3  # one partition per adapter
+        assert _value(ingest, "lorafleet_ingest_routed_total", route="base") == 1
         assert _value(ingest, "lorafleet_ingest_rejected_total", code="invalid_request") == 1
         store = _samples(urls["adapter-store"])
         assert _value(store, "lorafleet_store_adapters") == 2 and _value(store, "lorafleet_store_fetches_total") == 2

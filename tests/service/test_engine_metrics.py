@@ -56,3 +56,23 @@ def test_the_request_done_log_carries_first_token_total_and_decode_speed():
     assert done_latencies(job, tokens=11, now=101.25) == {"first_token_s": 0.25, "total_s": 1.25, "tokens_per_s": 10.0}
     job.first_token_at = 0.0  # ended before its first token (an abort, a deadline)
     assert done_latencies(job, tokens=0, now=100.5) == {"first_token_s": None, "total_s": 0.5, "tokens_per_s": None}
+
+
+def test_invalid_adapters_are_counted_by_a_bounded_reason():
+    from lorafleet.adapter_store.metrics import StoreMetrics, invalid_reason
+
+    cases = {
+        "adapter_model.safetensors is missing in x (found ['adapter_model.bin']: pickle files are never loaded)": "pickle",
+        "adapter_config.json is missing in s3://b/a": "missing_file",
+        "adapter_config.json is not valid JSON: Expecting value": "config",
+        "lora_A of layer 0 q_proj has shape (4, 8), expected (4, 64) from r and the base model": "shape",
+        "lora_B of layer 1 v_proj holds NaN or Inf values": "non_finite",
+        "something nobody foresaw": "other",
+    }
+    assert {message: invalid_reason(message) for message in cases} == cases
+    m = StoreMetrics()
+    m.on_reply("get", "invalid", "lora_B of layer 1 v_proj holds NaN or Inf values")
+    m.on_reply("get", "ok", None)
+    assert _series(m.registry, "lorafleet_store_invalid_adapters_total") == {(("reason", "non_finite"),): 1}
+    assert _series(m.registry, "lorafleet_store_requests_total") == {
+        (("op", "get"), ("status", "invalid")): 1, (("op", "get"), ("status", "ok")): 1}
