@@ -110,43 +110,54 @@ def load_peft_adapter_dir(path: str | Path, spec: ModelSpec, max_rank: int = 256
 def _from_peft_tensors(cfg: PeftLoraConfig, raw: dict[str, torch.Tensor], spec: ModelSpec) -> LoraWeights:
     a: dict[tuple[int, str], torch.Tensor] = {}
     b: dict[tuple[int, str], torch.Tensor] = {}
+    problems = []
     for name, tensor in raw.items():
         m = _KEY.match(name)
         if m is None:
-            raise InvalidAdapterError(
-                f"tensor {name!r} is not a LoRA A/B weight of a q/k/v/o/gate/up/down module "
-                "(embedding, lm_head, bias, DoRA and modules_to_save tensors are not supported)"
-            )
+            problems.append(f"tensor {name!r} is not a LoRA A/B weight of a q/k/v/o/gate/up/down module "
+                            "(embedding, lm_head, bias, DoRA and modules_to_save tensors are not supported)")
+            continue
         layer, parent, module, which = int(m[1]), m[2], m[3], m[4]
         if (parent == "self_attn") != (module in LORA_MODULES[:4]):
-            raise InvalidAdapterError(f"tensor {name!r}: {module} does not live under {parent}")
+            problems.append(f"tensor {name!r}: {module} does not live under {parent}")
+            continue
         (a if which == "A" else b)[(layer, module)] = tensor
     expected = {(t.layer, t.module) for t in cfg.targets}
     for which, found in (("lora_A", a), ("lora_B", b)):
         missing, extra = expected - found.keys(), found.keys() - expected
         if missing:
             layer, module = sorted(missing)[0]
-            raise InvalidAdapterError(f"{which} weight of layer {layer} {module} is missing ({len(missing)} missing)")
+            problems.append(f"{which} weight of layer {layer} {module} is missing ({len(missing)} missing)")
         if extra:
             layer, module = sorted(extra)[0]
-            raise InvalidAdapterError(f"{which} weight of layer {layer} {module} is not targeted by adapter_config.json")
+            problems.append(f"{which} weight of layer {layer} {module} is not targeted by adapter_config.json")
+    _raise_all(problems)
     weights = LoraWeights(cfg, a, b)
     _check_tensors(weights, spec)
     return weights
 
 
+def _raise_all(problems: list[str], shown: int = 8) -> None:
+    """One InvalidAdapterError naming every problem (the first `shown`, then how many more)."""
+    if problems:
+        more = f"; and {len(problems) - shown} more problems" if len(problems) > shown else ""
+        raise InvalidAdapterError("; ".join(problems[:shown]) + more)
+
+
 def _check_tensors(weights: LoraWeights, spec: ModelSpec) -> None:
+    problems = []
     for t in weights.config.targets:
         key = (t.layer, t.module)
         in_f, out_f = spec.module_shape(t.module)
         a, b = weights.a[key], weights.b[key]
         where = f"layer {t.layer} {t.module}"
         if tuple(a.shape) != (t.rank, in_f):
-            raise InvalidAdapterError(f"lora_A of {where} has shape {tuple(a.shape)}, expected ({t.rank}, {in_f}) from r and the base model")
+            problems.append(f"lora_A of {where} has shape {tuple(a.shape)}, expected ({t.rank}, {in_f}) from r and the base model")
         if tuple(b.shape) != (out_f, t.rank):
-            raise InvalidAdapterError(f"lora_B of {where} has shape {tuple(b.shape)}, expected ({out_f}, {t.rank}) from r and the base model")
+            problems.append(f"lora_B of {where} has shape {tuple(b.shape)}, expected ({out_f}, {t.rank}) from r and the base model")
         for name, x in (("lora_A", a), ("lora_B", b)):
             if x.dtype not in _FLOAT_DTYPES:
-                raise InvalidAdapterError(f"{name} of {where} has dtype {x.dtype}; expected float16, bfloat16 or float32")
-            if not torch.isfinite(x).all():
-                raise InvalidAdapterError(f"{name} of {where} holds NaN or Inf values")
+                problems.append(f"{name} of {where} has dtype {x.dtype}; expected float16, bfloat16 or float32")
+            elif not torch.isfinite(x).all():
+                problems.append(f"{name} of {where} holds NaN or Inf values")
+    _raise_all(problems)

@@ -10,6 +10,8 @@ import sys
 
 import obstore
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from lorafleet.adapter_store.errors import AdapterNotFoundError
 from lorafleet.adapter_store.source import S3Options
@@ -33,6 +35,15 @@ def adapter_dir(zoo, tmp_path):
 def test_validate_says_ok_or_the_reason(zoo, adapter_dir, tmp_path):
     done = _cli("validate", str(adapter_dir), "--model", str(zoo.model("mha")))
     assert done.returncode == 0 and done.stdout.startswith("ok:") and "rank 4" in done.stdout, done.stderr
+    two = tmp_path / "two-problems"  # every problem is named, not only the first
+    shutil.copytree(adapter_dir, two)
+    tensors = load_file(str(two / WEIGHTS_FILE))
+    names = sorted(tensors)
+    tensors[names[0]] = tensors[names[0]][:, :-1].contiguous()  # a wrong shape
+    tensors[names[-1]] = torch.full_like(tensors[names[-1]], float("nan"))  # non-finite values
+    save_file(tensors, str(two / WEIGHTS_FILE))
+    done = _cli("validate", str(two), "--model", str(zoo.model("mha")))
+    assert done.returncode == 1 and "has shape" in done.stderr and "NaN" in done.stderr, done.stderr
     bad = tmp_path / "bad"
     shutil.copytree(adapter_dir, bad)
     (bad / WEIGHTS_FILE).write_bytes(b"\x00" * 16)
