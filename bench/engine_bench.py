@@ -26,7 +26,7 @@ from lorafleet.bench.report import write_results
 from lorafleet.bench.roofline import estimate
 from lorafleet.bench.shapes import make_model_folder
 from lorafleet.bench.workload import SETTINGS, generate_trace
-from lorafleet.common.progress import request_bar
+from lorafleet.common.progress import counter_bar
 from lorafleet.engine.engine import EngineConfig, LLMEngine, SamplingParams
 
 
@@ -64,7 +64,7 @@ def run_once(engine: LLMEngine, bank: AdapterBank | None, trace, vocab: int, tag
     times = Timeline()
     peak_kv = peak_adapter = steps = 0
     pending = deque(trace)
-    bar = request_bar(len(trace), tag)
+    bar = counter_bar(len(trace), tag, "req")
     t0 = time.perf_counter()
     while pending or engine.has_unfinished():
         now = time.perf_counter() - t0

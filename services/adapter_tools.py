@@ -22,7 +22,7 @@ import obstore
 from lorafleet.adapter_store.source import S3Options, open_root
 from lorafleet.common import settings
 from lorafleet.common.ids import validate_adapter_id
-from lorafleet.common.progress import byte_bar
+from lorafleet.common.progress import counter_bar
 from lorafleet.formats.lora_weights import CONFIG_FILE, WEIGHTS_FILE, LoraWeights, load_peft_adapter_dir
 from lorafleet.formats.model_spec import ModelSpec
 from lorafleet.formats.peft_config import InvalidAdapterError
@@ -91,7 +91,7 @@ def push(folder: Path, root: str, adapter_id: str, *, replace: bool = False) -> 
         obstore.delete(store, f"{adapter_id}/{CONFIG_FILE}")  # readers find no adapter until the new config lands
     weights = folder / WEIGHTS_FILE
     size = weights.stat().st_size
-    with weights.open("rb") as f, byte_bar(size, f"push {adapter_id}") as bar:
+    with weights.open("rb") as f, counter_bar(size, f"push {adapter_id}", "B") as bar:
         def chunks():
             while chunk := f.read(CHUNK_BYTES):
                 bar.update(len(chunk))

@@ -114,7 +114,7 @@ async def _run_engine(args) -> None:
     cfg = EngineServiceConfig.from_args(args, model_dir=model)
     ready = asyncio.Event()
     watch = StallWatch(cfg.step_stall_s)  # a hung step withholds the heartbeat (liveness)
-    metrics = EngineMetrics(cfg.name, settings.read("METRICS_ADAPTER_LABELS"), _process_registry())
+    metrics = EngineMetrics(settings.read("METRICS_ADAPTER_LABELS"), _process_registry())
     task = asyncio.create_task(run_engine_service(cfg, ready=ready, watch=watch, metrics=metrics))
     await _signal_ready(task, ready, args, {"service": "engine", "engine_id": cfg.name}, metrics.registry,
                         watch.problem)

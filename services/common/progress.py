@@ -21,11 +21,8 @@ def progress(items: Iterable[T], desc: str, total: int | None = None, unit: str 
     return iter(tqdm(items, desc=desc, total=total, unit=unit, disable=not on_terminal(), leave=False))
 
 
-def byte_bar(total: int, desc: str) -> tqdm:
-    """A bar counting bytes (call .update(n)); silent off a terminal."""
-    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not on_terminal())
-
-
-def request_bar(total: int, desc: str) -> tqdm:
-    """A bar counting finished requests of a benchmark run; silent off a terminal."""
-    return tqdm(total=total, unit="req", desc=desc, disable=not on_terminal(), leave=False)
+def counter_bar(total: int, desc: str, unit: str) -> tqdm:
+    """A bar the caller advances (.update(n)), of bytes (unit "B", scaled) or of anything else;
+    silent off a terminal."""
+    return tqdm(total=total, unit=unit, unit_scale=unit == "B", desc=desc, disable=not on_terminal(),
+                leave=unit == "B")

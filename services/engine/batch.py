@@ -98,7 +98,7 @@ def build_batch(out: SchedulerOutput, kv: KVCacheManager, adapters: AdapterCache
     positions = np.arange(T, dtype=np.int64) - np.repeat(starts - c, n)  # [T]
     ids = np.fromiter(chain.from_iterable(_new_tokens(e) for e in entries), dtype=np.int64, count=T)
     # Pending tokens: the last token of a sequence's range (at most one per sequence, see Request).
-    fed = [k for k, e in enumerate(entries) if e.start + e.num_tokens > _known(e.request)]
+    fed = [k for k, e in enumerate(entries) if e.start + e.num_tokens > e.request.num_known_tokens]
     feed_dst = (ends - 1)[fed] if fed else np.zeros(0, np.int64)  # [F] token index in this step
     if fed and in_flight is None:
         raise RuntimeError("a step reads a pending token but no step is in flight")
@@ -159,16 +159,11 @@ def build_batch(out: SchedulerOutput, kv: KVCacheManager, adapters: AdapterCache
                       sampled=sampled, sampling=sampling)
 
 
-def _known(r) -> int:
-    """Tokens of the request whose values the host knows (prompt + outputs read back)."""
-    return len(r.prompt_token_ids) + len(r.output_token_ids)
-
-
 def _new_tokens(e: ScheduledRequest) -> list[int]:
     """The token ids this step computes for the entry: [c, c + n) of prompt + outputs, with 0 for
     a pending token (its value is fed on the device)."""
     r, c, n = e.request, e.start, e.num_tokens
-    p, end = len(r.prompt_token_ids), min(c + n, _known(r))
+    p, end = len(r.prompt_token_ids), min(c + n, r.num_known_tokens)
     if end <= p:
         ids = r.prompt_token_ids[c:end]
     elif c >= p:

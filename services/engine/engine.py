@@ -54,7 +54,6 @@ class RequestOutput:
 STEP_PHASES = ("prefetch", "schedule", "build_batch", "launch", "outputs", "wait", "update")
 
 
-
 class LLMEngine:
     def __init__(self, config: EngineConfig, build: Callable[[EngineConfig], Runtime] | None = None):
         """build: what assembles the runtime (default: runtime.build_runtime, or the tensor-parallel

@@ -73,7 +73,12 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
+        return self.num_known_tokens + self.num_pending
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Tokens whose values the host knows: prompt + outputs read back (num_tokens less pending)."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
     def num_output_tokens(self) -> int:

@@ -20,7 +20,7 @@ METRIC = re.compile(r"\b(?:lorafleet_|process_|vllm:)[a-zA-Z0-9_:]+")
 
 def _exported() -> set[str]:
     """Every sample name the three services' registries can expose (with _total/_bucket/... suffixes)."""
-    registries = [EngineMetrics("e", 5).registry, IngestMetrics().registry, StoreMetrics().registry]
+    registries = [EngineMetrics(5).registry, IngestMetrics().registry, StoreMetrics().registry]
     # StoreCollector reads a store at scrape: an empty one stands in (only the names matter here)
     empty_cache = type("EmptyCache", (), {"__len__": lambda self: 0, "used_bytes": 0, "budget_bytes": 0, "loading": 0})
     store = SimpleNamespace(cache=empty_cache(), source=SimpleNamespace(stats=SimpleNamespace(fetches=0, bytes_read=0)),

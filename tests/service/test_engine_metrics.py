@@ -35,7 +35,7 @@ def _stats(**kw) -> EngineStats:
 
 
 def test_counters_advance_by_the_engines_gains_and_the_lora_gauge_shows_the_current_adapters():
-    m = EngineMetrics("e", 5)
+    m = EngineMetrics(5)
     m.on_turn(_stats(adapter_loads=2, running=1, running_adapters=("x",), waiting_adapters=("y", "z")), 0.01)
     m.on_turn(_stats(adapter_loads=5, preemptions=1, running_adapters=("y",)), 0.02)
     m.on_turn(_stats(adapter_loads=5, preemptions=1, running_adapters=("y",)), 0.02)

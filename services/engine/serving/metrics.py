@@ -70,9 +70,8 @@ def engine_stats(engine) -> EngineStats:
 
 
 class EngineMetrics:
-    def __init__(self, engine_id: str, adapter_labels: int, registry: CollectorRegistry | None = None):
+    def __init__(self, adapter_labels: int, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
-        self.engine_id = engine_id
         r, p = self.registry, "lorafleet_engine_"
         self.running = Gauge(p + "requests_running", "requests in the running batch", registry=r)
         self.waiting = Gauge(p + "requests_waiting", "requests queued in the engine", registry=r)

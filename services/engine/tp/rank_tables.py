@@ -46,18 +46,21 @@ class RankAdapterTables:
     def _alloc(self, slots: int, max_pages: int) -> None:
         old = getattr(self, "expand_tables", None)
         expand = AdapterTables.zeros(slots, max_pages, self.L, self.module_shapes, self.device)
-        a_rows = torch.zeros(slots, self.L, len(LORA_MODULES), dtype=torch.int32, device=self.device)
         if old is not None:  # keep the resident slots' rows
             s0, p0 = old.page_table.shape
             expand.page_table[:s0, :p0] = old.page_table
             for name in ("ranks", "scales", "a_off", "b_off"):
                 getattr(expand, name)[:s0] = getattr(old, name)
-            a_rows[:s0] = self.shrink_tables.ranks
         # The ops' tables: new objects with the tensors (a new object is validated again by the kernels).
         # Under slora shrink reads the A share's rows as its ranks; otherwise both are one object.
-        self.expand_tables = expand
-        self.shrink_tables = (AdapterTables(expand.page_table, a_rows, expand.scales, expand.a_off, expand.b_off,
-                                            self.module_shapes) if self.split else expand)
+        shrink = expand
+        if self.split:
+            a_rows = torch.zeros(slots, self.L, len(LORA_MODULES), dtype=torch.int32, device=self.device)
+            if old is not None:
+                a_rows[:s0] = self.shrink_tables.ranks
+            shrink = AdapterTables(expand.page_table, a_rows, expand.scales, expand.a_off, expand.b_off,
+                                   self.module_shapes)
+        self.expand_tables, self.shrink_tables = expand, shrink
 
     def set_slot(self, slot: int, pages: list[int], layout: ShardLayout,
                  entries: list[tuple[int, str, int, int, float]]) -> None:
