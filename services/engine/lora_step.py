@@ -77,15 +77,15 @@ class LoraStep:
         width: R' exactly (slora's rank pieces and fused's all-reduce need it; columns past the
         ops' own width are zero); None: the ops' width (>= every rank of the step), no copy.
         dtype: u cast to it (None: as the ops give it)."""
-        u = self.shrink_ops.shrink(x if x.is_contiguous() else x.contiguous(), layer, modules, self.shrink_ctx)
+        u = self.shrink_ops.shrink(x.contiguous(), layer, modules, self.shrink_ctx)
         if width is not None and u.shape[2] != width:
             u = u[:, :, :width].contiguous() if u.shape[2] > width else torch.nn.functional.pad(u, (0, width - u.shape[2]))
-        return u if dtype is None or u.dtype == dtype else u.to(dtype)
+        return u if dtype is None else u.to(dtype)  # (contiguous() and to() return u itself when it already is)
 
     def expand(self, y: torch.Tensor, u: torch.Tensor, layer: int, modules: tuple[int, ...],
                out_offsets: tuple[int, ...]) -> None:
         """y[:, off_i : off_i + b_cols_i] += scale * u[:, i, :r] @ B_i^T, in place (y: unit stride)."""
         # u: y's dtype or float32 (split-K shrink, slora's fp32 reduce); the ops round it to y's dtype.
         u = u if u.dtype in (y.dtype, torch.float32) else u.to(y.dtype)
-        self.expand_ops.expand(y, u if u.is_contiguous() else u.contiguous(), layer, modules, out_offsets,
+        self.expand_ops.expand(y, u.contiguous(), layer, modules, out_offsets,
                                self.expand_ctx)
