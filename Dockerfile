@@ -35,7 +35,7 @@ COPY pyproject.toml README.md ./
 COPY services ./services
 COPY kernels ./kernels
 COPY bench ./bench
-RUN pip install -c requirements.lock . \
+RUN pip install -c requirements.lock ".[engine]" \
  && lorafleet --help > /dev/null
 
 FROM system

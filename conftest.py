@@ -7,3 +7,5 @@ import os
 # Tests start many services on one host: each takes any free port for its /metrics (the default,
 # 9400, is for pods, one service each). `lorafleet up` does the same for its children.
 os.environ["LORAFLEET_METRICS_PORT"] = "0"
+# The gateway's HTTP API likewise (its default, 8000, is for a person's `lorafleet up` and for pods).
+os.environ["LORAFLEET_GATEWAY_PORT"] = "0"

@@ -17,7 +17,7 @@ python -m pip install -q "$UV_PIN"
 # so adding a dependency does not upgrade everything else (--upgrade in LOCK_ARGS refreshes all).
 cp requirements.lock requirements.lock.new
 uv pip compile ${LOCK_ARGS:-} pyproject.toml --universal --fork-strategy fewest --python-version 3.11 \
-  --extra test --extra bench --constraint requirements.pins --no-header --quiet -o requirements.lock.new
+  --extra engine --extra test --extra bench --constraint requirements.pins --no-header --quiet -o requirements.lock.new
 {
   echo "# The lock: exact versions of everything lorafleet installs, tested by CI. Used as pip"
   echo "# constraints (-c), so platform-only pins (nvidia-*, torch's CUDA runtime) install only where needed."

@@ -19,7 +19,7 @@ fi
 # PyPI released since. torch comes first and alone: the lock's version is the CPU build that pip
 # finds on disk here (elsewhere PyPI's build of the same version).
 python -m pip install -q -c requirements.lock torch
-python -m pip install -q -c requirements.lock -e ".[test,bench]"
+python -m pip install -q -c requirements.lock -e ".[engine,test,bench]"
 if ! command -v redis-server >/dev/null 2>&1; then
   echo "installing redis-server (Debian package)" >&2
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi

@@ -21,15 +21,15 @@ if [ -n "${KEEP_VENV:-}" ]; then echo "scratch virtualenv: $VENV"; else trap 'rm
 TORCH=$(grep -E '^torch==' requirements.lock | cut -d' ' -f1)
 python -m pip install -q "$TORCH" || exit 1
 if [ "$MODE" = latest ]; then
-  python -m pip install -q --upgrade -e ".[test,bench]" || exit 1
+  python -m pip install -q --upgrade -e ".[engine,test,bench]" || exit 1
 else
   # uv resolves the lowest direct versions (pip has no such mode); pip installs them.
   python -m pip install -q "$(sed -n 's/^UV_PIN="\(.*\)"$/\1/p' scripts/lock.sh)" || exit 1
   pins=$VENV/lowest.txt
   echo "$TORCH" > "$VENV/torch.txt"
-  uv pip compile pyproject.toml --extra test --extra bench --resolution lowest-direct --python-version 3.11 \
+  uv pip compile pyproject.toml --extra engine --extra test --extra bench --resolution lowest-direct --python-version 3.11 \
     --constraint "$VENV/torch.txt" --no-header --quiet -o "$pins" || exit 1
-  python -m pip install -q -c "$pins" -e ".[test,bench]" || exit 1
+  python -m pip install -q -c "$pins" -e ".[engine,test,bench]" || exit 1
 fi
 echo "== $MODE: installed versions that differ from requirements.lock"
 python -m pip freeze --exclude-editable | while IFS='=' read -r name _ version; do

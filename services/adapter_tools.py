@@ -19,11 +19,10 @@ from pathlib import Path
 
 import obstore
 
-from lorafleet.adapter_store.source import S3Options, open_root
 from lorafleet.common import settings
+from lorafleet.common.adapter_root import CONFIG_FILE, WEIGHTS_FILE, S3Options, adapter_sizes, open_root
 from lorafleet.common.ids import validate_adapter_id
 from lorafleet.common.progress import counter_bar
-from lorafleet.formats.lora_weights import CONFIG_FILE, WEIGHTS_FILE, LoraWeights, load_peft_adapter_dir
 from lorafleet.formats.model_spec import ModelSpec
 from lorafleet.formats.peft_config import InvalidAdapterError
 
@@ -64,8 +63,11 @@ def run_adapters(args: argparse.Namespace) -> int:
         return 1
 
 
-def validate_dir(folder: Path, model: str | None, max_rank: int) -> LoraWeights:
-    """The store's validation (formats.lora_weights) of a PEFT folder against the base model."""
+def validate_dir(folder: Path, model: str | None, max_rank: int):
+    """The store's validation (formats.lora_weights) of a PEFT folder against the base model: a
+    LoraWeights. Imported here: `lorafleet --help` (and the gateway) run without torch."""
+    from lorafleet.formats.lora_weights import load_peft_adapter_dir
+
     if not model:
         raise ValueError("validation needs the base model: pass --model or set LORAFLEET_MODEL")
     return load_peft_adapter_dir(folder, ModelSpec.from_pretrained(Path(model)), max_rank)
@@ -79,7 +81,7 @@ def split_target(target: str, id_parts: int) -> tuple[str, str]:
 
 
 def _store(root: str):
-    return open_root(root, S3Options(endpoint=settings.read("S3_ENDPOINT"), allow_http=settings.read("S3_ALLOW_HTTP")))
+    return open_root(root, S3Options.from_env())
 
 
 def push(folder: Path, root: str, adapter_id: str, *, replace: bool = False) -> None:
@@ -103,10 +105,4 @@ def push(folder: Path, root: str, adapter_id: str, *, replace: bool = False) -> 
 
 def list_adapters(root: str) -> list[tuple[str, int]]:
     """(adapter id, bytes of its two files) of every folder holding a config and weights."""
-    files: dict[str, dict[str, int]] = {}
-    for batch in obstore.list(_store(root)):
-        for obj in batch:
-            folder, _, name = obj["path"].rpartition("/")
-            files.setdefault(folder, {})[name] = int(obj["size"])
-    return sorted((folder, sum(names.values())) for folder, names in files.items()
-                  if CONFIG_FILE in names and WEIGHTS_FILE in names)
+    return adapter_sizes(obj for batch in obstore.list(_store(root)) for obj in batch)

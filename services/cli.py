@@ -4,6 +4,7 @@
     lorafleet ingest         the ingest service alone
     lorafleet engine         one engine alone
     lorafleet adapter-store  the node's adapter store alone
+    lorafleet gateway        the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models)
     lorafleet demo           `up` with the demo model and adapters, then requests streamed to the terminal
     lorafleet send           produce a request to the requests topic (prints its id)
     lorafleet tail ID        print a request's reply stream, entry by entry, until its terminal entry
@@ -76,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     _metrics_flag(store)
     _check_flag(store)
 
+    from lorafleet.gateway.config import GatewayConfig
+
+    gateway = sub.add_parser("gateway", help="run the OpenAI-compatible HTTP API")
+    GatewayConfig.add_arguments(gateway)
+    _ready_file_flag(gateway)
+    _metrics_flag(gateway)
+    _check_flag(gateway)
+
     from lorafleet.adapter_tools import add_adapters_arguments
 
     add_adapters_arguments(sub.add_parser("adapters", help="validate, push and list adapters (file:// or s3:// roots)"))
@@ -144,6 +153,24 @@ async def _run_store(args) -> None:
     await _signal_ready(task, ready, args, payload, metrics.registry)
 
 
+async def _run_gateway(args) -> None:
+    from lorafleet.gateway.config import GatewayConfig
+    from lorafleet.gateway.metrics import GatewayMetrics
+    from lorafleet.gateway.service import run_gateway
+
+    cfg = GatewayConfig.from_args(args)
+    ready = asyncio.Event()
+    payload = {"service": "gateway"}
+
+    def on_ready(port: int) -> None:
+        payload["port"] = port
+        ready.set()
+
+    metrics = GatewayMetrics(_process_registry())
+    task = asyncio.create_task(run_gateway(cfg, on_ready=on_ready, metrics=metrics))
+    await _signal_ready(task, ready, args, payload, metrics.registry)
+
+
 def _process_registry():
     """A registry with the process's own metrics (CPU, memory, open files, Python GC)."""
     from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
@@ -168,7 +195,7 @@ async def _signal_ready(task: asyncio.Task, ready: asyncio.Event, args: argparse
         # Each probe request runs the exec probe's checks in the server's thread (its own loop).
         http = ServiceHttp(args.metrics_port, registry,
                            lambda mode: asyncio.run(problems(args.command, mode, args))).start()
-        payload = {**payload, "metrics_port": http.port}
+        payload["metrics_port"] = http.port  # the caller's dict: what it adds once ready is kept
     waiter = asyncio.create_task(ready.wait())
     await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
     heartbeat = None
@@ -212,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             from lorafleet import client_cli
 
             return getattr(client_cli, f"run_{args.command}")(args)
-        runner = {"ingest": _run_ingest, "engine": _run_engine, "adapter-store": _run_store}[args.command]
+        runner = {"ingest": _run_ingest, "engine": _run_engine, "adapter-store": _run_store,
+                  "gateway": _run_gateway}[args.command]
         asyncio.run(runner(args))
         return 0
     except ValueError as exc:  # configuration errors: one clear line, no traceback

@@ -20,7 +20,7 @@ import msgspec
 from lorafleet.common import settings
 from lorafleet.common.contract import cancel_key, default_reply_stream
 from lorafleet.common.kafka import make_producer
-from lorafleet.common.messages import ReplyEntry, TokenReply, is_terminal, parse_entry
+from lorafleet.common.messages import ReplyEntry, TokenIndexFilter, TokenReply, is_terminal, parse_entry
 from lorafleet.common.replies import connect_redis
 
 
@@ -100,7 +100,7 @@ class LorafleetClient:
         key = stream if stream is not None else default_reply_stream(request_id)
         deadline = time.monotonic() + timeout
         last_id = "0-0"
-        next_index = 0  # after a Redis restart the engine re-publishes from the first lost token
+        seen = TokenIndexFilter()
         while True:
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0:
@@ -110,10 +110,8 @@ class LorafleetClient:
                 for entry_id, fields in entries:
                     last_id = entry_id
                     entry = parse_entry(fields)
-                    if isinstance(entry, TokenReply) and entry.index >= 0:
-                        if entry.index < next_index:
-                            continue  # seen already (index: tokens before this entry)
-                        next_index = entry.index + len(entry.token_ids)
+                    if not seen.is_new(entry):
+                        continue
                     yield entry
                     if is_terminal(entry):
                         return

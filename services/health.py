@@ -1,4 +1,4 @@
-"""Health checks behind `lorafleet ingest|engine|adapter-store --check live|ready` (Kubernetes
+"""Health checks behind `lorafleet ingest|engine|adapter-store|gateway --check live|ready` (Kubernetes
 exec probes), and the heartbeat the running services keep for them.
 
     live   the service finished starting and its event loop still turns: the ready file exists
@@ -13,6 +13,7 @@ exec probes), and the heartbeat the running services keep for them.
                             adapter store answers its health request
              adapter-store  its own TCP server answers the health request (model spec loaded,
                             shared folder set up)
+             gateway        Kafka answers and the requests topic exists; Redis answers PING
 
 The ready file is written by the service only once it can take work (engine: model loaded into
 the pool and consumer started; ingest: tokenizer loaded, topics created, consumer started), so
@@ -136,6 +137,8 @@ def _dependency_checks(service: str, args: argparse.Namespace) -> list:
                 store_problem(args.store_address)]
     if service == "adapter-store":
         return [store_problem(args.address)]
+    if service == "gateway":
+        return [kafka_problem(args.kafka_bootstrap, [args.requests_topic]), redis_problem(args.redis_url)]
     raise ValueError(f"no health check for service {service!r}")
 
 

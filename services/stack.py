@@ -1,7 +1,7 @@
 """`lorafleet up`: the whole stack on one machine, each service its own process.
 
 Order: demo assets (if needed) -> embedded broker and redis-server (if none given) -> adapter store
--> ingest and engine(s). Each child writes a ready file; when all have, the contract's ready JSON
+-> ingest, the OpenAI-compatible gateway (unless --gateway-port -1) and engine(s). Each child writes a ready file; when all have, the contract's ready JSON
 is written to --ready-file and printed. From then on a child that dies is restarted
 (services/supervisor.py) while the broker and Redis keep running; `up` exits on SIGINT/SIGTERM
 (children get SIGTERM and drain, then the embedded servers stop) or when a child crash-loops.
@@ -19,6 +19,7 @@ import threading
 from pathlib import Path
 
 from lorafleet.common import settings
+from lorafleet.gateway.config import served_model_name
 from lorafleet.supervisor import CrashLoop, Supervisor
 
 READY_TIMEOUT_S = 600.0  # the first `up` builds the demo assets (minutes on a small CPU)
@@ -31,6 +32,8 @@ def add_up_arguments(p: argparse.ArgumentParser) -> None:
     settings.add_flag(p, "--redis-url", "REDIS_URL", str, "Redis URL of a running server", unset="an embedded redis-server")
     settings.add_flag(p, "--device", "DEVICE", str, "cpu, cuda or auto")
     settings.add_flag(p, "--engines", "UP_ENGINES", int, "engine processes to start")
+    settings.add_flag(p, "--gateway-port", "GATEWAY_PORT", int,
+                      "port of the OpenAI-compatible gateway on 127.0.0.1 (0: any free port; -1: no gateway)")
 
 
 def run_up(args: argparse.Namespace) -> int:
@@ -71,6 +74,11 @@ def run_up(args: argparse.Namespace) -> int:
                               restart_window_s=settings.read("UP_RESTART_WINDOW_S"))
         children.start("adapter-store", ["adapter-store"])
         children.start("ingest", ["ingest"])
+        if args.gateway_port >= 0:
+            # on this host only, unless LORAFLEET_GATEWAY_HOST says otherwise (it has no API key by default)
+            children.start("gateway", ["gateway", "--port", str(args.gateway_port),
+                                       "--host", env.get("LORAFLEET_GATEWAY_HOST", "127.0.0.1"),
+                                       "--served-model-name", settings.read("GATEWAY_MODEL_NAME") or served_model_name(args.model)])
         for i in range(args.engines):
             children.start(f"engine-{i}", ["engine", "--engine-id", f"engine-{i}"])
         children.wait_ready(READY_TIMEOUT_S)
@@ -78,9 +86,12 @@ def run_up(args: argparse.Namespace) -> int:
             "kafka_bootstrap": bootstrap, "redis_url": redis_url,
             "requests_topic": settings.read("REQUESTS_TOPIC"), "dlq_topic": settings.read("DLQ_TOPIC"),
             # each service's /metrics, /health and /ready (a restarted service may take another port)
-            "metrics": {child.name: f"http://127.0.0.1:{json.loads(child.ready.read_text())['metrics_port']}"
+            "metrics": {child.name: f"http://127.0.0.1:{_ready_of(child)['metrics_port']}"
                         for child in children.children},
         }
+        gateway = next((child for child in children.children if child.name == "gateway"), None)
+        if gateway is not None:  # what an OpenAI client takes as its base_url
+            ready["gateway"] = f"http://127.0.0.1:{_ready_of(gateway)['port']}/v1"
         write_ready_file(args.ready_file, ready)
         print(json.dumps(ready), flush=True)
         while not stop.wait(0.5):
@@ -99,3 +110,7 @@ def run_up(args: argparse.Namespace) -> int:
         for server in (redis, broker):
             if server is not None:
                 server.stop()
+
+
+def _ready_of(child) -> dict:
+    return json.loads(child.ready.read_text())

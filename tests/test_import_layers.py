@@ -22,6 +22,7 @@ LAYERS = [
     "lorafleet.adapter_store",
     "lorafleet.engine.serving",  # the engine service: Kafka in, engine thread, Redis out
     "lorafleet.ingest",
+    "lorafleet.gateway",  # the OpenAI-compatible HTTP API: contract requests out, reply streams in
     "lorafleet.health",
     "lorafleet.client",
     "lorafleet.client_cli",

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from lorafleet.common import settings
+from lorafleet.common.adapter_root import S3Options
 
 from .retry import RetryPolicy
-from .source import S3Options
 
 
 def parse_address(address: str) -> tuple[str, int]:

@@ -10,29 +10,18 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 import obstore
 import structlog
 from obstore.exceptions import GenericError, NotFoundError, PermissionDeniedError, UnauthenticatedError
-from obstore.store import LocalStore, S3Store
 
-from lorafleet.formats.lora_weights import CONFIG_FILE, WEIGHTS_FILE
+from lorafleet.common.adapter_root import CONFIG_FILE, WEIGHTS_FILE, S3Options, open_root
 
 from .errors import AdapterNotFoundError, AdapterStoreUnavailable, InvalidAdapterError
 from .retry import RetryPolicy, with_retries
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 MAX_CONFIG_BYTES = 1 << 20  # an adapter_config.json is a few KiB; 1 MiB is generous
-
-
-@dataclass(frozen=True)
-class S3Options:
-    endpoint: str = ""  # LORAFLEET_S3_ENDPOINT; empty: obstore reads AWS_ENDPOINT_URL(_S3) itself
-    allow_http: bool = False  # LORAFLEET_S3_ALLOW_HTTP
-    request_timeout_s: float = 300.0  # one whole request, body included (large adapters)
-    connect_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -49,39 +38,6 @@ class SourceStats:
     lists: int = 0  # folder listings sent, retries included
     gets: int = 0  # object GETs sent, retries included
     bytes_read: int = 0
-
-
-def open_root(root: str, s3: S3Options) -> obstore.store.ObjectStore:
-    """An obstore store for a root URL: ``s3://bucket/prefix``, ``file:///abs/path`` or a plain path."""
-    parsed = urlparse(root)
-    if parsed.scheme in ("s3", "s3a"):
-        if not parsed.netloc:
-            raise ValueError(f"adapter root {root!r} has no bucket (expected s3://bucket/prefix)")
-        options = {
-            "allow_http": s3.allow_http,
-            "timeout": f"{s3.request_timeout_s}s",
-            "connect_timeout": f"{s3.connect_timeout_s}s",
-        }
-        extra = {"endpoint": s3.endpoint} if s3.endpoint else {}
-        # Retries are ours (with_retries), so that one policy and one set of logs covers them.
-        return S3Store(
-            parsed.netloc,
-            prefix=parsed.path.strip("/") or None,
-            client_options=options,
-            retry_config={"max_retries": 0},
-            **extra,
-        )
-    if parsed.scheme == "file":
-        if parsed.netloc not in ("", "localhost"):
-            raise ValueError(f"adapter root {root!r}: file URLs must be file:///absolute/path")
-        path = Path(unquote(parsed.path))
-    elif parsed.scheme and len(parsed.scheme) > 1:  # one letter: a Windows drive, i.e. a plain path
-        raise ValueError(f"adapter root {root!r}: scheme {parsed.scheme!r} is not supported (file://, s3://, or a plain path)")
-    else:
-        path = Path(root).expanduser().resolve()
-    if not path.is_dir():
-        raise ValueError(f"adapter root {root!r} is not an existing folder")
-    return LocalStore(prefix=path)
 
 
 def _is_transient(exc: BaseException) -> bool:

@@ -37,6 +37,8 @@ MAX_TOKENS_LIMIT = 1 << 20  # max_tokens (the model's context bounds it further)
 MAX_TEMPERATURE = 100.0
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256  # per stop string
+MAX_CHAT_MESSAGES = 1024  # `messages` of a chat request (extension)
+MAX_ROLE_CHARS = 64
 
 
 class ErrorCode:
@@ -50,6 +52,7 @@ class ErrorCode:
     DEADLINE_EXCEEDED = "deadline_exceeded"
     CANCELLED = "cancelled"
     OVERLOADED = "overloaded"  # shed: no token within the engine's queue limit; send it again later
+    ADAPTER_UNAVAILABLE = "adapter_unavailable"  # the adapter's storage stayed unreachable; send it again later
 
 
 class RequestError(Exception):
@@ -61,15 +64,23 @@ class RequestError(Exception):
         self.message = message
 
 
+class ChatMessage(msgspec.Struct, frozen=True):
+    """One turn of a chat request (extension `messages`): rendered by the model's chat template."""
+
+    role: str
+    content: str
+
+
 class RequestMessage(msgspec.Struct, frozen=True, kw_only=True):
-    """A validated request; exactly one of ``prompt`` / ``prompt_token_ids`` is set and
-    ``reply_stream`` is always resolved (never null)."""
+    """A validated request; exactly one of ``prompt`` / ``prompt_token_ids`` / ``messages`` is set
+    and ``reply_stream`` is always resolved (never null)."""
 
     id: str
     reply_stream: str
     adapter: str | None = None
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
+    messages: list[ChatMessage] | None = None
     max_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
@@ -212,21 +223,44 @@ def _stop_field(body: dict) -> list[str]:
     return stop
 
 
-def _prompt_fields(body: dict, vocab_size: int) -> tuple[str | None, list[int] | None]:
-    prompt, token_ids = body.get("prompt"), body.get("prompt_token_ids")
-    if (prompt is None) == (token_ids is None):
-        raise _invalid("exactly one of prompt and prompt_token_ids must be given.")
+PromptFields = tuple[str | None, list[int] | None, list[ChatMessage] | None]
+
+
+def _prompt_fields(body: dict, vocab_size: int) -> PromptFields:
+    prompt, token_ids, messages = body.get("prompt"), body.get("prompt_token_ids"), body.get("messages")
+    if sum(value is not None for value in (prompt, token_ids, messages)) != 1:
+        raise _invalid("exactly one of prompt, prompt_token_ids and messages must be given.")
+    if messages is not None:
+        return None, None, _messages_field(messages)
     if prompt is not None:
         if not isinstance(prompt, str):
             raise _invalid(f"prompt must be a string, got {_show(prompt)}.")
-        return prompt, None
+        return prompt, None, None
     if not isinstance(token_ids, list) or not token_ids:
         raise _invalid(f"prompt_token_ids must be a non-empty list of integers, got {_show(token_ids)}.")
     for position, token in enumerate(token_ids):
         if not _is_int(token) or not 0 <= token < vocab_size:
             raise _invalid(f"prompt_token_ids[{position}] must be an integer in [0, {vocab_size}) "
                            f"(the vocab size), got {_show(token)}.")
-    return None, token_ids
+    return None, token_ids, None
+
+
+def _messages_field(messages: Any) -> list[ChatMessage]:
+    """`messages` (extension): 1-MAX_CHAT_MESSAGES objects with a `role` and a string `content`."""
+    if not isinstance(messages, list) or not 1 <= len(messages) <= MAX_CHAT_MESSAGES:
+        raise _invalid(f"messages must be a list of 1-{MAX_CHAT_MESSAGES} objects, got {_show(messages)}.")
+    parsed = []
+    for position, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise _invalid(f"messages[{position}] must be an object with role and content, got {_show(message)}.")
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str) or not 1 <= len(role) <= MAX_ROLE_CHARS:
+            raise _invalid(f"messages[{position}].role must be a string of 1-{MAX_ROLE_CHARS} characters, "
+                           f"got {_show(role)}.")
+        if not isinstance(content, str):
+            raise _invalid(f"messages[{position}].content must be a string, got {_show(content)}.")
+        parsed.append(ChatMessage(role, content))
+    return parsed
 
 
 def validate_request(body: dict, request_id: str, *, vocab_size: int) -> RequestMessage:
@@ -245,7 +279,7 @@ def validate_request(body: dict, request_id: str, *, vocab_size: int) -> Request
         problem = adapter_id_problem(adapter)
         if problem:
             raise _invalid(problem + ".")
-    prompt, token_ids = _prompt_fields(body, vocab_size)
+    prompt, token_ids, messages = _prompt_fields(body, vocab_size)
     max_tokens = _int_field(body, "max_tokens", 256, 1, MAX_TOKENS_LIMIT, "the contract's limit")
     top_k = _int_field(body, "top_k", 0, 0, vocab_size, "0: off; at most the vocab size")
     temperature = body.get("temperature", 1.0)
@@ -276,6 +310,7 @@ def validate_request(body: dict, request_id: str, *, vocab_size: int) -> Request
         adapter=adapter,
         prompt=prompt,
         prompt_token_ids=token_ids,
+        messages=messages,
         max_tokens=max_tokens,
         temperature=float(temperature),
         top_p=float(top_p),

@@ -99,6 +99,25 @@ def is_terminal(entry: ReplyEntry) -> bool:
     return not isinstance(entry, TokenReply)
 
 
+class TokenIndexFilter:
+    """A reader's view of one reply stream's token entries: each token once. After a Redis restart
+    the engine publishes again from the first lost token, so a reader may see entries it has read
+    already; their `index` (tokens published before the entry) says so."""
+
+    def __init__(self) -> None:
+        self.next_index = 0
+
+    def is_new(self, entry: ReplyEntry) -> bool:
+        """False for a token entry read already; True for anything else (terminal entries, and
+        token entries without an index: a writer without the extension)."""
+        if not isinstance(entry, TokenReply) or entry.index < 0:
+            return True
+        if entry.index < self.next_index:
+            return False
+        self.next_index = entry.index + len(entry.token_ids)
+        return True
+
+
 def token_fields(entry: TokenReply) -> list[str]:
     """entry_fields of a token entry as [field, value, ...]: the writer's per-token hot path."""
     return ["type", "token", "text", entry.text, "token_ids", _work_encoder.encode(entry.token_ids).decode(),

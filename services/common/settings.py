@@ -88,7 +88,16 @@ _DECLARED: list[EnvVar] = [
     EnvVar("INGEST_GROUP", str, "lorafleet-ingest", "consumer group of the ingest service"),
     EnvVar("INGEST_MAX_BATCH", int, 500, "most request messages ingest handles per batch"),
     EnvVar("HOT_ADAPTER_RPS", float, 20.0, "requests/s of one adapter one work partition takes before it spreads"),
+    EnvVar("CHAT_TEMPLATE", str, "", "ingest: a Jinja chat-template file that renders chat `messages` (empty: the tokenizer's own, from tokenizer_config.json)"),
     EnvVar("HOT_WINDOW_S", float, 10.0, "sliding window over which ingest measures each adapter's request rate"),
+    # --- gateway (OpenAI-compatible HTTP API) -----------------------------------------------
+    EnvVar("GATEWAY_HOST", str, "0.0.0.0", "address the gateway's HTTP API listens on"),
+    EnvVar("GATEWAY_PORT", int, 8000, "port of the gateway's HTTP API (/v1/...); 0: any free port (in the ready file); `up`: -1 starts no gateway"),
+    EnvVar("GATEWAY_MODEL_NAME", str, "", "the `model` name of the base model (no adapter); empty: the model folder's name, `demo` for the demo model"),
+    EnvVar("GATEWAY_API_KEY", str, "", "when set, every /v1 call needs `Authorization: Bearer <key>` (put it in the secret)"),
+    EnvVar("GATEWAY_REQUEST_TIMEOUT_S", float, 600.0, "an answer not finished this long after the call is cancelled and answered 504 (its deadline_ms)"),
+    EnvVar("GATEWAY_MAX_CHOICES", int, 64, "most contract requests one call may make (prompts x n)"),
+    EnvVar("GATEWAY_MODELS_CACHE_S", float, 30.0, "how long GET /v1/models reuses its listing of the adapter root"),
     # --- command line: `up`, ready files, `send` / `tail` ------------------------------------
     EnvVar("READY_FILE", str, "", "services and `up`: write this JSON file once ready; `send` / `tail`: read the addresses from `up`'s"),
     EnvVar("UP_ENGINES", int, 1, "engine processes `lorafleet up` starts"),

@@ -34,7 +34,7 @@ from lorafleet.demo.corpus import CORPUS
 from lorafleet.demo.recipe import DemoExample
 
 # Bump when the build code changes what it writes for the same recipe (training loop, layout).
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,12 @@ SPECIAL_TOKENS = (UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN)
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 # 256 byte symbols + the special tokens must fit; merges fill the rest.
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
+# What renders chat `messages` (contract extension) into the prompt: "role: content" lines after
+# BOS, then the assistant's turn opened. Released chat models ship their own in the same place.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n"
+    "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+)
 
 
 def train_tokenizer(vocab_size: int = 512, corpus: str = CORPUS) -> Tokenizer:
@@ -50,8 +56,8 @@ def train_tokenizer(vocab_size: int = 512, corpus: str = CORPUS) -> Tokenizer:
 
 
 def build_tokenizer(out_dir: Path, vocab_size: int = 512) -> None:
-    """Train and save the tokenizer to `out_dir` (tokenizer.json, tokenizer_config.json,
-    special_tokens_map.json) so that `AutoTokenizer.from_pretrained(out_dir)` loads it."""
+    """Train and save the tokenizer to `out_dir` (tokenizer.json, tokenizer_config.json, the chat
+    template) so that `AutoTokenizer.from_pretrained(out_dir)` loads it."""
     from transformers import PreTrainedTokenizerFast
 
     out_dir = Path(out_dir)
@@ -65,6 +71,7 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 512) -> None:
         clean_up_tokenization_spaces=False,
         model_max_length=1 << 20,
     )
+    hf_tok.chat_template = CHAT_TEMPLATE
     hf_tok.save_pretrained(str(out_dir))
 
 

@@ -18,11 +18,10 @@ from safetensors.torch import load as st_load
 from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file as st_save_file
 
+from lorafleet.common.adapter_root import CONFIG_FILE, WEIGHTS_FILE
+
 from .model_spec import LORA_MODULES, ModelSpec
 from .peft_config import InvalidAdapterError, PeftLoraConfig, parse_peft_config
-
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 
 _KEY = re.compile(
     r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\."

@@ -26,6 +26,7 @@ class IngestConfig:
     hot_adapter_rps: float = settings.config_field("HOT_ADAPTER_RPS")
     hot_window_s: float = settings.config_field("HOT_WINDOW_S")
     session_timeout_ms: int = settings.config_field("KAFKA_SESSION_TIMEOUT_MS")
+    chat_template: str = settings.config_field("CHAT_TEMPLATE")
 
     def __post_init__(self) -> None:
         for name in ("requests_partitions", "work_partitions", "max_batch"):

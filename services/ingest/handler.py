@@ -97,13 +97,21 @@ class BatchHandler:
                 errors.append((stream, request_id, error_entry(
                     ErrorCode.INTERNAL_ERROR, f"lorafleet could not validate the request: {type(exc).__name__}.")))
         texts = [request.prompt for request, _ in valid if request.prompt is not None]
+        chats = [request.messages for request, _ in valid if request.messages is not None]
         # Tokenizing can take milliseconds per long prompt: off the event loop, one call per batch.
-        encoded = iter(await asyncio.to_thread(self.encoder.encode_batch, texts) if texts else [])
+        encoded_texts, encoded_chats = map(iter, await asyncio.to_thread(self._encode, texts, chats))
         received_at = time.time()
         sends = []
         for request, record in valid:
-            token_ids = request.prompt_token_ids if request.prompt is None else next(encoded)
+            if request.prompt is not None:
+                token_ids = next(encoded_texts)
+            elif request.messages is not None:
+                token_ids = next(encoded_chats)
+            else:
+                token_ids = request.prompt_token_ids
             try:
+                if isinstance(token_ids, RequestError):
+                    raise token_ids
                 check_prompt_fits(len(token_ids), request.max_tokens, self.encoder.limits.context_len)
                 late = deadline_problem(request.deadline_ms, received_at)
                 if late:
@@ -119,6 +127,10 @@ class BatchHandler:
         late = [failed for failed in results[:len(sends)] if failed is not None]
         if late:  # work items the broker refused: their requests end with an error entry instead
             await self._reply_errors(late, records_by_id)
+
+    def _encode(self, texts: list[str], chats: list) -> tuple[list[list[int]], list]:
+        return (self.encoder.encode_batch(texts) if texts else [],
+                self.encoder.encode_chats(chats) if chats else [])
 
     async def _send_work(self, item: WorkItem) -> ErrorOut | None:
         """Produce one work item; its error entry instead when the broker refuses it for good."""

@@ -62,7 +62,7 @@ async def run_ingest(config: IngestConfig, *, stop: asyncio.Event | None = None,
     `ready` is set once topics exist and the consumer has joined its group; metrics: /metrics' source."""
     log = get_logger("ingest", group=config.group_id)
     stop, installed = install_signal_stop(stop)
-    encoder = await asyncio.to_thread(PromptEncoder.load, config.model_dir)
+    encoder = await asyncio.to_thread(PromptEncoder.load, config.model_dir, config.chat_template)
     await ensure_topics(config.kafka_bootstrap, [
         TopicSpec(config.requests_topic, config.requests_partitions),
         TopicSpec(config.dlq_topic, 1),

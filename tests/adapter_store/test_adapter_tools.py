@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorafleet.adapter_store.errors import AdapterNotFoundError
-from lorafleet.adapter_store.source import S3Options
 from lorafleet.adapter_store.store import AdapterStore
-from lorafleet.formats.lora_weights import CONFIG_FILE, WEIGHTS_FILE, load_peft_adapter_dir
+from lorafleet.common.adapter_root import CONFIG_FILE, WEIGHTS_FILE, S3Options
+from lorafleet.formats.lora_weights import load_peft_adapter_dir
 from lorafleet.formats.model_spec import ModelSpec
 
 

@@ -7,8 +7,8 @@ from moto.server import ThreadedMotoServer
 
 from lorafleet.adapter_store.errors import AdapterNotFoundError, AdapterStoreUnavailable, InvalidAdapterError
 from lorafleet.adapter_store.retry import RetryPolicy
-from lorafleet.adapter_store.source import S3Options
 from lorafleet.adapter_store.store import AdapterStore
+from lorafleet.common.adapter_root import S3Options
 from tests.s3_fixtures import S3Server, free_port
 
 FAST_RETRY = RetryPolicy(attempts=3, base_delay_s=0.01, max_delay_s=0.05)

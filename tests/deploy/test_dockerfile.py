@@ -104,10 +104,36 @@ def _locked(name: str) -> Version:
     return Version(line.split("==", 1)[1].split(";")[0].strip())
 
 
+def _project_extras(run: str) -> set[str] | None:
+    """The extras a `pip install -c requirements.lock .` / `".[engine]"` RUN installs the project
+    with (empty set: none); None when the RUN does not install the project through the lock."""
+    words = shlex.split(run)
+    if words[:4] != ["pip", "install", "-c", "requirements.lock"]:
+        return None
+    for word in words[4:]:
+        match = re.fullmatch(r"\.(?:\[([\w,-]*)\])?", word)
+        if match:
+            return {e.strip() for e in (match.group(1) or "").split(",") if e.strip()}
+    return None
+
+
+def _installed_extras(stages: list[Stage]) -> set[str]:
+    runs = [rest for s in stages for kw, rest in s.instructions if kw == "RUN"]
+    found = [e for e in (_project_extras(r) for r in runs) if e is not None]
+    assert found, "the image must install the project with `pip install -c requirements.lock .[extras]`"
+    return set().union(*found)
+
+
 def test_image_installs_the_locked_torch_and_triton_which_satisfy_pyproject(dockerfile, pyproject):
     _args, stages = dockerfile
     build = next(s for s in stages if s.name == "build")
-    deps = {Requirement(d).name: Requirement(d) for d in pyproject["project"]["dependencies"]}
+    # the project's requirements as the image installs them: its dependencies and those of the
+    # extras it names (torch and triton are the `engine` extra's: the services need it)
+    optional = pyproject["project"].get("optional-dependencies", {})
+    extras = sorted(_installed_extras(stages))
+    requirements = pyproject["project"]["dependencies"] + [d for extra in extras for d in optional[extra]]
+    deps = {Requirement(d).name: Requirement(d) for d in requirements}
+    assert {"torch", "triton"} <= deps.keys(), "the image must install the extra that holds torch and triton"
     for name in ("torch", "triton"):
         assert _locked(name) in deps[name].specifier, (name, _locked(name), str(deps[name].specifier))
     runs = [rest for kw, rest in build.instructions if kw == "RUN"]
@@ -132,7 +158,15 @@ def test_copied_sources_exist_are_not_ignored_and_cover_the_package(dockerfile, 
     needed = {"pyproject.toml", "requirements.lock", pyproject["project"]["readme"]}
     needed |= set(pyproject["tool"]["setuptools"]["package-dir"].values())
     assert needed <= copied, f"pip install . needs {sorted(needed - copied)}"
-    assert any(kw == "RUN" and "pip install -c requirements.lock ." in rest for s in stages for kw, rest in s.instructions)
+    assert _installed_extras(stages) <= pyproject["project"].get("optional-dependencies", {}).keys()
+
+
+def test_project_install_parser():
+    assert _project_extras("pip install -c requirements.lock .") == set()
+    assert _project_extras('pip install -c requirements.lock ".[engine]" && lorafleet --help') == {"engine"}
+    assert _project_extras("pip install -c requirements.lock .[engine,bench]") == {"engine", "bench"}
+    assert _project_extras("pip install -c requirements.lock torch triton") is None
+    assert _project_extras("pip install .") is None
 
 
 def test_dockerignore_matcher():

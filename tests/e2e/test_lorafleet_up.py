@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -33,7 +34,9 @@ async def test_up_serves_a_request_and_stops_cleanly(zoo, reference, tmp_path):
             assert time.monotonic() < deadline, "lorafleet up was not ready in time"
             await asyncio.sleep(0.2)
         ready = json.loads(ready_file.read_text())
-        assert set(ready) == {"kafka_bootstrap", "redis_url", "requests_topic", "dlq_topic", "metrics"}
+        assert set(ready) == {"kafka_bootstrap", "redis_url", "requests_topic", "dlq_topic", "metrics", "gateway"}
+        assert set(ready["metrics"]) == {"adapter-store", "ingest", "gateway", "engine-0"}
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/v1", ready["gateway"])
         assert ready["requests_topic"] == "lorafleet.requests" and ready["dlq_topic"] == "lorafleet.requests.dlq"
         printed = json.loads(proc.stdout.readline())
         assert printed == ready

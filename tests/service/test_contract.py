@@ -60,9 +60,25 @@ def test_every_field_given_and_unknown_fields_ignored():
     assert isinstance(request.temperature, float)
 
 
+def test_chat_messages_extension():
+    turns = [{"role": "system", "content": ""}, {"role": "user", "content": "hi", "name": "ignored"}]
+    request = validate(prompt=_ABSENT, messages=turns)
+    assert [(m.role, m.content) for m in request.messages] == [("system", ""), ("user", "hi")]
+    assert request.prompt is None and request.prompt_token_ids is None
+
+
 @pytest.mark.parametrize("fields, names", [
-    (dict(prompt=_ABSENT), "exactly one of prompt and prompt_token_ids"),
-    (dict(prompt_token_ids=[1]), "exactly one of prompt and prompt_token_ids"),
+    (dict(prompt=_ABSENT), "exactly one of prompt, prompt_token_ids and messages"),
+    (dict(prompt_token_ids=[1]), "exactly one of prompt, prompt_token_ids and messages"),
+    (dict(messages=[{"role": "user", "content": "hi"}]), "exactly one of prompt, prompt_token_ids and messages"),
+    (dict(prompt=_ABSENT, messages=[]), "messages must be a list of 1-1024 objects"),
+    (dict(prompt=_ABSENT, messages=[{"role": "user", "content": "x"}] * 1025), "messages must be a list of 1-1024"),
+    (dict(prompt=_ABSENT, messages="hi"), "messages must be a list of 1-1024 objects"),
+    (dict(prompt=_ABSENT, messages=["hi"]), "messages[0] must be an object with role and content"),
+    (dict(prompt=_ABSENT, messages=[{"content": "x"}]), "messages[0].role must be a string of 1-64 characters"),
+    (dict(prompt=_ABSENT, messages=[{"role": "r" * 65, "content": "x"}]), "messages[0].role must be a string"),
+    (dict(prompt=_ABSENT, messages=[{"role": "user", "content": "x"}, {"role": "user", "content": None}]),
+     "messages[1].content must be a string"),
     (dict(prompt=5), "prompt must be a string"),
     (dict(prompt=_ABSENT, prompt_token_ids=[]), "prompt_token_ids must be a non-empty list"),
     (dict(prompt=_ABSENT, prompt_token_ids="1 2"), "prompt_token_ids must be a non-empty list"),

@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 
 from lorafleet.client import LorafleetClient
 from lorafleet.common.messages import ErrorReply, decode_work_item
+from lorafleet.demo.tokenizer import CHAT_TEMPLATE
 from lorafleet.ingest.config import IngestConfig
 from lorafleet.ingest.routing import candidate_partitions
 from lorafleet.ingest.service import run_ingest
@@ -22,9 +23,16 @@ from tests.service.kafka_helpers import read_topic
 WORK_PARTITIONS = 4
 
 
-def make_config(kafka_bootstrap, redis_url, model_dir) -> IngestConfig:
+# The demo's chat template, refusing one role as released templates refuse turns out of order.
+STRICT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'forbidden' %}"
+    "{{ raise_exception('the role forbidden is not allowed') }}{% endif %}{% endfor %}" + CHAT_TEMPLATE
+)
+
+
+def make_config(kafka_bootstrap, redis_url, model_dir, chat_template: str = "") -> IngestConfig:
     prefix = unique_name("t")
-    return IngestConfig(
+    return IngestConfig(chat_template=chat_template,
         kafka_bootstrap=kafka_bootstrap, redis_url=redis_url, model_dir=model_dir,
         requests_topic=f"{prefix}.requests", dlq_topic=f"{prefix}.dlq", work_topic=f"{prefix}.work",
         requests_partitions=2, work_partitions=WORK_PARTITIONS, group_id=f"{prefix}-ingest",
@@ -33,9 +41,11 @@ def make_config(kafka_bootstrap, redis_url, model_dir) -> IngestConfig:
 
 
 @pytest.fixture
-async def ingest(kafka_bootstrap, redis_url, model_dir):
-    """A running ingest service; teardown checks that it drains and returns on stop."""
-    config = make_config(kafka_bootstrap, redis_url, model_dir)
+async def ingest(kafka_bootstrap, redis_url, model_dir, tmp_path):
+    """A running ingest service (with STRICT_CHAT_TEMPLATE given as its --chat-template); teardown
+    checks that it drains and returns on stop."""
+    (tmp_path / "chat.jinja").write_text(STRICT_CHAT_TEMPLATE)
+    config = make_config(kafka_bootstrap, redis_url, model_dir, chat_template=str(tmp_path / "chat.jinja"))
     stop, ready = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(run_ingest(config, stop=stop, ready=ready))
     await asyncio.wait({task, asyncio.create_task(ready.wait())}, timeout=60,
@@ -57,7 +67,11 @@ GOOD = [
      "max_tokens": 50},
     {"id": "good-ids", "prompt_token_ids": [1, 5, 511], "max_tokens": 61, "temperature": 0},
     {"id": "good-base", "prompt": "caf\u00e9 \u2615", "max_tokens": 4, "reply_stream": "custom:stream:1"},
+    {"id": "good-chat", "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+     "max_tokens": 3},
 ]
+# What the chat template renders good-chat to (the tokenizer adds the BOS the template writes).
+GOOD_CHAT_TEXT = "system: be brief\nuser: hi\nassistant:"
 BAD = {  # id -> (request, expected code, a word the message must contain)
     "bad-max-tokens": ({"prompt": "x", "max_tokens": 0}, "invalid_request", "max_tokens"),
     "bad-both-prompts": ({"prompt": "x", "prompt_token_ids": [1]}, "invalid_request", "prompt_token_ids"),
@@ -67,6 +81,11 @@ BAD = {  # id -> (request, expected code, a word the message must contain)
     "bad-temperature": ({"prompt": "x", "temperature": -1}, "invalid_request", "temperature"),
     "too-long-ids": ({"prompt_token_ids": [1] * 60, "max_tokens": 5}, "prompt_too_long", "context of 64"),
     "too-long-text": ({"prompt": "word " * 80, "max_tokens": 1}, "prompt_too_long", "max_tokens (1)"),
+    "bad-chat-turn": ({"messages": [{"role": "user"}]}, "invalid_request", "messages[0].content"),
+    "bad-chat-refused": ({"messages": [{"role": "forbidden", "content": "x"}]}, "invalid_request",
+                         "the role forbidden is not allowed"),
+    "too-long-chat": ({"messages": [{"role": "user", "content": "word " * 60}], "max_tokens": 1},
+                      "prompt_too_long", "context of 64"),
 }
 UNREADABLE = [  # raw value -> reason fragment
     (b"\x00\x01 not json", "not valid UTF-8 JSON"),
@@ -84,9 +103,10 @@ async def test_good_bad_and_unreadable_requests(ingest, kafka_bootstrap, redis_u
     # interleave good, bad and unreadable messages
     for index, request in enumerate(good):
         await client.submit(request)
-        for rid, (req, _, _) in list(bad.items())[2 * index:2 * index + 2]:
+        for rid, (req, _, _) in list(bad.items())[3 * index:3 * index + 3]:
             await client.submit({"id": rid, **req})
-        await client.submit_raw(UNREADABLE[index][0], key=b"k")
+        if index < len(UNREADABLE):
+            await client.submit_raw(UNREADABLE[index][0], key=b"k")
 
     work = await read_topic(kafka_bootstrap, config.work_topic, len(good))
     items = {decode_work_item(r.value).id: (decode_work_item(r.value), r.partition) for r in work}
@@ -94,7 +114,8 @@ async def test_good_bad_and_unreadable_requests(ingest, kafka_bootstrap, redis_u
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     for request in good:
         item, partition = items[request["id"]]
-        expected = request.get("prompt_token_ids") or tokenizer(request["prompt"])["input_ids"]
+        text = GOOD_CHAT_TEXT if "messages" in request else request.get("prompt")
+        expected = request.get("prompt_token_ids") or tokenizer(text)["input_ids"]
         assert item.prompt_token_ids == expected
         assert item.max_tokens == request.get("max_tokens", 256)
         assert item.reply_stream == request.get("reply_stream", f"lorafleet:out:{request['id']}")

@@ -122,7 +122,7 @@ class EngineService:
         exc = None if task.cancelled() else task.exception()
         if task.cancelled() or exc is not None:
             code = {AdapterNotFoundError: "adapter_not_found", InvalidAdapterError: "invalid_adapter"}.get(
-                type(exc), "adapter_unavailable")
+                type(exc), ErrorCode.ADAPTER_UNAVAILABLE)
             message = str(exc) if exc is not None else "adapter fetch was cancelled"
             if code == "adapter_not_found":
                 message = f"adapter {job.item.adapter!r} was not found under the adapter root"
