@@ -35,6 +35,7 @@ OVERLAYS = {
     "tensor-parallel": K8S / "overlays" / "tensor-parallel",
 }
 SECRET_EXAMPLE = K8S / "secret.example.yaml"
+GATEWAY_INGRESS_EXAMPLE = K8S / "gateway-ingress.example.yaml"
 WORKLOAD_KINDS = {"Deployment", "DaemonSet", "StatefulSet", "Job"}
 FIELD_PLACEHOLDERS = {"metadata.name": "lorafleet-engine-7d9c5b6f4-x2x8q", "status.hostIP": "10.0.0.7",
                       "spec.nodeName": "gpu-node-1", "status.podIP": "10.1.2.3"}
@@ -97,6 +98,10 @@ def secret_example() -> dict:
     return yaml.safe_load(SECRET_EXAMPLE.read_text())
 
 
+def gateway_ingress_example() -> dict:
+    return yaml.safe_load(GATEWAY_INGRESS_EXAMPLE.read_text())
+
+
 def find(objects: list[dict], kind: str, name: str) -> dict:
     found = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
     assert len(found) == 1, f"expected one {kind}/{name}, found {len(found)}"
@@ -105,6 +110,15 @@ def find(objects: list[dict], kind: str, name: str) -> dict:
 
 def workloads(objects: list[dict]) -> list[dict]:
     return [o for o in objects if o["kind"] in WORKLOAD_KINDS]
+
+
+def pod_labels(workload: dict) -> dict[str, str]:
+    return workload["spec"]["template"]["metadata"].get("labels", {})
+
+
+def selected_workloads(objects: list[dict], selector: dict[str, str]) -> list[dict]:
+    """The workloads whose pods a Service's `selector` (or a matchLabels) selects; none for an empty one."""
+    return [w for w in workloads(objects) if selector and selector.items() <= pod_labels(w).items()]
 
 
 def all_containers(objects: list[dict]) -> list[Container]:

@@ -113,6 +113,27 @@ async def test_kafka_and_redis_checks(kafka_bootstrap, redis_url):
     assert "unreachable" in problem and "secret" not in problem
 
 
+async def test_gateway_readiness_checks_its_requests_topic_and_redis(kafka_bootstrap, redis_url, tmp_path):
+    """`lorafleet gateway --check ready` (the gateway's readiness and startup probes): the heartbeat,
+    Kafka with the requests topic the gateway produces to, and Redis; nothing of the engines'."""
+    ready = tmp_path / "gateway.ready"
+    ready.write_text("{}")
+    topic = unique_name("requests")
+    await ensure_topics(kafka_bootstrap, [TopicSpec(topic, 1)])
+    args = argparse.Namespace(ready_file=str(ready), kafka_bootstrap=kafka_bootstrap, redis_url=redis_url,
+                              requests_topic=topic, work_topic=unique_name("absent-work"))
+    assert await problems("gateway", "ready", args) == []  # no work topic, no store: not the gateway's
+    no_topic = argparse.Namespace(**{**vars(args), "requests_topic": unique_name("absent")})
+    (problem,) = await problems("gateway", "ready", no_topic)
+    assert "lacks topics" in problem
+    no_redis = argparse.Namespace(**{**vars(args), "redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    (problem,) = await problems("gateway", "ready", no_redis)
+    assert problem.startswith("Redis unreachable")
+    ready.unlink()
+    (problem,) = await problems("gateway", "live", args)
+    assert problem == f"ready file {ready} is missing: the service has not finished starting"
+
+
 def _cli(*argv: str, **popen) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "lorafleet.cli", *argv], **popen)
 

@@ -19,7 +19,7 @@ from lorafleet.common import settings
 from tests.deploy.manifests import OVERLAYS, container_env, lorafleet_containers, probes, rendered, secret_example
 
 FOREIGN_PREFIXES = ("AWS_",)  # obstore's S3Store reads the usual AWS variables itself (CONTRACT section 3)
-SUBCOMMANDS = {"ingest", "engine", "adapter-store"}
+SUBCOMMANDS = {"ingest", "engine", "adapter-store", "gateway"}
 
 
 def _check_variables(where: str, env: dict[str, str]) -> None:
@@ -73,6 +73,10 @@ def _build_config(args, env: dict[str, str]):
         from lorafleet.engine.serving.config import EngineServiceConfig
 
         return EngineServiceConfig.from_args(args)
+    if args.command == "gateway":
+        from lorafleet.gateway.config import GatewayConfig
+
+        return GatewayConfig.from_args(args)
     from lorafleet.adapter_store.config import AdapterStoreConfig
 
     return AdapterStoreConfig.from_env_and_args(model_dir=args.model, adapters_root=args.adapters,

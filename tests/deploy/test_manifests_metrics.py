@@ -10,7 +10,7 @@ from lorafleet.common import settings
 
 from .manifests import OVERLAYS, rendered
 
-SERVICES = {"ingest", "engine", "adapter-store"}
+SERVICES = {"ingest", "engine", "adapter-store", "gateway"}
 
 
 @pytest.mark.parametrize("overlay", list(OVERLAYS))

@@ -1,8 +1,9 @@
-"""Every rendered manifest validates strictly (unknown fields are errors) against the Kubernetes API
-schemas, offline (kubernetes-validate ships them), for the oldest and newest Kubernetes versions
-we claim. KEDA's ScaledObject and the Prometheus Operator's PodMonitor are custom resources the core
-schemas do not know: they are validated against tests/deploy/schemas/keda-scaledobject.schema.json
-and prometheus-podmonitor.schema.json, written from their projects' documented fields.
+"""Every rendered manifest, and the example Secret and Ingress, validates strictly (unknown fields
+are errors) against the Kubernetes API schemas, offline (kubernetes-validate ships them), for the
+oldest and newest Kubernetes versions we claim. KEDA's ScaledObject and the Prometheus Operator's
+PodMonitor are custom resources the core schemas do not know: they are validated against
+tests/deploy/schemas/keda-scaledobject.schema.json and prometheus-podmonitor.schema.json, written
+from their projects' documented fields.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 
-from tests.deploy.manifests import OVERLAYS, rendered, secret_example
+from tests.deploy.manifests import OVERLAYS, find, gateway_ingress_example, rendered, secret_example
 
 KUBERNETES_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())  # internalTrafficPolicy is GA since 1.26
 CUSTOM_KINDS = {("keda.sh/v1alpha1", "ScaledObject"), ("monitoring.coreos.com/v1", "PodMonitor")}
@@ -32,7 +33,7 @@ def _core(objects):
 def test_core_objects_validate_strictly(overlay, version):
     objects = _core(rendered(overlay))
     assert {o["kind"] for o in objects} >= {"Namespace", "ConfigMap", "Deployment", "DaemonSet", "Service",
-                                            "PodDisruptionBudget", "PersistentVolumeClaim"}
+                                            "PodDisruptionBudget", "PersistentVolumeClaim", "HorizontalPodAutoscaler"}
     for obj in objects:
         kubernetes_validate.validate(obj, version, strict=True)
 
@@ -40,6 +41,25 @@ def test_core_objects_validate_strictly(overlay, version):
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 def test_secret_example_validates_strictly(version):
     kubernetes_validate.validate(secret_example(), version, strict=True)
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_gateway_ingress_example_validates_strictly(version):
+    kubernetes_validate.validate(gateway_ingress_example(), version, strict=True)
+
+
+@pytest.mark.parametrize("damage", [
+    # autoscaling/v1's field, unknown to autoscaling/v2
+    lambda o: o["spec"].__setitem__("targetCPUUtilizationPercentage", 70),
+    lambda o: o["spec"]["behavior"]["scaleDown"].__setitem__("stabilizationWindow", 300),
+    lambda o: o["spec"]["metrics"][0]["resource"]["target"].__setitem__("averageUtilization", "70%"),
+])
+def test_strict_validation_rejects_a_broken_autoscaler(damage):
+    hpa = find(rendered("base"), "HorizontalPodAutoscaler", "lorafleet-gateway")
+    kubernetes_validate.validate(hpa, KUBERNETES_VERSIONS[-1], strict=True)
+    damage(hpa)
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(hpa, KUBERNETES_VERSIONS[-1], strict=True)
 
 
 def test_strict_validation_rejects_an_unknown_field():

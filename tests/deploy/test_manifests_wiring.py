@@ -1,7 +1,10 @@
 """How the rendered pieces fit together, for every overlay: probes run the real checks of the
-service they guard, grace periods outlast the drains, engines sit on GPU nodes beside an adapter
-store that shares their host memory and answers at the address they are given, every container
-has requests and limits, disruption budgets cover the workloads, KEDA watches the right group."""
+service they guard, grace periods outlast the preStop hooks and the drains, engines sit on GPU
+nodes beside an adapter store that shares their host memory and answers at the address they are
+given, every Service selects the pods of one workload and its target ports exist on them, every
+container has requests and limits, disruption budgets cover the workloads without blocking
+evictions, each autoscaler (HorizontalPodAutoscaler or KEDA) targets an existing workload that no
+other autoscaler targets, KEDA watches the right group."""
 
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from tests.deploy.manifests import (
     probes,
     quantity,
     rendered,
+    selected_workloads,
 )
 
 # After the drain: the consumer leaves its group (<= 10 s, services' finally blocks), ingest also
@@ -54,16 +58,34 @@ def test_probes_run_the_services_own_checks(overlay):
             assert probe["timeoutSeconds"] >= max(PROBE_TIMEOUT_MIN_S, CHECK_TIMEOUT_S + 5), f"{container.where} {kind}"
 
 
+# The services that drain for LORAFLEET_DRAIN_TIMEOUT_S on SIGTERM (the store only closes its server).
+DRAINING = ("ingest", "engine", "gateway")
+
+
+def _pre_stop_s(container) -> float:
+    """Seconds the container's preStop hook takes (the grace period counts them before SIGTERM)."""
+    hook = container.spec.get("lifecycle", {}).get("preStop")
+    if hook is None:
+        return 0.0
+    if "sleep" in hook:
+        return float(hook["sleep"]["seconds"])
+    command = hook["exec"]["command"]
+    assert command[0] == "sleep" and len(command) == 2, f"{container.where}: a preStop hook this test cannot time"
+    return float(command[1])
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_grace_periods_outlast_the_drain(overlay):
     objects = rendered(overlay)
     for container in lorafleet_containers(objects):
         grace = container.pod["terminationGracePeriodSeconds"]
-        if container.subcommand in ("ingest", "engine"):
+        pre_stop = _pre_stop_s(container)
+        if container.subcommand in DRAINING:
             drain = float(container_env(container, objects)["LORAFLEET_DRAIN_TIMEOUT_S"])
-            assert grace >= drain + AFTER_DRAIN_S, f"{container.where}: grace {grace}s < drain {drain}s + {AFTER_DRAIN_S}s"
+            assert grace >= pre_stop + drain + AFTER_DRAIN_S, (
+                f"{container.where}: grace {grace}s < preStop {pre_stop}s + drain {drain}s + {AFTER_DRAIN_S}s")
         else:
-            assert grace >= 10, container.where
+            assert grace >= pre_stop + 10, container.where
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -117,6 +139,102 @@ def test_engines_reach_their_nodes_store(overlay):
     assert listen_port == container_port["containerPort"] and listen_host in ("0.0.0.0", "::")
 
 
+def service_problems(service: dict, objects: list[dict]) -> list[str]:
+    """Why `service` does not reach pods: its selector must select the pods of exactly one workload
+    (a broader one would mix services behind one address), and each of its ports' targetPort (a
+    name or a number; absent: the port) must be a port of that workload's containers, same protocol."""
+    where = f"Service/{service['metadata']['name']}"
+    selector = service["spec"].get("selector") or {}
+    if not selector:
+        return [f"{where}: no selector (its endpoints would have to be managed by hand)"]
+    chosen = selected_workloads(objects, selector)
+    if len(chosen) != 1:
+        names = [f"{w['kind']}/{w['metadata']['name']}" for w in chosen]
+        return [f"{where}: selector {selector} selects the pods of {names or 'no workload'}, not of one"]
+    (workload,) = chosen
+    pod = workload["spec"]["template"]["spec"]
+    container_ports = [p for c in pod["containers"] for p in c.get("ports", [])]
+    found = []
+    for port in service["spec"]["ports"]:
+        target = port.get("targetPort", port["port"])
+        protocol = port.get("protocol", "TCP")
+        key = "name" if isinstance(target, str) else "containerPort"
+        if not any(p.get(key) == target and p.get("protocol", "TCP") == protocol for p in container_ports):
+            found.append(f"{where} port {port.get('name', port['port'])}: targetPort {target!r} ({protocol}) is not "
+                         f"a port of {workload['kind']}/{workload['metadata']['name']}'s containers")
+    return found
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_service_selects_one_workload_and_targets_its_ports(overlay):
+    objects = rendered(overlay)
+    services = [o for o in objects if o["kind"] == "Service"]
+    assert services, overlay
+    for service in services:
+        assert service_problems(service, objects) == []
+
+
+def test_service_check_catches_a_wrong_selector_and_port():
+    objects = rendered("base")
+    service = find(objects, "Service", "lorafleet-gateway")
+    assert service_problems(service, objects) == []
+    service["spec"]["ports"][0]["targetPort"] = "htpp"
+    assert "targetPort 'htpp'" in service_problems(service, objects)[0]
+    service["spec"]["ports"][0]["targetPort"] = 8000  # the same port by number
+    assert service_problems(service, objects) == []
+    service["spec"]["ports"][0]["protocol"] = "UDP"
+    assert service_problems(service, objects)
+    service["spec"]["selector"] = {"app.kubernetes.io/part-of": "lorafleet"}  # every lorafleet pod
+    assert "not of one" in service_problems(service, objects)[0]
+    service["spec"]["selector"] = {"app.kubernetes.io/component": "gateways"}
+    assert "no workload" in service_problems(service, objects)[0]
+
+
+def _autoscalers(objects: list[dict]) -> list[tuple[str, dict, dict]]:
+    """(where, target reference, the autoscaler) of every HorizontalPodAutoscaler and ScaledObject."""
+    out = []
+    for obj in objects:
+        if obj["kind"] in ("HorizontalPodAutoscaler", "ScaledObject"):
+            out.append((f"{obj['kind']}/{obj['metadata']['name']}", obj["spec"]["scaleTargetRef"], obj))
+    return out
+
+
+def _min_replicas(workload: dict, objects: list[dict]) -> int:
+    """The fewest pods `workload` runs: its autoscaler's minimum, else its replicas (default 1)."""
+    for _where, ref, scaler in _autoscalers(objects):
+        if ref["name"] == workload["metadata"]["name"] and ref.get("kind", "Deployment") == workload["kind"]:
+            return scaler["spec"].get("minReplicas", scaler["spec"].get("minReplicaCount", 1))
+    return workload["spec"].get("replicas", 1)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_autoscaler_targets_one_existing_workload_alone(overlay):
+    objects = rendered(overlay)
+    targets = {}
+    for where, ref, scaler in _autoscalers(objects):
+        kind = ref.get("kind", "Deployment")  # KEDA's default
+        assert ref.get("apiVersion", "apps/v1") == "apps/v1", f"{where}: {ref}"
+        assert kind in ("Deployment", "StatefulSet"), f"{where}: {ref}"
+        target = find(objects, kind, ref["name"])
+        assert target["metadata"].get("namespace") == scaler["metadata"].get("namespace"), where
+        # Two autoscalers of one workload (KEDA makes an HPA of its own) would fight over replicas.
+        assert (kind, ref["name"]) not in targets, f"{where} and {targets.get((kind, ref['name']))} scale one workload"
+        targets[(kind, ref["name"])] = where
+        assert "replicas" not in target["spec"], f"{where}: {kind}/{ref['name']} pins replicas: apply would fight it"
+        if scaler["kind"] != "HorizontalPodAutoscaler":
+            continue
+        spec = scaler["spec"]
+        assert 1 <= spec["minReplicas"] <= spec["maxReplicas"], where
+        for metric in spec["metrics"]:
+            if metric["type"] == "Resource" and metric["resource"]["target"]["type"] == "Utilization":
+                # utilization is usage / request: every container must request the resource
+                resource = metric["resource"]["name"]
+                for container in target["spec"]["template"]["spec"]["containers"]:
+                    assert resource in container["resources"].get("requests", {}), (
+                        f"{where}: container {container['name']} has no {resource} request to measure against")
+                assert 0 < metric["resource"]["target"]["averageUtilization"] <= 100, where
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_container_has_requests_and_limits(overlay):
     objects = rendered(overlay)
@@ -153,6 +271,15 @@ def test_disruption_budgets_cover_the_deployments(overlay):
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         covering = [b for b in budgets if b["spec"]["selector"]["matchLabels"].items() <= labels.items()]
         assert len(covering) == 1, f"Deployment/{deployment['metadata']['name']} needs one disruption budget"
+    for budget in budgets:
+        (workload,) = selected_workloads(objects, budget["spec"]["selector"]["matchLabels"])
+        # A budget that keeps every pod blocks node drains for good: leave at least one evictable.
+        if isinstance(budget["spec"].get("minAvailable"), int):
+            assert budget["spec"]["minAvailable"] < _min_replicas(workload, objects), budget["metadata"]["name"]
+        elif "minAvailable" in budget["spec"]:
+            assert budget["spec"]["minAvailable"] != "100%", budget["metadata"]["name"]
+        else:
+            assert budget["spec"]["maxUnavailable"] >= 1, budget["metadata"]["name"]
 
 
 @pytest.mark.parametrize("overlay", ["single-gpu-node", "production"])
