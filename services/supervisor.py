@@ -64,7 +64,8 @@ class Supervisor:
         for child in self.children:
             while not child.ready.exists():
                 if child.proc.poll() is not None:
-                    raise RuntimeError(f"{child.name} exited with {child.proc.returncode}; see {child.log}")
+                    raise RuntimeError(f"{child.name} exited with {child.proc.returncode}: {_last_line(child.log)} "
+                                       f"(log: {child.log})")
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{child.name} was not ready within {timeout_s:.0f}s; see {child.log}")
                 time.sleep(0.2)
@@ -89,7 +90,7 @@ class Supervisor:
                 child.crashes.popleft()
             if len(child.crashes) > self.restart_limit:
                 raise CrashLoop(f"{child.name} exited {len(child.crashes)} times within {self.restart_window_s:.0f}s "
-                                f"(last exit code {code}); see {child.log}")
+                                f"(last exit code {code}): {_last_line(child.log)} (log: {child.log})")
             delay = min(MAX_BACKOFF_S, 2.0 ** (len(child.crashes) - 1))
             child.restart_at = now + delay
             events.append(f"{child.name} exited with {code}; restarting in {delay:.0f}s")
@@ -107,3 +108,12 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def _last_line(log: Path) -> str:
+    """The last line a child wrote (its error, when it exits at start), cut to one screen line."""
+    try:
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "no log"
+    return lines[-1][:300] if lines else "no output"

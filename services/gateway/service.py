@@ -70,16 +70,16 @@ async def run_gateway(config: GatewayConfig, *, stop: asyncio.Event | None = Non
 
 
 def _listen(host: str, port: int) -> socket.socket:
-    """The bound socket uvicorn serves on: bound here, so a port in use is a clear OSError (uvicorn
+    """The bound socket uvicorn serves on: bound here, so a port in use is a clear error (uvicorn
     would exit the process) and port 0's choice is known before serving."""
     listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         listener.bind((host, port))
-    except OSError as exc:
+    except OSError as exc:  # a configuration error: one line, no traceback (cli.main)
         listener.close()
-        raise OSError(exc.errno, f"the gateway cannot listen on {host}:{port} ({exc.strerror}): another service "
-                      "there? Pass --port 0 (any free port)") from None
+        raise ValueError(f"the gateway cannot listen on {host}:{port} ({exc.strerror}): another service there? "
+                         "Pass --port 0 (any free port); `lorafleet up`: --gateway-port 0, or -1 for no gateway") from None
     return listener
 
 
