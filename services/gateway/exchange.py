@@ -57,8 +57,9 @@ class Exchange:
             await with_kafka_retries(lambda: self._producer.send_and_wait(self._topic, value, key=key),
                                      "produce request")
 
-        try:
-            await asyncio.gather(*(produce(r) for r in self.requests))
+        try:  # one bound for the whole call: an attempt of its own may wait on the broker much longer
+            async with asyncio.timeout(settings.read("KAFKA_RETRY_S")):
+                await asyncio.gather(*(produce(r) for r in self.requests))
         except Exception as exc:
             self._log.error("request not queued", error=repr(exc))
             await self.abandon("not queued")  # some may have been taken: cancel those

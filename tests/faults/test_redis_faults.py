@@ -98,3 +98,22 @@ async def test_d8_redis_away_longer_than_the_retry_budget(stack):
     probe = aioredis.from_url(ready["redis_url"])
     assert await probe.ping()
     await probe.aclose()
+
+
+def test_a_gateway_stream_outlives_a_redis_restart(stack):
+    """A streamed answer in flight when Redis restarts (losing its stream) ends complete, each
+    token once: the engine writes the lost entries again, the gateway drops those it had sent."""
+    import openai
+
+    up, redis = stack
+    client = openai.OpenAI(base_url=up.ready["gateway"], api_key="unused", max_retries=0, timeout=120)
+    # long enough to be mid-generation when Redis goes (40 tokens may be done before the kill)
+    options = dict(model="mha", prompt="the sea", max_tokens=300, temperature=0, extra_body={"ignore_eos": True})
+    expected = client.completions.create(**options).choices[0].text
+    stream = client.completions.create(**options, stream=True)
+    texts = [next(stream).choices[0].text for _ in range(3)]
+    redis.kill()
+    redis.start()
+    texts += [chunk.choices[0].text for chunk in stream]
+    assert "".join(texts) == expected
+    up.alive()
