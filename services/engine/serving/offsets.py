@@ -51,9 +51,6 @@ class OffsetTracker:
             self._open.pop(tp, None), self._done.pop(tp, None)
             self._next.pop(tp, None), self._committed.pop(tp, None)
 
-    def pending(self) -> int:
-        return sum(len(h) for h in self._open.values())
-
 
 class OffsetCommitter:
     """Commits what the tracker says, one commit at a time, each bounded in time
