@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 
 from lorafleet.adapter_store.metrics import StoreCollector, StoreMetrics
 from lorafleet.engine.serving.metrics import EngineMetrics
+from lorafleet.gateway.metrics import GatewayMetrics
 from lorafleet.ingest.metrics import IngestMetrics
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "lorafleet.json"
@@ -19,8 +20,9 @@ METRIC = re.compile(r"\b(?:lorafleet_|process_|vllm:)[a-zA-Z0-9_:]+")
 
 
 def _exported() -> set[str]:
-    """Every sample name the three services' registries can expose (with _total/_bucket/... suffixes)."""
-    registries = [EngineMetrics(5).registry, IngestMetrics().registry, StoreMetrics().registry]
+    """Every sample name the services' registries can expose (with _total/_bucket/... suffixes)."""
+    registries = [EngineMetrics(5).registry, IngestMetrics().registry, StoreMetrics().registry,
+                  GatewayMetrics().registry]
     # StoreCollector reads a store at scrape: an empty one stands in (only the names matter here)
     empty_cache = type("EmptyCache", (), {"__len__": lambda self: 0, "used_bytes": 0, "budget_bytes": 0, "loading": 0})
     store = SimpleNamespace(cache=empty_cache(), source=SimpleNamespace(stats=SimpleNamespace(fetches=0, bytes_read=0)),
