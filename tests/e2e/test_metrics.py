@@ -46,7 +46,7 @@ async def test_each_service_serves_metrics_and_probes_and_the_engine_counts_its_
     stack = UpStack(tmp_path, zoo.model("mha"), root).start()
     try:
         urls = stack.ready["metrics"]
-        assert set(urls) == {"adapter-store", "ingest", "engine-0"}
+        assert set(urls) == {"adapter-store", "ingest", "gateway", "engine-0"}
         for url in urls.values():
             for path in ("/health", "/ready"):
                 status, body = _get(url + path)
