@@ -13,6 +13,7 @@ import pytest
 from tests.deploy.manifests import OVERLAYS, find, pod_labels, rendered, workloads
 
 SELECTING_KINDS = ("Deployment", "StatefulSet", "DaemonSet")  # spec.selector owns the pods (a Job's is generated)
+PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
 
 
 def selector_matches(selector: dict, labels: dict[str, str]) -> bool:
@@ -69,7 +70,7 @@ def probe_port_problems(workload: dict) -> list[str]:
     found = []
     for container in pod.get("initContainers", []) + pod["containers"]:
         names = {p["name"] for p in container.get("ports", []) if "name" in p}
-        handlers = {kind: container[kind] for kind in ("startupProbe", "readinessProbe", "livenessProbe") if kind in container}
+        handlers = {kind: container[kind] for kind in PROBES if kind in container}
         handlers.update({f"lifecycle.{k}": v for k, v in container.get("lifecycle", {}).items()})
         for kind, handler in handlers.items():
             found += [f"{_where(workload)} container {container['name']} {kind}: port {name!r} is not one of its "
