@@ -27,12 +27,20 @@ ADAPTER_MODELS = ("mha", "gqa", "gqa6")  # the models the zoo builds every adapt
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
-# name -> build_peft_adapter arguments: ranks 1, 2, 8, 16 (+ a rank pattern), different module subsets
+# name -> build_peft_adapter arguments: ranks 1, 2, 8, 16 (+ rank patterns, with and without rsLoRA),
+# different module subsets. init_std is set per adapter so that each one changes the base model's
+# greedy tokens early for most prompts (tests/test_zoo_adapters_matter.py): the lower the rank and
+# the fewer the modules, the larger the weights.
 ADAPTERS = {
-    "r1-attn": dict(r=1, lora_alpha=2, target_modules=ATTN, seed=11),
-    "r2-mlp": dict(r=2, lora_alpha=4, target_modules=MLP, seed=12),
-    "r8-all-rslora": dict(r=8, lora_alpha=8, target_modules=ATTN + MLP, use_rslora=True, seed=13),
-    "r16-qv-layer1": dict(r=16, lora_alpha=16, target_modules=["q_proj", "v_proj"], layers_to_transform=[1], seed=14),
+    "r1-attn": dict(r=1, lora_alpha=2, target_modules=ATTN, seed=11, init_std=0.15),
+    "r2-mlp": dict(r=2, lora_alpha=4, target_modules=MLP, seed=12, init_std=0.1),
+    # rsLoRA scales each module by its own alpha / sqrt(its own rank): o_proj 16 / sqrt(2),
+    # up_proj 8 / sqrt(4), down_proj 4 / sqrt(8), the rest 8 / sqrt(8)
+    "r8-all-rslora": dict(r=8, lora_alpha=8, target_modules=ATTN + MLP, use_rslora=True,
+                          rank_pattern={"o_proj": 2, "up_proj": 4}, alpha_pattern={"o_proj": 16, "down_proj": 4},
+                          seed=13),
+    "r16-qv-layer1": dict(r=16, lora_alpha=16, target_modules=["q_proj", "v_proj"], layers_to_transform=[1], seed=14,
+                          init_std=0.15),
     "r4-pattern": dict(r=4, lora_alpha=8, target_modules=ATTN + MLP, rank_pattern={"down_proj": 2},
                        alpha_pattern={"q_proj": 32}, seed=15),
 }

@@ -8,7 +8,7 @@ A. A burst over twelve adapters (chosen so every work partition gets two) and th
 B. One engine SIGKILLed mid-generation: the others serve its unfinished requests after the group
    rebalances, each with exactly one terminal entry and the reference's tokens.
 C. One engine SIGTERMed with requests in hand: it finishes them, commits, leaves the group and
-   exits 0 within its drain timeout; the last engine serves the rest; nothing is lost.
+   exits 0 without its drain timing out; the last engine serves the rest; nothing is lost.
 """
 
 from __future__ import annotations
@@ -152,6 +152,11 @@ async def _stream_lengths(client, rids) -> dict[str, int]:
     return {rid: await client.redis.xlen(f"lorafleet:out:{rid}") for rid in rids}
 
 
+async def _has_terminal_entry(client, rid: str) -> bool:
+    entries = [parse_entry(f) for _id, f in await client.redis.xrange(f"lorafleet:out:{rid}")]
+    return any(isinstance(e, (DoneReply, ErrorReply)) for e in entries)
+
+
 async def test_three_engines_share_work_survive_a_kill_and_drain_on_sigterm(kafka_bootstrap, redis_url, zoo, reference, tmp_path):
     model, adapters = zoo.model("mha"), _adapters()
     for adapter, source in adapters.items():
@@ -194,13 +199,15 @@ async def test_three_engines_share_work_survive_a_kill_and_drain_on_sigterm(kafk
             victims = [rid for rid, job in jobs.items() if _partition(rid, job) in owners[victim]]
             await _submit(client, jobs)
             deadline = time.monotonic() + 60
-            while max((lengths := await _stream_lengths(client, victims)).values()) < 3:
+            while max((await _stream_lengths(client, victims)).values()) < 3:
                 assert time.monotonic() < deadline, "the victim produced nothing"
                 await asyncio.sleep(0.02)
             fleet.stopped.add(victim)
             fleet.procs[victim].send_signal(signal.SIGKILL)
             fleet.procs[victim].wait()
-            unfinished = [rid for rid in victims if lengths[rid] < jobs[rid]["max_tokens"] + 1]
+            # Read once the victim is dead, not before the kill: it kept writing until then, so a
+            # request read as unfinished earlier could have been finished by the victim itself.
+            unfinished = [rid for rid in victims if not await _has_terminal_entry(client, rid)]
             assert unfinished, "killed too late: the victim had finished everything"
             await _check_replies(client, jobs, adapters, zoo, reference, model)
             survivors = fleet.engines[1:]
@@ -220,13 +227,11 @@ async def test_three_engines_share_work_survive_a_kill_and_drain_on_sigterm(kafk
                 assert time.monotonic() < deadline, "the leaving engine produced nothing"
                 await asyncio.sleep(0.02)
             fleet.stopped.add(leaver)
-            started = time.monotonic()
             fleet.procs[leaver].send_signal(signal.SIGTERM)
-            code = await asyncio.to_thread(fleet.procs[leaver].wait, DRAIN_TIMEOUT_S + 30)
-            elapsed = time.monotonic() - started
-            assert code == 0 and elapsed < DRAIN_TIMEOUT_S + 10, (code, elapsed)
+            assert await asyncio.to_thread(fleet.procs[leaver].wait) == 0
             (draining,) = fleet.events(leaver, "draining")
             assert draining["in_flight"] >= 1, "SIGTERM came when the engine held no request"
+            # within its drain timeout: past it the engine gives up on its requests and says so
             assert not fleet.events(leaver, "drain timed out; unfinished requests will be redelivered")
             assert fleet.events(leaver, "engine stopped")
             finished_draining = [e for e in fleet.served(leaver, run_c) if e["timestamp"] >= draining["timestamp"]]
@@ -234,8 +239,9 @@ async def test_three_engines_share_work_survive_a_kill_and_drain_on_sigterm(kafk
             await _check_replies(client, jobs, adapters, zoo, reference, model)
             assert {e["request_id"] for e in fleet.served(last, run_c)}, "the last engine serves the rest"
 
-            # Every request, every phase: exactly one terminal entry, and it is the last entry.
-            await asyncio.sleep(1.0)
+            # Every request, every phase: exactly one terminal entry, and it is the last entry, read
+            # once every process has exited (none can write another entry any more).
+            await asyncio.to_thread(fleet.stop_all)
             for rid in all_jobs:
                 entries = [parse_entry(f) for _id, f in await client.redis.xrange(f"lorafleet:out:{rid}")]
                 terminals = [e for e in entries if isinstance(e, (DoneReply, ErrorReply))]

@@ -6,10 +6,10 @@ import pytest
 
 from lorafleet.engine.engine import EngineConfig, LLMEngine, SamplingParams, generated_ids
 from lorafleet.formats.lora_weights import load_peft_adapter_dir
-from tests.mixed_requests import add_mixed_requests, prompt_ids
+from tests.mixed_requests import EQUALITY_PROMPT_LENGTHS, add_mixed_requests, prompt_ids
 from tests.zoo import ADAPTERS
 
-PROMPT_LENGTHS = (3, 9, 17, 33, 40)
+PROMPT_LENGTHS = EQUALITY_PROMPT_LENGTHS
 MAX_TOKENS = 10
 
 

@@ -59,7 +59,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_untargeted_groups_launch_nothing_and_tokens_match_hf(zoo, reference, case):
+def test_untargeted_groups_launch_nothing_and_tokens_match_hf_not_the_base_model(zoo, reference, case):
     names, want_modules = CASES[case]
     eng = LLMEngine(EngineConfig(model_dir=str(zoo.model("mha")), num_pages=128))
     counting = eng.lora_ops = CountingOps(eng.lora_ops)
@@ -75,4 +75,8 @@ def test_untargeted_groups_launch_nothing_and_tokens_match_hf(zoo, reference, ca
     assert ran == want_modules, f"{case}: LoRA kernels ran for {sorted(ran)}"
     for rid, name, prompt in jobs:
         adapter_dir = None if name is None else zoo.adapter("mha", name)
-        assert generated_ids(results[rid]) == reference.greedy(zoo.model("mha"), adapter_dir, prompt, 4), rid
+        want = reference.greedy(zoo.model("mha"), adapter_dir, prompt, 4)
+        assert generated_ids(results[rid]) == want, rid
+        # and the adapter matters on this prompt: an engine running without LoRA would not match
+        base = reference.greedy(zoo.model("mha"), None, prompt, 4)
+        assert name is None or want != base, f"{rid}: {name} is a no-op here"

@@ -33,10 +33,16 @@ def _edit_config(path, **changes):
 
 
 def test_scaling_matches_peft(zoo, spec):
+    """Each module's rank and scale, as PEFT's layers hold them: alpha / r, or alpha / sqrt(r) with
+    rsLoRA, each from the module's own rank_pattern / alpha_pattern entry when it has one."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    for name in ("r8-all-rslora", "r4-pattern", "r16-qv-layer1"):
+    names = ("r8-all-rslora", "r4-pattern", "r16-qv-layer1")
+    configs = [json.loads((zoo.adapter("mha", name) / "adapter_config.json").read_text()) for name in names]
+    # the combinations that matter: patterns with and without rsLoRA
+    assert {c["use_rslora"] for c in configs if c["rank_pattern"] and c["alpha_pattern"]} == {True, False}
+    for name in names:
         w = load_peft_adapter_dir(zoo.adapter("mha", name), spec)
         peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(zoo.model("mha")), zoo.adapter("mha", name))
         expected = {}

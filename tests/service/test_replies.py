@@ -1,4 +1,8 @@
-"""ReplyWriter against a real redis-server: exactly-once entries, one round trip per publish."""
+"""ReplyWriter against a real redis-server: exactly-once entries, one round trip per publish.
+
+Tests that count the server's commands (INFO commandstats is server-wide) or flush its scripts
+get a redis-server of their own (`private_redis`): on the session's server any other client's
+commands would be counted too."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lorafleet.common import replies
-from lorafleet.common.embedded import free_port
+from lorafleet.common.embedded import free_port, start_redis
 from lorafleet.common.messages import done_entry, error_entry, parse_entry, token_entry
 from lorafleet.common.replies import ReplyWriteError, ReplyWriter, state_key
 from tests.infra_fixtures import unique_name
@@ -19,6 +23,18 @@ async def redis(redis_url):
     client = aioredis.from_url(redis_url)
     yield client
     await client.aclose()
+
+
+@pytest.fixture
+async def private_redis(tmp_path):
+    """A client of a fresh redis-server that only this test uses."""
+    server = start_redis(log_dir=tmp_path)
+    client = aioredis.from_url(server.url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+        server.stop()
 
 
 async def read_stream(redis, key):
@@ -75,8 +91,8 @@ async def test_out_of_sequence_tokens_are_refused(redis):
         await writer.publish([(stream, rid, token_entry("", [], index=2))])
 
 
-async def test_one_round_trip_for_a_whole_step(redis):
-    writer = ReplyWriter(redis)
+async def test_one_round_trip_for_a_whole_step(private_redis):
+    writer = ReplyWriter(private_redis)
     await writer.prepare()
     ids = [unique_name("req") for _ in range(40)]
     step = []
@@ -85,22 +101,22 @@ async def test_one_round_trip_for_a_whole_step(redis):
     for rid in ids[:10]:
         step.append((f"lorafleet:out:{rid}", rid, token_entry("y", [2], index=1)))
         step.append((f"lorafleet:out:{rid}", rid, done_entry("stop", 1, 2)))
-    await redis.config_resetstat()
+    await private_redis.config_resetstat()
     before = writer.round_trips
     states = await writer.publish(step)
     assert writer.round_trips - before == 1
-    stats = await redis.info("commandstats")
+    stats = await private_redis.info("commandstats")
     assert stats["cmdstat_evalsha"]["calls"] == 1  # one script call for the whole step
     assert "cmdstat_script|exists" not in stats and "cmdstat_script|load" not in stats
     assert stats["cmdstat_xadd"]["calls"] == 60  # the script's own appends
     assert all(states[rid].terminal for rid in ids[:10]) and not any(states[rid].terminal for rid in ids[10:])
 
 
-async def test_script_reloaded_after_redis_lost_it(redis):
-    writer = ReplyWriter(redis)
+async def test_script_reloaded_after_redis_lost_it(private_redis):
+    writer = ReplyWriter(private_redis)
     rid = unique_name("req")
     await writer.publish([(f"s:{rid}", rid, token_entry("a", [1], index=0))])
-    await redis.script_flush()
+    await private_redis.script_flush()
     before = writer.round_trips
     states = await writer.publish([(f"s:{rid}", rid, token_entry("b", [2], index=1))])
     assert states[rid].tokens == 2 and writer.round_trips - before == 3  # NOSCRIPT, load, retry
@@ -180,16 +196,16 @@ async def test_no_terminal_entry_after_a_gap_in_the_same_publish(redis):
     assert (states[rid].tokens, states[rid].terminal) == (4, True)
 
 
-async def test_a_publish_over_one_chunk_is_still_one_round_trip(redis, monkeypatch):
+async def test_a_publish_over_one_chunk_is_still_one_round_trip(private_redis, monkeypatch):
     monkeypatch.setattr(replies, "PUBLISH_CHUNK", 3)
-    writer = ReplyWriter(redis)
+    writer = ReplyWriter(private_redis)
     await writer.prepare()
     ids = [unique_name("req") for _ in range(7)]
-    await redis.config_resetstat()
+    await private_redis.config_resetstat()
     before = writer.round_trips
     states = await writer.publish([(f"lorafleet:out:{rid}", rid, token_entry("x", [1], index=0)) for rid in ids])
     assert writer.round_trips - before == 1
-    assert (await redis.info("commandstats"))["cmdstat_evalsha"]["calls"] == 3  # 3 + 3 + 1 requests
+    assert (await private_redis.info("commandstats"))["cmdstat_evalsha"]["calls"] == 3  # 3 + 3 + 1 requests
     assert all(states[rid].tokens == 1 and states[rid].appended == 1 for rid in ids)
 
 

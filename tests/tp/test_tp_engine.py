@@ -157,21 +157,30 @@ def test_tp_runtime_of_one_rank_matches_single_process(zoo, scheme):
     assert {rid: got[rid] for rid in rids} == {rid: want[rid] for rid in rids}
 
 
-def test_leaving_the_group_is_bounded_when_teardown_blocks(monkeypatch):
+@pytest.mark.timeout(60)  # a _leave that waits for the teardown hangs: this ends it
+def test_leaving_the_group_is_bounded_when_teardown_blocks(monkeypatch, capsys):
     """A destroy_process_group that never returns (on GPUs: NCCL resources still referenced by
-    captured graphs, or a peer gone) must not keep a worker or the driver's close() alive."""
+    captured graphs, or a peer gone) must not keep a worker or the driver's close() alive: _leave
+    returns while the teardown is still blocked, and says so."""
     import threading
-    import time
 
     import lorafleet.engine.tp.engine_workers as workers
 
-    never = threading.Event()
+    entered, release, returned = threading.Event(), threading.Event(), threading.Event()
+
+    def blocked_teardown():
+        entered.set()
+        release.wait()  # until the test lets it go: a teardown that never returns by itself
+        returned.set()
+
     monkeypatch.setattr(workers.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(workers.dist, "destroy_process_group", lambda: never.wait(30))
-    t = time.monotonic()
-    workers._leave(timeout_s=0.3)
-    assert time.monotonic() - t < 5
-    never.set()
+    monkeypatch.setattr(workers.dist, "destroy_process_group", blocked_teardown)
+    try:
+        workers._leave(timeout_s=0.3)
+        assert entered.is_set() and not returned.is_set(), "_leave waited for the teardown to return"
+        assert "destroy_process_group did not return within 0.3 s" in capsys.readouterr().err
+    finally:
+        release.set()
 
 
 def test_close_destroys_the_group_alongside_the_workers(monkeypatch):
