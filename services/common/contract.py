@@ -91,6 +91,11 @@ class RequestMessage(msgspec.Struct, frozen=True, kw_only=True):
     deadline_ms: int | None = None  # unix milliseconds by which the request must be finished
 
 
+# A field's default, declared once (RequestMessage) and applied by validate_request.
+DEFAULTS = {f.name: f.default if f.default is not msgspec.NODEFAULT else f.default_factory()
+            for f in msgspec.structs.fields(RequestMessage) if f.name not in ("id", "reply_stream")}
+
+
 class Envelope(msgspec.Struct, frozen=True):
     """What can be read of a raw message before validation: the id and the decoded object, or
     the reason it belongs in the dead-letter topic (``request_id`` None)."""
@@ -190,8 +195,8 @@ def _is_number(value: Any) -> bool:
             and math.isfinite(value))
 
 
-def _int_field(body: dict, name: str, default: int, minimum: int, maximum: int, limit: str) -> int:
-    value = body.get(name, default)
+def _int_field(body: dict, name: str, minimum: int, maximum: int, limit: str) -> int:
+    value = body.get(name, DEFAULTS[name])
     if not _is_int(value) or not minimum <= value <= maximum:
         raise _invalid(f"{name} must be an integer from {minimum} to {maximum} ({limit}), got {_show(value)}.")
     return value
@@ -212,7 +217,7 @@ def nesting_depth(value: Any, stop_above: int = MAX_NESTING) -> int:
 
 
 def _stop_field(body: dict) -> list[str]:
-    stop = body.get("stop", [])
+    stop = body.get("stop", DEFAULTS["stop"])
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise _invalid(f"stop must be a list of non-empty strings, got {_show(stop)}.")
     if len(stop) > MAX_STOP_STRINGS:
@@ -220,7 +225,7 @@ def _stop_field(body: dict) -> list[str]:
     longest = max((len(s) for s in stop), default=0)
     if longest > MAX_STOP_CHARS:
         raise _invalid(f"stop strings must be at most {MAX_STOP_CHARS} characters; one has {longest}.")
-    return stop
+    return list(stop)  # never the shared default itself
 
 
 PromptFields = tuple[str | None, list[int] | None, list[ChatMessage] | None]
@@ -280,19 +285,19 @@ def validate_request(body: dict, request_id: str, *, vocab_size: int) -> Request
         if problem:
             raise _invalid(problem + ".")
     prompt, token_ids, messages = _prompt_fields(body, vocab_size)
-    max_tokens = _int_field(body, "max_tokens", 256, 1, MAX_TOKENS_LIMIT, "the contract's limit")
-    top_k = _int_field(body, "top_k", 0, 0, vocab_size, "0: off; at most the vocab size")
-    temperature = body.get("temperature", 1.0)
+    max_tokens = _int_field(body, "max_tokens", 1, MAX_TOKENS_LIMIT, "the contract's limit")
+    top_k = _int_field(body, "top_k", 0, vocab_size, "0: off; at most the vocab size")
+    temperature = body.get("temperature", DEFAULTS["temperature"])
     if not _is_number(temperature) or not 0 <= temperature <= MAX_TEMPERATURE:
         raise _invalid(f"temperature must be a number from 0 to {MAX_TEMPERATURE:g}, got {_show(temperature)}.")
-    top_p = body.get("top_p", 1.0)
+    top_p = body.get("top_p", DEFAULTS["top_p"])
     if not _is_number(top_p) or not 0 < top_p <= 1:
         raise _invalid(f"top_p must be a number with 0 < top_p <= 1, got {_show(top_p)}.")
     seed = body.get("seed")
     if seed is not None and (not _is_int(seed) or not SEED_MIN <= seed <= SEED_MAX):
         raise _invalid(f"seed must be null or an integer that fits in 64 bits, got {_show(seed)}.")
     stop = _stop_field(body)
-    ignore_eos = body.get("ignore_eos", False)
+    ignore_eos = body.get("ignore_eos", DEFAULTS["ignore_eos"])
     if not isinstance(ignore_eos, bool):
         raise _invalid(f"ignore_eos must be true or false, got {_show(ignore_eos)}.")
     deadline_ms = body.get("deadline_ms")

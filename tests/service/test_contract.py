@@ -9,6 +9,7 @@ from lorafleet.common.contract import (
     ErrorCode,
     RequestError,
     check_prompt_fits,
+    deadline_problem,
     default_reply_stream,
     parse_request_id,
     read_envelope,
@@ -47,6 +48,13 @@ def test_defaults_of_a_minimal_request():
     assert (request.max_tokens, request.temperature, request.top_p, request.top_k) == (256, 1.0, 1.0, 0)
     assert (request.seed, request.stop, request.ignore_eos) == (None, [], False)
     assert request.reply_stream == "lorafleet:out:r1" == default_reply_stream("r1")
+
+
+def test_a_deadline_is_unix_milliseconds_compared_with_the_clock_in_seconds():
+    assert deadline_problem(None, 1e12) is None
+    assert deadline_problem(1_000_500, now_s=1000.4) is None  # 100 ms left
+    assert deadline_problem(1_000_500, now_s=1000.5) == "the request's deadline_ms 1000500 passed 0 ms ago."
+    assert deadline_problem(1_000_500, now_s=1000.75) == "the request's deadline_ms 1000500 passed 250 ms ago."
 
 
 def test_every_field_given_and_unknown_fields_ignored():
