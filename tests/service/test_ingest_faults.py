@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import msgspec
 import pytest
+import redis.asyncio as aioredis
 
 from lorafleet.common.embedded import start_broker, start_redis
 from lorafleet.common.messages import ErrorReply, decode_work_item, parse_entry
@@ -73,14 +74,15 @@ def _request(rid: str, **fields) -> bytes:
     return msgspec.json.encode({"id": rid, "prompt": "hi", "max_tokens": 4, **fields})
 
 
-async def _whole_stream(redis_url: str, rid: str) -> list:
-    from redis.asyncio import from_url
-
-    client = from_url(redis_url)
+async def _only_error(redis_url: str, rid: str, code: str, words: str) -> None:
+    """The request's whole reply stream (XRANGE) is one error entry: `code`, `words` in its message."""
+    client = aioredis.from_url(redis_url)
     try:
-        return [parse_entry(fields) for _, fields in await client.xrange(f"lorafleet:out:{rid}")]
+        entries = [parse_entry(fields) for _, fields in await client.xrange(f"lorafleet:out:{rid}")]
     finally:
         await client.aclose()
+    assert len(entries) == 1, f"{rid}: expected one error entry, its stream holds {entries}"
+    assert isinstance(entries[0], ErrorReply) and entries[0].code == code and words in entries[0].message, entries
 
 
 async def _all_committed(config: IngestConfig) -> bool:
@@ -119,16 +121,15 @@ async def test_ingest_killed_mid_batch_while_redis_is_away_loses_nothing(schema_
         await wait_all_committed(bootstrap, config.group_id, config.requests_topic)
         second.alive()
     finally:
-        first.stop(), second.stop()
+        first.stop()
+        second.stop()
     for rid in invalid:
-        (entry,) = await _whole_stream(config.redis_url, rid)
-        assert isinstance(entry, ErrorReply) and entry.code == "invalid_request" and "max_tokens" in entry.message
-    (entry,) = await _whole_stream(config.redis_url, unwelcome)
-    assert isinstance(entry, ErrorReply) and entry.code == "internal_error" and "refused" in entry.message, entry
-    work = await read_topic(bootstrap, config.work_topic, where=lambda r: decode_work_item(r.value).id == good)
-    assert {decode_work_item(r.value).id for r in work} == {good}  # the refused one never got in
-    letters = await read_topic(bootstrap, config.dlq_topic)
-    assert letters and all(r.value == UNREADABLE for r in letters)
+        await _only_error(config.redis_url, rid, "invalid_request", "max_tokens")
+    await _only_error(config.redis_url, unwelcome, "internal_error", "the broker refused")
+    work = {decode_work_item(r.value).id for r in await read_topic(bootstrap, config.work_topic, count=0)}
+    assert work == {good}, f"work items of {work}"  # the refused one never got in
+    letters = await read_topic(bootstrap, config.dlq_topic, count=0)
+    assert letters and all(r.value == UNREADABLE for r in letters), f"dead letters: {letters}"
 
 
 async def test_a_dead_letter_and_a_work_item_the_broker_refuses_are_answered_before_the_commit(
@@ -149,12 +150,12 @@ async def test_a_dead_letter_and_a_work_item_the_broker_refuses_are_answered_bef
         ingest.alive()
     finally:
         ingest.stop()
-    (letter,) = await read_topic(bootstrap, config.dlq_topic, count=0)
-    headers = dict(letter.headers)
+    letters = await read_topic(bootstrap, config.dlq_topic, count=0)
+    assert len(letters) == 1, f"expected the reason-only dead letter, the dead-letter topic holds {letters}"
+    letter, headers = letters[0], dict(letters[0].headers)
     assert json.loads(letter.value)["reason"] == headers["reason"].decode() and b"not valid UTF-8 JSON" in headers["reason"]
     assert headers["refused"] and headers["offset"] == b"0" and letter.key is None
-    (entry,) = await _whole_stream(config.redis_url, unwelcome)
-    assert isinstance(entry, ErrorReply) and entry.code == "internal_error" and "refused" in entry.message, entry
+    await _only_error(config.redis_url, unwelcome, "internal_error", "the broker refused")
     assert [decode_work_item(r.value).id for r in await read_topic(bootstrap, config.work_topic, count=0)] == [good]
 
 
@@ -180,5 +181,5 @@ async def test_a_dead_letter_topic_that_takes_nothing_holds_the_batch_until_it_d
         ingest.alive()
     finally:
         ingest.stop()
-    letters = await read_topic(bootstrap, config.dlq_topic)
-    assert letters and all(r.value == UNREADABLE and r.key == b"k" for r in letters)
+    letters = await read_topic(bootstrap, config.dlq_topic, count=0)
+    assert letters and all(r.value == UNREADABLE and r.key == b"k" for r in letters), f"dead letters: {letters}"
