@@ -45,8 +45,8 @@ async def _read_to_end(consumer: AIOKafkaConsumer, tps: list[TopicPartition], de
     return records
 
 
-async def read_topic(bootstrap: str, topic: str, count: int = 1, *, where: Callable[[ConsumerRecord], bool] | None = None,
-                     timeout_s: float = 60.0) -> list[ConsumerRecord]:
+async def read_topic(bootstrap: str, topic: str, count: int = 1, *,
+                     where: Callable[[ConsumerRecord], bool] | None = None, timeout_s: float = 60.0) -> list[ConsumerRecord]:
     """Every record of `topic` (all partitions, from the beginning) up to its end offsets, once at
     least `count` of them (of those `where` admits, if given) are there; fails after `timeout_s`."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
