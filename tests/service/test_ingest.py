@@ -7,7 +7,6 @@ import asyncio
 from dataclasses import replace
 
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from transformers import AutoTokenizer
 
 from lorafleet.client import LorafleetClient
@@ -18,7 +17,7 @@ from lorafleet.ingest.routing import candidate_partitions
 from lorafleet.ingest.service import run_ingest
 from tests.infra_fixtures import unique_name
 from tests.service.conftest import CONTEXT_LEN
-from tests.service.kafka_helpers import read_topic
+from tests.service.kafka_helpers import read_topic, wait_all_committed
 
 WORK_PARTITIONS = 4
 
@@ -108,6 +107,7 @@ async def test_good_bad_and_unreadable_requests(ingest, kafka_bootstrap, redis_u
         if index < len(UNREADABLE):
             await client.submit_raw(UNREADABLE[index][0], key=b"k")
 
+    await assert_all_committed(kafka_bootstrap, config)  # every outcome is durable: read them whole
     work = await read_topic(kafka_bootstrap, config.work_topic, len(good))
     items = {decode_work_item(r.value).id: (decode_work_item(r.value), r.partition) for r in work}
     assert set(items) == {r["id"] for r in good}  # exactly the good ones, each once
@@ -139,8 +139,6 @@ async def test_good_bad_and_unreadable_requests(ingest, kafka_bootstrap, redis_u
         assert headers["source_topic"].decode() == config.requests_topic
         assert int(headers["partition"]) in (0, 1) and int(headers["offset"]) >= 0
 
-    await assert_all_committed(kafka_bootstrap, config)
-
 
 def UNREADABLE_ORDER(value: bytes) -> int:
     return [raw for raw, _ in UNREADABLE].index(value)
@@ -148,20 +146,7 @@ def UNREADABLE_ORDER(value: bytes) -> int:
 
 async def assert_all_committed(bootstrap: str, config: IngestConfig) -> None:
     """Ingest's group has committed every request message (read as an outsider: no join)."""
-    reader = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=config.group_id,
-                              enable_auto_commit=False)
-    await reader.start()
-    try:
-        tps = [TopicPartition(config.requests_topic, p) for p in range(config.requests_partitions)]
-        ends = await reader.end_offsets(tps)
-        for _ in range(50):
-            committed = {tp: await reader.committed(tp) or 0 for tp in tps}
-            if committed == ends:
-                return
-            await asyncio.sleep(0.1)
-        raise AssertionError(f"committed {committed}, end offsets {ends}")
-    finally:
-        await reader.stop()
+    await wait_all_committed(bootstrap, config.group_id, config.requests_topic)
 
 
 async def test_restart_resumes_after_committed_offsets(kafka_bootstrap, redis_url, model_dir):
@@ -172,8 +157,8 @@ async def test_restart_resumes_after_committed_offsets(kafka_bootstrap, redis_ur
             task = asyncio.create_task(run_ingest(config, stop=stop, ready=ready))
             await asyncio.wait_for(ready.wait(), 60)
             await client.submit({"id": f"{config.group_id}-r{round_number}", "prompt": "hi", "max_tokens": 4})
-            work = await read_topic(kafka_bootstrap, config.work_topic, round_number + 1)
             await assert_all_committed(kafka_bootstrap, config)
+            work = await read_topic(kafka_bootstrap, config.work_topic, round_number + 1)
             stop.set()
             await asyncio.wait_for(task, 15)
         ids = sorted(decode_work_item(r.value).id for r in work)
@@ -209,11 +194,11 @@ async def test_two_members_share_the_requests_topic(kafka_bootstrap, redis_url, 
             for i in range(10):  # sent while the group rebalances
                 await client.submit({"id": f"{config.group_id}-m{member}-{i}", "prompt": "hi",
                                      "max_tokens": 4})
-        work = await read_topic(kafka_bootstrap, config.work_topic, 20, timeout_s=60)
+        await assert_all_committed(kafka_bootstrap, config)
+        work = await read_topic(kafka_bootstrap, config.work_topic, 20)
         # Redelivery across a rebalance may duplicate a work item (engines de-duplicate), never lose one.
         assert {decode_work_item(r.value).id for r in work} == {
             f"{config.group_id}-m{m}-{i}" for m in range(2) for i in range(10)}
-        await assert_all_committed(kafka_bootstrap, config)
     for stop in stops:
         stop.set()
     await asyncio.wait_for(asyncio.gather(*tasks), 30)
@@ -228,6 +213,7 @@ async def test_submit_many_produces_every_request_once_in_one_batch(ingest, kafk
         await client.submit_many([{"id": f"{run}-never", "prompt": "x"}, {"prompt": "no id"}])
     streams = await client.submit_many(requests)
     assert streams[3] == f"{run}-own-stream" and streams[0] == f"lorafleet:out:{run}-0"
+    await assert_all_committed(kafka_bootstrap, config)
     work = await read_topic(kafka_bootstrap, config.work_topic, 40)
     ids = sorted(decode_work_item(r.value).id for r in work if decode_work_item(r.value).id.startswith(run))
     assert ids == sorted(r["id"] for r in requests)  # each once; the refused call sent nothing
