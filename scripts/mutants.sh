@@ -23,8 +23,8 @@ declare -A TARGETS=(
   [peft-config]="services/formats/peft_config.py|tests/engine/test_peft_adapters.py|120"
   [replies]="services/common/replies.py|tests/service/test_replies.py|90"
   [engine-offsets]="services/engine/serving/offsets.py|tests/service/test_engine_offsets.py|60"
-  [ingest-handler]="services/ingest/handler.py|tests/service/test_ingest.py tests/service/test_ingest_faults.py|240"
-  [ingest-commit]="services/ingest/service.py|tests/service/test_ingest.py tests/service/test_ingest_faults.py|240"
+  [ingest-handler]="services/ingest/handler.py|tests/service/test_ingest.py tests/service/test_ingest_faults.py|300"
+  [ingest-commit]="services/ingest/service.py|tests/service/test_ingest.py tests/service/test_ingest_faults.py|300"
 )
 ORDER=(contract peft-config replies engine-offsets ingest-handler ingest-commit)
 KEEP='ReplaceComparisonOperator_(Eq_NotEq|NotEq_Eq|Lt_LtE|LtE_Lt|Gt_GtE|GtE_Gt|Is_IsNot|IsNot_Is)|ReplaceBinaryOperator_(Add_Sub|Sub_Add|Mul_Div|Div_Mul)|ReplaceUnaryOperator_(Delete_Not|USub_UAdd)|AddNot|ReplaceTrueWithFalse|ReplaceFalseWithTrue|ReplaceAndWithOr|ReplaceOrWithAnd|ReplaceBreakWithContinue|ExceptionReplacer|NumberReplacer|ZeroIterationForLoop'
