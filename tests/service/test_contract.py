@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import msgspec
 import pytest
 
 from lorafleet.common.contract import (
+    MAX_MESSAGE_BYTES,
     ErrorCode,
     RequestError,
     check_prompt_fits,
@@ -162,6 +165,38 @@ def test_boundaries_that_are_valid():
     assert validate(seed=None, adapter=None, reply_stream=None).reply_stream == "lorafleet:out:r1"
     assert validate(adapter="a.b/c_d-e/" + "z" * 64).adapter.endswith("z" * 64)
     assert validate(prompt="").prompt == ""  # the tokenizer's BOS makes it non-empty
+
+
+def test_the_limits_are_exact():
+    """Each limit's last valid value and first invalid one (mutation testing found these unpinned)."""
+    assert validate(reply_stream="x").reply_stream == "x"
+    assert validate(reply_stream="x" * 512).reply_stream == "x" * 512
+    turn = {"role": "u", "content": ""}
+    assert len(validate(prompt=_ABSENT, messages=[turn]).messages) == 1
+    assert len(validate(prompt=_ABSENT, messages=[turn] * 1024).messages) == 1024
+    assert validate(prompt=_ABSENT, messages=[{"role": "r" * 64, "content": "x"}]).messages[0].role == "r" * 64
+    assert validate(deadline_ms=0).deadline_ms == 0 and validate(deadline_ms=(1 << 63) - 1).deadline_ms == (1 << 63) - 1
+    for fields, words in [(dict(reply_stream="x" * 513), "reply_stream"), (dict(reply_stream=""), "reply_stream"),
+                          (dict(prompt=_ABSENT, messages=[{"role": "", "content": "x"}]), "messages[0].role"),
+                          (dict(deadline_ms=-1), "deadline_ms"), (dict(deadline_ms=1 << 63), "deadline_ms"),
+                          (dict(extra=[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]), "32 levels")]:
+        with pytest.raises(RequestError, match=re.escape(words)):
+            validate(**fields)
+
+
+def test_a_message_of_exactly_the_size_limit_is_read():
+    envelope = b'{"id": "r1", "prompt": "'
+    raw = envelope + b"a" * (MAX_MESSAGE_BYTES - len(envelope) - 2) + b'"}'
+    assert len(raw) == MAX_MESSAGE_BYTES and read_envelope(raw).request_id == "r1"
+    assert "exceeds the limit" in read_envelope(raw[:-2] + b'a"}').reason
+
+
+def test_validated_requests_are_frozen():
+    request = validate()
+    with pytest.raises(AttributeError):
+        request.max_tokens = 5
+    with pytest.raises(AttributeError):
+        read_envelope(b'{"id": "r1"}').request_id = "r2"
 
 
 def test_prompt_fits_the_context():
