@@ -138,3 +138,33 @@ def test_canonical_round_trip(zoo, spec, tmp_path):
     back = load_canonical(tmp_path / "c.safetensors", spec, 64)
     assert back.config == w.config
     assert all(torch.equal(back.a[k], w.a[k]) and torch.equal(back.b[k], w.b[k]) for k in w.a)
+
+
+def test_absent_fields_take_peft_defaults(spec):
+    """A hand-written config holding only what it must: PEFT's LoraConfig defaults (lora_alpha 8,
+    no rsLoRA) apply, as PEFT itself would load it."""
+    config = parse_peft_config({"r": 4, "target_modules": ["q_proj"]}, spec, 64)
+    assert (config.lora_alpha, config.use_rslora) == (8.0, False)
+    assert {t.scale for t in config.targets} == {8 / 4}
+
+
+@pytest.mark.parametrize("raw, reason", [
+    (b"not json", "not valid JSON"),
+    (b"\xff\xfe{", "not valid JSON"),
+    ({"r": 4, "target_modules": ["q_proj"], "lora_alpha": "8"}, "lora_alpha must be a finite number"),
+    ({"r": 4, "target_modules": ["q_proj"], "lora_alpha": True}, "lora_alpha must be a finite number"),
+    ({"r": 4, "target_modules": ["q_proj"], "lora_alpha": float("inf")}, "lora_alpha must be a finite number"),
+    ({"r": 4, "target_modules": []}, "target_modules must be"),
+    ({"r": 4, "target_modules": 5}, "target_modules must be"),
+    ({"r": True, "target_modules": ["q_proj"]}, "r must be an integer"),
+    ({"r": "4", "target_modules": ["q_proj"]}, "r must be an integer"),
+])
+def test_malformed_fields_are_rejected_by_name(spec, raw, reason):
+    with pytest.raises(InvalidAdapterError, match=reason):
+        parse_peft_config(raw, spec, 64)
+
+
+def test_a_parsed_config_is_frozen(spec):
+    config = parse_peft_config({"r": 4, "target_modules": ["q_proj"]}, spec, 64)
+    with pytest.raises(AttributeError):
+        config.rank = 8
