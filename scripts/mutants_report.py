@@ -29,8 +29,8 @@ def main(session: str, target: str) -> int:
         elif result.test_outcome == TestOutcome.SURVIVED:
             outcomes["survived"] += 1
             survivors.append(item)
-        else:
-            outcomes[str(result.test_outcome or result.worker_outcome)] += 1
+        else:  # killed, incompetent (the mutant did not even import), or the worker's own failure
+            outcomes[(result.test_outcome or result.worker_outcome).value] += 1
     print(f"target {target}")
     for outcome, count in sorted(outcomes.items()):
         print(f"  {outcome}: {count}")

@@ -4,11 +4,14 @@ of events (hypothesis)."""
 
 from __future__ import annotations
 
+import structlog
 from aiokafka import TopicPartition
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lorafleet.engine.serving.offsets import OffsetTracker
+from lorafleet.common.kafka import TopicSpec, ensure_topics, make_consumer
+from lorafleet.engine.serving.offsets import OffsetCommitter, OffsetTracker
+from tests.infra_fixtures import unique_name
 
 A, B = TopicPartition("work", 0), TopicPartition("work", 1)
 
@@ -66,3 +69,31 @@ def test_the_commit_point_is_always_the_first_offset_not_done(script):
                 assert part not in points
         tracker.committed(points)
         committed.update(points)
+
+
+async def test_the_committer_commits_the_points_to_the_broker(kafka_bootstrap):
+    """Against the real broker: soon() commits what the tracker allows, once per point, coalescing
+    calls made while a commit runs."""
+    topic, group = unique_name("offsets"), unique_name("offsets-group")
+    await ensure_topics(kafka_bootstrap, [TopicSpec(topic, 1)])
+    tp = TopicPartition(topic, 0)
+    tracker = OffsetTracker()
+    committer = OffsetCommitter(tracker, structlog.get_logger("test"))
+
+    consumer = make_consumer(kafka_bootstrap, [], group)  # (a commit that fails: tests/faults/test_broker_faults.py)
+    consumer.assign([tp])
+    await consumer.start()
+    for offset in range(4):
+        tracker.seen(tp, offset)
+    tracker.done(tp, 0), tracker.done(tp, 1), tracker.done(tp, 3)
+    committer.soon(consumer)
+    committer.soon(consumer)  # while one runs: coalesced into one more round, not a second task
+    await committer._task
+    assert await consumer.committed(tp) == 2 and tracker.committable() == {}
+    tracker.done(tp, 2)
+    try:
+        await committer.commit(consumer)
+        assert await consumer.committed(tp) == 4 and tracker.committable() == {}
+        await committer.commit(None)  # an engine without a consumer (tests, draining): nothing to do
+    finally:
+        await consumer.stop()
