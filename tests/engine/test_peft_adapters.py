@@ -168,3 +168,27 @@ def test_a_parsed_config_is_frozen(spec):
     config = parse_peft_config({"r": 4, "target_modules": ["q_proj"]}, spec, 64)
     with pytest.raises(AttributeError):
         config.rank = 8
+    with pytest.raises(AttributeError):
+        config.targets[0].scale = 1.0
+
+
+def test_rank_and_layer_limits_are_exact(spec):
+    """The last valid and first invalid rank (per module, through rank_pattern) and layer index."""
+    last = spec.num_layers - 1
+
+    def parse(**fields):
+        return parse_peft_config({"r": 4, "target_modules": ["q_proj", "v_proj"], **fields}, spec, 16)
+
+    ranks = parse(r=16, rank_pattern={"v_proj": 1}).ranks_by_module()
+    assert ranks == {"q_proj": 16, "v_proj": 1}  # the largest rank per module, over layers
+    assert {t.layer for t in parse(layers_to_transform=[0, last], layers_pattern=None).targets} == {0, last}
+    assert {t.layer for t in parse(layers_to_transform=last, layers_pattern=["layers"]).targets} == {last}
+    for fields, reason in [(dict(rank_pattern={"v_proj": 0}), r"rank 0 of .*v_proj"),
+                           (dict(r=17), r"rank 17 of .*outside \[1, 16\]"),
+                           (dict(layers_to_transform=[-1]), r"\[-1\] outside"),
+                           (dict(layers_to_transform=[last + 1]), "outside the model"),
+                           (dict(layers_to_transform=[True]), "must be an int or a list of ints"),
+                           (dict(layers_to_transform="0"), "must be an int or a list of ints"),
+                           (dict(layers_to_transform=[0], layers_pattern=["h"]), "layers_pattern")]:
+        with pytest.raises(InvalidAdapterError, match=reason):
+            parse(**fields)
