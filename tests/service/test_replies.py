@@ -235,3 +235,27 @@ async def test_any_text_reaches_the_stream_unchanged(redis, texts):
     await writer.publish(entries)
     got = await read_stream(redis, f"s:{rid}")
     assert [e.text for e in got] == texts and [e.index for e in got] == list(range(len(texts)))
+
+
+async def test_a_publish_larger_than_one_script_call_writes_every_request(redis):
+    """More requests than PUBLISH_CHUNK in one publish: split over several script calls, each
+    request written once, in order, with its state."""
+    writer = ReplyWriter(redis)
+    run = unique_name("chunk")
+    ids = [f"{run}-{i}" for i in range(2 * replies.PUBLISH_CHUNK + 3)]
+    entries = [(f"lorafleet:out:{rid}", rid, entry) for rid in ids
+               for entry in (token_entry("a", [1], index=0), done_entry("stop", 1, 1))]
+    states = await writer.publish(entries)
+    assert set(states) == set(ids) and all((s.tokens, s.terminal, s.appended) == (1, True, 2) for s in states.values())
+    for rid in (ids[0], ids[replies.PUBLISH_CHUNK], ids[-1]):  # the first of each call, and the last
+        assert await read_stream(redis, f"lorafleet:out:{rid}") == [token_entry("a", [1], 0), done_entry("stop", 1, 1)]
+
+
+@pytest.mark.parametrize("entry", [token_entry("a", [1], index=-1), token_entry("", [], index=0)])
+async def test_a_token_entry_without_an_index_or_tokens_is_refused_before_anything_is_written(redis, entry):
+    writer = ReplyWriter(redis)
+    rid = unique_name("bad")
+    with pytest.raises(ValueError, match="needs >= 1 token id and index >= 0"):
+        await writer.publish([(f"lorafleet:out:{rid}", rid, token_entry("ok", [2], index=0)),
+                              (f"lorafleet:out:{rid}", rid, entry)])
+    assert await redis.exists(f"lorafleet:out:{rid}") == 0
