@@ -11,6 +11,7 @@ from lorafleet.common.contract import (
     MAX_MESSAGE_BYTES,
     ErrorCode,
     RequestError,
+    cancel_key,
     check_prompt_fits,
     deadline_problem,
     default_reply_stream,
@@ -184,6 +185,10 @@ def test_the_limits_are_exact():
             validate(**fields)
 
 
+def test_the_reserved_keys_of_a_request():
+    assert default_reply_stream("r1") == "lorafleet:out:r1" and cancel_key("r1") == "lorafleet:cancel:r1"
+
+
 def test_a_message_of_exactly_the_size_limit_is_read():
     envelope = b'{"id": "r1", "prompt": "'
     raw = envelope + b"a" * (MAX_MESSAGE_BYTES - len(envelope) - 2) + b'"}'
@@ -195,6 +200,8 @@ def test_validated_requests_are_frozen():
     request = validate()
     with pytest.raises(AttributeError):
         request.max_tokens = 5
+    with pytest.raises(AttributeError):
+        validate(prompt=_ABSENT, messages=[{"role": "u", "content": "x"}]).messages[0].role = "system"
     with pytest.raises(AttributeError):
         read_envelope(b'{"id": "r1"}').request_id = "r2"
 
