@@ -10,6 +10,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from lorafleet.client import LorafleetClient
+from lorafleet.common.contract import read_envelope
 from lorafleet.common.messages import ErrorReply, decode_work_item
 from lorafleet.demo.tokenizer import CHAT_TEMPLATE
 from lorafleet.ingest.config import IngestConfig
@@ -112,6 +113,9 @@ async def test_good_bad_and_unreadable_requests(ingest, kafka_bootstrap, redis_u
     items = {decode_work_item(r.value).id: (decode_work_item(r.value), r.partition) for r in work}
     assert set(items) == {r["id"] for r in good}  # exactly the good ones, each once
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    sent = {}  # request id -> its requests-topic record's timestamp (the producer's clock)
+    for record in await read_topic(kafka_bootstrap, config.requests_topic, len(good) + len(bad) + len(UNREADABLE)):
+        sent[read_envelope(record.value).request_id] = record.timestamp
     for request in good:
         item, partition = items[request["id"]]
         text = GOOD_CHAT_TEXT if "messages" in request else request.get("prompt")
@@ -119,7 +123,7 @@ async def test_good_bad_and_unreadable_requests(ingest, kafka_bootstrap, redis_u
         assert item.prompt_token_ids == expected
         assert item.max_tokens == request.get("max_tokens", 256)
         assert item.reply_stream == request.get("reply_stream", f"lorafleet:out:{request['id']}")
-        assert item.submitted_at <= item.received_at + 1
+        assert item.submitted_at == sent[request["id"]] / 1000 <= item.received_at + 1  # queue time starts here
         if request.get("adapter"):  # affinity: a cold adapter stays on its home partition
             assert partition == candidate_partitions(request["adapter"], WORK_PARTITIONS, 1)[0]
     assert tokenizer.decode(items[good[3]["id"]][0].prompt_token_ids, skip_special_tokens=True) == "caf\u00e9 \u2615"
