@@ -3,6 +3,8 @@
 #
 #   bash scripts/mutants.sh                 # every target below (an hour or more on 2 cores)
 #   bash scripts/mutants.sh contract replies  # some of them
+#   MUTANTS_DIR=/tmp/x bash scripts/mutants.sh ingest-handler   # resume a session cut short there
+#                                                                # (MUTANTS_FRESH=1: start it over)
 #
 # Cosmic Ray (a maintained mutation-testing tool) plants one mutation at a time in the module,
 # IN PLACE, runs the target's tests and restores the file; so this runs in a scratch clone of the
@@ -62,9 +64,12 @@ EOF
   (
     cd "$SCRATCH"
     . .venv/bin/activate
-    cosmic-ray init "$config" "$session" --force
-    cr-filter-operators "$session" "$config"
-    cr-filter-pragma "$session"  # lines marked `# pragma: no mutate` (log and error wording)
+    if [ ! -f "$session" ] || [ -n "${MUTANTS_FRESH:-}" ]; then  # else: resume, keeping its results
+      git checkout -q -- "$module"  # a run cut short may have left its mutant in place
+      cosmic-ray init "$config" "$session" --force
+      cr-filter-operators "$session" "$config"
+      cr-filter-pragma "$session"  # lines marked `# pragma: no mutate` (log and error wording)
+    fi
     cosmic-ray exec "$config" "$session"
     git diff --quiet || { echo "the scratch tree was left mutated" >&2; exit 1; }
     python "$REPO/scripts/mutants_report.py" "$session" "$t" > "$REPO/docs/mutants/$t.txt"
