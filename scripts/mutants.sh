@@ -25,7 +25,7 @@ declare -A TARGETS=(
   [peft-config]="services/formats/peft_config.py|tests/engine/test_peft_adapters.py|120"
   [replies]="services/common/replies.py|tests/service/test_replies.py|90"
   [engine-offsets]="services/engine/serving/offsets.py|tests/service/test_engine_offsets.py|60"
-  [ingest-handler]="services/ingest/handler.py|tests/service/test_ingest.py tests/service/test_chat_prompts.py|120"
+  [ingest-handler]="services/ingest/handler.py|tests/service/test_ingest.py tests/service/test_chat_prompts.py tests/service/test_ingest_faults.py|300"
   [ingest-commit]="services/ingest/service.py|tests/service/test_ingest.py tests/service/test_ingest_faults.py|300"
 )
 ORDER=(contract peft-config replies engine-offsets ingest-handler ingest-commit)
