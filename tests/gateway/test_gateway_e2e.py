@@ -21,6 +21,7 @@ from pathlib import Path
 from urllib.parse import urlencode, urlparse
 
 import openai
+import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -86,7 +87,8 @@ def test_completions_whole_and_streamed_equal_the_kafka_path(stack, client, mode
         whole = client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0)
         assert whole.object == "text_completion" and whole.model == model
         assert whole.choices[0].text == text and whole.choices[0].finish_reason == done.finish_reason
-        assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (done.prompt_tokens, done.completion_tokens)
+        usage = whole.usage
+        assert (usage.prompt_tokens, usage.completion_tokens) == (done.prompt_tokens, done.completion_tokens)
         chunks = list(client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0, stream=True))
         assert "".join(c.choices[0].text for c in chunks) == text
         assert chunks[-1].choices[0].finish_reason == done.finish_reason
@@ -189,16 +191,51 @@ def _engine_idle(stack) -> bool:
             and samples.get(("lorafleet_engine_requests_waiting", ()), 1) == 0)
 
 
+def _engine_process(stack) -> psutil.Process:
+    """The stack's engine process (a child of `up`), to hold still while a client goes away."""
+    for child in psutil.Process(stack.proc.pid).children(recursive=True):
+        if "--engine-id" in child.cmdline():
+            return child
+    raise AssertionError("no engine process under lorafleet up")
+
+
+def _cancelled_while_the_engine_is_held(stack, start, leave) -> None:
+    """start() begins a long generation and returns its request id once a token is out; the engine
+    is then stopped (SIGSTOP) so the request cannot finish meanwhile, leave() makes the client go
+    away, and once the gateway has set the cancel key the engine runs on: the request must end
+    `cancelled` and leave the engine idle. A request that finished before the engine was held (a
+    fast machine) is tried again."""
+    engine = _engine_process(stack)
+    redis_url = stack.ready["redis_url"]
+    for _attempt in range(5):
+        request_id = start()
+        engine.suspend()
+        try:
+            if _stream_terminal(redis_url, request_id) is not None:
+                leave()
+                continue  # done before the engine was held: nothing left to cancel
+            leave()
+            _wait_until(lambda: request_id in _request_ids(redis_url, "lorafleet:cancel:*"), what="the cancel key")
+        finally:
+            engine.resume()
+        _wait_until(lambda: _stream_terminal(redis_url, request_id) is not None, what="a terminal entry")
+        terminal = _stream_terminal(redis_url, request_id)
+        assert terminal["type"] == "error" and terminal["code"] == "cancelled", terminal
+        _wait_until(lambda: _engine_idle(stack), what="the engine idle")
+        return
+    raise AssertionError("every try finished before the engine could be held")
+
+
 def test_a_client_gone_mid_stream_cancels_its_request_end_to_end(stack, client):
-    stream = client.completions.create(model="t/pattern", prompt="the sea", max_tokens=500, temperature=0,
-                                       stream=True, extra_body={"ignore_eos": True})
-    chunks = [next(stream), next(stream)]
-    request_id = chunks[0].id + "-0"
-    stream.close()  # the client goes away
-    _wait_until(lambda: _stream_terminal(stack.ready["redis_url"], request_id) is not None, what="a terminal entry")
-    terminal = _stream_terminal(stack.ready["redis_url"], request_id)
-    assert terminal["type"] == "error" and terminal["code"] == "cancelled", terminal
-    _wait_until(lambda: _engine_idle(stack), what="the engine idle")
+    streams = []
+
+    def start() -> str:
+        stream = client.completions.create(model="t/pattern", prompt="the sea", max_tokens=500, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True})
+        streams.append(stream)
+        return next(stream).id + "-0"  # the first token is out
+
+    _cancelled_while_the_engine_is_held(stack, start, lambda: streams[-1].close())
     gateway = _samples(stack.ready["metrics"]["gateway"])
     assert gateway[("lorafleet_gateway_abandoned_total", (("reason", "disconnect"),))] >= 1
     _wait_until(lambda: _samples(stack.ready["metrics"]["gateway"])[("lorafleet_gateway_reply_streams_open", ())] == 0,
@@ -206,20 +243,29 @@ def test_a_client_gone_mid_stream_cancels_its_request_end_to_end(stack, client):
 
 
 def test_a_client_gone_before_a_whole_answer_cancels_it(stack):
-    before = _request_ids(stack.ready["redis_url"], "lorafleet:cancel:*")
     body = json.dumps({"model": "t/pattern", "prompt": "the sea", "max_tokens": 500, "temperature": 0,
                        "ignore_eos": True}).encode()
     url = urlparse(stack.ready["gateway"])
-    with socket.create_connection((url.hostname, url.port), timeout=20) as conn:
+    connections = []
+
+    def start() -> str:
+        before = _stream_keys(stack.ready["redis_url"])
+        conn = socket.create_connection((url.hostname, url.port), timeout=20)
+        connections.append(conn)
         conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        _wait_until(lambda: not _engine_idle(stack), what="the engine generating")
-    # the client closed its connection before the answer
-    _wait_until(lambda: _request_ids(stack.ready["redis_url"], "lorafleet:cancel:*") - before, what="a cancellation")
-    (request_id,) = _request_ids(stack.ready["redis_url"], "lorafleet:cancel:*") - before
-    _wait_until(lambda: _stream_terminal(stack.ready["redis_url"], request_id) is not None, what="a terminal entry")
-    assert _stream_terminal(stack.ready["redis_url"], request_id)["code"] == "cancelled"
-    _wait_until(lambda: _engine_idle(stack), what="the engine idle")
+        _wait_until(lambda: _stream_keys(stack.ready["redis_url"]) - before, what="the request's first token")
+        (key,) = _stream_keys(stack.ready["redis_url"]) - before
+        return key.removeprefix("lorafleet:out:")
+
+    _cancelled_while_the_engine_is_held(stack, start, lambda: connections[-1].close())
+
+
+def _stream_keys(redis_url: str) -> set[str]:
+    import redis
+
+    with redis.Redis.from_url(redis_url) as r:
+        return {key.decode() for key in r.scan_iter("lorafleet:out:cmpl-*")}
 
 
 def test_the_readme_example_works_as_written(stack):

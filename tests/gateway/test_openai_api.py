@@ -149,7 +149,8 @@ def test_every_contract_code_has_a_status():
     assert ApiError(429, "m").body()["error"]["type"] == "rate_limit_error"
 
 
-_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8)
+_json = st.recursive(_scalars,
                      lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
                      max_leaves=20)
 _fields = st.dictionaries(st.sampled_from(["model", "prompt", "messages", "n", "stop", "seed", "max_tokens",
