@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from lorafleet.common.embedded import EmbeddedProcess
+from lorafleet.common.signals import stop_subprocess
 
 
 class UpStack:
@@ -43,14 +44,8 @@ class UpStack:
         assert self.proc.poll() is None, self.log_tail()
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None:
+            stop_subprocess(self.proc, signal.SIGINT, 60)
 
 
 class Restartable:

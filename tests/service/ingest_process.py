@@ -18,6 +18,7 @@ from typing import Awaitable, Callable
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from lorafleet.common.signals import stop_subprocess
 from lorafleet.ingest.config import IngestConfig
 from tests.service.kafka_helpers import POLL_S
 
@@ -76,11 +77,5 @@ class IngestProcess:
 
     def stop(self) -> None:
         """SIGTERM (ingest drains), SIGKILL after a minute; nothing when it has exited."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None:
+            stop_subprocess(self.proc, signal.SIGTERM, 60)
