@@ -87,6 +87,8 @@ _DECLARED: list[EnvVar] = [
     EnvVar("REDIS_SERVER_BIN", str, "", "redis-server binary for an embedded Redis; empty: PATH, then /usr/bin"),
     EnvVar("INGEST_GROUP", str, "lorafleet-ingest", "consumer group of the ingest service"),
     EnvVar("INGEST_MAX_BATCH", int, 500, "most request messages ingest handles per batch"),
+    EnvVar("INGEST_ROUTING", str, "affinity", "how ingest picks a work partition: affinity (an adapter's requests go "
+           "to the engine holding it, hot adapters spread) or hash (of the request id: even, no affinity)"),
     EnvVar("HOT_ADAPTER_RPS", float, 20.0, "requests/s of one adapter one work partition takes before it spreads"),
     EnvVar("CHAT_TEMPLATE", str, "", "ingest: a Jinja chat-template file that renders chat `messages` (empty: the tokenizer's own, from tokenizer_config.json)"),
     EnvVar("HOT_WINDOW_S", float, 10.0, "sliding window over which ingest measures each adapter's request rate"),

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorafleet.common import settings
+from lorafleet.ingest.routing import ROUTING_POLICIES
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class IngestConfig:
     max_batch: int = settings.config_field("INGEST_MAX_BATCH")
     hot_adapter_rps: float = settings.config_field("HOT_ADAPTER_RPS")
     hot_window_s: float = settings.config_field("HOT_WINDOW_S")
+    routing: str = settings.config_field("INGEST_ROUTING")
     session_timeout_ms: int = settings.config_field("KAFKA_SESSION_TIMEOUT_MS")
     chat_template: str = settings.config_field("CHAT_TEMPLATE")
 
@@ -34,6 +36,8 @@ class IngestConfig:
                 raise ValueError(f"IngestConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.drain_timeout_s <= 0 or self.hot_adapter_rps <= 0 or self.hot_window_s <= 0:
             raise ValueError("IngestConfig drain_timeout_s, hot_adapter_rps and hot_window_s must be > 0")
+        if self.routing not in ROUTING_POLICIES:
+            raise ValueError(f"IngestConfig.routing must be one of {', '.join(ROUTING_POLICIES)}, got {self.routing!r}")
         if len({self.requests_topic, self.dlq_topic, self.work_topic}) != 3:
             raise ValueError("requests, dead-letter and work topics must be three different topics")
 

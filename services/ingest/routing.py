@@ -105,12 +105,18 @@ class AdapterRates:
         return len(self._seen)
 
 
+ROUTING_POLICIES = ("affinity", "hash")  # LORAFLEET_INGEST_ROUTING
+
+
 class Router:
-    """Stateful wrapper: measures each adapter's rate and routes with :func:`choose_partition`."""
+    """Stateful wrapper: measures each adapter's rate and routes with :func:`choose_partition`;
+    with `affinity=False`, every request by the hash of its id (the even spread affinity is
+    measured against, bench/netbed/affinity_bench.py)."""
 
     def __init__(self, n_partitions: int, per_partition_rate: float, window_s: float,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], *, affinity: bool = True) -> None:
         self.n_partitions = n_partitions
+        self.affinity = affinity
         self.per_partition_rate = per_partition_rate
         # Enough timestamps to reach spread == n_partitions, no more (see AdapterRates).
         cap = max(1, math.ceil(per_partition_rate * window_s * n_partitions) + 1)
@@ -122,7 +128,9 @@ class Router:
     def route_and_kind(self, request_id: str, adapter: str | None) -> tuple[int, str]:
         """(partition, how it was chosen): "base" (no adapter: by request id), "home" (the
         adapter's one partition: every engine request of it lands where it is resident), "spread"
-        (a hot adapter over several partitions)."""
+        (a hot adapter over several partitions), "hash" (affinity off: by request id)."""
+        if not self.affinity:
+            return choose_partition(request_id, None, self.n_partitions), "hash"
         if adapter is None:
             return choose_partition(request_id, None, self.n_partitions), "base"
         rate = self.rates.record(adapter)

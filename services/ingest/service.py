@@ -81,7 +81,7 @@ async def run_ingest(config: IngestConfig, *, stop: asyncio.Event | None = None,
         await writer.prepare()
         await with_kafka_retries(producer.start, "start producer")
         router = Router(await partition_count(producer, config.work_topic), config.hot_adapter_rps,
-                        config.hot_window_s, time.monotonic)
+                        config.hot_window_s, time.monotonic, affinity=config.routing == "affinity")
         handler = BatchHandler(encoder=encoder, writer=writer, producer=producer, router=router,
                                work_topic=config.work_topic, dlq_topic=config.dlq_topic, log=log, metrics=metrics)
         await consumer.start()

@@ -102,3 +102,20 @@ def test_router_spreads_a_hot_adapter_and_keeps_cold_ones_home():
     home = candidate_partitions("hot", 8, 1)[0]
     assert order[:5] == [home] * 5  # below the per-partition rate: all at home
     assert {router.route(f"b{i}", None) for i in range(200)} == set(range(8))
+
+
+def test_hash_routing_ignores_the_adapter_and_spreads_by_request_id():
+    """LORAFLEET_INGEST_ROUTING=hash: the even spread affinity is measured against."""
+    router = Router(n_partitions=8, per_partition_rate=5, window_s=1, clock=FakeClock(), affinity=False)
+    routes = [router.route_and_kind(f"r{i}", "one-adapter") for i in range(400)]
+    assert {kind for _, kind in routes} == {"hash"}
+    assert {p for p, _ in routes} == set(range(8))  # one adapter's requests land everywhere
+    assert [p for p, _ in routes] == [choose_partition(f"r{i}", None, 8) for i in range(400)]
+    assert len(router.rates) == 0  # nothing measured: no rate decides anything
+
+
+def test_ingest_refuses_an_unknown_routing_policy():
+    from lorafleet.ingest.config import IngestConfig
+
+    with pytest.raises(ValueError, match="routing must be one of affinity, hash"):
+        IngestConfig(kafka_bootstrap="k:1", redis_url="redis://r", model_dir="m", routing="random")
