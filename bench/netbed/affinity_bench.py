@@ -1,0 +1,199 @@
+"""Adapter affinity across hosts, measured on the multi-host bed (bench/netbed): ingest's routing
+(LORAFLEET_INGEST_ROUTING=affinity) against plain hashing of the request id (=hash), under skewed
+and uniform adapter popularity, in one run.
+
+Each (popularity, policy) pair gets a fresh bed (empty caches) and the same open-loop trace
+(bench/workload.generate_trace: power-law popularity, `alpha` 1 = uniform, smaller = more skewed;
+Poisson arrivals) at a rate near the bed's capacity, which the run measures first: a burst of
+requests on a bed of its own, capacity = requests / seconds to serve them all, under hashing (it
+loads adapters most). Engines hold few adapters in their pool (`adapter_slots`), so a request
+whose engine does not hold its adapter costs a load. Figures per pair:
+
+    hit rate           1 - adapter loads / adapter requests (loads: the engines' own counter,
+                       lorafleet_engine_adapter_loads_total, prefetches included)
+    loads / request    adapter loads per adapter request
+    engine-adapter     distinct (engine, adapter) pairs served ("request done" log lines)
+    throughput         tokens / second from the first submit to the last terminal entry: of the
+                       trace (it follows the arrivals while the bed keeps up) and of a burst of
+                       `burst` requests sent at once before it (the policy's saturated throughput)
+    latency            p50 / p99 of submit -> terminal entry and of submit -> first token
+
+    python -m lorafleet.bench.netbed.affinity_bench            # writes bench/results/netbed-affinity/
+    python -m lorafleet.bench.netbed.affinity_bench --quick    # a short run (smoke, not a result)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lorafleet.bench.netbed.fleet import FleetSetup, NetFleet
+from lorafleet.bench.netbed.results import write_results
+from lorafleet.bench.workload import TraceRequest, generate_trace
+from lorafleet.client import LorafleetClient
+from lorafleet.common.messages import TokenReply, is_terminal
+
+POLICIES = ("affinity", "hash")
+
+
+@dataclass(frozen=True)
+class AffinityBenchSetup:
+    adapters: int = 48
+    engines: int = 3
+    partitions: int = 6
+    adapter_slots: int = 4  # adapters an engine's pool holds at once (--max-adapter-slots)
+    duration_s: float = 120.0
+    load: float = 0.8  # arrival rate / measured capacity
+    alphas: tuple[float, ...] = (0.3, 1.0)
+    input_range: tuple[int, int] = (8, 24)
+    output_range: tuple[int, int] = (16, 48)
+    burst: int = 240  # requests of the capacity measurement
+    seed: int = 7
+
+
+def build_assets(folder: Path, n_adapters: int) -> tuple[Path, dict[str, Path]]:
+    """The zoo's "mha" model and four adapters of different ranks and modules, each under
+    n_adapters / 4 ids (an id is what the engines cache and load)."""
+    from lorafleet.demo.tiny_models import build_peft_adapter, build_tiny_model
+
+    model = folder / "model"
+    build_tiny_model(model, arch="llama", hidden_size=64, num_heads=4, num_kv_heads=4, seed=1)
+    kinds = [{"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+             {"r": 16, "lora_alpha": 16, "target_modules": ["gate_proj", "up_proj", "down_proj"]},
+             {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj"]},
+             {"r": 32, "lora_alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]}]
+    sources = []
+    for i, kind in enumerate(kinds):
+        sources.append(folder / f"kind{i}")
+        build_peft_adapter(model, sources[-1], seed=20 + i, **kind)
+    return model, {f"bench/a{i:03d}": sources[i % len(sources)] for i in range(n_adapters)}
+
+
+def _request(run: str, r: TraceRequest) -> dict:
+    return {"id": f"{run}-{r.index}", "adapter": f"bench/a{r.adapter:03d}", "max_tokens": r.output_len,
+            "prompt_token_ids": [(13 * r.index + 7 * j) % 500 + 4 for j in range(r.input_len)],
+            "temperature": 0, "ignore_eos": True}
+
+
+async def replay(fleet: NetFleet, requests: list[tuple[float, dict]], timeout_s: float) -> list[dict]:
+    """Submit each request at its arrival time (open loop); per request: submit, first token and
+    terminal times, tokens."""
+    async with LorafleetClient(fleet.kafka_bootstrap, fleet.redis_url, requests_topic=fleet.topics["requests"]) as client:
+        start = time.monotonic()
+
+        async def one(arrival: float, body: dict) -> dict:
+            await asyncio.sleep(max(0.0, start + arrival - time.monotonic()))
+            submitted = time.monotonic()
+            await client.submit(body)
+            first, tokens, kind = None, 0, None
+            async for entry in client.replies(body["id"], timeout=timeout_s):
+                if isinstance(entry, TokenReply):
+                    first = first or time.monotonic()
+                    tokens += len(entry.token_ids)
+                elif is_terminal(entry):
+                    kind = type(entry).__name__
+            return {"submitted": submitted, "first": first, "done": time.monotonic(), "tokens": tokens, "end": kind}
+
+        return await asyncio.gather(*(one(arrival, body) for arrival, body in requests))
+
+
+def engine_counter(fleet: NetFleet, engine: str, name: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = json.loads((fleet.workdir / f"{engine}.ready").read_text())["metrics_port"]
+    with urllib.request.urlopen(f"http://{fleet.address(engine)}:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == name)
+
+
+def _fleet(setup: AffinityBenchSetup, model: Path, adapters: dict[str, Path], policy: str, workdir: Path) -> NetFleet:
+    fleet_setup = FleetSetup(model=model, adapters=adapters, engines=setup.engines, partitions=setup.partitions,
+                             engine_flags=("--pool-pages", "256", "--max-batched-tokens", "256", "--max-adapter-slots",
+                                           str(setup.adapter_slots), "--max-adapter-rank", "32"),
+                             env={"LORAFLEET_INGEST_ROUTING": policy})
+    return NetFleet(fleet_setup, workdir).start()
+
+
+def measure_capacity(setup: AffinityBenchSetup, model: Path, adapters: dict[str, Path], workdir: Path) -> float:
+    """Requests per second the bed serves with a backlog: a burst under hashing, all at once."""
+    trace = generate_trace(setup.adapters, 1.0, 1000.0, 1.0, setup.burst / 1000.0, setup.input_range,
+                           setup.output_range, seed=setup.seed)
+    fleet = _fleet(setup, model, adapters, "hash", workdir / "capacity")
+    try:
+        records = asyncio.run(replay(fleet, [(0.0, _request("burst", r)) for r in trace], timeout_s=600))
+    finally:
+        fleet.stop()
+    return len(records) / _span(records)
+
+
+def _loads(fleet: NetFleet) -> float:
+    return sum(engine_counter(fleet, e, "lorafleet_engine_adapter_loads_total") for e in fleet.setup.engine_names)
+
+
+def _span(records: list[dict]) -> float:
+    return max(r["done"] for r in records) - min(r["submitted"] for r in records)
+
+
+def measure(setup: AffinityBenchSetup, model: Path, adapters: dict[str, Path], alpha: float, policy: str,
+            rate: float, workdir: Path) -> dict:
+    """One fresh bed: first a burst (all at once: the policy's saturated throughput), then, once
+    it is served, the open-loop trace (hits, loads and latency near capacity)."""
+    run = f"{policy}-{alpha}"
+    burst = generate_trace(setup.adapters, alpha, 1000.0, 1.0, setup.burst / 1000.0, setup.input_range,
+                           setup.output_range, seed=setup.seed + 1)
+    trace = generate_trace(setup.adapters, alpha, rate, 1.0, setup.duration_s, setup.input_range,
+                           setup.output_range, seed=setup.seed)
+    fleet = _fleet(setup, model, adapters, policy, workdir / run)
+    try:
+        saturated = asyncio.run(replay(fleet, [(0.0, _request(f"b{run}", r)) for r in burst], timeout_s=600))
+        loads_before = _loads(fleet)
+        records = asyncio.run(replay(fleet, [(r.arrival, _request(f"t{run}", r)) for r in trace], timeout_s=600))
+        loads = _loads(fleet) - loads_before
+        pairs = {(e, d["adapter_id"]) for e in fleet.setup.engine_names for d in fleet.events(e, "request done")
+                 if d["request_id"].startswith(f"t{run}-")}
+    finally:
+        fleet.stop()
+    e2e = np.array([r["done"] - r["submitted"] for r in records])
+    ttft = np.array([r["first"] - r["submitted"] for r in records if r["first"] is not None])
+    return {"alpha": alpha, "policy": policy, "rate_rps": rate, "requests": len(records),
+            "done": sum(r["end"] == "DoneReply" for r in records), "adapter_loads": int(loads),
+            "hit_rate": 1 - loads / len(records), "loads_per_request": loads / len(records),
+            "engine_adapter_pairs": len(pairs), "tokens_per_s": sum(r["tokens"] for r in records) / _span(records),
+            "saturated_tokens_per_s": sum(r["tokens"] for r in saturated) / _span(saturated),
+            "saturated_requests_per_s": len(saturated) / _span(saturated),
+            "e2e_p50_s": float(np.percentile(e2e, 50)), "e2e_p99_s": float(np.percentile(e2e, 99)),
+            "ttft_p50_s": float(np.percentile(ttft, 50)), "ttft_p99_s": float(np.percentile(ttft, 99))}
+
+
+def run(setup: AffinityBenchSetup, workdir: Path) -> dict:
+    model, adapters = build_assets(workdir / "assets", setup.adapters)
+    capacity = measure_capacity(setup, model, adapters, workdir)
+    rate = round(setup.load * capacity, 2)
+    rows = [measure(setup, model, adapters, alpha, policy, rate, workdir) for alpha in setup.alphas
+            for policy in POLICIES]
+    return {"setup": asdict(setup), "capacity_rps": capacity, "rate_rps": rate, "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="20 s traces, a small burst (a smoke run)")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results/netbed-affinity)")
+    parser.add_argument("--workdir", type=Path, default=None, help="logs of every bed (default: a temporary folder)")
+    args = parser.parse_args()
+    setup = AffinityBenchSetup(duration_s=20.0, burst=60) if args.quick else AffinityBenchSetup()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="lorafleet-affinity-"))
+    results = run(setup, workdir)
+    print(write_results(results, args.out))
+
+
+if __name__ == "__main__":
+    main()
