@@ -1,0 +1,131 @@
+"""The fleet simulation's results on disk: fleet_sim.json (every figure and time series, with the
+commit, machine and command), fleet_sim.md (the tables), PNG plots (matplotlib Agg, skipped
+where matplotlib is missing)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from lorafleet.bench.fleet_setup import FleetSetup
+from lorafleet.bench.report import pyplot
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "fleet-sim"
+COLORS = {"affinity": "tab:blue", "hash": "tab:gray", "gateway-lora-affinity": "tab:orange"}
+
+
+def environment() -> dict:
+    try:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {"commit": commit, "command": " ".join(["python -m lorafleet.bench.fleet_sim", *sys.argv[1:]]),
+            "machine": f"{platform.platform()}, {platform.processor() or platform.machine()}",
+            "cpu_count": os.cpu_count(), "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def label(row: dict) -> str:
+    return row["policy"] if row["partitions"] is None else f"{row['policy']} P={row['partitions']}"
+
+
+def write_results(setup: FleetSetup, rows: list[dict], out, wall_s: float) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"environment": environment(), "setup": asdict(setup), "rate_rps": setup.rate_rps,
+               "engine_capacity_rps": setup.engine.capacity_rps(setup.mean_output), "wall_s": wall_s, "rows": rows}
+    (out / "fleet_sim.json").write_text(json.dumps(payload, indent=1) + "\n")
+    (out / "fleet_sim.md").write_text(markdown(payload))
+    plot_series(out, setup, rows)
+    plot_summary(out / "fleet_sim_summary.png", rows)
+    return out
+
+
+def markdown(payload: dict) -> str:
+    env, s, e = payload["environment"], payload["setup"], payload["setup"]["engine"]
+    events = ", ".join(f"{ev['engines']} engines {ev['kind']} at {ev['at_s']:.0f} s" for ev in s["events"])
+    lines = [
+        "# Routing at fleet scale (simulation)", "",
+        f"commit `{env['commit']}`, {env['machine']}, {env['cpu_count']} CPUs, Python {env['python']}, "
+        f"{env['date']}; {payload['wall_s']:.0f} s of wall time", "", f"command: `{env['command']}`", "",
+        f"Setup: {s['engines']} engines, {s['adapters']:,} adapters, {s['duration_s']:.0f} s of arrivals at "
+        f"{payload['rate_rps']:,.0f} requests/s ({s['load']:.0%} of the starting capacity; Gamma cv {s['cv']}, "
+        f"+-{s['wave_amplitude']:.0%} wave over {s['wave_period_s']:.0f} s); outputs uniform in "
+        f"[{s['output_range'][0]}, {s['output_range'][1]}) tokens. Engine: {e['max_running']} running requests, "
+        f"{e['adapter_slots']} adapter slots (LRU), {e['decode_step_s'] * 1000:.0f} ms per output token, "
+        f"{e['adapter_load_s'] * 1000:.0f} ms per adapter load: {payload['engine_capacity_rps']:.1f} requests/s. "
+        f"Events: {events}; session timeout {s['session_timeout_s']:.0f} s, rebalance {s['rebalance_s']:.0f} s "
+        f"(in-flight requests restarted: {s['restart_on_rebalance']}). Router: hot spread above "
+        f"{s['hot_adapter_rps']:.0f} requests/s per partition over {s['hot_window_s']:.0f} s. alpha: "
+        "S-LoRA's popularity exponent (1 uniform, smaller more skewed).", "",
+        "hit: served by an engine already holding the adapter; steady: arrivals between half the time to the "
+        "first event and the event; imbalance: busiest engine's started requests over the mean per "
+        f"{s['imbalance_window_s']:.0f} s window (mean of windows / worst window) and over the run; "
+        "delay: arrival to (last) start; routing: time in the policy's call per request (this machine).", "",
+        "| alpha | policy | requests | hit | steady hit | loads/s | imbalance win mean / max / run "
+        "| delay p50 / p99 s | steady p99 s | restarted | served once | routing us/req |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in payload["rows"]:
+        lines.append(
+            f"| {r['alpha']} | {label(r)} | {r['requests']:,} | {r['hit_rate']:.1%} | {r['steady_hit_rate']:.1%} "
+            f"| {r['adapter_loads_per_s']:,.0f} | {r['imbalance_window_mean']:.2f} / {r['imbalance_window_max']:.2f} / "
+            f"{r['imbalance_overall']:.2f} | {r['queue_delay_p50_s']:.2f} / {r['queue_delay_p99_s']:.2f} "
+            f"| {r['steady_delay_p99_s']:.2f} | {r['restarted_attempts']:,} | {r['served_once']} "
+            f"| {r['routing_us_per_request']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_series(out: Path, setup: FleetSetup, rows: list[dict]) -> None:
+    """Per popularity: hit rate, adapter loads/s and mean queueing delay over time, events marked."""
+    plt = pyplot()
+    if plt is None:
+        return
+    for alpha in sorted({r["alpha"] for r in rows}):
+        fig, axes = plt.subplots(3, 1, figsize=(9, 9), sharex=True)
+        for r in (r for r in rows if r["alpha"] == alpha):
+            style = "-" if r["partitions"] in (None, setup.engines) else ":"
+            s = r["series"]
+            for ax, key in zip(axes, ("hit_rate", "adapter_loads_per_s", "delay_mean_s")):
+                ax.plot(s["t_s"], s[key], style, color=COLORS.get(r["policy"]), label=label(r), linewidth=1.2)
+        for ax, name in zip(axes, ("hit rate", "adapter loads / s", "mean queueing delay (s, by arrival)")):
+            ax.set_ylabel(name)
+            for event in setup.events:
+                ax.axvline(event.at_s, color="red" if event.kind == "fail" else "green", alpha=0.4)
+                ax.axvline(event.at_s + (setup.session_timeout_s if event.kind == "fail" else 0), color="black",
+                           alpha=0.15, linestyle="--")
+        axes[0].set_title(f"{setup.engines} engines, {setup.adapters:,} adapters, alpha {alpha}: "
+                          "red = engines fail, green = engines join, dashed = group rebalance")
+        axes[0].legend(fontsize=7)
+        axes[-1].set_xlabel("simulated time (s)")
+        fig.tight_layout()
+        fig.savefig(out / f"fleet_sim_series_alpha{alpha}.png", dpi=110)
+        plt.close(fig)
+
+
+def plot_summary(path: Path, rows: list[dict]) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.5))
+    names = [f"a={r['alpha']} {label(r)}" for r in rows]
+    colors = [COLORS.get(r["policy"]) for r in rows]
+    for ax, key, title in zip(axes, ("hit_rate", "adapter_loads_per_s", "imbalance_window_mean"),
+                              ("hit rate", "adapter loads / s", "busiest / mean engine (10 s windows)")):
+        ax.barh(names, [r[key] for r in rows], color=colors)
+        ax.set_title(title)
+        ax.invert_yaxis()
+        ax.tick_params(axis="y", labelsize=7)
+    for ax in axes[1:]:
+        ax.set_yticklabels([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
