@@ -104,7 +104,7 @@ class RunMetrics:
 
     def _series(self, trace: Trace, delay: np.ndarray, served: np.ndarray) -> dict:
         width = self.setup.series_window_s
-        n = int(math.ceil(max(self.last_completion, self.setup.duration_s) / width))
+        n = math.ceil(max(self.last_completion, self.setup.duration_s) / width)
         starts, hits, done = (np.array(self.series[k][:n], dtype=float) for k in ("starts", "hits", "done"))
         arrivals = np.histogram(trace.arrival, bins=n, range=(0, n * width))[0]
         delay_sum = np.histogram(trace.arrival[served], bins=n, range=(0, n * width), weights=delay)[0]

@@ -106,8 +106,7 @@ class GatewayPicker:
         low, high = live_queues.min(), live_queues.max()
         score = np.where(self.distinct < self.max_lora, 0.8, 0.0)
         for e in self.engines.waiting_on.get(adapter, ()):
-            if score[e] < 0.6:
-                score[e] = 0.6
+            score[e] = max(score[e], 0.6)
         for e in self.engines.active_on.get(adapter, ()):
             score[e] = 1.0
         score += 1.0 if high == low else (high - queued) / (high - low)

@@ -54,9 +54,9 @@ def markdown(payload: dict) -> str:
     events = ", ".join(f"{ev['engines']} engines {ev['kind']} at {ev['at_s']:.0f} s" for ev in s["events"])
     lines = [
         "# Routing at fleet scale (simulation)", "",
-        f"commit `{env['commit']}`, {env['machine']}, {env['cpu_count']} CPUs, Python {env['python']}, "
-        f"{env['date']}; {payload['wall_s']:.0f} s of wall time", "", f"command: `{env['command']}`", "",
-        f"Setup: {s['engines']} engines, {s['adapters']:,} adapters, {s['duration_s']:.0f} s of arrivals at "
+        (f"commit `{env['commit']}`, {env['machine']}, {env['cpu_count']} CPUs, Python {env['python']}, "
+         f"{env['date']}; {payload['wall_s']:.0f} s of wall time"), "", f"command: `{env['command']}`", "",
+        (f"Setup: {s['engines']} engines, {s['adapters']:,} adapters, {s['duration_s']:.0f} s of arrivals at "
         f"{payload['rate_rps']:,.0f} requests/s ({s['load']:.0%} of the starting capacity; Gamma cv {s['cv']}, "
         f"+-{s['wave_amplitude']:.0%} wave over {s['wave_period_s']:.0f} s); outputs uniform in "
         f"[{s['output_range'][0]}, {s['output_range'][1]}) tokens. Engine: {e['max_running']} running requests, "
@@ -65,13 +65,13 @@ def markdown(payload: dict) -> str:
         f"Events: {events}; session timeout {s['session_timeout_s']:.0f} s, rebalance {s['rebalance_s']:.0f} s "
         f"(in-flight requests restarted: {s['restart_on_rebalance']}). Router: hot spread above "
         f"{s['hot_adapter_rps']:.0f} requests/s per partition over {s['hot_window_s']:.0f} s. alpha: "
-        "S-LoRA's popularity exponent (1 uniform, smaller more skewed).", "",
-        "hit: served by an engine already holding the adapter; steady: arrivals between half the time to the "
+        "S-LoRA's popularity exponent (1 uniform, smaller more skewed)."), "",
+        ("hit: served by an engine already holding the adapter; steady: arrivals between half the time to the "
         "first event and the event; imbalance: busiest engine's started requests over the mean per "
         f"{s['imbalance_window_s']:.0f} s window (mean of windows / worst window) and over the run; "
-        "delay: arrival to (last) start; routing: time in the policy's call per request (this machine).", "",
-        "| alpha | policy | requests | hit | steady hit | loads/s | imbalance win mean / max / run "
-        "| delay p50 / p99 s | steady p99 s | restarted | served once | routing us/req |",
+        "delay: arrival to (last) start; routing: time in the policy's call per request (this machine)."), "",
+        ("| alpha | policy | requests | hit | steady hit | loads/s | imbalance win mean / max / run "
+         "| delay p50 / p99 s | steady p99 s | restarted | served once | routing us/req |"),
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in payload["rows"]:

@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="40 engines, 4,000 adapters, 30 s (tests, smoke runs)")
     p.add_argument("--alphas", type=float, nargs="+", default=[0.3, 1.0], help="popularity (1: uniform)")
-    p.add_argument("--partition-factors", type=int, nargs="+", default=[1, 4], help="partitions per engine")
+    p.add_argument("--partition-factors", type=int, nargs="+", default=[1, 2], help="partitions per engine")
     p.add_argument("--duration", type=float, default=None, help="simulated seconds (default: the setup's)")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
