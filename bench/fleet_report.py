@@ -21,13 +21,13 @@ RESULTS = ROOT / "bench" / "results" / "fleet-sim"
 COLORS = {"affinity": "tab:blue", "hash": "tab:gray", "gateway-lora-affinity": "tab:orange"}
 
 
-def environment() -> dict:
+def environment(module: str = "lorafleet.bench.fleet_sim") -> dict:
     try:
         commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
                                 check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
-    return {"commit": commit, "command": " ".join(["python -m lorafleet.bench.fleet_sim", *sys.argv[1:]]),
+    return {"commit": commit, "command": " ".join([f"python -m {module}", *sys.argv[1:]]),
             "machine": f"{platform.platform()}, {platform.processor() or platform.machine()}",
             "cpu_count": os.cpu_count(), "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

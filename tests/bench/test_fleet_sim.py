@@ -111,3 +111,16 @@ def test_the_command_writes_results_with_commit_and_command(tmp_path, monkeypatc
     pytest.importorskip("matplotlib")
     assert (tmp_path / "fleet_sim_series_alpha0.3.png").stat().st_size > 0
     assert (tmp_path / "fleet_sim_summary.png").stat().st_size > 0
+
+
+def test_routing_cost_loads_a_revision_of_the_routing_module_and_replays_its_cache():
+    from lorafleet.bench.fleet_routing_cost import load_revision, ranking_cache_size, replay_miss_rate
+    from lorafleet.ingest import routing
+    from lorafleet.ingest.routing import choose_partition
+
+    head = load_revision("HEAD")
+    assert head.choose_partition("request-1", "adapter-3", 1000, 2) == choose_partition("request-1", "adapter-3", 1000, 2)
+    assert ranking_cache_size(head) == ranking_cache_size(routing)
+    assert ranking_cache_size(load_revision("e617845")) == 8192  # the ranking cache before the fleet study
+    assert replay_miss_rate([1, 2, 1, 2, 1, 2, 1, 2], 2) == 0.0
+    assert replay_miss_rate([1, 2, 3, 1, 2, 3, 1, 2, 3, 1], 2) == 1.0  # LRU of 2 over a cycle of 3
