@@ -24,7 +24,9 @@ from __future__ import annotations
 import numpy as np
 from aiokafka.cluster import ClusterMetadata
 from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
+from aiokafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberMetadata
+from aiokafka.structs import TopicPartition
 
 from lorafleet.bench.fleet_engines import SimEngines
 from lorafleet.ingest.routing import Router, stable_hash
@@ -44,17 +46,27 @@ class _TopicLayout(ClusterMetadata):
     def partitions_for_topic(self, topic: str):
         return self._work_partitions if topic == WORK_TOPIC else None
 
+    def topics(self, exclude_internal_topics: bool = True) -> set[str]:
+        return {WORK_TOPIC}
+
+
+ASSIGNORS = {"roundrobin": RoundRobinPartitionAssignor, "sticky": StickyPartitionAssignor}
+
 
 class ConsumerGroup:
-    """The engines' consumer group on the work topic, assigned by aiokafka's own default assignor
-    (RoundRobinPartitionAssignor: partitions in order, dealt over the member ids in sorted order).
-    Member ids are "<client id>-<uuid>" as the broker makes them, so their order is random."""
+    """The engines' consumer group on the work topic, assigned by aiokafka's own assignors:
+    "roundrobin" is aiokafka's default and what lorafleet's engines use (partitions in order,
+    dealt over the member ids in sorted order, so one member more or less shifts most of them);
+    "sticky" (StickyPartitionAssignor) keeps each member's previous partitions, which members
+    send in their join metadata. Member ids are "<client id>-<uuid>" as the broker makes them."""
 
-    def __init__(self, n_partitions: int, rng: np.random.Generator) -> None:
+    def __init__(self, n_partitions: int, rng: np.random.Generator, assignor: str = "roundrobin") -> None:
         self.n_partitions = n_partitions
         self.layout = _TopicLayout(n_partitions)
         self.rng = rng
+        self.assignor = ASSIGNORS[assignor]
         self.members: dict[str, int] = {}  # member id -> engine
+        self.previous: dict[str, list[int]] = {}  # member id -> partitions of the last assignment
 
     def join(self, engine: int) -> None:
         self.members[f"aiokafka-0.14.0-{self.rng.bytes(16).hex()}"] = engine
@@ -64,14 +76,22 @@ class ConsumerGroup:
 
     def owners(self) -> list[int]:
         """partition -> engine that consumes it (-1 when the group is empty)."""
-        metadata = ConsumerProtocolMemberMetadata(0, [WORK_TOPIC], b"")
-        assignment = RoundRobinPartitionAssignor.assign(self.layout, {m: metadata for m in self.members})
+        assignment = self.assignor.assign(self.layout, {m: self._metadata(m) for m in self.members})
         owner = [-1] * self.n_partitions
+        self.previous = {}
         for member, member_assignment in assignment.items():
             for _topic, partitions in member_assignment.assignment:
+                self.previous[member] = list(partitions)
                 for p in partitions:
                     owner[p] = self.members[member]
         return owner
+
+    def _metadata(self, member: str) -> ConsumerProtocolMemberMetadata:
+        if self.assignor is RoundRobinPartitionAssignor:
+            return ConsumerProtocolMemberMetadata(0, [WORK_TOPIC], b"")
+        previous = self.previous.get(member)
+        held = None if previous is None else [TopicPartition(WORK_TOPIC, p) for p in previous]
+        return StickyPartitionAssignor._metadata([WORK_TOPIC], held, 1)
 
 
 def make_partition_route(policy: str, n_partitions: int, hot_rps: float, window_s: float, clock):

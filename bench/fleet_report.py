@@ -18,7 +18,7 @@ from lorafleet.bench.report import pyplot
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "fleet-sim"
-COLORS = {"affinity": "tab:blue", "hash": "tab:gray", "gateway-lora-affinity": "tab:orange"}
+COLORS = {"affinity": "tab:blue", "hash": "tab:gray", "gateway-lora-affinity": "tab:orange", "sticky": "tab:green"}
 
 
 def environment(module: str = "lorafleet.bench.fleet_sim") -> dict:
@@ -33,8 +33,15 @@ def environment(module: str = "lorafleet.bench.fleet_sim") -> dict:
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
+def _color_key(row: dict) -> str:
+    return "sticky" if row.get("assignor") == "sticky" else row["policy"]
+
+
 def label(row: dict) -> str:
-    return row["policy"] if row["partitions"] is None else f"{row['policy']} P={row['partitions']}"
+    if row["partitions"] is None:
+        return row["policy"]
+    sticky = " sticky" if row.get("assignor") == "sticky" else ""
+    return f"{row['policy']} P={row['partitions']}{sticky}"
 
 
 def write_results(setup: FleetSetup, rows: list[dict], out, wall_s: float) -> Path:
@@ -93,9 +100,10 @@ def plot_series(out: Path, setup: FleetSetup, rows: list[dict]) -> None:
         fig, axes = plt.subplots(3, 1, figsize=(9, 9), sharex=True)
         for r in (r for r in rows if r["alpha"] == alpha):
             style = "-" if r["partitions"] in (None, setup.engines) else ":"
+            style = "--" if r.get("assignor") == "sticky" else style
             s = r["series"]
             for ax, key in zip(axes, ("hit_rate", "adapter_loads_per_s", "delay_mean_s")):
-                ax.plot(s["t_s"], s[key], style, color=COLORS.get(r["policy"]), label=label(r), linewidth=1.2)
+                ax.plot(s["t_s"], s[key], style, color=COLORS.get(_color_key(r)), label=label(r), linewidth=1.2)
         for ax, name in zip(axes, ("hit rate", "adapter loads / s", "mean queueing delay (s, by arrival)")):
             ax.set_ylabel(name)
             for event in setup.events:
@@ -117,7 +125,7 @@ def plot_summary(path: Path, rows: list[dict]) -> None:
         return
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.5))
     names = [f"a={r['alpha']} {label(r)}" for r in rows]
-    colors = [COLORS.get(r["policy"]) for r in rows]
+    colors = [COLORS.get(_color_key(r)) for r in rows]
     for ax, key, title in zip(axes, ("hit_rate", "adapter_loads_per_s", "imbalance_window_mean"),
                               ("hit rate", "adapter loads / s", "busiest / mean engine (10 s windows)")):
         ax.barh(names, [r[key] for r in rows], color=colors)

@@ -35,8 +35,9 @@ FAIL, JOIN, DETECT, REBALANCE_END = 1, 2, 3, 4  # control events on the heap, af
 
 
 class FleetRun:
-    def __init__(self, setup: FleetSetup, trace: Trace, policy: str, n_partitions: int | None) -> None:
-        self.setup, self.trace, self.policy = setup, trace, policy
+    def __init__(self, setup: FleetSetup, trace: Trace, policy: str, n_partitions: int | None,
+                 assignor: str = "roundrobin") -> None:
+        self.setup, self.trace, self.policy, self.assignor = setup, trace, policy, assignor
         self.adapter_of = trace.adapter.tolist()
         self.gateway = policy == GATEWAY_POLICY
         self.engines = SimEngines(setup.engine, setup.max_engines, self.adapter_of, trace.output_len.tolist(),
@@ -53,7 +54,7 @@ class FleetRun:
             self.n_partitions = n_partitions
             self.route = make_partition_route(policy, n_partitions, setup.hot_adapter_rps, setup.hot_window_s,
                                               clock=lambda: self.now)
-            self.group = ConsumerGroup(n_partitions, self.rng)
+            self.group = ConsumerGroup(n_partitions, self.rng, assignor)
             self.partition_of = [0] * len(trace)
             self.backlog = [deque() for _ in range(n_partitions)]
             self.rebalancing_until = -1.0
@@ -84,7 +85,9 @@ class FleetRun:
                 self.now = arrivals[i]
                 self._arrive(i, arrivals[i])
                 i += 1
-        return self.metrics.summary(self.policy, getattr(self, "n_partitions", None), self.trace)
+        row = self.metrics.summary(self.policy, getattr(self, "n_partitions", None), self.trace)
+        row["assignor"] = None if self.gateway else self.assignor
+        return row
 
     # --- requests ---------------------------------------------------------------------------
     def _arrive(self, r: int, now: float) -> None:
@@ -188,14 +191,15 @@ def run_matrix(setup: FleetSetup, alphas: tuple[float, ...], partition_factors: 
     rows = []
     for alpha in alphas:
         trace = generate_fleet_trace(setup, alpha)
-        plans = [(policy, factor * setup.engines) for factor in partition_factors for policy in ("affinity", "hash")]
-        plans.append((GATEWAY_POLICY, None))
-        for policy, partitions in plans:
+        plans = [(policy, factor * setup.engines, "roundrobin") for factor in partition_factors
+                 for policy in ("affinity", "hash")]
+        plans += [("affinity", partition_factors[0] * setup.engines, "sticky"), (GATEWAY_POLICY, None, None)]
+        for policy, partitions, assignor in plans:
             started = time.perf_counter()
-            row = FleetRun(setup, trace, policy, partitions).run()
+            row = FleetRun(setup, trace, policy, partitions, assignor or "roundrobin").run()
             row.update(alpha=alpha, wall_s=time.perf_counter() - started)
             rows.append(row)
-            log(f"alpha {alpha} {policy} P={partitions}: {row['requests']} requests, hit {row['hit_rate']:.1%}, "
+            log(f"alpha {alpha} {policy} P={partitions} {assignor}: {row['requests']} requests, hit {row['hit_rate']:.1%}, "
                 f"loads/s {row['adapter_loads_per_s']:.0f}, {row['wall_s']:.0f} s", file=sys.stderr)
     return rows
 

@@ -124,3 +124,20 @@ def test_routing_cost_loads_a_revision_of_the_routing_module_and_replays_its_cac
     assert ranking_cache_size(load_revision("e617845")) == 8192  # the ranking cache before the fleet study
     assert replay_miss_rate([1, 2, 1, 2, 1, 2, 1, 2], 2) == 0.0
     assert replay_miss_rate([1, 2, 3, 1, 2, 3, 1, 2, 3, 1], 2) == 1.0  # LRU of 2 over a cycle of 3
+
+
+def test_a_sticky_group_moves_only_the_partitions_of_the_engine_that_left():
+    group = ConsumerGroup(12, np.random.default_rng(0), assignor="sticky")
+    for engine in range(4):
+        group.join(engine)
+    before = group.owners()
+    group.leave(1)
+    after = group.owners()
+    assert [p for p in range(12) if before[p] != after[p]] == [p for p in range(12) if before[p] == 1]
+    assert sorted(after.count(e) for e in (0, 2, 3)) == [4, 4, 4]
+
+
+def test_the_sticky_assignor_runs_through_failures_and_joins():
+    trace = generate_fleet_trace(SMALL, 0.3)
+    row = FleetRun(SMALL, trace, "affinity", 16, assignor="sticky").run()
+    assert row["served_once"] and row["assignor"] == "sticky"
