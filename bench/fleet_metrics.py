@@ -18,8 +18,10 @@ from lorafleet.bench.fleet_setup import FleetSetup, Trace
 
 
 class RunMetrics:
-    def __init__(self, setup: FleetSetup, n_requests: int) -> None:
+    def __init__(self, setup: FleetSetup, n_requests: int, adapter_of: list[int]) -> None:
         self.setup = setup
+        self.adapter_of = adapter_of
+        self.used = [set() for _ in range(setup.max_engines)]  # engine -> adapters it ran: its node's store
         self.start = [math.nan] * n_requests
         self.hit = bytearray(n_requests)
         self.done = bytearray(n_requests)  # completions per request: exactly one each, checked
@@ -37,6 +39,7 @@ class RunMetrics:
     def started(self, r: int, engine: int, hit: bool, now: float) -> None:
         self.start[r] = now
         self.hit[r] = hit
+        self.used[engine].add(self.adapter_of[r])
         w = min(int(now / self.setup.series_window_s), len(self.series["starts"]) - 1)
         self.series["starts"][w] += 1
         if hit:
@@ -82,9 +85,21 @@ class RunMetrics:
             "imbalance_window_mean": float(np.mean(windows)) if windows else None,
             "imbalance_window_max": float(np.max(windows)) if windows else None,
             "routing_us_per_request": self.routing_s / len(trace) * 1e6,
+            **self._working_sets(),
             "last_completion_s": self.last_completion,
             "series": self._series(trace, delay, done > 0),
         }
+
+    def _working_sets(self) -> dict:
+        """Distinct adapters each engine, and each node of `engines_per_node` of the starting
+        engines (consecutive ids), ran over the whole run: what a node's adapter store serves."""
+        setup = self.setup
+        steady = [len(self.used[e]) for e in range(setup.engines) if self._steady(e, 0.0, math.inf)]
+        size = setup.engines_per_node
+        nodes = [len(set().union(*self.used[n:n + size])) for n in range(0, setup.engines - size + 1, size)]
+        return {"adapters_per_engine": float(np.mean(steady)) if steady else 0.0,
+                "adapters_per_node": float(np.mean(nodes)) if nodes else 0.0,
+                "adapters_per_node_max": max(nodes, default=0)}
 
     def _steady(self, engine: int, start: float, end: float) -> bool:
         return self.up_from[engine] <= start and self.up_to[engine] >= end

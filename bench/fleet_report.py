@@ -76,10 +76,13 @@ def markdown(payload: dict) -> str:
         ("hit: served by an engine already holding the adapter; steady: arrivals between half the time to the "
         "first event and the event; imbalance: busiest engine's started requests over the mean per "
         f"{s['imbalance_window_s']:.0f} s window (mean of windows / worst window) and over the run; "
-        "delay: arrival to (last) start; routing: time in the policy's call per request (this machine)."), "",
+        "delay: arrival to (last) start; adapters / engine, / node: distinct adapters an engine (up all run) "
+        f"and a node of {s['engines_per_node']} engines ran; routing: time in the policy's call per request "
+        "(this machine)."), "",
         ("| alpha | policy | requests | hit | steady hit | loads/s | imbalance win mean / max / run "
-         "| delay p50 / p99 s | steady p99 s | restarted | served once | routing us/req |"),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+         "| delay p50 / p99 s | steady p99 s | restarted | served once | adapters / engine, / node "
+         "| routing us/req |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in payload["rows"]:
         lines.append(
@@ -87,7 +90,7 @@ def markdown(payload: dict) -> str:
             f"| {r['adapter_loads_per_s']:,.0f} | {r['imbalance_window_mean']:.2f} / {r['imbalance_window_max']:.2f} / "
             f"{r['imbalance_overall']:.2f} | {r['queue_delay_p50_s']:.2f} / {r['queue_delay_p99_s']:.2f} "
             f"| {r['steady_delay_p99_s']:.2f} | {r['restarted_attempts']:,} | {r['served_once']} "
-            f"| {r['routing_us_per_request']:.1f} |")
+            f"| {r['adapters_per_engine']:,.0f}, {r['adapters_per_node']:,.0f} | {r['routing_us_per_request']:.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -59,6 +59,7 @@ class FleetSetup:
     hot_window_s: float = 10.0  # Router's rate window (LORAFLEET_HOT_WINDOW_S)
     series_window_s: float = 2.0  # bucket of the time series
     imbalance_window_s: float = 10.0  # bucket of max/mean engine load
+    engines_per_node: int = 8  # GPUs of one node sharing its adapter store (consecutive engine ids)
     seed: int = 42
 
     @property

@@ -42,7 +42,7 @@ class FleetRun:
         self.gateway = policy == GATEWAY_POLICY
         self.engines = SimEngines(setup.engine, setup.max_engines, self.adapter_of, trace.output_len.tolist(),
                                   track_adapters=self.gateway)
-        self.metrics = RunMetrics(setup, len(trace))
+        self.metrics = RunMetrics(setup, len(trace), self.adapter_of)
         self.engines.on_start = self.metrics.started
         self.rng = np.random.default_rng(setup.seed + 1)
         self.now = 0.0
