@@ -68,8 +68,9 @@ class RunMetrics:
         delay = (np.array(self.start) - trace.arrival)[done > 0]
         windows = self._imbalance_per_window()
         first_event = min((e.at_s for e in setup.events), default=setup.duration_s)
+        longest = setup.output_range[1] * setup.engine.decode_step_s  # served before the event, if not queued
         arrival = trace.arrival[done > 0]
-        steady = (arrival >= first_event / 2) & (arrival < first_event)  # warm caches, no event yet
+        steady = (arrival >= first_event / 2) & (arrival < first_event - longest)  # warm caches, no event yet
         return {
             "policy": policy, "partitions": partitions, "requests": len(trace),
             "served_once": bool((done == 1).all()), "unserved": int((done == 0).sum()),

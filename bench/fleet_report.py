@@ -18,7 +18,8 @@ from lorafleet.bench.report import pyplot
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "fleet-sim"
-COLORS = {"affinity": "tab:blue", "hash": "tab:gray", "gateway-lora-affinity": "tab:orange", "sticky": "tab:green"}
+COLORS = {"affinity": "tab:blue", "hash": "tab:gray", "gateway-lora-affinity": "tab:orange", "sticky": "tab:green",
+          "hot": "tab:purple"}
 
 
 def environment(module: str = "lorafleet.bench.fleet_sim") -> dict:
@@ -34,6 +35,8 @@ def environment(module: str = "lorafleet.bench.fleet_sim") -> dict:
 
 
 def _color_key(row: dict) -> str:
+    if row.get("hot_variant"):
+        return "hot"
     return "sticky" if row.get("assignor") == "sticky" else row["policy"]
 
 
@@ -41,7 +44,8 @@ def label(row: dict) -> str:
     if row["partitions"] is None:
         return row["policy"]
     sticky = " sticky" if row.get("assignor") == "sticky" else ""
-    return f"{row['policy']} P={row['partitions']}{sticky}"
+    hot = f" hot {row['hot_adapter_rps']:g}/s" if row.get("hot_variant") else ""
+    return f"{row['policy']} P={row['partitions']}{sticky}{hot}"
 
 
 def write_results(setup: FleetSetup, rows: list[dict], out, wall_s: float) -> Path:
@@ -73,8 +77,8 @@ def markdown(payload: dict) -> str:
         f"(in-flight requests restarted: {s['restart_on_rebalance']}). Router: hot spread above "
         f"{s['hot_adapter_rps']:.0f} requests/s per partition over {s['hot_window_s']:.0f} s. alpha: "
         "S-LoRA's popularity exponent (1 uniform, smaller more skewed)."), "",
-        ("hit: served by an engine already holding the adapter; steady: arrivals between half the time to the "
-        "first event and the event; imbalance: busiest engine's started requests over the mean per "
+        ("hit: served by an engine already holding the adapter; steady: arrivals from half the time to the "
+        "first event until the longest request's service time before it; imbalance: busiest engine's started requests over the mean per "
         f"{s['imbalance_window_s']:.0f} s window (mean of windows / worst window) and over the run; "
         "delay: arrival to (last) start; adapters / engine, / node: distinct adapters an engine (up all run) "
         f"and a node of {s['engines_per_node']} engines ran; routing: time in the policy's call per request "
@@ -104,6 +108,7 @@ def plot_series(out: Path, setup: FleetSetup, rows: list[dict]) -> None:
         for r in (r for r in rows if r["alpha"] == alpha):
             style = "-" if r["partitions"] in (None, setup.engines) else ":"
             style = "--" if r.get("assignor") == "sticky" else style
+            style = "-." if r.get("hot_variant") else style
             s = r["series"]
             for ax, key in zip(axes, ("hit_rate", "adapter_loads_per_s", "delay_mean_s")):
                 ax.plot(s["t_s"], s[key], style, color=COLORS.get(_color_key(r)), label=label(r), linewidth=1.2)

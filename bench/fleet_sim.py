@@ -87,6 +87,7 @@ class FleetRun:
                 i += 1
         row = self.metrics.summary(self.policy, getattr(self, "n_partitions", None), self.trace)
         row["assignor"] = None if self.gateway else self.assignor
+        row["hot_adapter_rps"] = self.setup.hot_adapter_rps
         return row
 
     # --- requests ---------------------------------------------------------------------------
@@ -186,18 +187,24 @@ class FleetRun:
 
 
 def run_matrix(setup: FleetSetup, alphas: tuple[float, ...], partition_factors: tuple[int, ...],
-               log=print) -> list[dict]:
-    """Every policy on the same trace per popularity; the Kafka policies per partition count."""
+               hot_rps_variant: float = 0.0, log=print) -> list[dict]:
+    """Every policy on the same trace per popularity; the Kafka policies per partition count; the
+    Router under the sticky assignor, and with `hot_rps_variant` as its hot threshold (if > 0)."""
     rows = []
+    base = partition_factors[0] * setup.engines
     for alpha in alphas:
         trace = generate_fleet_trace(setup, alpha)
-        plans = [(policy, factor * setup.engines, "roundrobin") for factor in partition_factors
+        plans = [(policy, factor * setup.engines, "roundrobin", setup) for factor in partition_factors
                  for policy in ("affinity", "hash")]
-        plans += [("affinity", partition_factors[0] * setup.engines, "sticky"), (GATEWAY_POLICY, None, None)]
-        for policy, partitions, assignor in plans:
+        plans.append(("affinity", base, "sticky", setup))
+        if hot_rps_variant > 0:
+            plans.append(("affinity", base, "sticky", replace(setup, hot_adapter_rps=hot_rps_variant)))
+        plans.append((GATEWAY_POLICY, None, None, setup))
+        for policy, partitions, assignor, run_setup in plans:
             started = time.perf_counter()
-            row = FleetRun(setup, trace, policy, partitions, assignor or "roundrobin").run()
-            row.update(alpha=alpha, wall_s=time.perf_counter() - started)
+            row = FleetRun(run_setup, trace, policy, partitions, assignor or "roundrobin").run()
+            row.update(alpha=alpha, wall_s=time.perf_counter() - started,
+                       hot_variant=run_setup.hot_adapter_rps != setup.hot_adapter_rps)
             rows.append(row)
             log(f"alpha {alpha} {policy} P={partitions} {assignor}: {row['requests']} requests, hit {row['hit_rate']:.1%}, "
                 f"loads/s {row['adapter_loads_per_s']:.0f}, {row['wall_s']:.0f} s", file=sys.stderr)
@@ -216,13 +223,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--alphas", type=float, nargs="+", default=[0.3, 1.0], help="popularity (1: uniform)")
     p.add_argument("--partition-factors", type=int, nargs="+", default=[1, 2], help="partitions per engine")
     p.add_argument("--duration", type=float, default=None, help="simulated seconds (default: the setup's)")
+    p.add_argument("--hot-rps-variant", type=float, default=5.0,
+                   help="also run the Router (sticky group) with this hot threshold per partition; 0: no")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     setup = QUICK if args.quick else FleetSetup()
     if args.duration:
         setup = replace(setup, duration_s=args.duration)
     started = time.perf_counter()
-    rows = run_matrix(setup, tuple(args.alphas), tuple(args.partition_factors))
+    rows = run_matrix(setup, tuple(args.alphas), tuple(args.partition_factors), args.hot_rps_variant)
     write_results(setup, rows, args.out, wall_s=time.perf_counter() - started)
 
 
