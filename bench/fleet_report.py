@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from lorafleet.bench.fleet_setup import FleetSetup
+from lorafleet.bench.fleet_setup import EngineModel, FleetEvent, FleetSetup
 from lorafleet.bench.report import pyplot
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +60,18 @@ def write_results(setup: FleetSetup, rows: list[dict], out, wall_s: float) -> Pa
     return out
 
 
+def rewrite(out) -> None:
+    """The markdown and plots again from fleet_sim.json (any machine, no simulation)."""
+    out = Path(out)
+    payload = json.loads((out / "fleet_sim.json").read_text())
+    raw = dict(payload["setup"])
+    setup = FleetSetup(**{**raw, "engine": EngineModel(**raw["engine"]), "output_range": tuple(raw["output_range"]),
+                          "events": tuple(FleetEvent(**e) for e in raw["events"])})
+    (out / "fleet_sim.md").write_text(markdown(payload))
+    plot_series(out, setup, payload["rows"])
+    plot_summary(out / "fleet_sim_summary.png", payload["rows"])
+
+
 def markdown(payload: dict) -> str:
     env, s, e = payload["environment"], payload["setup"], payload["setup"]["engine"]
     events = ", ".join(f"{ev['engines']} engines {ev['kind']} at {ev['at_s']:.0f} s" for ev in s["events"])
@@ -82,7 +94,9 @@ def markdown(payload: dict) -> str:
         f"{s['imbalance_window_s']:.0f} s window (mean of windows / worst window) and over the run; "
         "delay: arrival to (last) start; adapters / engine, / node: distinct adapters an engine (up all run) "
         f"and a node of {s['engines_per_node']} engines ran; routing: time in the policy's call per request "
-        "(this machine)."), "",
+        "on this machine, including each adapter's first ranking in this process (the runs share one process "
+        "and its 2^17-entry ranking cache, so a run after one at another partition count ranks again: "
+        "routing_cost.md has the steady cost)."), "",
         ("| alpha | policy | requests | hit | steady hit | loads/s | imbalance win mean / max / run "
          "| delay p50 / p99 s | steady p99 s | restarted | served once | adapters / engine, / node "
          "| routing us/req |"),
@@ -118,8 +132,8 @@ def plot_series(out: Path, setup: FleetSetup, rows: list[dict]) -> None:
                 ax.axvline(event.at_s, color="red" if event.kind == "fail" else "green", alpha=0.4)
                 ax.axvline(event.at_s + (setup.session_timeout_s if event.kind == "fail" else 0), color="black",
                            alpha=0.15, linestyle="--")
-        axes[0].set_title(f"{setup.engines} engines, {setup.adapters:,} adapters, alpha {alpha}: "
-                          "red = engines fail, green = engines join, dashed = group rebalance")
+        axes[0].set_title(f"{setup.engines} engines, {setup.adapters:,} adapters, alpha {alpha}\n"
+                          "red: engines fail, green: engines join, dashed: the group rebalances", fontsize=10)
         axes[0].legend(fontsize=7)
         axes[-1].set_xlabel("simulated time (s)")
         fig.tight_layout()

@@ -216,7 +216,7 @@ QUICK = FleetSetup(engines=40, adapters=4000, duration_s=30.0, events=(replace(F
 
 
 def main(argv: list[str] | None = None) -> None:
-    from lorafleet.bench.fleet_report import RESULTS, write_results
+    from lorafleet.bench.fleet_report import RESULTS, rewrite, write_results
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="40 engines, 4,000 adapters, 30 s (tests, smoke runs)")
@@ -226,7 +226,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hot-rps-variant", type=float, default=5.0,
                    help="also run the Router (sticky group) with this hot threshold per partition; 0: no")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--replot", action="store_true", help="only redraw the markdown and plots from --out's JSON")
     args = p.parse_args(argv)
+    if args.replot:
+        rewrite(args.out)
+        return
     setup = QUICK if args.quick else FleetSetup()
     if args.duration:
         setup = replace(setup, duration_s=args.duration)

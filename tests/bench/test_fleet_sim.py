@@ -111,6 +111,9 @@ def test_the_command_writes_results_with_commit_and_command(tmp_path, monkeypatc
     pytest.importorskip("matplotlib")
     assert (tmp_path / "fleet_sim_series_alpha0.3.png").stat().st_size > 0
     assert (tmp_path / "fleet_sim_summary.png").stat().st_size > 0
+    (tmp_path / "fleet_sim.md").unlink()
+    main(["--replot", "--out", str(tmp_path)])  # the markdown again from the JSON alone
+    assert "| 0.3 | affinity P=40 |" in (tmp_path / "fleet_sim.md").read_text()
 
 
 def test_routing_cost_loads_a_revision_of_the_routing_module_and_replays_its_cache():
