@@ -40,6 +40,11 @@ def _color_key(row: dict) -> str:
     return "sticky" if row.get("assignor") == "sticky" else row["policy"]
 
 
+def _moved(row: dict) -> str:
+    moved = row.get("partitions_moved")
+    return "-" if not moved else ", ".join(f"{m:.0%}" for m in moved)
+
+
 def label(row: dict) -> str:
     if row["partitions"] is None:
         return row["policy"]
@@ -98,16 +103,16 @@ def markdown(payload: dict) -> str:
         "and its 2^17-entry ranking cache, so a run after one at another partition count ranks again: "
         "routing_cost.md has the steady cost)."), "",
         ("| alpha | policy | requests | hit | steady hit | loads/s | imbalance win mean / max / run "
-         "| delay p50 / p99 s | steady p99 s | restarted | served once | adapters / engine, / node "
-         "| routing us/req |"),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+         "| delay p50 / p99 s | steady p99 s | restarted | partitions moved per rebalance | served once "
+         "| adapters / engine, / node | routing us/req |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in payload["rows"]:
         lines.append(
             f"| {r['alpha']} | {label(r)} | {r['requests']:,} | {r['hit_rate']:.1%} | {r['steady_hit_rate']:.1%} "
             f"| {r['adapter_loads_per_s']:,.0f} | {r['imbalance_window_mean']:.2f} / {r['imbalance_window_max']:.2f} / "
             f"{r['imbalance_overall']:.2f} | {r['queue_delay_p50_s']:.2f} / {r['queue_delay_p99_s']:.2f} "
-            f"| {r['steady_delay_p99_s']:.2f} | {r['restarted_attempts']:,} | {r['served_once']} "
+            f"| {r['steady_delay_p99_s']:.2f} | {r['restarted_attempts']:,} | {_moved(r)} | {r['served_once']} "
             f"| {r['adapters_per_engine']:,.0f}, {r['adapters_per_node']:,.0f} | {r['routing_us_per_request']:.1f} |")
     return "\n".join(lines) + "\n"
 

@@ -58,10 +58,13 @@ class FleetRun:
             self.partition_of = [0] * len(trace)
             self.backlog = [deque() for _ in range(n_partitions)]
             self.rebalancing_until = -1.0
+            self.rebalancing = False
         for engine in range(setup.engines):
             self._bring_up(engine)
         if not self.gateway:
             self.owner = self.group.owners()
+            self.assigned = self.owner  # the last rebalance's owners, before any failure stalls them
+            self.moved: list[float] = []  # per rebalance: the share of partitions that changed owner
         for event in setup.events:
             self._push(event.at_s, JOIN if event.kind == "join" else FAIL, event.engines)
 
@@ -87,6 +90,7 @@ class FleetRun:
                 i += 1
         row = self.metrics.summary(self.policy, getattr(self, "n_partitions", None), self.trace)
         row["assignor"] = None if self.gateway else self.assignor
+        row["partitions_moved"] = None if self.gateway else [round(m, 4) for m in self.moved]
         row["hot_adapter_rps"] = self.setup.hot_adapter_rps
         return row
 
@@ -151,11 +155,14 @@ class FleetRun:
                     self.group.leave(engine)
             if not self.gateway:
                 self._rebalance(now)
-        elif kind == REBALANCE_END and now >= self.rebalancing_until:
+        elif kind == REBALANCE_END and now >= self.rebalancing_until and self.rebalancing:
+            self.rebalancing = False
             for engine in set(self.group.members.values()):
                 if not self.engines.alive[engine]:  # a dead member does not rejoin: the rebalance drops it
                     self.group.leave(engine)
             self.owner = self.group.owners()
+            self.moved.append(sum(a != b for a, b in zip(self.assigned, self.owner)) / self.n_partitions)
+            self.assigned = self.owner
             for partition, waiting in enumerate(self.backlog):
                 if waiting:
                     self.backlog[partition] = deque()
@@ -170,6 +177,7 @@ class FleetRun:
                     self.metrics.restarts += len(aborted)
                     for r in aborted:
                         self.backlog[self.partition_of[r]].append(r)
+        self.rebalancing = True  # one REBALANCE_END acts: the last one scheduled
         self.rebalancing_until = now + self.setup.rebalance_s
         self._push(self.rebalancing_until, REBALANCE_END, None)
 

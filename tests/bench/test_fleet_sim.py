@@ -140,6 +140,16 @@ def test_a_sticky_group_moves_only_the_partitions_of_the_engine_that_left():
     assert sorted(after.count(e) for e in (0, 2, 3)) == [4, 4, 4]
 
 
+def test_round_robin_moves_far_more_partitions_per_rebalance_than_sticky():
+    setup = replace(SMALL, events=(FleetEvent(5.0, "fail", 3), FleetEvent(11.0, "join", 2)))
+    trace = generate_fleet_trace(setup, 1.0)
+    round_robin = FleetRun(setup, trace, "affinity", 48).run()["partitions_moved"]
+    sticky = FleetRun(setup, trace, "affinity", 48, assignor="sticky").run()["partitions_moved"]
+    assert len(round_robin) == len(sticky) == 2  # the failure found, the join
+    assert sticky[0] == 3 * 3 / 48  # only the 3 dead engines' partitions (3 each) move
+    assert sum(sticky) < sum(round_robin)
+
+
 def test_the_sticky_assignor_runs_through_failures_and_joins():
     trace = generate_fleet_trace(SMALL, 0.3)
     row = FleetRun(SMALL, trace, "affinity", 16, assignor="sticky").run()
