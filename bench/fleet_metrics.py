@@ -76,7 +76,8 @@ class RunMetrics:
             "served_once": bool((done == 1).all()), "unserved": int((done == 0).sum()),
             "served_twice_or_more": int((done > 1).sum()),
             "hit_rate": float(hit.mean()) if len(hit) else 0.0,
-            "adapter_loads": self.loads, "adapter_loads_per_s": self.loads / max(self.last_completion, 1e-9),
+            # per second of arrivals (loads per request x the arrival rate): drains differ in length
+            "adapter_loads": self.loads, "adapter_loads_per_s": self.loads / setup.duration_s,
             "restarted_attempts": self.restarts,
             "queue_delay_p50_s": float(np.percentile(delay, 50)), "queue_delay_p99_s": float(np.percentile(delay, 99)),
             "queue_delay_mean_s": float(delay.mean()),
@@ -127,7 +128,7 @@ class RunMetrics:
         served_count = np.histogram(trace.arrival[served], bins=n, range=(0, n * width))[0]
         return {
             "t_s": [round((i + 0.5) * width, 3) for i in range(n)],
-            "hit_rate": np.divide(hits, starts, out=np.zeros(n), where=starts > 0).round(4).tolist(),
+            "hit_rate": [None if s == 0 else round(h / s, 4) for h, s in zip(hits, starts)],  # None: nothing started
             "adapter_loads_per_s": ((starts - hits) / width).round(1).tolist(),
             "completed_per_s": (done / width).round(1).tolist(),
             "arrivals_per_s": (arrivals / width).round(1).tolist(),

@@ -13,6 +13,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+
 from lorafleet.bench.fleet_setup import EngineModel, FleetEvent, FleetSetup
 from lorafleet.bench.report import pyplot
 
@@ -94,8 +96,9 @@ def markdown(payload: dict) -> str:
         f"(in-flight requests restarted: {s['restart_on_rebalance']}). Router: hot spread above "
         f"{s['hot_adapter_rps']:.0f} requests/s per partition over {s['hot_window_s']:.0f} s. alpha: "
         "S-LoRA's popularity exponent (1 uniform, smaller more skewed)."), "",
-        ("hit: served by an engine already holding the adapter; steady: arrivals from half the time to the "
-        "first event until the longest request's service time before it; imbalance: busiest engine's started requests over the mean per "
+        ("hit: served by an engine already holding the adapter; loads/s: adapter loads per second of "
+        "arrivals; steady: arrivals from half the time to the first event until the longest request's "
+        "service time before it; imbalance: busiest engine's started requests over the mean per "
         f"{s['imbalance_window_s']:.0f} s window (mean of windows / worst window) and over the run; "
         "delay: arrival to (last) start; adapters / engine, / node: distinct adapters an engine (up all run) "
         f"and a node of {s['engines_per_node']} engines ran; routing: time in the policy's call per request "
@@ -130,7 +133,7 @@ def plot_series(out: Path, setup: FleetSetup, rows: list[dict]) -> None:
             style = "-." if r.get("hot_variant") else style
             s = r["series"]
             for ax, key in zip(axes, ("hit_rate", "adapter_loads_per_s", "delay_mean_s")):
-                ax.plot(s["t_s"], s[key], style, color=COLORS.get(_color_key(r)), label=label(r), linewidth=1.2)
+                ax.plot(s["t_s"], np.array(s[key], dtype=float), style, color=COLORS.get(_color_key(r)), label=label(r), linewidth=1.2)
         for ax, name in zip(axes, ("hit rate", "adapter loads / s", "mean queueing delay (s, by arrival)")):
             ax.set_ylabel(name)
             for event in setup.events:
