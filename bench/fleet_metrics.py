@@ -132,5 +132,6 @@ class RunMetrics:
             "adapter_loads_per_s": ((starts - hits) / width).round(1).tolist(),
             "completed_per_s": (done / width).round(1).tolist(),
             "arrivals_per_s": (arrivals / width).round(1).tolist(),
-            "delay_mean_s": np.divide(delay_sum, served_count, out=np.zeros(n), where=served_count > 0).round(3).tolist(),
+            "delay_mean_s": np.divide(delay_sum, served_count, out=np.zeros(n),
+                                      where=served_count > 0).round(3).tolist(),
         }

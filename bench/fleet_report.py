@@ -133,7 +133,8 @@ def plot_series(out: Path, setup: FleetSetup, rows: list[dict]) -> None:
             style = "-." if r.get("hot_variant") else style
             s = r["series"]
             for ax, key in zip(axes, ("hit_rate", "adapter_loads_per_s", "delay_mean_s")):
-                ax.plot(s["t_s"], np.array(s[key], dtype=float), style, color=COLORS.get(_color_key(r)), label=label(r), linewidth=1.2)
+                ax.plot(s["t_s"], np.array(s[key], dtype=float), style, color=COLORS.get(_color_key(r)),
+                        label=label(r), linewidth=1.2)
         for ax, name in zip(axes, ("hit rate", "adapter loads / s", "mean queueing delay (s, by arrival)")):
             ax.set_ylabel(name)
             for event in setup.events:

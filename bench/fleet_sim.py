@@ -214,7 +214,8 @@ def run_matrix(setup: FleetSetup, alphas: tuple[float, ...], partition_factors: 
             row.update(alpha=alpha, wall_s=time.perf_counter() - started,
                        hot_variant=run_setup.hot_adapter_rps != setup.hot_adapter_rps)
             rows.append(row)
-            log(f"alpha {alpha} {policy} P={partitions} {assignor}: {row['requests']} requests, hit {row['hit_rate']:.1%}, "
+            log(f"alpha {alpha} {policy} P={partitions} {assignor}: {row['requests']} requests, "
+                f"hit {row['hit_rate']:.1%}, "
                 f"loads/s {row['adapter_loads_per_s']:.0f}, {row['wall_s']:.0f} s", file=sys.stderr)
     return rows
 

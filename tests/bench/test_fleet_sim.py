@@ -122,7 +122,8 @@ def test_routing_cost_loads_a_revision_of_the_routing_module_and_replays_its_cac
     from lorafleet.ingest.routing import choose_partition
 
     head = load_revision("HEAD")
-    assert head.choose_partition("request-1", "adapter-3", 1000, 2) == choose_partition("request-1", "adapter-3", 1000, 2)
+    expected = choose_partition("request-1", "adapter-3", 1000, 2)
+    assert head.choose_partition("request-1", "adapter-3", 1000, 2) == expected
     assert ranking_cache_size(head) == ranking_cache_size(routing)
     assert ranking_cache_size(load_revision("e617845")) == 8192  # the ranking cache before the fleet study
     assert replay_miss_rate([1, 2, 1, 2, 1, 2, 1, 2], 2) == 0.0
