@@ -105,7 +105,8 @@ def markdown(payload: dict) -> str:
         "S-LoRA's popularity exponent (1 uniform, smaller more skewed)."), "",
         ("hit: served by an engine already holding the adapter; loads/s: adapter loads per second of "
         "arrivals (over the run, from cold caches; over its last 10 s); steady: arrivals from half the time "
-        "to the first event until the longest request's service time before it; imbalance: busiest engine's started requests over the mean per "
+        "to the first event until the longest request's service time before it; imbalance: busiest "
+        "engine's started requests over the mean per "
         f"{s['imbalance_window_s']:.0f} s window (mean of windows / worst window) and over the run; "
         "delay: arrival to (last) start; adapters / engine, / node: distinct adapters an engine (up all run) "
         f"and a node of {s['engines_per_node']} engines ran; routing: time in the policy's call per request "

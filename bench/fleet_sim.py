@@ -11,7 +11,7 @@ protocol revokes them all), which the new owners serve again from the last commi
 path (`gateway-lora-affinity`) picks an engine per request from live state, without partitions.
 Engines: bench/fleet_engines.py; setup and trace: bench/fleet_setup.py; output: fleet_report.py.
 
-    python -m lorafleet.bench.fleet_sim            # ~10 min on 2 cores: bench/results/fleet-sim/
+    python -m lorafleet.bench.fleet_sim            # ~13 min on 2 cores: bench/results/fleet-sim/
     python -m lorafleet.bench.fleet_sim --quick    # a small fleet in seconds
 """
 
