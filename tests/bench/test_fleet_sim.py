@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from dataclasses import replace
 
 import numpy as np
@@ -121,11 +122,15 @@ def test_routing_cost_loads_a_revision_of_the_routing_module_and_replays_its_cac
     from lorafleet.ingest import routing
     from lorafleet.ingest.routing import choose_partition
 
-    head = load_revision("HEAD")
+    try:
+        head = load_revision("HEAD")
+        before = load_revision("e617845")
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("needs the git history (a shallow clone or an export lacks it)")
     expected = choose_partition("request-1", "adapter-3", 1000, 2)
     assert head.choose_partition("request-1", "adapter-3", 1000, 2) == expected
     assert ranking_cache_size(head) == ranking_cache_size(routing)
-    assert ranking_cache_size(load_revision("e617845")) == 8192  # the ranking cache before the fleet study
+    assert ranking_cache_size(before) == 8192  # the ranking cache before the fleet study
     assert replay_miss_rate([1, 2, 1, 2, 1, 2, 1, 2], 2) == 0.0
     assert replay_miss_rate([1, 2, 3, 1, 2, 3, 1, 2, 3, 1], 2) == 1.0  # LRU of 2 over a cycle of 3
 
