@@ -19,7 +19,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from lorafleet.bench.netbed.fleet import FleetSetup, NetFleet
+from lorafleet.bench.netbed.fleet import NetFleetSetup, NetFleet
 from lorafleet.bench.netbed.network import STATE_DIR, bed_ids, sweep_stale, unavailable_reason
 
 
@@ -29,7 +29,7 @@ def up(args: argparse.Namespace) -> int:
 
     assets = ensure_demo_assets(Path(settings.read("CACHE_DIR")).expanduser())
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="lorafleet-netbed-"))
-    setup = FleetSetup(model=assets.model_dir, adapters={a: assets.adapter_dir(a) for a in assets.adapter_ids},
+    setup = NetFleetSetup(model=assets.model_dir, adapters={a: assets.adapter_dir(a) for a in assets.adapter_ids},
                        engines=args.engines, partitions=args.partitions)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

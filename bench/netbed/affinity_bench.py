@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lorafleet.bench.netbed.fleet import FleetSetup, NetFleet
+from lorafleet.bench.netbed.fleet import NetFleetSetup, NetFleet
 from lorafleet.bench.netbed.results import write_results
 from lorafleet.bench.workload import TraceRequest, generate_trace
 from lorafleet.client import LorafleetClient
@@ -116,7 +116,7 @@ def engine_counter(fleet: NetFleet, engine: str, name: str) -> float:
 
 
 def _fleet(setup: AffinityBenchSetup, model: Path, adapters: dict[str, Path], policy: str, workdir: Path) -> NetFleet:
-    fleet_setup = FleetSetup(model=model, adapters=adapters, engines=setup.engines, partitions=setup.partitions,
+    fleet_setup = NetFleetSetup(model=model, adapters=adapters, engines=setup.engines, partitions=setup.partitions,
                              engine_flags=("--pool-pages", "256", "--max-batched-tokens", "256", "--max-adapter-slots",
                                            str(setup.adapter_slots), "--max-adapter-rank", "32"),
                              env={"LORAFLEET_INGEST_ROUTING": policy})

@@ -30,7 +30,7 @@ S3_PORT, STORE_PORT, BUCKET = 5000, 7070, "adapters"
 
 
 @dataclass(frozen=True)
-class FleetSetup:
+class NetFleetSetup:
     model: Path
     adapters: dict[str, Path]  # adapter id -> local PEFT folder, uploaded to the bed's S3
     engines: int = 3
@@ -56,7 +56,7 @@ def _wait(what, timeout_s: float, message: str):
 class NetFleet:
     """Start with `start()`; `stop()` ends every process and removes the bed."""
 
-    def __init__(self, setup: FleetSetup, workdir: Path) -> None:
+    def __init__(self, setup: NetFleetSetup, workdir: Path) -> None:
         self.setup, self.workdir = setup, Path(workdir)
         self.bed: NetBed | None = None
         self.procs: dict[str, subprocess.Popen] = {}

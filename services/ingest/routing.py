@@ -12,11 +12,17 @@ candidates, each step adds one) and spreads different adapters' candidates indep
 `k` = ceil(rate / per-partition rate), where rate is the adapter's requests per second over a
 sliding window. Base-model requests (no adapter) need no affinity: hash of the request id.
 All hashes are blake2b, stable across processes and restarts (unlike Python's hash()).
+
+Cost: ranking an adapter hashes every partition, a fraction of a millisecond at a thousand, so
+rankings are cached per adapter: the top RANK_DEPTH partitions of up to 2^17 adapters (a fleet's
+worth: a cache smaller than the adapters in use misses on most requests when popularity is flat,
+bench/results/fleet-sim), and full rankings of the few hot adapters spread wider than that.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import math
 from collections import deque
 from functools import lru_cache
@@ -28,17 +34,41 @@ def stable_hash(*parts: str) -> int:
     return int.from_bytes(digest, "big")
 
 
+RANK_DEPTH = 8  # partitions kept per adapter in the large cache; a wider spread ranks them all
+
+
 def candidate_partitions(adapter: str, n_partitions: int, spread: int) -> list[int]:
     """The `spread` partitions of highest rendezvous score for `adapter`, best first."""
     if n_partitions < 1:
         raise ValueError(f"n_partitions must be >= 1, got {n_partitions}")
     spread = max(1, min(spread, n_partitions))
+    if spread <= RANK_DEPTH:
+        return list(_top_partitions(adapter, n_partitions)[:spread])
     return list(_ranked_partitions(adapter, n_partitions)[:spread])
 
 
-@lru_cache(maxsize=8192)  # hot adapters are routed many times a second: rank once
+@lru_cache(maxsize=1 << 17)  # every adapter in use: a short tuple each (tens of MB for 2^17)
+def _top_partitions(adapter: str, n_partitions: int) -> tuple[int, ...]:
+    return _rank(adapter, n_partitions, RANK_DEPTH)
+
+
+@lru_cache(maxsize=1024)  # hot adapters spread over more than RANK_DEPTH partitions: few, routed often
 def _ranked_partitions(adapter: str, n_partitions: int) -> tuple[int, ...]:
-    return tuple(sorted(range(n_partitions), key=lambda p: (stable_hash(adapter, str(p)), p), reverse=True))
+    return _rank(adapter, n_partitions, n_partitions)
+
+
+def _rank(adapter: str, n_partitions: int, depth: int) -> tuple[int, ...]:
+    """The first `depth` partitions in descending (stable_hash(adapter, str(p)), p) order.
+
+    Same digests as stable_hash: blake2b of adapter + NUL, copied, then the partition number.
+    heapq.nlargest(k, ...) equals sorted(..., reverse=True)[:k] and costs O(P log k)."""
+    prefix = hashlib.blake2b(f"{adapter}\x00".encode(), digest_size=8)
+    scored = []
+    for p in range(n_partitions):
+        h = prefix.copy()
+        h.update(str(p).encode())
+        scored.append((int.from_bytes(h.digest(), "big"), p))
+    return tuple(p for _, p in heapq.nlargest(depth, scored))
 
 
 def choose_partition(request_id: str, adapter: str | None, n_partitions: int, spread: int = 1) -> int:

@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from lorafleet.bench.netbed.fleet import FleetSetup, NetFleet
+from lorafleet.bench.netbed.fleet import NetFleetSetup, NetFleet
 from lorafleet.bench.netbed.network import unavailable_reason
 from lorafleet.client import LorafleetClient
 from lorafleet.common.messages import TokenReply
@@ -37,7 +37,7 @@ ENGINES = ["e0", "e1", "e2"]
 
 @pytest.fixture(scope="module")
 def fleet(zoo, tmp_path_factory):
-    setup = FleetSetup(model=zoo.model("mha"), adapters={a: zoo.adapter("mha", z) for a, z in ADAPTERS.items()},
+    setup = NetFleetSetup(model=zoo.model("mha"), adapters={a: zoo.adapter("mha", z) for a, z in ADAPTERS.items()},
                        env={"LORAFLEET_KAFKA_RETRY_S": "5"})
     fleet = NetFleet(setup, tmp_path_factory.mktemp("netbed")).start()
     yield fleet
