@@ -19,7 +19,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from lorafleet.bench.netbed.fleet import NetFleetSetup, NetFleet
+from lorafleet.bench.netbed.fleet import NetFleet, NetFleetSetup
 from lorafleet.bench.netbed.network import STATE_DIR, bed_ids, sweep_stale, unavailable_reason
 
 

@@ -35,11 +35,13 @@ from pathlib import Path
 
 import numpy as np
 
-from lorafleet.bench.netbed.fleet import NetFleetSetup, NetFleet
+from lorafleet.bench.netbed.fleet import NetFleet, NetFleetSetup
 from lorafleet.bench.netbed.results import write_results
 from lorafleet.bench.workload import TraceRequest, generate_trace
 from lorafleet.client import LorafleetClient
+from lorafleet.common.contract import default_reply_stream
 from lorafleet.common.messages import TokenReply, is_terminal
+from lorafleet.gateway.reply_mux import ReplyMux
 
 POLICIES = ("affinity", "hash")
 
@@ -85,24 +87,37 @@ def _request(run: str, r: TraceRequest) -> dict:
 
 async def replay(fleet: NetFleet, requests: list[tuple[float, dict]], timeout_s: float) -> list[dict]:
     """Submit each request at its arrival time (open loop); per request: submit, first token and
-    terminal times, tokens."""
-    async with LorafleetClient(fleet.kafka_bootstrap, fleet.redis_url, requests_topic=fleet.topics["requests"]) as client:
-        start = time.monotonic()
+    terminal times, tokens. Replies come through the gateway's ReplyMux (one XREAD over every
+    open stream): a blocking XREAD per open request would need a Redis connection each."""
+    mux = ReplyMux(fleet.redis_url)
+    await mux.start()
+    try:
+        async with LorafleetClient(fleet.kafka_bootstrap, fleet.redis_url,
+                                   requests_topic=fleet.topics["requests"]) as client:
+            start = time.monotonic()
 
-        async def one(arrival: float, body: dict) -> dict:
-            await asyncio.sleep(max(0.0, start + arrival - time.monotonic()))
-            submitted = time.monotonic()
-            await client.submit(body)
-            first, tokens, kind = None, 0, None
-            async for entry in client.replies(body["id"], timeout=timeout_s):
-                if isinstance(entry, TokenReply):
-                    first = first or time.monotonic()
-                    tokens += len(entry.token_ids)
-                elif is_terminal(entry):
-                    kind = type(entry).__name__
-            return {"submitted": submitted, "first": first, "done": time.monotonic(), "tokens": tokens, "end": kind}
+            async def one(arrival: float, body: dict) -> dict:
+                await asyncio.sleep(max(0.0, start + arrival - time.monotonic()))
+                entries: asyncio.Queue = asyncio.Queue()
+                subscription = mux.subscribe(default_reply_stream(body["id"]), entries)
+                submitted = time.monotonic()
+                await client.submit(body)
+                first, tokens, end = None, 0, None
+                try:
+                    while end is None:
+                        _, entry = await asyncio.wait_for(entries.get(), timeout_s)
+                        if isinstance(entry, TokenReply):
+                            first = first or time.monotonic()
+                            tokens += len(entry.token_ids)
+                        elif is_terminal(entry):
+                            end = type(entry).__name__
+                finally:
+                    mux.unsubscribe(subscription)
+                return {"submitted": submitted, "first": first, "done": time.monotonic(), "tokens": tokens, "end": end}
 
-        return await asyncio.gather(*(one(arrival, body) for arrival, body in requests))
+            return await asyncio.gather(*(one(arrival, body) for arrival, body in requests))
+    finally:
+        await mux.close()
 
 
 def engine_counter(fleet: NetFleet, engine: str, name: str) -> float:
