@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from lorafleet.bench.netbed.fleet import NetFleet, NetFleetSetup
-from lorafleet.bench.netbed.results import write_results
+from lorafleet.bench.netbed.results import RESULTS, render, write_results
 from lorafleet.bench.workload import TraceRequest, generate_trace
 from lorafleet.client import LorafleetClient
 from lorafleet.common.contract import default_reply_stream
@@ -203,8 +203,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="20 s traces, a small burst (a smoke run)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results/netbed-affinity)")
     parser.add_argument("--workdir", type=Path, default=None, help="logs of every bed (default: a temporary folder)")
+    parser.add_argument("--load", type=float, default=AffinityBenchSetup.load, help="arrival rate / measured capacity")
+    parser.add_argument("--replot", action="store_true", help="only redraw the markdown and PNG from --out's JSON")
     args = parser.parse_args()
-    setup = AffinityBenchSetup(duration_s=20.0, burst=60) if args.quick else AffinityBenchSetup()
+    if args.replot:
+        print(render(args.out or RESULTS))
+        return
+    setup = AffinityBenchSetup(load=args.load, **({"duration_s": 20.0, "burst": 60} if args.quick else {}))
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="lorafleet-affinity-"))
     results = run(setup, workdir)
     print(write_results(results, args.out))

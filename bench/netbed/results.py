@@ -29,7 +29,7 @@ def markdown(results: dict, env: dict) -> str:
              f"{s['input_range']} prompt and {s['output_range']} output tokens. alpha: popularity exponent "
              "(1 uniform, smaller: more skewed). A fresh bed (empty caches) for every row."), "",
              ("| alpha | policy | requests | hit rate | loads / request | engine-adapter pairs | tokens/s | "
-             "e2e p50 / p99 s | TTFT p50 / p99 s |"), "|---|---|---|---|---|---|---|---|---|"]
+              "saturated tokens/s | e2e p50 / p99 s | TTFT p50 / p99 s |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         lines.append(f"| {r['alpha']} | {r['policy']} | {r['requests']} | {r['hit_rate']:.1%} | "
                      f"{r['loads_per_request']:.2f} | {r['engine_adapter_pairs']} | {r['tokens_per_s']:.0f} | "
@@ -72,6 +72,13 @@ def write_results(results: dict, out: Path | None = None) -> str:
     out.mkdir(parents=True, exist_ok=True)
     env = {**environment(), "machine": machine()}
     (out / "affinity.json").write_text(json.dumps({"environment": env, **results}, indent=1) + "\n")
+    return render(out)
+
+
+def render(out: Path) -> str:
+    """affinity.md and affinity.png from `out`/affinity.json (again: `--replot`)."""
+    recorded = json.loads((out / "affinity.json").read_text())
+    env, results = recorded.pop("environment"), recorded
     text = markdown(results, env)
     (out / "affinity.md").write_text(text)
     plot(results, out / "affinity.png")
