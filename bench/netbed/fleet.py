@@ -53,6 +53,19 @@ def _wait(what, timeout_s: float, message: str):
     return result
 
 
+def log_events(path: Path, event: str | None = None) -> list[dict]:
+    """The JSON records of a service's log (structlog), those named `event` if given."""
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and (event is None or record.get("event") == event):
+            out.append(record)
+    return out
+
+
 class NetFleet:
     """Start with `start()`; `stop()` ends every process and removes the bed."""
 
@@ -188,15 +201,7 @@ class NetFleet:
 
     # --- what the services said ---------------------------------------------------------------
     def events(self, name: str, event: str | None = None) -> list[dict]:
-        out = []
-        for line in (self.workdir / f"{name}.log").read_text(errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and (event is None or record.get("event") == event):
-                out.append(record)
-        return out
+        return log_events(self.workdir / f"{name}.log", event)
 
     def assignment(self, engines: list[str]) -> dict[str, set[int]] | None:
         """Each engine's partitions once the group is settled (disjoint, covering all), else None."""

@@ -14,7 +14,6 @@ C. One engine SIGTERMed with requests in hand: it finishes them, commits, leaves
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import signal
@@ -27,6 +26,7 @@ import pytest
 
 from lorafleet.bench.affinity import markdown, write_results
 from lorafleet.bench.affinity import run as simulate_affinity
+from lorafleet.bench.netbed.fleet import log_events
 from lorafleet.client import LorafleetClient
 from lorafleet.common.embedded import free_port
 from lorafleet.common.messages import DoneReply, ErrorReply, TokenReply, parse_entry
@@ -74,18 +74,11 @@ class Fleet:
 
     def start(self, name: str, argv: list[str]) -> None:
         cmd = [sys.executable, "-m", "lorafleet.cli", *argv, "--ready-file", str(self.tmp / f"{name}.ready")]
-        self.procs[name] = subprocess.Popen(cmd, env=ENV, stdout=open(self.tmp / f"{name}.log", "wb"), stderr=subprocess.STDOUT)
+        with open(self.tmp / f"{name}.log", "wb") as log:  # the child keeps its own copy of the descriptor
+            self.procs[name] = subprocess.Popen(cmd, env=ENV, stdout=log, stderr=subprocess.STDOUT)
 
     def events(self, name: str, event: str | None = None) -> list[dict]:
-        out = []
-        for line in (self.tmp / f"{name}.log").read_text(errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and (event is None or record.get("event") == event):
-                out.append(record)
-        return out
+        return log_events(self.tmp / f"{name}.log", event)
 
     def assignment(self, names) -> dict[str, set[int]] | None:
         """Each engine's partitions once the group is settled (disjoint, non-empty, covering all)."""
