@@ -63,13 +63,17 @@ def start_stack(model_dir: Path, root: Path, device: str, max_num_seqs: int, max
     return proc, json.loads(ready_file.read_text())
 
 
-async def drive(ready: dict, trace, prompts: list[list[int]], run: str, adapter_prefix: str) -> dict:
-    """Produce at arrival times; one XREAD over every open stream per poll, 20 ms apart."""
+async def drive(ready: dict, trace, prompts: list[list[int]], run: str, adapter_prefix: str,
+                timeout_s: float | None = None) -> dict:
+    """Produce at arrival times (to `ready`'s requests topic, the default if it names none); one
+    XREAD over every open stream per poll, 20 ms apart; TimeoutError when requests are still
+    open `timeout_s` after the start."""
     from lorafleet.client import LorafleetClient
     from lorafleet.common.messages import DoneReply, ErrorReply, TokenReply, parse_entry
 
     arrival, first, finish, out_tokens, last_id = {}, {}, {}, {}, {}
-    async with LorafleetClient(ready["kafka_bootstrap"], ready["redis_url"]) as client:
+    async with LorafleetClient(ready["kafka_bootstrap"], ready["redis_url"],
+                               requests_topic=ready.get("requests_topic")) as client:
         t0 = time.perf_counter()
 
         async def produce() -> None:
@@ -82,6 +86,9 @@ async def drive(ready: dict, trace, prompts: list[list[int]], run: str, adapter_
 
         producer = asyncio.create_task(produce())
         while not producer.done() or last_id:
+            if timeout_s is not None and time.perf_counter() - t0 > timeout_s:
+                producer.cancel()
+                raise TimeoutError(f"{len(last_id)} requests of {run} still open after {timeout_s:.0f} s")
             if last_id:
                 response = await client.redis.xread(dict(last_id), count=1000)
                 now = time.perf_counter() - t0

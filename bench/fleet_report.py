@@ -5,35 +5,17 @@ where matplotlib is missing)."""
 from __future__ import annotations
 
 import json
-import os
-import platform
-import subprocess
-import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from lorafleet.bench.fleet_setup import EngineModel, FleetEvent, FleetSetup
-from lorafleet.bench.report import pyplot
+from lorafleet.bench.report import ROOT, environment, pyplot
 
-ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "fleet-sim"
 COLORS = {"affinity": "tab:blue", "hash": "tab:gray", "gateway-lora-affinity": "tab:orange", "sticky": "tab:green",
           "hot": "tab:purple"}
-
-
-def environment(module: str = "lorafleet.bench.fleet_sim") -> dict:
-    try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return {"commit": commit, "command": " ".join([f"python -m {module}", *sys.argv[1:]]),
-            "machine": f"{platform.platform()}, {platform.processor() or platform.machine()}",
-            "cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def _color_key(row: dict) -> str:
@@ -65,7 +47,7 @@ def label(row: dict) -> str:
 def write_results(setup: FleetSetup, rows: list[dict], out, wall_s: float) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"environment": environment(), "setup": asdict(setup), "rate_rps": setup.rate_rps,
+    payload = {"environment": environment(module="lorafleet.bench.fleet_sim"), "setup": asdict(setup), "rate_rps": setup.rate_rps,
                "engine_capacity_rps": setup.engine.capacity_rps(setup.mean_output), "wall_s": wall_s, "rows": rows}
     (out / "fleet_sim.json").write_text(json.dumps(payload, indent=1) + "\n")
     (out / "fleet_sim.md").write_text(markdown(payload))

@@ -26,8 +26,9 @@ import types
 from functools import lru_cache
 from pathlib import Path
 
-from lorafleet.bench.fleet_report import RESULTS, ROOT, environment
+from lorafleet.bench.fleet_report import RESULTS
 from lorafleet.bench.fleet_setup import FleetSetup, generate_fleet_trace
+from lorafleet.bench.report import ROOT, environment
 
 ROUTING = "services/ingest/routing.py"
 
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(json.dumps(row), file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    env = environment("lorafleet.bench.fleet_routing_cost")
+    env = environment(module="lorafleet.bench.fleet_routing_cost")
     (out / "routing_cost.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
     lines = ["# The ingest's routing cost per request at fleet scale", "",
              f"commit `{env['commit']}`, {env['machine']}, {env['cpu_count']} CPUs, {env['date']}", "",

@@ -32,6 +32,7 @@ def summarize(arrival: dict[str, float], first: dict[str, float], finish: dict[s
     """Times in seconds on one clock; throughput over first arrival -> last completion."""
     done = [k for k in finish if k in first]
     ttft = np.array([first[k] - arrival[k] for k in done])
+    e2e = np.array([finish[k] - arrival[k] for k in done])
     span = max(finish.values()) - min(arrival.values())
     return {
         "requests": len(done), "span_s": span,
@@ -39,4 +40,5 @@ def summarize(arrival: dict[str, float], first: dict[str, float], finish: dict[s
         "ttft_mean_s": float(ttft.mean()), "ttft_p50_s": float(np.percentile(ttft, 50)),
         "ttft_p90_s": float(np.percentile(ttft, 90)), "ttft_p99_s": float(np.percentile(ttft, 99)),
         "slo_6s": float((ttft < SLO_FIRST_TOKEN_S).mean()),
+        "e2e_p50_s": float(np.percentile(e2e, 50)), "e2e_p99_s": float(np.percentile(e2e, 99)),
     }

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
 import subprocess
 import sys
 import time
@@ -16,16 +18,25 @@ COLUMNS = [("setting", "{}"), ("mode", "{}"), ("n", "{}"), ("throughput_req_s", 
            ("adapter_loads", "{}"), ("adapter_evictions", "{}"), ("preemptions", "{}"), ("wall_s", "{:.0f}")]
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
-def environment(commit: str | None = None) -> dict:
+def environment(commit: str | None = None, module: str | None = None) -> dict:
+    """What a result was measured on and with: commit, command (`python -m module args` when the
+    benchmark names its module), machine, CPUs, Python, GPU, torch, date."""
+    command = [f"python -m {module}", *sys.argv[1:]] if module else [Path(sys.executable).name, *sys.argv]
     return {
-        "commit": commit or _commit(), "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "commit": commit or _commit(), "command": " ".join(command),
+        "machine": f"{platform.platform()}, {platform.processor() or platform.machine()}",
+        "cpu_count": os.cpu_count(), "python": platform.python_version(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -13,10 +13,12 @@ whose engine does not hold its adapter costs a load. Figures per pair:
                        lorafleet_engine_adapter_loads_total, prefetches included)
     loads / request    adapter loads per adapter request
     engine-adapter     distinct (engine, adapter) pairs served ("request done" log lines)
-    throughput         tokens / second from the first submit to the last terminal entry: of the
+    throughput         tokens / second from the first arrival to the last terminal entry: of the
                        trace (it follows the arrivals while the bed keeps up) and of a burst of
                        `burst` requests sent at once before it (the policy's saturated throughput)
-    latency            p50 / p99 of submit -> terminal entry and of submit -> first token
+    latency            p50 / p99 of arrival -> terminal entry and of arrival -> first token
+                       (arrival: the trace's time; the replay is bench/e2e_bench.drive and the
+                       figures bench/metrics.summarize, as for the single-host end-to-end bench)
 
     python -m lorafleet.bench.netbed.affinity_bench            # writes bench/results/netbed-affinity/
     python -m lorafleet.bench.netbed.affinity_bench --quick    # a short run (smoke, not a result)
@@ -28,22 +30,17 @@ import argparse
 import asyncio
 import json
 import tempfile
-import time
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
+from lorafleet.bench.e2e_bench import drive
 from lorafleet.bench.netbed.fleet import NetFleet, NetFleetSetup
 from lorafleet.bench.netbed.results import RESULTS, render, write_results
 from lorafleet.bench.workload import TraceRequest, generate_trace
-from lorafleet.client import LorafleetClient
-from lorafleet.common.contract import default_reply_stream
-from lorafleet.common.messages import TokenReply, is_terminal
-from lorafleet.gateway.reply_mux import ReplyMux
 
 POLICIES = ("affinity", "hash")
+TIMEOUT_S = 600.0  # a replay still open this long after its start fails the run
 
 
 @dataclass(frozen=True)
@@ -76,48 +73,18 @@ def build_assets(folder: Path, n_adapters: int) -> tuple[Path, dict[str, Path]]:
     for i, kind in enumerate(kinds):
         sources.append(folder / f"kind{i}")
         build_peft_adapter(model, sources[-1], seed=20 + i, **kind)
-    return model, {f"bench/a{i:03d}": sources[i % len(sources)] for i in range(n_adapters)}
+    return model, {f"bench/a{i}": sources[i % len(sources)] for i in range(n_adapters)}  # drive's ids
 
 
-def _request(run: str, r: TraceRequest) -> dict:
-    return {"id": f"{run}-{r.index}", "adapter": f"bench/a{r.adapter:03d}", "max_tokens": r.output_len,
-            "prompt_token_ids": [(13 * r.index + 7 * j) % 500 + 4 for j in range(r.input_len)],
-            "temperature": 0, "ignore_eos": True}
+def _prompts(trace: list[TraceRequest]) -> list[list[int]]:
+    return [[(13 * r.index + 7 * j) % 500 + 4 for j in range(r.input_len)] for r in trace]
 
 
-async def replay(fleet: NetFleet, requests: list[tuple[float, dict]], timeout_s: float) -> list[dict]:
-    """Submit each request at its arrival time (open loop); per request: submit, first token and
-    terminal times, tokens. Replies come through the gateway's ReplyMux (one XREAD over every
-    open stream): a blocking XREAD per open request would need a Redis connection each."""
-    mux = ReplyMux(fleet.redis_url)
-    await mux.start()
-    try:
-        async with LorafleetClient(fleet.kafka_bootstrap, fleet.redis_url,
-                                   requests_topic=fleet.topics["requests"]) as client:
-            start = time.monotonic()
-
-            async def one(arrival: float, body: dict) -> dict:
-                await asyncio.sleep(max(0.0, start + arrival - time.monotonic()))
-                entries: asyncio.Queue = asyncio.Queue()
-                subscription = mux.subscribe(default_reply_stream(body["id"]), entries)
-                submitted = time.monotonic()
-                await client.submit(body)
-                first, tokens, end = None, 0, None
-                try:
-                    while end is None:
-                        _, entry = await asyncio.wait_for(entries.get(), timeout_s)
-                        if isinstance(entry, TokenReply):
-                            first = first or time.monotonic()
-                            tokens += len(entry.token_ids)
-                        elif is_terminal(entry):
-                            end = type(entry).__name__
-                finally:
-                    mux.unsubscribe(subscription)
-                return {"submitted": submitted, "first": first, "done": time.monotonic(), "tokens": tokens, "end": end}
-
-            return await asyncio.gather(*(one(arrival, body) for arrival, body in requests))
-    finally:
-        await mux.close()
+def replay(fleet: NetFleet, trace: list[TraceRequest], run: str) -> dict:
+    """The trace open loop through the bed (bench/e2e_bench.drive); its summary (bench/metrics)."""
+    ready = {"kafka_bootstrap": fleet.kafka_bootstrap, "redis_url": fleet.redis_url,
+             "requests_topic": fleet.topics["requests"]}
+    return asyncio.run(drive(ready, trace, _prompts(trace), run, adapter_prefix="", timeout_s=TIMEOUT_S))
 
 
 def engine_counter(fleet: NetFleet, engine: str, name: str) -> float:
@@ -132,30 +99,29 @@ def engine_counter(fleet: NetFleet, engine: str, name: str) -> float:
 
 def _fleet(setup: AffinityBenchSetup, model: Path, adapters: dict[str, Path], policy: str, workdir: Path) -> NetFleet:
     fleet_setup = NetFleetSetup(model=model, adapters=adapters, engines=setup.engines, partitions=setup.partitions,
-                             engine_flags=("--pool-pages", "256", "--max-batched-tokens", "256", "--max-adapter-slots",
-                                           str(setup.adapter_slots), "--max-adapter-rank", "32"),
-                             env={"LORAFLEET_INGEST_ROUTING": policy})
+                                engine_flags=("--pool-pages", "256", "--max-batched-tokens", "256",
+                                              "--max-adapter-slots", str(setup.adapter_slots), "--max-adapter-rank", "32"),
+                                env={"LORAFLEET_INGEST_ROUTING": policy})
     return NetFleet(fleet_setup, workdir).start()
 
 
+def _burst(setup: AffinityBenchSetup, alpha: float) -> list[TraceRequest]:
+    """`burst` requests arriving within a quarter of a second: a backlog at once."""
+    return generate_trace(setup.adapters, alpha, 1000.0, 1.0, setup.burst / 1000.0, setup.input_range,
+                          setup.output_range, seed=setup.seed + 1)
+
+
 def measure_capacity(setup: AffinityBenchSetup, model: Path, adapters: dict[str, Path], workdir: Path) -> float:
-    """Requests per second the bed serves with a backlog: a burst under hashing, all at once."""
-    trace = generate_trace(setup.adapters, 1.0, 1000.0, 1.0, setup.burst / 1000.0, setup.input_range,
-                           setup.output_range, seed=setup.seed)
+    """Requests per second the bed serves with a backlog: a burst under hashing."""
     fleet = _fleet(setup, model, adapters, "hash", workdir / "capacity")
     try:
-        records = asyncio.run(replay(fleet, [(0.0, _request("burst", r)) for r in trace], timeout_s=600))
+        return replay(fleet, _burst(setup, 1.0), "burst")["throughput_req_s"]
     finally:
         fleet.stop()
-    return len(records) / _span(records)
 
 
 def _loads(fleet: NetFleet) -> float:
     return sum(engine_counter(fleet, e, "lorafleet_engine_adapter_loads_total") for e in fleet.setup.engine_names)
-
-
-def _span(records: list[dict]) -> float:
-    return max(r["done"] for r in records) - min(r["submitted"] for r in records)
 
 
 def measure(setup: AffinityBenchSetup, model: Path, adapters: dict[str, Path], alpha: float, policy: str,
@@ -163,30 +129,24 @@ def measure(setup: AffinityBenchSetup, model: Path, adapters: dict[str, Path], a
     """One fresh bed: first a burst (all at once: the policy's saturated throughput), then, once
     it is served, the open-loop trace (hits, loads and latency near capacity)."""
     run = f"{policy}-{alpha}"
-    burst = generate_trace(setup.adapters, alpha, 1000.0, 1.0, setup.burst / 1000.0, setup.input_range,
-                           setup.output_range, seed=setup.seed + 1)
     trace = generate_trace(setup.adapters, alpha, rate, 1.0, setup.duration_s, setup.input_range,
                            setup.output_range, seed=setup.seed)
     fleet = _fleet(setup, model, adapters, policy, workdir / run)
     try:
-        saturated = asyncio.run(replay(fleet, [(0.0, _request(f"b{run}", r)) for r in burst], timeout_s=600))
+        saturated = replay(fleet, _burst(setup, alpha), f"b{run}")
         loads_before = _loads(fleet)
-        records = asyncio.run(replay(fleet, [(r.arrival, _request(f"t{run}", r)) for r in trace], timeout_s=600))
+        served = replay(fleet, trace, f"t{run}")
         loads = _loads(fleet) - loads_before
         pairs = {(e, d["adapter_id"]) for e in fleet.setup.engine_names for d in fleet.events(e, "request done")
                  if d["request_id"].startswith(f"t{run}-")}
     finally:
         fleet.stop()
-    e2e = np.array([r["done"] - r["submitted"] for r in records])
-    ttft = np.array([r["first"] - r["submitted"] for r in records if r["first"] is not None])
-    return {"alpha": alpha, "policy": policy, "rate_rps": rate, "requests": len(records),
-            "done": sum(r["end"] == "DoneReply" for r in records), "adapter_loads": int(loads),
-            "hit_rate": 1 - loads / len(records), "loads_per_request": loads / len(records),
-            "engine_adapter_pairs": len(pairs), "tokens_per_s": sum(r["tokens"] for r in records) / _span(records),
-            "saturated_tokens_per_s": sum(r["tokens"] for r in saturated) / _span(saturated),
-            "saturated_requests_per_s": len(saturated) / _span(saturated),
-            "e2e_p50_s": float(np.percentile(e2e, 50)), "e2e_p99_s": float(np.percentile(e2e, 99)),
-            "ttft_p50_s": float(np.percentile(ttft, 50)), "ttft_p99_s": float(np.percentile(ttft, 99))}
+    return {"alpha": alpha, "policy": policy, "rate_rps": rate, "requests": len(trace), "done": served["requests"],
+            "adapter_loads": int(loads), "hit_rate": 1 - loads / len(trace), "loads_per_request": loads / len(trace),
+            "engine_adapter_pairs": len(pairs), "tokens_per_s": served["throughput_tok_s"],
+            "saturated_tokens_per_s": saturated["throughput_tok_s"],
+            "saturated_requests_per_s": saturated["throughput_req_s"],
+            **{k: served[k] for k in ("e2e_p50_s", "e2e_p99_s", "ttft_p50_s", "ttft_p99_s")}}
 
 
 def run(setup: AffinityBenchSetup, workdir: Path) -> dict:

@@ -4,8 +4,6 @@ the affinity / hash ratios, and a PNG of hit rate and throughput per popularity.
 from __future__ import annotations
 
 import json
-import os
-import platform
 from pathlib import Path
 
 from lorafleet.bench.report import environment, pyplot
@@ -13,14 +11,10 @@ from lorafleet.bench.report import environment, pyplot
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "netbed-affinity"
 
 
-def machine() -> dict:
-    return {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
-
-
 def markdown(results: dict, env: dict) -> str:
     s = results["setup"]
     lines = ["# Adapter affinity across hosts (multi-host bed)", "",
-             f"commit `{env['commit']}`, {env['machine']['platform']}, {env['machine']['cpus']} CPUs, {env['date']}", "",
+             f"commit `{env['commit']}`, {env['machine']}, {env['cpu_count']} CPUs, {env['date']}", "",
              f"command: `{env['command']}`", "",
              (f"{s['engines']} CPU engines on their own hosts (network namespaces), {s['partitions']} work partitions, "
              f"{s['adapters']} adapters, {s['adapter_slots']} adapter slots per engine; Poisson arrivals at "
@@ -70,7 +64,7 @@ def plot(results: dict, path: Path) -> None:
 def write_results(results: dict, out: Path | None = None) -> str:
     out = out or RESULTS
     out.mkdir(parents=True, exist_ok=True)
-    env = {**environment(), "machine": machine()}
+    env = environment(module="lorafleet.bench.netbed.affinity_bench")
     (out / "affinity.json").write_text(json.dumps({"environment": env, **results}, indent=1) + "\n")
     return render(out)
 
