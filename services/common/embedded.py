@@ -147,11 +147,23 @@ def start_broker(log_dir: Path | None = None, timeout_s: float = 20.0, *, storag
             if inside.startswith(".."):
                 raise ValueError(f"the schema registry {schema_registry} must lie inside log_dir {log_dir}")
             registry = ["--schema-registry", f"file://./{inside}"]
-        return [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-                "--storage-engine", storage, *registry]
+        return broker_argv(binary, url, url, storage, registry)
 
     # Tansu logs "listening on: <url>" once its listener is bound.
     return _launch(EmbeddedBroker, "tansu", argv, log_dir, timeout_s, None, b"listening on", port=port, env=env)
+
+
+def broker_argv(binary: str, listener_url: str, advertised_url: str, storage: str,
+                extra: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Tansu's command line: listen on `listener_url`, tell clients `advertised_url`."""
+    return [binary, "broker", "--listener-url", listener_url, "--advertised-listener-url", advertised_url,
+            "--storage-engine", storage, *extra]
+
+
+def redis_argv(binary: str, port: int, bind: str, workdir: Path) -> list[str]:
+    """redis-server in the foreground, keeping nothing on disk (no RDB snapshots, no AOF)."""
+    return [binary, "--port", str(port), "--bind", bind, "--save", "", "--appendonly", "no", "--dir", str(workdir),
+            "--protected-mode", "no", "--daemonize", "no"]
 
 
 def redis_server_binary() -> str:
@@ -171,9 +183,7 @@ def start_redis(log_dir: Path | None = None, timeout_s: float = 20.0, *, port: i
     binary = redis_server_binary()
 
     def argv(port: int, log_dir: Path) -> list[str]:
-        return [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", str(log_dir), "--protected-mode", "no",
-                "--daemonize", "no"]
+        return redis_argv(binary, port, "127.0.0.1", log_dir)
 
     return _launch(EmbeddedRedis, "redis", argv, log_dir, timeout_s, b"PING\r\n", b"+PONG", port=port)
 

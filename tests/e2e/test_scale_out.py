@@ -26,7 +26,7 @@ import pytest
 
 from lorafleet.bench.affinity import markdown, write_results
 from lorafleet.bench.affinity import run as simulate_affinity
-from lorafleet.bench.netbed.fleet import log_events
+from lorafleet.bench.netbed.fleet import log_events, settled_assignment
 from lorafleet.client import LorafleetClient
 from lorafleet.common.embedded import free_port
 from lorafleet.common.messages import DoneReply, ErrorReply, TokenReply, parse_entry
@@ -81,14 +81,7 @@ class Fleet:
         return log_events(self.tmp / f"{name}.log", event)
 
     def assignment(self, names) -> dict[str, set[int]] | None:
-        """Each engine's partitions once the group is settled (disjoint, non-empty, covering all)."""
-        owned = {}
-        for name in names:
-            assigned = self.events(name, "partitions assigned")
-            owned[name] = set(assigned[-1]["partitions"]) if assigned else set()
-        union = set().union(*owned.values())
-        settled = all(owned.values()) and union == set(range(PARTITIONS)) and sum(map(len, owned.values())) == PARTITIONS
-        return owned if settled else None
+        return settled_assignment({n: self.tmp / f"{n}.log" for n in names}, PARTITIONS)
 
     async def wait(self, what, timeout: float = 90.0):
         deadline = time.monotonic() + timeout
