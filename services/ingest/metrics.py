@@ -12,9 +12,8 @@ class IngestMetrics:
         r, p = self.registry, "lorafleet_ingest_"
         self.consumed = Counter(p + "consumed", "messages read from the requests topic", registry=r)
         self.routed = Counter(p + "routed", "requests sent to the work topic, by route: base (no adapter), home "
-                              "(the adapter's one partition: adapter affinity), spread (a hot adapter), hash (LORAFLEET_INGEST_ROUTING=hash)",
-                              ["route"],
-                              registry=r)
+                              "(the adapter's one partition: adapter affinity), spread (a hot adapter), "
+                              "hash (LORAFLEET_INGEST_ROUTING=hash)", ["route"], registry=r)
         self.rejected = Counter(p + "rejected", "requests answered with an error entry, by code", ["code"], registry=r)
         self.dead_lettered = Counter(p + "dead_lettered", "messages sent to the dead-letter topic", registry=r)
         self.duplicates = Counter(p + "duplicates", "deliveries of an id already in the same batch", registry=r)
